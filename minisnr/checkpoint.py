@@ -1,0 +1,81 @@
+"""Saving and loading files safely.
+
+Writes are atomic: the data goes to a temporary file in the same folder, is flushed to
+disk, and is then renamed over the target. A crash (even SIGKILL or a power cut) leaves
+either the old file or the new one, never half of one.
+
+Reads use torch.load(weights_only=True), which only rebuilds tensors and plain
+containers (dict, list, str, int, float, bool, None). A checkpoint downloaded from a
+stranger cannot run code when minisnr opens it, unlike a plain pickle.
+"""
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+
+import torch
+
+from .runtime import UserError
+
+
+class CheckpointError(UserError):
+    """Raised for a file that cannot be used as a minisnr checkpoint or adapter."""
+
+
+def atomic_write(path, write_fn, suffix=".tmp"):
+    """Call write_fn(tmp_path), fsync, then rename tmp_path onto `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def atomic_save(obj, path):
+    """torch.save(obj, path), atomically."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def safe_load(path, what="checkpoint"):
+    """torch.load with weights_only=True on the CPU; any failure becomes a one-line CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} {path!r} does not exist; check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        raise CheckpointError(f"refusing to load {what} {path!r}: it contains objects other than tensors and "
+                              f"plain data, which could run code ({first})") from None
+    except Exception as e:  # truncated, not a torch file, ...
+        raise CheckpointError(f"cannot read {what} {path!r}: {e.__class__.__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+
+
+def config_hash(config: dict) -> str:
+    """Short stable hash of a model config dict, used to match adapters to their base model."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_writable(folder, flag="--out"):
+    """Create `folder` if needed and make sure files can be written there; one-line error otherwise."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_test.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"cannot write to output folder {folder!r} ({e.strerror}); pass a writable folder with {flag}") from None

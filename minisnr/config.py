@@ -1,0 +1,74 @@
+"""Command-line settings from a dataclass: every field is a flag, every flag has a one-line reason.
+
+    @dataclass
+    class Config:
+        batch_size: int = knob(64, "images per step per process; lower it if you run out of memory")
+
+parse_config(Config, presets, argv) builds an argparse parser in which each field becomes
+--batch-size (underscores to dashes) with its reason as help text. A `--preset NAME` flag
+first fills the fields from presets[NAME]; explicit flags then override single fields.
+"""
+import argparse
+import dataclasses
+import sys
+
+
+def knob(default, help):
+    """A dataclass field with a default and a one-line reason, shown by --help."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _flag_type(field_type, default):
+    kind = field_type if isinstance(field_type, type) else type(default)
+    if kind is bool:
+        return parse_bool
+    return kind
+
+
+def parse_bool(text):
+    """'true/yes/1' or 'false/no/0' (any case) -> bool."""
+    value = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(text.lower())
+    if value is None:
+        raise ValueError(f"expected true or false, got {text!r}")
+    return value
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports bad flags as one line plus a pointer to --help, and exits with code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(config_cls, presets=None, description=None, extra=None):
+    parser = OneLineErrorParser(description=description)
+    if presets:
+        parser.add_argument("--preset", default=next(iter(presets)), choices=list(presets),
+                            help="named group of defaults; other flags override single fields")
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        ftype = _flag_type(f.type, f.default)
+        by_preset = {name: p[f.name] for name, p in (presets or {}).items() if f.name in p}
+        shown = f"default {f.default}" + "".join(f"; {name}: {v}" for name, v in by_preset.items())
+        reason = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(flag, default=None, type=ftype, metavar=ftype.__name__.upper() if ftype in (int, float, str) else "BOOL",
+                            help=f"{reason} [{shown}]")
+    if extra:
+        extra(parser)
+    return parser
+
+
+def parse_config(config_cls, presets=None, argv=None, description=None, extra=None):
+    """Parse argv into (config, namespace). Precedence: flag > preset > dataclass default."""
+    parser = build_parser(config_cls, presets, description, extra)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    values = dict(presets[args.preset]) if presets else {}
+    for f in dataclasses.fields(config_cls):
+        given = getattr(args, f.name)
+        if given is not None:
+            values[f.name] = given
+    try:
+        config = config_cls(**values)
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
+    return config, args

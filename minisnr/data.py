@@ -1,0 +1,216 @@
+"""Datasets held in memory as uint8 tensors, and a loader that batches them on the device.
+
+Small datasets (CIFAR-10 is 150 MB as uint8) fit in memory, or on a GPU, whole. Batches
+are then index lookups, so data loading never bounds a training step and there are no
+worker processes to debug. Pixels stay uint8 until the batch is on the device, where
+they become floats in [-1, 1] and get their random flips.
+
+Sources:
+  load_cifar10(root)       torchvision's CIFAR-10, downloaded into `root` on first use
+  load_image_folder(path)  any ImageFolder layout: path/<class name>/<image files>
+  load_images(paths)       a flat list of image files (a style set for finetune.py)
+"""
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from .runtime import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+Image.MAX_IMAGE_PIXELS = 200_000_000  # large paintings are fine; still refuse decompression bombs
+
+
+class DataError(UserError):
+    """Raised for unusable input data; the scripts print its message as a one-line error."""
+
+
+@dataclass
+class ImageSet:
+    """Images as a (N, C, H, W) uint8 tensor with (N,) int64 labels and the class names."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode (L, P, RGBA, LA, I;16, I, F, CMYK, ...) to 8-bit RGB; transparency is put on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey: rescale to 0..255
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to `size` (antialiased), then center-crop to size x size."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def open_image(path):
+    """Open and fully decode an image, or return None (with a warning) if it is unreadable."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        warnings.warn(f"skipping unreadable image {path}: {e.__class__.__name__}: {e}")
+        return None
+
+
+def list_images(folder):
+    """Sorted image files directly inside `folder` (by extension)."""
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
+
+
+def _check_folder(path):
+    if not os.path.exists(path):
+        raise DataError(f"data folder {path!r} does not exist; pass an existing folder with --data")
+    if not os.path.isdir(path):
+        raise DataError(f"{path!r} is not a folder; pass a folder of images with --data")
+
+
+def _stack(pil_images, size):
+    arrays = [np.asarray(resize_center_crop(img, size)) for img in pil_images]   # each (H, W, 3) uint8
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()   # (N, 3, H, W)
+
+
+def load_image_folder(root, size=32) -> ImageSet:
+    """Load an ImageFolder tree (root/<class>/<images>) into memory at size x size."""
+    _check_folder(root)
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise DataError(f"{root!r} has no class sub-folders; expected {root}/<class name>/<images>")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for path in list_images(os.path.join(root, name)):
+            img = open_image(path)
+            if img is not None:
+                images.append(img)
+                labels.append(label)
+    if not images:
+        raise DataError(f"{root!r} has no readable images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return ImageSet(_stack(images, size), torch.tensor(labels, dtype=torch.long), classes)
+
+
+def load_cifar10(root="data", train=True, size=32) -> ImageSet:
+    """CIFAR-10 through torchvision, downloaded into `root` on first use (about 170 MB)."""
+    import torchvision
+    ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()           # (N, 3, 32, 32) uint8
+    if size != 32:
+        images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
+                               align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    return ImageSet(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes))
+
+
+def load_dataset(spec, size=32) -> ImageSet:
+    """'cifar10' (torchvision download into ./data) or 'cifar10:DIR', else an ImageFolder directory."""
+    if spec == "cifar10" or spec.startswith("cifar10:"):
+        root = spec.split(":", 1)[1] if ":" in spec else "data"
+        return load_cifar10(root, train=True, size=size)
+    return load_image_folder(spec, size)
+
+
+def load_images(paths, max_side=None):
+    """Load a style set: a folder of images or a list of image files, any size and mode, as RGB PIL images.
+
+    Images are kept near full resolution (downscaled to `max_side` on the long side if given),
+    since finetune.py cuts random crops from them before resizing to the model's size.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = list_images(p)
+            if not found:
+                raise DataError(f"style folder {p!r} has no image files (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            files += found
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise DataError(f"style image or folder {p!r} does not exist; pass existing paths with --style")
+    images = [img for img in map(open_image, files) if img is not None]
+    if not images:
+        raise DataError(f"none of the {len(files)} style file(s) could be read as an image")
+    if max_side:
+        for i, img in enumerate(images):
+            if max(img.size) > max_side:
+                img = img.copy()
+                img.thumbnail((max_side, max_side), Image.BICUBIC)
+                images[i] = img
+    return images
+
+
+def to_model_range(x_uint8):
+    """uint8 pixels in [0, 255] -> float in [-1, 1]."""
+    return x_uint8.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(x):
+    """float in [-1, 1] -> uint8 in [0, 255] (clipped)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class InMemoryLoader:
+    """Endless shuffled batches from an ImageSet, sharded across `world_size` processes.
+
+    Each epoch draws one global permutation from a seeded generator (identical on every
+    rank); rank r takes positions r, r + world, ... of each global batch. The state is
+    (generator state, epoch permutation, position), so a checkpoint can resume the exact
+    data order, even with a different number of processes.
+    """
+
+    def __init__(self, data: ImageSet, batch_size, device, seed=0, rank=0, world_size=1, flip=True):
+        self.images = data.images.to(device)   # uint8 on the device: a batch is an index lookup
+        self.labels = data.labels.to(device)
+        self.batch_size, self.device, self.flip = batch_size, device, flip
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm, self.pos = self._new_epoch(), 0
+
+    def _new_epoch(self):
+        return torch.randperm(len(self.labels), generator=self.generator)
+
+    def next(self):
+        """Return (x0 in [-1, 1] of shape (B, C, H, W), labels (B,)) for this rank."""
+        global_batch = self.batch_size * self.world_size
+        if self.pos + global_batch > len(self.perm):  # drop the ragged end of the epoch
+            self.perm, self.pos = self._new_epoch(), 0
+            if global_batch > len(self.perm):
+                raise DataError(f"batch size {global_batch} exceeds the dataset size {len(self.perm)}; lower --batch-size")
+        idx = self.perm[self.pos + self.rank: self.pos + global_batch: self.world_size]
+        self.pos += global_batch
+        idx = idx.to(self.device)
+        x = to_model_range(self.images[idx])
+        if self.flip:  # random horizontal flip, done on the device
+            flip = torch.rand(len(idx), device=self.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, self.labels[idx]
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state(), "perm": self.perm.clone(), "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+        self.perm, self.pos = state["perm"].clone(), int(state["pos"])

@@ -1,0 +1,99 @@
+"""Pieces shared by the training scripts (train.py, finetune.py): the step, EMA, LR schedule, DDP, Ctrl-C."""
+import math
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+from .rf import bin_losses, rf_loss
+
+
+def lr_at(step, base_lr, warmup, max_steps, min_lr_ratio=0.1):
+    """Linear warmup for `warmup` steps, then cosine decay to min_lr_ratio * base_lr at max_steps."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def ema_update(ema_params, params, decay):
+    """ema <- decay * ema + (1 - decay) * param, for all tensors in one fused foreach call."""
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def make_optimizer(params, lr, weight_decay, device, betas=(0.9, 0.99)):
+    """AdamW; fused on CUDA (one kernel for all parameters), foreach elsewhere."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
+                             fused=fused, foreach=None if fused else True)
+
+
+def train_step(model, optimizer, scaler, x0, y, t, autocast_ctx, grad_clip, nbins=10):
+    """One optimisation step of the rectified-flow loss. Returns device tensors only (no sync):
+    (mean loss, per-bin loss sums, per-bin counts)."""
+    with autocast_ctx:
+        per_sample = rf_loss(model, x0, y, t)              # (B,)
+    loss = per_sample.mean()
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    sums, counts = bin_losses(per_sample, t, nbins)
+    return loss.detach(), sums, counts
+
+
+def setup_distributed():
+    """Initialise DDP when launched by torchrun (RANK/WORLD_SIZE set). Returns (rank, local_rank, world_size)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class InterruptFlag:
+    """Turns the first Ctrl-C (SIGINT) into a flag the loop checks, so it can save and exit cleanly.
+    A second Ctrl-C interrupts immediately."""
+
+    def __init__(self):
+        self.set = False
+
+    def __enter__(self):
+        self._previous = signal.getsignal(signal.SIGINT)
+        def handler(signum, frame):
+            if self.set:
+                raise KeyboardInterrupt
+            self.set = True
+        signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def rng_state(device):
+    """The global RNG states that a step consumes (noise, t, label dropout, flips)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

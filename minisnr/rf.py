@@ -1,0 +1,186 @@
+"""Rectified flow: noising, the velocity loss, noise-level samplers, and the CFG Euler sampler.
+
+Conventions used everywhere in minisnr:
+
+    x0   a data sample (image scaled to [-1, 1])        eps  standard Gaussian noise
+    t    noise level in [0, 1]: t = 0 is data, t = 1 is pure noise
+    x_t  = (1 - t) * x0 + t * eps                       the straight path between them
+    v    = eps - x0 = d x_t / dt                         what the model predicts
+    loss = mean((model(x_t, t, y) - v)^2)                plain MSE, no per-t weighting
+
+    lam(t) = 2 * log((1 - t) / t)                        log signal-to-noise ratio, log-SNR
+    t(lam) = sigmoid(-lam / 2)                           its inverse
+    High noise means low lam: t -> 1 as lam -> -inf, t -> 0 as lam -> +inf.
+
+What the style-friendly paper (Choi et al., 2024, arXiv 2411.14793) changes is only
+p(t), the distribution the training noise levels are drawn from. NoiseSampler offers:
+
+    uniform         t ~ U(0, 1)
+    logit-normal    logit(t) ~ N(m, s)          the SD3 sampler; same as lam ~ N(-2m, 2s)
+    style-friendly  lam ~ N(mu, sigma), t = sigmoid(-lam/2)   mu < 0 puts mass at high noise
+
+Each can be followed by the SD3/FLUX resolution shift t' = k t / (1 + (k - 1) t),
+which is the same as lam' = lam - 2 log k.
+
+Sampling integrates the ODE dx/dt = v from t = 1 (noise) to t = 0 (data) with Euler
+steps and classifier-free guidance: v = v_null + cfg * (v_cond - v_null).
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .runtime import UserError
+
+
+# --- log-SNR <-> t ------------------------------------------------------------------------
+
+def lam_of_t(t):
+    """log-SNR of noise level t: lam = 2 log((1 - t) / t). Signal std is (1-t), noise std is t."""
+    return 2 * (torch.log1p(-t) - torch.log(t))
+
+
+def t_of_lam(lam):
+    """Noise level of log-SNR lam: t = sigmoid(-lam / 2), the inverse of lam_of_t."""
+    return torch.sigmoid(-lam / 2)
+
+
+def shift_t(t, k):
+    """SD3/FLUX resolution shift t' = k t / (1 + (k - 1) t); in log-SNR, lam' = lam - 2 log k."""
+    return k * t / (1 + (k - 1) * t)
+
+
+# --- noise-level samplers ----------------------------------------------------------------
+
+SAMPLERS = ("uniform", "logit-normal", "style-friendly")
+
+
+@dataclass
+class NoiseSampler:
+    """Draws training noise levels t from one of the named distributions in SAMPLERS.
+
+    kind: 'uniform' | 'logit-normal' (uses m, s) | 'style-friendly' (uses mu, sigma)
+    shift: the SD3/FLUX shift k applied afterwards (1.0 = none).
+    """
+    kind: str = "logit-normal"
+    m: float = 0.0        # logit-normal: mean of logit(t)
+    s: float = 1.0        # logit-normal: std of logit(t)
+    mu: float = -2.0      # style-friendly: mean of log-SNR lam
+    sigma: float = 2.0    # style-friendly: std of log-SNR lam
+    shift: float = 1.0    # SD3/FLUX shift k; 1 means no shift
+
+    def __post_init__(self):
+        if self.kind not in SAMPLERS:
+            raise UserError(f"unknown noise sampler {self.kind!r}; choose one of {', '.join(SAMPLERS)}")
+        for name in ("m", "s", "mu", "sigma", "shift"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{name} must be a finite number, got {getattr(self, name)}")
+        if self.s <= 0 or self.sigma <= 0:
+            raise UserError(f"--s and --sigma must be > 0 (got s={self.s}, sigma={self.sigma}); they are standard deviations")
+        if self.shift <= 0:
+            raise UserError(f"--shift must be > 0 (got {self.shift}); 1 means no shift")
+
+    def __call__(self, n, device="cpu", generator=None):
+        """Return n noise levels t in [0, 1], shape (n,)."""
+        if self.kind == "uniform":
+            t = torch.rand(n, device=device, generator=generator)
+        elif self.kind == "logit-normal":
+            logit = self.m + self.s * torch.randn(n, device=device, generator=generator)
+            t = torch.sigmoid(logit)
+        else:  # style-friendly: sample the log-SNR directly, then map it to t
+            lam = self.mu + self.sigma * torch.randn(n, device=device, generator=generator)
+            t = t_of_lam(lam)
+        return shift_t(t, self.shift) if self.shift != 1.0 else t
+
+    def describe(self):
+        """Short human-readable label, e.g. for plot legends."""
+        if self.kind == "uniform":
+            text = "uniform t"
+        elif self.kind == "logit-normal":
+            text = f"logit-normal m={self.m:g} s={self.s:g}"
+        else:
+            text = f"style-friendly lam~N({self.mu:g},{self.sigma:g})"
+        return text + (f" shift={self.shift:g}" if self.shift != 1.0 else "")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# --- training ------------------------------------------------------------------------------
+
+def add_noise(x0, eps, t):
+    """x_t = (1 - t) x0 + t eps, with t of shape (N,) broadcast over (N, C, H, W)."""
+    t = t.view(-1, *([1] * (x0.ndim - 1)))
+    return (1 - t) * x0 + t * eps
+
+
+def velocity_target(x0, eps):
+    """The rectified-flow regression target v = eps - x0 (the time derivative of x_t)."""
+    return eps - x0
+
+
+def rf_loss(model, x0, y, t):
+    """Per-sample rectified-flow loss, shape (N,): mean over pixels of (model(x_t, t, y) - v)^2.
+
+    Plain MSE on the velocity. The noise-level distribution p(t) is chosen by whoever
+    draws t (a NoiseSampler); the loss itself is never re-weighted by t.
+    """
+    eps = torch.randn_like(x0)
+    x_t = add_noise(x0, eps, t)
+    v_pred = model(x_t, t, y)
+    return F.mse_loss(v_pred.float(), velocity_target(x0, eps).float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+def bin_losses(per_sample_loss, t, nbins=10):
+    """Sum and count of the per-sample loss in `nbins` equal bins of t, shapes (nbins,) each.
+
+    Stays on the device (no .item()), so the training loop can accumulate it every step
+    and only read it back when it logs. The per-bin loss shows that denoising is hard
+    near t = 1 and trivial near t = 0, which is why p(t) matters at all.
+    """
+    idx = (t.detach() * nbins).long().clamp_(0, nbins - 1)
+    sums = torch.zeros(nbins, device=t.device).index_add_(0, idx, per_sample_loss.detach().float())
+    counts = torch.zeros(nbins, device=t.device).index_add_(0, idx, torch.ones_like(t, dtype=torch.float))
+    return sums, counts
+
+
+# --- sampling ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def euler_sample(model, noise, y, steps=50, cfg=1.0, null_class=None, step_hook=None):
+    """Integrate dx/dt = v from t = 1 (x = noise) to t = 0 with `steps` Euler steps and CFG.
+
+    model:      called as model(x_t, t, y) -> v
+    noise:      (N, C, H, W) starting point x_1 ~ N(0, I); pass seeded noise for reproducibility
+    y:          (N,) class labels
+    cfg:        guidance scale; 1 = plain conditional, 0 = unconditional, > 1 = stronger class
+    null_class: label id of the unconditional class (needed when cfg != 1)
+    step_hook:  optional f(i, t) called before step i at noise level t; sample.py uses it
+                to switch the style on for only part of the trajectory (--style-steps)
+    Returns x_0 estimates, (N, C, H, W), unclipped.
+    """
+    if steps < 1:
+        raise UserError(f"steps must be >= 1, got {steps}")
+    if cfg < 0:
+        raise UserError(f"cfg must be >= 0, got {cfg}")
+    guided = cfg != 1.0
+    if guided and null_class is None:
+        raise UserError("null_class is required when cfg != 1")
+    x = noise
+    n = x.shape[0]
+    if guided:  # one forward on a doubled batch evaluates the conditional and unconditional velocity
+        y_both = torch.cat([y, torch.full_like(y, null_class)])
+    ts = [1.0 - i / steps for i in range(steps + 1)]  # python floats: no device syncs in the loop
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        if step_hook is not None:
+            step_hook(i, t)
+        if guided:
+            t_vec = torch.full((2 * n,), t, device=x.device)
+            v_cond, v_null = model(torch.cat([x, x]), t_vec, y_both).float().chunk(2)
+            v = v_null + cfg * (v_cond - v_null)   # classifier-free guidance
+        else:
+            v = model(x, torch.full((n,), t, device=x.device), y).float()
+        x = x + (t_next - t) * v                   # Euler step; t_next - t = -1/steps
+    return x

@@ -1,0 +1,81 @@
+"""Where and how things run: device choice, mixed precision, seeds, image grids, and friendly errors."""
+import contextlib
+import os
+import sys
+
+import torch
+
+
+class UserError(ValueError):
+    """A problem with the user's input or files. Scripts print its message as one line and exit 1."""
+
+
+def run_main(main):
+    """Run main(); a UserError becomes a one-line message on stderr and exit code 1, not a traceback."""
+    try:
+        return main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def pick_device(name="auto"):
+    """'auto' picks cuda, then mps, then cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def cpu_has_fast_bf16():
+    """True if this CPU has native bf16 matmuls (AVX-512 BF16 / AMX). Without them bf16 is emulated and slow."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision, device):
+    """'auto' -> bf16 on CUDA with bf16 support or a CPU with native bf16, fp16 on other GPUs, else fp32."""
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise UserError(f"unknown precision {precision!r}; use auto, bf16, fp16 or fp32")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "mps":
+        return "fp16"
+    # On CPUs without AVX-512 BF16 (e.g. AVX2-only), bf16 matmuls run ~30x *slower* than fp32.
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def autocast_context(device, precision):
+    """The one precision context for forward passes: autocast for bf16/fp16, a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(device, precision):
+    """fp16 gradients can underflow, so fp16 needs loss scaling; bf16 and fp32 do not (scaler disabled)."""
+    return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+
+
+def save_image_grid(images_uint8, path, nrow):
+    """Save (N, 3, H, W) uint8 images as one PNG grid, atomically."""
+    import torchvision
+    from PIL import Image
+    from .checkpoint import atomic_write
+    grid = torchvision.utils.make_grid(images_uint8, nrow=nrow, padding=1, pad_value=255)  # (3, H', W')
+    img = Image.fromarray(grid.permute(1, 2, 0).cpu().numpy())
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), suffix=".png")

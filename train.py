@@ -1,0 +1,253 @@
+"""Pretrain a class-conditional rectified-flow DiT from scratch.
+
+    python train.py --preset cpu --data ../shared/data/cifar10/train   # 2-core CPU, ~30 min
+    python train.py --preset cifar --compile true                       # one consumer GPU
+    torchrun --nproc_per_node=4 train.py --preset cifar                 # several GPUs (DDP)
+
+Every setting is a flag (python train.py --help lists them with their reasons). Outputs in
+--out: ckpt.pt (latest checkpoint, written atomically), log.jsonl (one JSON object per
+logged step, with the loss in 10 bins of t), samples/step_NNNNNN.png (sample grids).
+Ctrl-C saves a checkpoint and exits; --resume true continues exactly where it stopped.
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from minisnr.checkpoint import atomic_save, check_writable, safe_load, CheckpointError
+from minisnr.config import knob, parse_config
+from minisnr.data import InMemoryLoader, load_dataset
+from minisnr.generate import generate
+from minisnr.loop import (InterruptFlag, cleanup_distributed, ema_update, lr_at, make_optimizer, rng_state,
+                          set_rng_state, setup_distributed, train_step)
+from minisnr.model import DIT_PRESETS, build_model
+from minisnr.rf import NoiseSampler
+from minisnr.runtime import UserError, autocast_context, make_grad_scaler, pick_device, resolve_precision, run_main, save_image_grid
+
+
+@dataclass
+class TrainConfig:
+    # data and output
+    data: str = knob("cifar10", "'cifar10' downloads it to ./data; or an ImageFolder path like ../shared/data/cifar10/train")
+    out: str = knob("runs/pretrain", "folder for ckpt.pt, log.jsonl and samples/")
+    resume: bool = knob(False, "continue from OUT/ckpt.pt: weights, EMA, optimizer, step, RNG and data order")
+    # model
+    model: str = knob("cpu", f"DiT size preset, one of {sorted(DIT_PRESETS)}")
+    dim: int = knob(None, "override the preset's width D")
+    depth: int = knob(None, "override the preset's number of blocks")
+    heads: int = knob(None, "override the preset's attention heads")
+    patch_size: int = knob(None, "override the preset's patch size p (tokens = (32/p)^2)")
+    img_size: int = knob(32, "train at this resolution; images are resized and center-cropped")
+    class_dropout: float = knob(0.1, "chance a label is replaced by the null class, which trains the unconditional model for CFG")
+    # optimisation
+    batch_size: int = knob(64, "images per step per process; lower it if you run out of memory")
+    max_steps: int = knob(3000, "total optimisation steps; the LR decays to 10% by then")
+    lr: float = knob(5e-4, "peak AdamW learning rate; small DiTs with adaLN-Zero tolerate it")
+    warmup: int = knob(200, "linear LR warmup steps, so early large gradients don't wreck the init")
+    weight_decay: float = knob(0.0, "AdamW weight decay; 0 as in DiT")
+    grad_clip: float = knob(1.0, "clip the global grad norm to this (0 = off); guards against rare spikes")
+    ema_decay: float = knob(0.999, "EMA of weights used for sampling; averages out step noise")
+    # noise levels during pretraining
+    noise_sampler: str = knob("logit-normal", "how training t is drawn: uniform | logit-normal | style-friendly")
+    m: float = knob(0.0, "logit-normal mean of logit(t)")
+    s: float = knob(1.0, "logit-normal std of logit(t)")
+    mu: float = knob(-2.0, "style-friendly mean of log-SNR lam")
+    sigma: float = knob(2.0, "style-friendly std of log-SNR lam")
+    shift: float = knob(1.0, "SD3/FLUX shift k of t (1 = none)")
+    # logging, sampling and checkpoints
+    log_every: int = knob(50, "steps between log lines; the loss is only read back from the device then")
+    sample_every: int = knob(500, "steps between sample grids in OUT/samples (0 = only at the end)")
+    ckpt_every: int = knob(500, "steps between checkpoints (always one at the end and on Ctrl-C)")
+    sample_steps: int = knob(32, "Euler steps for the sample grids")
+    sample_cfg: float = knob(3.0, "CFG scale for the sample grids")
+    sample_per_class: int = knob(6, "images per class in each sample grid")
+    # system
+    seed: int = knob(0, "seed for init, data order, noise and t; per-rank seeds derive from it")
+    device: str = knob("auto", "auto picks cuda, then mps, then cpu")
+    precision: str = knob("auto", "auto | bf16 | fp16 | fp32; auto = bf16 where fast, fp16+GradScaler on older GPUs, else fp32")
+    compile: bool = knob(False, "torch.compile the model; faster on GPU after a one-off compile")
+
+    def model_overrides(self):
+        fields = dict(dim=self.dim, depth=self.depth, heads=self.heads, patch_size=self.patch_size)
+        out = {k: v for k, v in fields.items() if v is not None}
+        return dict(out, img_size=self.img_size, class_dropout=self.class_dropout)
+
+    def noise(self):
+        return NoiseSampler(self.noise_sampler, self.m, self.s, self.mu, self.sigma, self.shift)
+
+
+# Named groups of defaults; --preset picks one and single flags override it.
+PRESETS = {
+    # 4.2M params, 64 tokens; ~87 img/s fp32 on a 2-core AVX2 CPU, so 2400 steps of 64 take ~30 min
+    "cpu": dict(model="cpu", batch_size=64, max_steps=2400, lr=5e-4, sample_every=800, ckpt_every=400),
+    # DiT-S/2 (~33M params): an hour or two on one consumer GPU
+    "cifar": dict(model="cifar", batch_size=128, max_steps=100_000, lr=2e-4, warmup=1000, ema_decay=0.9999,
+                  log_every=100, sample_every=5000, ckpt_every=5000, sample_steps=50, sample_per_class=10),
+    # a test-sized model: seconds on any machine
+    "tiny": dict(model="tiny", batch_size=16, max_steps=20, lr=1e-3, warmup=5, log_every=5, sample_every=0,
+                 ckpt_every=10, sample_steps=4, sample_per_class=2),
+}
+
+
+def validate(cfg: TrainConfig):
+    for name in ("batch_size", "max_steps", "log_every", "sample_steps", "sample_per_class"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise UserError(f"--lr must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.sample_cfg < 0:
+        raise UserError(f"--sample-cfg must be >= 0, got {cfg.sample_cfg}")
+    cfg.noise()  # validates the sampler settings
+
+
+def main(argv=None):
+    cfg, args = parse_config(TrainConfig, PRESETS, argv, description=__doc__.splitlines()[0])
+    validate(cfg)
+    rank, local_rank, world = setup_distributed()
+    try:
+        train(cfg, args.preset, rank, local_rank, world)
+    finally:
+        cleanup_distributed()
+
+
+def train(cfg: TrainConfig, preset, rank, local_rank, world):
+    master = rank == 0
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+    precision = resolve_precision(cfg.precision, device)
+    ctx = autocast_context(device, precision)
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    if master:
+        check_writable(cfg.out)
+    torch.manual_seed(cfg.seed + rank)            # per-rank seeds: different noise, t and dropout on each rank
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for any fp32 work; a free speed-up on Ampere+
+        torch.backends.cudnn.allow_tf32 = True
+
+    data = load_dataset(cfg.data, cfg.img_size)
+    model = build_model(cfg.model, num_classes=len(data.classes), **cfg.model_overrides()).to(device)
+    ema = build_model(model.config).to(device).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    loader = InMemoryLoader(data, cfg.batch_size, device, seed=cfg.seed, rank=rank, world_size=world)
+    optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, device)
+    scaler = make_grad_scaler(device, precision)
+    noise = cfg.noise()
+
+    step = 0
+    if cfg.resume:
+        ckpt = safe_load(ckpt_path)
+        if ckpt.get("model_config") != model.config.to_dict():
+            raise CheckpointError(f"{ckpt_path} was trained with model {ckpt.get('model_config')}, but the flags give "
+                                  f"{model.config.to_dict()}; pass the same --preset/--model flags as the original run")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        loader.load_state_dict(ckpt["loader"])
+        step = ckpt["step"]
+        if rank == 0:
+            set_rng_state(ckpt["rng"], device)
+        else:  # other ranks' RNG streams were not saved; derive fresh ones from the step
+            torch.manual_seed(cfg.seed + rank + 1_000_003 * step)
+        if master:
+            print(f"resumed from {ckpt_path} at step {step}")
+
+    model_config = model.config.to_dict()
+    classes = data.classes
+
+    def save_checkpoint():
+        atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "loader": loader.state_dict(), "rng": rng_state(device),
+                     "step": step, "model_config": model_config, "train_config": asdict(cfg),
+                     "classes": classes}, ckpt_path)
+
+    def save_samples():
+        labels = [c for c in range(len(classes)) for _ in range(cfg.sample_per_class)]
+        images = generate(ema, labels, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.seed, autocast_ctx=ctx)
+        path = os.path.join(cfg.out, "samples", f"step_{step:06d}.png")
+        save_image_grid(images, path, nrow=cfg.sample_per_class)
+        return path
+
+    # the module we train: compiled and/or DDP-wrapped, while `model` stays the plain one we save
+    train_model = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[local_rank] if device.type == "cuda" else None)
+    model.train()
+
+    if master:
+        n_params = model.num_params()
+        print(f"model {cfg.model}: {n_params / 1e6:.2f}M params | data {len(data)} images, {len(classes)} classes | "
+              f"device {device} | precision {precision} | compile {cfg.compile} | world {world}")
+    log_file = open(os.path.join(cfg.out, "log.jsonl"), "a") if master else None
+    bin_sums = torch.zeros(10, device=device)
+    bin_counts = torch.zeros(10, device=device)
+    loss_sum = torch.zeros((), device=device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    window_steps, window_start = 0, time.time()
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
+
+    def check_finite():
+        if nonfinite.item():
+            msg = (f"loss became non-finite before step {step}; stopping without saving. The last good checkpoint "
+                   f"is {ckpt_path}. Try a lower --lr, a lower --grad-clip, or --precision fp32.")
+            raise UserError(msg)
+
+    with InterruptFlag() as interrupt:
+        while step < cfg.max_steps and not interrupt.set:
+            lr = lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x0, y = loader.next()
+            t = noise(len(y), device=device)
+            loss, sums, counts = train_step(train_model, optimizer, scaler, x0, y, t, ctx, cfg.grad_clip)
+            ema_update(list(ema.parameters()), list(model.parameters()), min(cfg.ema_decay, (1 + step) / (10 + step)))
+            step += 1
+            loss_sum += loss
+            nonfinite |= ~torch.isfinite(loss)
+            bin_sums += sums
+            bin_counts += counts
+            window_steps += 1
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                check_finite()          # the only device sync in the loop, once per log interval
+                elapsed = time.time() - window_start
+                img_s = window_steps * cfg.batch_size * world / max(elapsed, 1e-9)
+                mean_loss = loss_sum.item() / window_steps
+                per_bin = (bin_sums / bin_counts.clamp(min=1)).tolist()
+                if master:
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_s:.0f}")
+                    record = {"step": step, "loss": round(mean_loss, 5), "lr": lr, "img_per_s": round(img_s, 1),
+                              "loss_by_t_bin": [round(v, 5) if c > 0 else None for v, c in zip(per_bin, bin_counts.tolist())],
+                              "time": round(time.time(), 1)}
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                loss_sum.zero_(); bin_sums.zero_(); bin_counts.zero_()
+                window_steps, window_start = 0, time.time()
+
+            if master and cfg.sample_every and step % cfg.sample_every == 0:
+                save_samples()
+            if master and step % cfg.ckpt_every == 0:
+                check_finite()
+                save_checkpoint()
+    bar.close()
+    check_finite()
+    if master:
+        save_checkpoint()
+        grid = save_samples()
+        log_file.close()
+        if interrupt.set:
+            print(f"interrupted: saved {ckpt_path} at step {step}. Resume with the same flags plus --resume true")
+        else:
+            print(f"done: {ckpt_path} (step {step}), samples in {grid}")
+
+
+if __name__ == "__main__":
+    run_main(main)
