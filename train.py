@@ -172,7 +172,8 @@ def train(cfg: TrainConfig, preset, rank, local_rank, world):
         labels = [c for c in range(len(classes)) for _ in range(cfg.sample_per_class)]
         images = generate(ema, labels, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.seed, autocast_ctx=ctx)
         path = os.path.join(cfg.out, "samples", f"step_{step:06d}.png")
-        save_image_grid(images, path, nrow=cfg.sample_per_class)
+        save_image_grid(images, path, nrow=cfg.sample_per_class,
+                        meta={"step": step, "seed": cfg.seed, "steps": cfg.sample_steps, "cfg": cfg.sample_cfg, "ema": True})
         return path
 
     # the module we train: compiled and/or DDP-wrapped, while `model` stays the plain one we save

@@ -29,7 +29,10 @@ def atomic_write(path, write_fn, suffix=".tmp"):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=suffix, dir=folder)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions instead
         write_fn(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -79,3 +82,20 @@ def check_writable(folder, flag="--out"):
         os.remove(probe)
     except OSError as e:
         raise CheckpointError(f"cannot write to output folder {folder!r} ({e.strerror}); pass a writable folder with {flag}") from None
+
+
+def load_pretrained(path, use_ema=True, device="cpu"):
+    """Load a train.py checkpoint as a DiT in eval mode. Returns (model, checkpoint dict).
+
+    use_ema picks the EMA weights (smoother samples); False picks the raw trained weights.
+    """
+    from .model import DiT, DiTConfig
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{path!r} is not a minisnr checkpoint (made by train.py); missing model or model_config")
+    try:
+        model = DiT(DiTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["ema" if use_ema and "ema" in ckpt else "model"])
+    except (TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path!r} does not match minisnr's DiT: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), ckpt

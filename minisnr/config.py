@@ -40,7 +40,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser(config_cls, presets=None, description=None, extra=None):
+def build_parser(config_cls, presets=None, description=None, extra=None, aliases=None):
     parser = OneLineErrorParser(description=description)
     if presets:
         parser.add_argument("--preset", default=next(iter(presets)), choices=list(presets),
@@ -51,16 +51,18 @@ def build_parser(config_cls, presets=None, description=None, extra=None):
         by_preset = {name: p[f.name] for name, p in (presets or {}).items() if f.name in p}
         shown = f"default {f.default}" + "".join(f"; {name}: {v}" for name, v in by_preset.items())
         reason = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
-        parser.add_argument(flag, default=None, type=ftype, metavar=ftype.__name__.upper() if ftype in (int, float, str) else "BOOL",
+        flags = [flag] + list((aliases or {}).get(f.name, []))
+        parser.add_argument(*flags, dest=f.name, default=None, type=ftype, metavar=ftype.__name__.upper() if ftype in (int, float, str) else "BOOL",
                             help=f"{reason} [{shown}]")
     if extra:
         extra(parser)
     return parser
 
 
-def parse_config(config_cls, presets=None, argv=None, description=None, extra=None):
-    """Parse argv into (config, namespace). Precedence: flag > preset > dataclass default."""
-    parser = build_parser(config_cls, presets, description, extra)
+def parse_config(config_cls, presets=None, argv=None, description=None, extra=None, aliases=None):
+    """Parse argv into (config, namespace). Precedence: flag > preset > dataclass default.
+    aliases maps a field name to extra flags, e.g. {"style_class": ["--class"]}."""
+    parser = build_parser(config_cls, presets, description, extra, aliases)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     values = dict(presets[args.preset]) if presets else {}
     for f in dataclasses.fields(config_cls):

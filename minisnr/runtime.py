@@ -71,11 +71,16 @@ def make_grad_scaler(device, precision):
     return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
 
 
-def save_image_grid(images_uint8, path, nrow):
-    """Save (N, 3, H, W) uint8 images as one PNG grid, atomically."""
+def save_image_grid(images_uint8, path, nrow, meta=None):
+    """Save (N, 3, H, W) uint8 images as one PNG grid, atomically. `meta` (e.g. the seed and
+    settings) is stored as JSON in the PNG's 'minisnr' text chunk, so every image says how it was made."""
+    import json
     import torchvision
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
     from .checkpoint import atomic_write
     grid = torchvision.utils.make_grid(images_uint8, nrow=nrow, padding=1, pad_value=255)  # (3, H', W')
     img = Image.fromarray(grid.permute(1, 2, 0).cpu().numpy())
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), suffix=".png")
+    info = PngImagePlugin.PngInfo()
+    if meta is not None:
+        info.add_text("minisnr", json.dumps(meta))
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=info), suffix=".png")

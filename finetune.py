@@ -1,0 +1,245 @@
+"""Fine-tune a pretrained minisnr DiT on a style with LoRA and the style-friendly noise sampler.
+
+    python finetune.py --base runs/pretrain/ckpt.pt --style ../shared/data/styles/starry_night.jpg
+    python finetune.py ... --noise-sampler logit-normal --m 0 --s 1      # the SD3 baseline
+    python sample.py runs/pretrain/ckpt.pt --lora runs/style/adapter.pt  # any class, in the style
+
+The base model is frozen. LoRA layers and a style embedding (minisnr/lora.py) are the only
+trained tensors, and only they are saved: OUT/adapter.pt is a few hundred KB. The noise
+levels t of the training steps are drawn by minisnr.rf.NoiseSampler; the default,
+'style-friendly', draws the log-SNR lam ~ N(mu, sigma) with mu < 0, i.e. mostly high noise,
+where (Choi et al., 2024) the style of an image is decided.
+
+Training views are random resized crops (and flips) of the reference image(s), so one
+painting gives many 32x32 views of its colours and brush texture.
+"""
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from minisnr.checkpoint import atomic_save, check_writable, config_hash, load_pretrained, safe_load, CheckpointError
+from minisnr.config import knob, parse_config
+from minisnr.data import load_images, to_model_range
+from minisnr.generate import generate
+from minisnr.lora import (DEFAULT_TARGETS, count_parameters, inject_lora, load_lora_state_dict, lora_parameters,
+                          lora_state_dict, save_adapter, set_style_scale)
+from minisnr.loop import InterruptFlag, make_optimizer, rng_state, set_rng_state, train_step
+from minisnr.rf import NoiseSampler
+from minisnr.runtime import UserError, autocast_context, make_grad_scaler, pick_device, resolve_precision, run_main, save_image_grid
+
+
+@dataclass
+class FinetuneConfig:
+    base: str = knob("runs/pretrain/ckpt.pt", "pretrained checkpoint from train.py; its EMA weights are the frozen base")
+    style: str = knob(None, "style reference: an image file, a folder of images, or a comma-separated list")
+    out: str = knob("runs/style", "folder for adapter.pt, log.jsonl, samples and the resumable state.pt")
+    resume: bool = knob(False, "continue from OUT/state.pt with the exact same data order and noise")
+    style_class: str = knob(None, "class name or id of what the references show (also --class); none = the null class")
+    # which noise levels to train on: the method of the paper
+    noise_sampler: str = knob("style-friendly", "uniform | logit-normal (SD3: logit t ~ N(m,s)) | style-friendly (lam ~ N(mu,sigma))")
+    mu: float = knob(-2.0, "style-friendly: mean log-SNR; lower = noisier. The paper's -6 is for 1-megapixel latents")
+    sigma: float = knob(2.0, "style-friendly: std of the log-SNR (the paper: 2, or 3 for FLUX)")
+    m: float = knob(0.0, "logit-normal: mean of logit(t) (SD3 default 0)")
+    s: float = knob(1.0, "logit-normal: std of logit(t) (SD3 default 1)")
+    shift: float = knob(1.0, "SD3/FLUX shift k applied to t after sampling (1 = none)")
+    # LoRA
+    rank: int = knob(32, "LoRA rank r, as in the paper")
+    alpha: float = knob(None, "LoRA alpha; the update is scaled by alpha/r (default: alpha = rank, as in the paper)")
+    lora_dropout: float = knob(0.0, "dropout on the LoRA branch input")
+    targets: str = knob(",".join(DEFAULT_TARGETS), "comma-separated names of the Linear layers to adapt (attention and MLP)")
+    # optimisation
+    steps: int = knob(300, "optimisation steps, as in the paper")
+    batch_size: int = knob(4, "views per step, as in the paper")
+    lr: float = knob(1e-4, "Adam learning rate, as in the paper")
+    grad_clip: float = knob(1.0, "clip the adapter's grad norm (0 = off)")
+    crop_min: float = knob(0.35, "smallest random crop, as a fraction of the reference's area")
+    ref_size: int = knob(64, "the short side of each reference is resized to this before cropping (2x the model size)")
+    use_ema: bool = knob(True, "fine-tune on top of the base checkpoint's EMA weights (what sample.py uses)")
+    # logging and output
+    log_every: int = knob(25, "steps between log lines")
+    ckpt_every: int = knob(100, "steps between resumable states in OUT/state.pt")
+    sample_steps: int = knob(32, "Euler steps for the final sample grid")
+    sample_cfg: float = knob(3.0, "CFG scale for the final sample grid")
+    sample_per_class: int = knob(4, "images per class in the final sample grid (0 = no grid)")
+    seed: int = knob(0, "seed for views, noise and t")
+    device: str = knob("auto", "auto picks cuda, then mps, then cpu")
+    precision: str = knob("auto", "auto | bf16 | fp16 | fp32")
+    compile: bool = knob(False, "torch.compile the model (after LoRA injection)")
+
+    def noise(self):
+        return NoiseSampler(self.noise_sampler, self.m, self.s, self.mu, self.sigma, self.shift)
+
+
+def validate(cfg: FinetuneConfig):
+    if not cfg.style:
+        raise UserError("--style is required: an image, a folder of images, or a comma-separated list")
+    for name in ("steps", "batch_size", "rank", "log_every", "ckpt_every", "sample_steps", "ref_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise UserError(f"--lr must be > 0, got {cfg.lr}")
+    if not 0 < cfg.crop_min <= 1:
+        raise UserError(f"--crop-min must be in (0, 1], got {cfg.crop_min}")
+    if cfg.sample_cfg < 0:
+        raise UserError(f"--sample-cfg must be >= 0, got {cfg.sample_cfg}")
+    cfg.noise()  # validates sigma > 0, finite mu, ...
+
+
+class StyleViews:
+    """Random resized crops + flips of the reference images, as (B, 3, S, S) floats in [-1, 1]."""
+
+    def __init__(self, images, size, ref_size, crop_min, device):
+        self.refs = []
+        for img in images:  # resize once so the short side is ref_size; crops then cut from that
+            t = TF.pil_to_tensor(img)                                            # (3, H, W) uint8
+            self.refs.append(TF.resize(t, ref_size, antialias=True))
+        self.size, self.device = size, device
+        self.crop = T.RandomResizedCrop(size, scale=(crop_min, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)
+
+    def next(self, batch_size):
+        views = []
+        for i in torch.randint(len(self.refs), (batch_size,)).tolist():
+            v = self.crop(self.refs[i])                                         # (3, size, size)
+            views.append(v.flip(-1) if torch.rand(()) < 0.5 else v)
+        return to_model_range(torch.stack(views).to(self.device))
+
+
+def resolve_class(name, classes):
+    """--class value -> label id; None means the null class (id = number of classes)."""
+    if name in (None, "", "none", "null"):
+        return len(classes)
+    if name.isdigit() and int(name) < len(classes):
+        return int(name)
+    if name in classes:
+        return classes.index(name)
+    raise UserError(f"unknown --class {name!r}; valid: {', '.join(classes)} (or none)")
+
+
+def main(argv=None):
+    cfg, _ = parse_config(FinetuneConfig, None, argv, description=__doc__.splitlines()[0],
+                          aliases={"style_class": ["--class"]})
+    validate(cfg)
+    return finetune(cfg)
+
+
+def finetune(cfg: FinetuneConfig):
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    ctx = autocast_context(device, precision)
+    check_writable(cfg.out)
+    state_path, adapter_path = os.path.join(cfg.out, "state.pt"), os.path.join(cfg.out, "adapter.pt")
+    torch.manual_seed(cfg.seed)
+
+    model, ckpt = load_pretrained(cfg.base, use_ema=cfg.use_ema, device=device)
+    classes = ckpt.get("classes") or [str(i) for i in range(model.config.num_classes)]
+    label = resolve_class(cfg.style_class, classes)
+    base_config = model.config.to_dict()
+    targets = tuple(t for t in cfg.targets.split(",") if t)
+    alpha = cfg.rank if cfg.alpha is None else cfg.alpha
+    inject_lora(model, targets, cfg.rank, alpha, cfg.lora_dropout)   # before torch.compile
+    model.train()
+    params = lora_parameters(model)
+    optimizer = make_optimizer(params, cfg.lr, 0.0, device, betas=(0.9, 0.999))  # plain Adam, as in the paper
+    scaler = make_grad_scaler(device, precision)
+    noise = cfg.noise()
+    files = [p for p in cfg.style.split(",") if p]
+    views = StyleViews(load_images(files, max_side=4 * cfg.ref_size), model.config.img_size, cfg.ref_size,
+                       cfg.crop_min, device)
+
+    step = 0
+    if cfg.resume:
+        state = safe_load(state_path, what="fine-tuning state")
+        if state.get("base_config_hash") != config_hash(base_config):
+            raise CheckpointError(f"{state_path} belongs to a different base model; pass the --base it was started with")
+        load_lora_state_dict(model, state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"], device)
+        step = state["step"]
+        print(f"resumed from {state_path} at step {step}")
+
+    trainable, total = count_parameters(model)
+    print(f"base {cfg.base}: {total - trainable:,} frozen params | LoRA r={cfg.rank} alpha={alpha:g} on "
+          f"{','.join(targets)} + style embedding: {trainable:,} trainable | {noise.describe()} | "
+          f"{len(views.refs)} reference(s), class {classes[label] if label < len(classes) else 'null'} | {device} {precision}")
+    meta = {"base_ckpt": cfg.base, "base_config": base_config, "base_config_hash": config_hash(base_config),
+            "targets": list(targets), "rank": cfg.rank, "alpha": alpha, "lora_dropout": cfg.lora_dropout,
+            "noise_sampler": noise.to_dict(), "style_files": files,
+            "style_name": os.path.splitext(os.path.basename(files[0]))[0], "style_class": label,
+            "finetune_config": asdict(cfg), "classes": classes}
+
+    def save_state():
+        atomic_save({"lora": lora_state_dict(model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "rng": rng_state(device), "step": step, "base_config_hash": config_hash(base_config),
+                     "finetune_config": asdict(cfg)}, state_path)
+
+    train_model = torch.compile(model) if cfg.compile else model
+    labels = torch.full((cfg.batch_size,), label, device=device)
+    log_file = open(os.path.join(cfg.out, "log.jsonl"), "a")
+    start, loss_sum, n_logged = time.time(), torch.zeros((), device=device), 0
+    bin_sums, bin_counts = torch.zeros(10, device=device), torch.zeros(10, device=device)
+    bar = tqdm(total=cfg.steps, initial=step, dynamic_ncols=True)
+    with InterruptFlag() as interrupt:
+        while step < cfg.steps and not interrupt.set:
+            x0 = views.next(cfg.batch_size)
+            t = noise(cfg.batch_size, device=device)
+            loss, sums, counts = train_step(train_model, optimizer, scaler, x0, labels, t, ctx, cfg.grad_clip)
+            step += 1
+            loss_sum += loss
+            bin_sums += sums
+            bin_counts += counts
+            n_logged += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean_loss = loss_sum.item() / n_logged
+                if not torch.isfinite(torch.tensor(mean_loss)):
+                    raise UserError(f"loss became non-finite at step {step}; nothing saved since the last state. "
+                                    f"Try a lower --lr or --precision fp32.")
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                per_bin = (bin_sums / bin_counts.clamp(min=1)).tolist()
+                log_file.write(json.dumps({"step": step, "loss": round(mean_loss, 5), "loss_by_t_bin":
+                               [round(v, 5) if c > 0 else None for v, c in zip(per_bin, bin_counts.tolist())],
+                               "time": round(time.time(), 1)}) + "\n")
+                log_file.flush()
+                loss_sum.zero_(); bin_sums.zero_(); bin_counts.zero_()
+                n_logged = 0
+            if step % cfg.ckpt_every == 0 or interrupt.set:
+                save_state()
+    bar.close()
+    log_file.close()
+    if interrupt.set:
+        save_state()
+        print(f"interrupted at step {step}: saved {state_path}. Resume with the same flags plus --resume true")
+        return None
+    save_state()
+    meta["steps_done"] = step
+    meta["seconds"] = round(time.time() - start, 1)
+    save_adapter(model, adapter_path, meta)
+    size_kb = os.path.getsize(adapter_path) / 1024
+    print(f"saved {adapter_path} ({size_kb:.0f} KB) after {step} steps in {meta['seconds']:.0f}s")
+
+    if cfg.sample_per_class > 0:
+        model.eval()
+        ids = [c for c in range(len(classes)) for _ in range(cfg.sample_per_class)]
+        styled = generate(model, ids, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.seed, autocast_ctx=ctx)
+        set_style_scale(model, 0.0)
+        plain = generate(model, ids, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.seed, autocast_ctx=ctx)
+        set_style_scale(model, 1.0)
+        n = cfg.sample_per_class
+        both = torch.cat([plain.view(-1, n, *plain.shape[1:]), styled.view(-1, n, *styled.shape[1:])], dim=1)
+        grid = os.path.join(cfg.out, "samples_compare.png")
+        save_image_grid(both.flatten(0, 1), grid, nrow=2 * n,
+                        meta={"seed": cfg.seed, "steps": cfg.sample_steps, "cfg": cfg.sample_cfg,
+                              "layout": "left: style off, right: style on", "adapter": adapter_path})
+        print(f"wrote {grid} (rows: classes; left {n}: style off, right {n}: style on)")
+    return adapter_path
+
+
+if __name__ == "__main__":
+    run_main(main)
