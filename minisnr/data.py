@@ -189,8 +189,8 @@ class InMemoryLoader:
         self.generator = torch.Generator().manual_seed(seed)
         self.perm, self.pos = self._new_epoch(), 0
 
-    def _new_epoch(self):
-        return torch.randperm(len(self.labels), generator=self.generator)
+    def _new_epoch(self):  # drawn on the CPU (the generator lives there), then kept on the device
+        return torch.randperm(len(self.labels), generator=self.generator).to(self.device)
 
     def next(self):
         """Return (x0 in [-1, 1] of shape (B, C, H, W), labels (B,)) for this rank."""
@@ -201,7 +201,6 @@ class InMemoryLoader:
                 raise DataError(f"batch size {global_batch} exceeds the dataset size {len(self.perm)}; lower --batch-size")
         idx = self.perm[self.pos + self.rank: self.pos + global_batch: self.world_size]
         self.pos += global_batch
-        idx = idx.to(self.device)
         x = to_model_range(self.images[idx])
         if self.flip:  # random horizontal flip, done on the device
             flip = torch.rand(len(idx), device=self.device) < 0.5
@@ -209,8 +208,8 @@ class InMemoryLoader:
         return x, self.labels[idx]
 
     def state_dict(self):
-        return {"generator": self.generator.get_state(), "perm": self.perm.clone(), "pos": self.pos}
+        return {"generator": self.generator.get_state(), "perm": self.perm.cpu(), "pos": self.pos}
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
-        self.perm, self.pos = state["perm"].clone(), int(state["pos"])
+        self.perm, self.pos = state["perm"].to(self.device), int(state["pos"])
