@@ -53,6 +53,28 @@ def shift_t(t, k):
 
 # --- noise-level samplers ----------------------------------------------------------------
 
+def sample_uniform(n, device="cpu", generator=None):
+    """t ~ U(0, 1), shape (n,)."""
+    return torch.rand(n, device=device, generator=generator)
+
+
+def sample_logit_normal(n, m=0.0, s=1.0, device="cpu", generator=None):
+    """The SD3 sampler: logit(t) ~ N(m, s), i.e. t = sigmoid(m + s * z) with z ~ N(0, 1). Shape (n,).
+
+    Since lam = 2 log((1-t)/t) = -2 logit(t), this is the same as lam ~ N(-2m, 2s).
+    """
+    return torch.sigmoid(m + s * torch.randn(n, device=device, generator=generator))
+
+
+def sample_style_friendly(n, mu=-2.0, sigma=2.0, device="cpu", generator=None):
+    """The style-friendly sampler: lam ~ N(mu, sigma), then t = sigmoid(-lam / 2). Shape (n,).
+
+    mu < 0 puts most training steps at high noise, where style is decided.
+    """
+    lam = mu + sigma * torch.randn(n, device=device, generator=generator)
+    return t_of_lam(lam)
+
+
 SAMPLERS = ("uniform", "logit-normal", "style-friendly")
 
 
@@ -84,13 +106,11 @@ class NoiseSampler:
     def __call__(self, n, device="cpu", generator=None):
         """Return n noise levels t in [0, 1], shape (n,)."""
         if self.kind == "uniform":
-            t = torch.rand(n, device=device, generator=generator)
+            t = sample_uniform(n, device, generator)
         elif self.kind == "logit-normal":
-            logit = self.m + self.s * torch.randn(n, device=device, generator=generator)
-            t = torch.sigmoid(logit)
-        else:  # style-friendly: sample the log-SNR directly, then map it to t
-            lam = self.mu + self.sigma * torch.randn(n, device=device, generator=generator)
-            t = t_of_lam(lam)
+            t = sample_logit_normal(n, self.m, self.s, device, generator)
+        else:
+            t = sample_style_friendly(n, self.mu, self.sigma, device, generator)
         return shift_t(t, self.shift) if self.shift != 1.0 else t
 
     def describe(self):
@@ -147,6 +167,11 @@ def bin_losses(per_sample_loss, t, nbins=10):
 
 # --- sampling ------------------------------------------------------------------------------
 
+def cfg_velocity(v_cond, v_null, cfg):
+    """Classifier-free guidance: v = v_null + cfg * (v_cond - v_null). cfg = 1 gives v_cond."""
+    return v_null + cfg * (v_cond - v_null)
+
+
 @torch.no_grad()
 def euler_sample(model, noise, y, steps=50, cfg=1.0, null_class=None, step_hook=None):
     """Integrate dx/dt = v from t = 1 (x = noise) to t = 0 with `steps` Euler steps and CFG.
@@ -179,7 +204,7 @@ def euler_sample(model, noise, y, steps=50, cfg=1.0, null_class=None, step_hook=
         if guided:
             t_vec = torch.full((2 * n,), t, device=x.device)
             v_cond, v_null = model(torch.cat([x, x]), t_vec, y_both).float().chunk(2)
-            v = v_null + cfg * (v_cond - v_null)   # classifier-free guidance
+            v = cfg_velocity(v_cond, v_null, cfg)
         else:
             v = model(x, torch.full((n,), t, device=x.device), y).float()
         x = x + (t_next - t) * v                   # Euler step; t_next - t = -1/steps
