@@ -84,6 +84,8 @@ def validate(cfg: FinetuneConfig):
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise UserError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
     if not 0 < cfg.crop_min <= 1:
         raise UserError(f"--crop-min must be in (0, 1], got {cfg.crop_min}")
     if cfg.sample_cfg < 0:
@@ -154,7 +156,12 @@ def finetune(cfg: FinetuneConfig):
 
     step = 0
     if cfg.resume:
+        if not os.path.isfile(state_path):
+            raise CheckpointError(f"--resume true, but there is no {state_path}; pass the --out folder of the fine-tune "
+                                  f"to continue, or leave out --resume to start a new one")
         state = safe_load(state_path, what="fine-tuning state")
+        if not isinstance(state, dict) or not {"lora", "optimizer", "scaler", "rng", "step"} <= set(state):
+            raise CheckpointError(f"{state_path} is not a state written by finetune.py; pass the --out folder of a finetune.py run")
         if state.get("base_config_hash") != config_hash(base_config):
             raise CheckpointError(f"{state_path} belongs to a different base model; pass the --base it was started with")
         load_lora_state_dict(model, state["lora"])
@@ -184,6 +191,13 @@ def finetune(cfg: FinetuneConfig):
     log_file = open(os.path.join(cfg.out, "log.jsonl"), "a")
     start, loss_sum, n_logged = time.time(), torch.zeros((), device=device), 0
     bin_sums, bin_counts = torch.zeros(10, device=device), torch.zeros(10, device=device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # read back only before a log line or a save
+
+    def check_finite():
+        if nonfinite.item():
+            raise UserError(f"loss became non-finite before step {step}; stopping without saving, so {state_path} "
+                            f"keeps the last good state. Try a lower --lr, --grad-clip 1, or --precision fp32.")
+
     bar = tqdm(total=cfg.steps, initial=step, dynamic_ncols=True)
     with InterruptFlag() as interrupt:
         while step < cfg.steps and not interrupt.set:
@@ -192,15 +206,14 @@ def finetune(cfg: FinetuneConfig):
             loss, sums, counts = train_step(train_model, optimizer, scaler, x0, labels, t, ctx, cfg.grad_clip)
             step += 1
             loss_sum += loss
+            nonfinite |= ~torch.isfinite(loss)
             bin_sums += sums
             bin_counts += counts
             n_logged += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
+                check_finite()
                 mean_loss = loss_sum.item() / n_logged
-                if not torch.isfinite(torch.tensor(mean_loss)):
-                    raise UserError(f"loss became non-finite at step {step}; nothing saved since the last state. "
-                                    f"Try a lower --lr or --precision fp32.")
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 per_bin = (bin_sums / bin_counts.clamp(min=1)).tolist()
                 log_file.write(json.dumps({"step": step, "loss": round(mean_loss, 5), "loss_by_t_bin":
@@ -210,13 +223,15 @@ def finetune(cfg: FinetuneConfig):
                 loss_sum.zero_(); bin_sums.zero_(); bin_counts.zero_()
                 n_logged = 0
             if step % cfg.ckpt_every == 0 or interrupt.set:
+                check_finite()  # a state saved after a NaN step would be no state to go back to
                 save_state()
     bar.close()
     log_file.close()
+    check_finite()
     if interrupt.set:
         save_state()
         print(f"interrupted at step {step}: saved {state_path}. Resume with the same flags plus --resume true")
-        return None
+        raise SystemExit(130)  # 128 + SIGINT: the fine-tune did not finish, so `python finetune.py && ...` stops here
     save_state()
     meta["steps_done"] = step
     meta["seconds"] = round(time.time() - start, 1)

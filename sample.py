@@ -82,6 +82,8 @@ def main(argv=None):
     if args.cfg < 0:
         raise UserError(f"--cfg must be >= 0, got {args.cfg} (1 = no guidance)")
     start, end = parse_style_steps(args.style_steps)
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out!r} is a folder; pass the .png file to write, e.g. {os.path.join(args.out, 'samples.png')}")
     check_writable(os.path.dirname(os.path.abspath(args.out)))
     device = pick_device(args.device)
     ctx = autocast_context(device, resolve_precision(args.precision, device))

@@ -46,6 +46,7 @@ class TrainConfig:
     # optimisation
     batch_size: int = knob(64, "images per step per process; lower it if you run out of memory")
     max_steps: int = knob(3000, "total optimisation steps; the LR decays to 10% by then")
+    stop_after: int = knob(0, "stop and save at this step without changing the --max-steps LR schedule, so a run can be split into pieces joined by --resume true (0 = run to --max-steps)")
     lr: float = knob(5e-4, "peak AdamW learning rate; small DiTs with adaLN-Zero tolerate it")
     warmup: int = knob(200, "linear LR warmup steps, so early large gradients don't wreck the init")
     weight_decay: float = knob(0.0, "AdamW weight decay; 0 as in DiT")
@@ -94,9 +95,23 @@ PRESETS = {
 
 
 def validate(cfg: TrainConfig):
-    for name in ("batch_size", "max_steps", "log_every", "sample_steps", "sample_per_class"):
+    for name in ("batch_size", "max_steps", "log_every", "ckpt_every", "sample_steps", "sample_per_class"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("sample_every", "stop_after"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(cfg, name)}")
+    if cfg.model not in DIT_PRESETS:
+        raise UserError(f"unknown --model {cfg.model!r}; choose one of {', '.join(sorted(DIT_PRESETS))}")
+    arch = dict(DIT_PRESETS[cfg.model], **cfg.model_overrides())  # what build_model will get; its asserts would be tracebacks
+    if min(arch["dim"], arch["depth"], arch["heads"], arch["patch_size"], arch["img_size"]) < 1 \
+            or arch["img_size"] % arch["patch_size"] \
+            or arch["dim"] % 4 or arch["dim"] % arch["heads"]:
+        raise UserError(f"impossible model shape (img_size {arch['img_size']}, patch_size {arch['patch_size']}, dim {arch['dim']}, "
+                        f"heads {arch['heads']}, depth {arch['depth']}): all must be >= 1, --img-size a multiple of "
+                        f"--patch-size, and --dim a multiple of 4 and of --heads")
+    if not 0 <= cfg.class_dropout < 1:
+        raise UserError(f"--class-dropout must be in [0, 1), got {cfg.class_dropout}")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be > 0, got {cfg.lr}")
     if not 0 <= cfg.ema_decay < 1:
@@ -142,10 +157,20 @@ def train(cfg: TrainConfig, preset, rank, local_rank, world):
 
     step = 0
     if cfg.resume:
+        if not os.path.isfile(ckpt_path):
+            raise CheckpointError(f"--resume true, but there is no {ckpt_path}; pass the --out folder of the run to "
+                                  f"continue, or leave out --resume to start a new run")
         ckpt = safe_load(ckpt_path)
-        if ckpt.get("model_config") != model.config.to_dict():
-            raise CheckpointError(f"{ckpt_path} was trained with model {ckpt.get('model_config')}, but the flags give "
-                                  f"{model.config.to_dict()}; pass the same --preset/--model flags as the original run")
+        have, want = ckpt.get("model_config") if isinstance(ckpt, dict) else None, model.config.to_dict()
+        if not isinstance(have, dict) or not {"model", "ema", "optimizer", "scaler", "loader", "rng", "step"} <= set(ckpt):
+            raise CheckpointError(f"{ckpt_path} is not a checkpoint written by train.py; pass the --out folder of a train.py run")
+        if have != want:
+            diff = ", ".join(f"{k}={have.get(k)} (these flags give {v})" for k, v in want.items() if have.get(k) != v)
+            raise CheckpointError(f"{ckpt_path} was trained with {diff}; pass the same --preset/--model/--dim/--depth/"
+                                  f"--heads/--patch-size/--img-size/--data flags as the original run")
+        if len(ckpt["loader"]["perm"]) != len(data):  # its saved data order indexes the old image set
+            raise CheckpointError(f"{ckpt_path} was trained on {len(ckpt['loader']['perm'])} images, but --data has "
+                                  f"{len(data)}; pass the same --data as the original run")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -180,6 +205,8 @@ def train(cfg: TrainConfig, preset, rank, local_rank, world):
     train_model = torch.compile(model) if cfg.compile else model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[local_rank] if device.type == "cuda" else None)
+        if not cfg.resume:  # DDP just broadcast rank 0's initial weights; start every rank's EMA from them too
+            ema.load_state_dict(model.state_dict())
     model.train()
 
     if master:
@@ -196,12 +223,14 @@ def train(cfg: TrainConfig, preset, rank, local_rank, world):
 
     def check_finite():
         if nonfinite.item():
-            msg = (f"loss became non-finite before step {step}; stopping without saving. The last good checkpoint "
-                   f"is {ckpt_path}. Try a lower --lr, a lower --grad-clip, or --precision fp32.")
+            last = f"The last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "No checkpoint was saved yet"
+            msg = (f"loss became non-finite before step {step}; stopping without saving. {last}. "
+                   f"Try a lower --lr, a lower --grad-clip, or --precision fp32.")
             raise UserError(msg)
 
+    end = min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
     with InterruptFlag() as interrupt:
-        while step < cfg.max_steps and not interrupt.set:
+        while step < end and not interrupt.set:
             lr = lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -217,7 +246,7 @@ def train(cfg: TrainConfig, preset, rank, local_rank, world):
             window_steps += 1
             bar.update(1)
 
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if step % cfg.log_every == 0 or step == end:
                 check_finite()          # the only device sync in the loop, once per log interval
                 elapsed = time.time() - window_start
                 img_s = window_steps * cfg.batch_size * world / max(elapsed, 1e-9)
@@ -246,8 +275,12 @@ def train(cfg: TrainConfig, preset, rank, local_rank, world):
         log_file.close()
         if interrupt.set:
             print(f"interrupted: saved {ckpt_path} at step {step}. Resume with the same flags plus --resume true")
+        elif step < cfg.max_steps:
+            print(f"stopped at step {step} (--stop-after): saved {ckpt_path}. Continue with the same flags plus --resume true")
         else:
             print(f"done: {ckpt_path} (step {step}), samples in {grid}")
+    if interrupt.set:
+        sys.exit(130)  # 128 + SIGINT: the run did not finish, so `python train.py && ...` stops here
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 
 import torch
 
@@ -59,11 +60,16 @@ def safe_load(path, what="checkpoint"):
     if not os.path.isfile(path):
         raise CheckpointError(f"{what} {path!r} does not exist; check the path")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch's pickle-protocol warning; the outcome is reported below
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        # keep torch's line that names what was refused (e.g. "GLOBAL posix.system"), not its advice to
+        # retry with weights_only=False, which is exactly what must not be done with an untrusted file
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        detail = next((l for l in lines if "GLOBAL" in l or l.startswith("Unsupported")), "unsupported content")
         raise CheckpointError(f"refusing to load {what} {path!r}: it contains objects other than tensors and "
-                              f"plain data, which could run code ({first})") from None
+                              f"plain data, which could run code ({detail}); use a file written by minisnr") from None
     except Exception as e:  # truncated, not a torch file, ...
         raise CheckpointError(f"cannot read {what} {path!r}: {e.__class__.__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
 

@@ -152,7 +152,7 @@ def load_images(paths, max_side=None):
             raise DataError(f"style image or folder {p!r} does not exist; pass existing paths with --style")
     images = [img for img in map(open_image, files) if img is not None]
     if not images:
-        raise DataError(f"none of the {len(files)} style file(s) could be read as an image")
+        raise DataError(f"none of the {len(files)} style file(s) could be read as an image; pass readable images with --style")
     if max_side:
         for i, img in enumerate(images):
             if max(img.size) > max_side:

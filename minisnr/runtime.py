@@ -2,6 +2,7 @@
 import contextlib
 import os
 import sys
+import warnings
 
 import torch
 
@@ -11,12 +12,33 @@ class UserError(ValueError):
 
 
 def run_main(main):
-    """Run main(); a UserError becomes a one-line message on stderr and exit code 1, not a traceback."""
+    """Run main(); a UserError becomes a one-line message on stderr and exit code 1, not a traceback.
+    A Ctrl-C that no training loop caught (during start-up, or a second one) exits with code 130 and
+    one line, and warnings (e.g. a skipped unreadable image) are printed as one 'warning: ...' line."""
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         return main()
     except UserError as e:
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        warnings.formatwarning = format_warning
+
+
+def _close_progress_bars():
+    """End any open tqdm bar's line, so that a message printed next starts on a line of its own."""
+    try:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    except Exception:  # cosmetic only; never hide the real message
+        pass
 
 
 def pick_device(name="auto"):
