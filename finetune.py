@@ -79,6 +79,9 @@ class FinetuneConfig:
 def validate(cfg: FinetuneConfig):
     if not cfg.style:
         raise UserError("--style is required: an image, a folder of images, or a comma-separated list")
+    if not os.path.isfile(cfg.base):
+        problem = "is a folder" if os.path.isdir(cfg.base) else "does not exist"
+        raise UserError(f"--base {cfg.base!r} {problem}; pass the ckpt.pt written by train.py (OUT/ckpt.pt)")
     for name in ("steps", "batch_size", "rank", "log_every", "ckpt_every", "sample_steps", "ref_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -194,8 +197,10 @@ def finetune(cfg: FinetuneConfig):
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # read back only before a log line or a save
 
     def check_finite():
-        if nonfinite.item():
-            raise UserError(f"loss became non-finite before step {step}; stopping without saving, so {state_path} "
+        # a step can leave NaN weights behind a finite loss (an overflowing gradient), so check both
+        weights_ok = torch.stack([torch.isfinite(p).all() for p in params]).all()
+        if (nonfinite | ~weights_ok).item():
+            raise UserError(f"loss or weights became non-finite by step {step}; stopping without saving, so {state_path} "
                             f"keeps the last good state. Try a lower --lr, --grad-clip 1, or --precision fp32.")
 
     bar = tqdm(total=cfg.steps, initial=step, dynamic_ncols=True)

@@ -222,9 +222,11 @@ def train(cfg: TrainConfig, preset, rank, local_rank, world):
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
 
     def check_finite():
-        if nonfinite.item():
+        # a step can leave NaN weights behind a finite loss (an overflowing gradient), so check both
+        weights_ok = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+        if (nonfinite | ~weights_ok).item():
             last = f"The last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "No checkpoint was saved yet"
-            msg = (f"loss became non-finite before step {step}; stopping without saving. {last}. "
+            msg = (f"loss or weights became non-finite by step {step}; stopping without saving. {last}. "
                    f"Try a lower --lr, a lower --grad-clip, or --precision fp32.")
             raise UserError(msg)
 

@@ -105,4 +105,4 @@ def save_image_grid(images_uint8, path, nrow, meta=None):
     info = PngImagePlugin.PngInfo()
     if meta is not None:
         info.add_text("minisnr", json.dumps(meta))
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=info), suffix=".png")
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=info))

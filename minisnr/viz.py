@@ -91,7 +91,7 @@ def draw_noise_strip(x0, lams=tuple(range(-10, 7, 2)), scale=3, seed=0):
 
 
 def save_png(img, path):
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), suffix=".png")
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def main(argv=None):
