@@ -1,0 +1,130 @@
+"""Metrics for generated images, computed through the probe (minisnr/probe.py) or on raw pixels.
+
+All images are uint8 (N, 3, 32, 32). The probe's outputs come from Probe.run(images):
+{"logits": (N, K), "pooled": (N, D), "grams": [per style layer (N, C(C+1)/2)]}.
+
+    class / content accuracy   fraction of samples of class c that the probe calls c (higher = better)
+    Fréchet distance (FD)      ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) between Gaussians
+                               fitted to the probe's pooled features of two sets (lower = closer)
+    style similarity           per style layer l (rgb, conv1, conv2, conv3): the Gram matrix G_l = F F^T / (h w)
+                               of the feature maps F (C, h w), its upper triangle standardised by natural-image
+                               statistics, z_l = (g_l - mean_l) / std_l; cosine(z_l(sample), mean_ref z_l),
+                               averaged over layers. In [-1, 1]; 1 = the reference's statistics exactly,
+                               about 0 = as (un)alike as two random natural images (higher = more similar)
+    high-frequency energy      fraction of the luma's spectral energy (DC removed) at radius > cutoff
+                               cycles/pixel of the 2D FFT; 0.25 is half the Nyquist frequency
+
+Why standardise the Gram vectors: after ReLU every feature is >= 0, so raw Gram vectors
+of any two images point into the same orthant and their cosine is ~0.9 whatever the
+style. Subtracting the natural-image mean and dividing by its spread measures how the
+image deviates from typical statistics, and whether it deviates the same way as the
+reference. Gram matrices sum over positions, so they ignore where things are: a
+content-invariant (mostly) summary of colour and texture, as in Gatys et al. (2016).
+
+These numbers depend on the probe file and the sample count; compare them only with
+each other, at equal N. FD in particular is biased upwards at small N.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def gram_vector(fmap):
+    """Upper triangle (with the diagonal) of each image's Gram matrix: (N, C, H, W) -> (N, C(C+1)/2).
+
+    G = F F^T / (H W) with F the (C, H*W) feature map: channel co-activations averaged over positions."""
+    n, c, h, w = fmap.shape
+    f = fmap.reshape(n, c, h * w)
+    g = f @ f.transpose(1, 2) / (h * w)                      # (N, C, C)
+    iu = torch.triu_indices(c, c, device=fmap.device)
+    return g[:, iu[0], iu[1]]
+
+
+def class_accuracy(logits, labels):
+    """Fraction of rows whose argmax is the requested label. logits (N, K), labels (N,) -> float."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+# --- Fréchet distance --------------------------------------------------------------------------
+
+def gaussian_stats(features):
+    """Mean (D,) and unbiased covariance (D, D), in float64, of features (N, D); needs N >= 2."""
+    f = features.double()
+    if f.shape[0] < 2:
+        raise ValueError(f"Fréchet distance needs at least 2 feature vectors per set, got {f.shape[0]}")
+    mu = f.mean(dim=0)
+    fc = f - mu
+    return mu, fc.T @ fc / (f.shape[0] - 1)
+
+
+def sqrtm_psd(mat):
+    """Square root of a symmetric positive semi-definite matrix by eigh: V diag(sqrt(max(e, 0))) V^T.
+    Symmetrised first and negative eigenvalues (rounding noise) clamped to 0."""
+    mat = (mat + mat.T) / 2
+    evals, evecs = torch.linalg.eigh(mat)
+    return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
+
+
+def frechet_from_stats(mu1, cov1, mu2, cov2):
+    """Fréchet (2-Wasserstein) distance between N(mu1, cov1) and N(mu2, cov2), float64 inside.
+
+    Tr (cov1 cov2)^1/2 is computed as Tr (S cov2 S)^1/2 with S = cov1^1/2: the two matrices are
+    similar (same eigenvalues), and S cov2 S is symmetric PSD, so eigh applies and no complex
+    numbers or ill-conditioned inverses appear. Tiny negative results from rounding become 0."""
+    mu1, mu2, cov1, cov2 = (t.double() for t in (mu1, mu2, cov1, cov2))
+    s = sqrtm_psd(cov1)
+    middle = s @ cov2 @ s
+    middle = (middle + middle.T) / 2
+    tr_covmean = torch.linalg.eigvalsh(middle).clamp(min=0).sqrt().sum()
+    fd = (mu1 - mu2).pow(2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * tr_covmean
+    return max(0.0, fd.item())
+
+
+def frechet_distance(features_a, features_b):
+    """FD between two sets of feature vectors (Na, D) and (Nb, D). 0 for a set against itself."""
+    return frechet_from_stats(*gaussian_stats(features_a), *gaussian_stats(features_b))
+
+
+# --- style similarity ----------------------------------------------------------------------------
+
+def style_descriptors(grams, mean, std):
+    """Standardise per-layer Gram vectors: [(N, K_l)] -> [(N, K_l)] with z = (g - mean_l) / std_l."""
+    return [(g - m) / s for g, m, s in zip(grams, mean, std)]
+
+
+def style_similarity(desc, ref_desc):
+    """Per-sample style similarity (N,) in [-1, 1]: cosine between each sample's standardised Gram vector and
+    the mean of the references', per layer, averaged over layers. desc, ref_desc: [(N, K_l)], [(R, K_l)]."""
+    per_layer = [F.cosine_similarity(d, r.mean(dim=0, keepdim=True), dim=1, eps=1e-8) for d, r in zip(desc, ref_desc)]
+    return torch.stack(per_layer).mean(dim=0)
+
+
+# --- pixels -------------------------------------------------------------------------------------
+
+def high_frequency_energy(images, cutoff=0.25):
+    """Fraction of spectral energy above `cutoff` cycles/pixel, per image: uint8 (N, 3, H, W) -> (N,) in [0, 1].
+
+    Luma Y = 0.299 R + 0.587 G + 0.114 B in [0, 1], mean removed, |FFT2(Y)|^2 summed where
+    sqrt(fx^2 + fy^2) > cutoff, divided by the total. A flat image has no energy and gets 0.
+    Sharp edges, dots and noise raise it; blur lowers it."""
+    x = images.float() / 255.0
+    w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    y = (x * w).sum(dim=1)                                                    # (N, H, W)
+    y = y - y.mean(dim=(1, 2), keepdim=True)
+    power = torch.fft.fft2(y).abs().pow(2)                                    # (N, H, W)
+    fy = torch.fft.fftfreq(y.shape[1])
+    fx = torch.fft.fftfreq(y.shape[2])
+    radius = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)                  # (H, W) cycles / pixel
+    high = (power * (radius > cutoff)).sum(dim=(1, 2))
+    return high / power.sum(dim=(1, 2)).clamp(min=1e-12)
+
+
+# --- one call for a set of images ---------------------------------------------------------------
+
+def measure(probe, images):
+    """Run the probe once over uint8 images (N, 3, H, W) and keep what the metrics need:
+    {"logits": (N, K), "pooled": (N, D), "style": standardised descriptors [(N, K_l)], "hf": (N,)}."""
+    out = probe.run(images)
+    return {"logits": out["logits"], "pooled": out["pooled"],
+            "style": style_descriptors(out["grams"], probe.style_mean, probe.style_std),
+            "hf": high_frequency_energy(images)}

@@ -1,0 +1,160 @@
+"""A tiny line-plot helper drawn with PIL (no plotting library needed): axes, ticks, lines, markers, legend.
+
+    line_plot("fig.png",
+              series=[{"label": "style sim", "x": [-4, -2, 0], "y": [0.5, 0.4, 0.2], "color": (31, 119, 180)}],
+              hlines=[{"label": "SD3 style sim", "y": 0.3, "color": (31, 119, 180)}],
+              title="...", xlabel="mu", ylabel="score")
+
+Series are solid lines with markers; horizontal reference lines are dashed. The legend
+sits to the right of the axes so it never hides data. The PNG is written atomically.
+"""
+import math
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .checkpoint import atomic_write
+
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def _font(size=12):
+    try:
+        return ImageFont.load_default(size=size)   # a scalable font on Pillow >= 10.1
+    except TypeError:
+        return ImageFont.load_default()            # older Pillow: the fixed bitmap font
+
+
+def nice_ticks(lo, hi, target=8):
+    """About `target` round tick values covering [lo, hi] (steps of 1, 2 or 5 times a power of ten)."""
+    if hi <= lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / max(1, target - 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first = math.floor(lo / step) * step
+    ticks, v = [], first
+    while v <= hi + step * 1e-9:
+        ticks.append(round(v, 10))
+        v += step
+    return ticks
+
+
+def _fmt(v):
+    return f"{v:g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
+
+
+def _dashed(draw, p0, p1, colour, width=2, dash=7, gap=5):
+    (x0, y0), (x1, y1) = p0, p1
+    length = math.hypot(x1 - x0, y1 - y0)
+    pos = 0.0
+    while pos < length:
+        end = min(length, pos + dash)
+        a, b = pos / length, end / length
+        draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))], fill=colour, width=width)
+        pos += dash + gap
+
+
+def _marker(draw, x, y, colour, kind="o", r=4):
+    if kind == "s":
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=colour, outline=(0, 0, 0))
+    elif kind == "^":
+        draw.polygon([(x, y - r - 1), (x - r, y + r), (x + r, y + r)], fill=colour, outline=(0, 0, 0))
+    else:
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour, outline=(0, 0, 0))
+
+
+def line_plot(path, series, hlines=(), title="", xlabel="", ylabel="", xticks=None, ylim=None, size=(780, 440)):
+    """Draw series (dicts: label, x, y, optional color, marker 'o'|'s'|'^', dashed) and horizontal dashed lines
+    (dicts: label, y, optional color) into a PNG at `path`. Non-finite points are skipped."""
+    width, height = size
+    left, right, top, bottom = 64, 230, 34, 52                    # margins; the legend lives in the right one
+    ax0, ay0, ax1, ay1 = left, top, width - right, height - bottom
+    font, small = _font(13), _font(11)
+    img = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+
+    finite = lambda v: v is not None and math.isfinite(v)
+    xs = [x for s in series for x, y in zip(s["x"], s["y"]) if finite(x) and finite(y)] + list(xticks or [])
+    ys = [y for s in series for y in s["y"] if finite(y)] + [h["y"] for h in hlines if finite(h["y"])]
+    if not xs:
+        xs = [0.0, 1.0]
+    if not ys:
+        ys = [0.0, 1.0]
+    xlo, xhi = min(xs), max(xs)
+    if xhi == xlo:
+        xlo, xhi = xlo - 1, xhi + 1
+    pad = 0.04 * (xhi - xlo)
+    xlo, xhi = xlo - pad, xhi + pad
+    if ylim is not None:
+        ylo, yhi = ylim
+    else:
+        ylo, yhi = min(ys), max(ys)
+        span = (yhi - ylo) or 1.0
+        ylo, yhi = ylo - 0.08 * span, yhi + 0.08 * span
+    yt = [t for t in nice_ticks(ylo, yhi) if ylo - 1e-12 <= t <= yhi + 1e-12]
+    xt = list(xticks) if xticks is not None else [t for t in nice_ticks(xlo, xhi) if xlo <= t <= xhi]
+
+    px = lambda x: ax0 + (x - xlo) / (xhi - xlo) * (ax1 - ax0)
+    py = lambda y: ay1 - (y - ylo) / (yhi - ylo) * (ay1 - ay0)
+
+    for t in yt:  # grid, ticks and labels
+        draw.line([(ax0, py(t)), (ax1, py(t))], fill=(232, 232, 232))
+        draw.line([(ax0 - 4, py(t)), (ax0, py(t))], fill=(0, 0, 0))
+        label = _fmt(t)
+        w = draw.textlength(label, font=small)
+        draw.text((ax0 - 7 - w, py(t) - 7), label, fill=(0, 0, 0), font=small)
+    for t in xt:
+        draw.line([(px(t), ay0), (px(t), ay1)], fill=(240, 240, 240))
+        draw.line([(px(t), ay1), (px(t), ay1 + 4)], fill=(0, 0, 0))
+        label = _fmt(t)
+        w = draw.textlength(label, font=small)
+        draw.text((px(t) - w / 2, ay1 + 6), label, fill=(0, 0, 0), font=small)
+    draw.rectangle([ax0, ay0, ax1, ay1], outline=(0, 0, 0))
+
+    legend = []
+    for i, h in enumerate(hlines):
+        colour = tuple(h.get("color", COLOURS[i % len(COLOURS)]))
+        if finite(h["y"]):
+            _dashed(draw, (ax0, py(h["y"])), (ax1, py(h["y"])), colour, width=h.get("width", 2),
+                    dash=h.get("dash", 7), gap=h.get("gap", 5))
+        legend.append(("hline", h["label"], colour, h))
+    for i, s in enumerate(series):
+        colour = tuple(s.get("color", COLOURS[i % len(COLOURS)]))
+        pts = [(px(x), py(y)) for x, y in sorted(zip(s["x"], s["y"])) if finite(x) and finite(y)]
+        if s.get("dashed"):
+            for a, b in zip(pts, pts[1:]):
+                _dashed(draw, a, b, colour)
+        elif len(pts) > 1:
+            draw.line(pts, fill=colour, width=2)
+        for x, y in pts:
+            _marker(draw, x, y, colour, s.get("marker", "o"))
+        legend.append(("series", s["label"], colour, s))
+
+    lx, ly = ax1 + 14, ay0 + 4  # legend, right of the axes
+    for kind, label, colour, spec in legend:
+        if kind == "hline":
+            _dashed(draw, (lx, ly + 7), (lx + 26, ly + 7), colour, width=spec.get("width", 2),
+                    dash=spec.get("dash", 7), gap=spec.get("gap", 5))
+        else:
+            if spec.get("dashed"):
+                _dashed(draw, (lx, ly + 7), (lx + 26, ly + 7), colour, dash=5, gap=3)
+            else:
+                draw.line([(lx, ly + 7), (lx + 26, ly + 7)], fill=colour, width=2)
+            _marker(draw, lx + 13, ly + 7, colour, spec.get("marker", "o"))
+        draw.text((lx + 32, ly), label, fill=(0, 0, 0), font=small)
+        ly += 19
+
+    if title:
+        w = draw.textlength(title, font=font)
+        draw.text(((ax0 + ax1) / 2 - w / 2, 9), title, fill=(0, 0, 0), font=font)
+    if xlabel:
+        w = draw.textlength(xlabel, font=font)
+        draw.text(((ax0 + ax1) / 2 - w / 2, height - 24), xlabel, fill=(0, 0, 0), font=font)
+    if ylabel:  # rotated text: draw it on its own strip, then paste it turned by 90 degrees
+        w = int(draw.textlength(ylabel, font=font)) + 4
+        strip = Image.new("RGB", (w, 18), (255, 255, 255))
+        ImageDraw.Draw(strip).text((2, 1), ylabel, fill=(0, 0, 0), font=font)
+        strip = strip.rotate(90, expand=True)
+        img.paste(strip, (6, int((ay0 + ay1) / 2 - strip.height / 2)))
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), suffix=".png")
+    return path

@@ -1,0 +1,306 @@
+"""A small CNN classifier of the base dataset: the "eye" that minisnr's evaluation metrics look through.
+
+The paper scores style with DINO / CLIP-I image embeddings and content with CLIP text
+scores. None of those exist for 32x32 CIFAR-10 offline, so minisnr trains its own probe:
+a 4-layer conv net with BatchNorm, trained on the base dataset (CIFAR-10) in a few CPU
+minutes with flip + crop augmentation, cached to a file (runs/probe.pt by default).
+
+    x (N, 3, 32, 32) in [-1, 1]
+    conv1  4x4 stride 2, BN, ReLU     (N, w0, 16, 16)      style layer
+    conv2  3x3, BN, ReLU              (N, w1, 16, 16)      style layer, then 2x2 max-pool
+    conv3  3x3, BN, ReLU              (N, w2,  8,  8)      style layer, then 2x2 max-pool
+    conv4  3x3, BN, ReLU              (N, w2,  4,  4)
+    pool   global average             (N, w2)              "pooled": the feature for Fréchet distance
+    head   linear                     (N, classes)         logits
+
+What the evaluation uses (minisnr/metrics.py):
+    logits(x)            class accuracy of samples, content accuracy of styled samples
+    features(x)          (pooled (N, w2), {"rgb": x, "conv1": ..., "conv2": ..., "conv3": ...})
+                         pooled -> Fréchet distance; feature maps -> Gram matrices -> style similarity
+
+The cache file holds the weights, the class names, the probe's own test accuracy and the
+mean / spread of the Gram statistics of natural images (used to standardise style
+descriptors). It is written atomically and read with torch.load(weights_only=True).
+
+Caveat: every number computed with this probe (FD, style similarity, accuracy) is only
+comparable with other numbers from the same probe file inside minisnr. It is NOT
+FID (no Inception network), NOT DINO or CLIP similarity, and must never be put next to
+published values.
+"""
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, atomic_save, safe_load
+from .data import load_cifar10, load_image_folder, to_model_range
+from .runtime import UserError
+
+PROBE_FORMAT = "minisnr-probe-v1"
+STYLE_LAYERS = ("rgb", "conv1", "conv2", "conv3")   # where style (Gram) statistics are read; "rgb" is the input
+DEFAULT_WIDTHS = (24, 48, 96)
+
+
+def load_split(spec, train, size=32):
+    """The train or test split of a dataset spec, as an ImageSet of uint8 images.
+
+    spec: 'cifar10' / 'cifar10:DIR' (torchvision; downloads on first use) or an ImageFolder
+    path such as ../shared/data/cifar10/test (then `train` is ignored: the folder is the split).
+    """
+    if spec == "cifar10" or spec.startswith("cifar10:"):
+        root = spec.split(":", 1)[1] if ":" in spec else "data"
+        return load_cifar10(root, train=train, size=size)
+    return load_image_folder(spec, size)
+
+
+def _conv_bn(c_in, c_out, kernel, stride, padding):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+
+class ProbeNet(nn.Module):
+    """The probe's network (see the module docstring for the layer shapes)."""
+
+    def __init__(self, num_classes, widths=DEFAULT_WIDTHS):
+        super().__init__()
+        w0, w1, w2 = widths
+        self.conv1 = _conv_bn(3, w0, 4, 2, 1)     # stride 2 straight away: 16x16 maps keep the probe cheap on a CPU
+        self.conv2 = _conv_bn(w0, w1, 3, 1, 1)
+        self.conv3 = _conv_bn(w1, w2, 3, 1, 1)
+        self.conv4 = _conv_bn(w2, w2, 3, 1, 1)
+        self.head = nn.Linear(w2, num_classes)
+
+    def forward_features(self, x):
+        """x (N, 3, H, W) in [-1, 1] -> (logits (N, K), pooled (N, w2), style maps {name: (N, C, h, w)})."""
+        h1 = self.conv1(x)                          # (N, w0, 16, 16)
+        h2 = self.conv2(h1)                         # (N, w1, 16, 16)
+        h3 = self.conv3(F.max_pool2d(h2, 2))        # (N, w2, 8, 8)
+        h4 = self.conv4(F.max_pool2d(h3, 2))        # (N, w2, 4, 4)
+        pooled = h4.mean(dim=(2, 3))                # (N, w2)
+        return self.head(pooled), pooled, {"rgb": x, "conv1": h1, "conv2": h2, "conv3": h3}
+
+    def forward(self, x):
+        """Logits (N, K) of x (N, 3, H, W) in [-1, 1]."""
+        return self.forward_features(x)[0]
+
+
+@dataclass
+class Probe:
+    """A trained ProbeNet in eval mode plus what the cache file records about it.
+
+    net:           the ProbeNet
+    classes:       class names, in label order (must match the DiT checkpoint's)
+    test_accuracy: top-1 accuracy on the test split it was trained against
+    style_mean, style_std: per style layer, the mean and floored std of natural images' Gram vectors
+    info:          everything else in the cache (epochs, seconds, data specs, ...)
+    """
+    net: ProbeNet
+    classes: list
+    test_accuracy: float
+    style_mean: list
+    style_std: list
+    info: dict = field(default_factory=dict)
+
+    @property
+    def device(self):
+        """The device the probe's weights live on."""
+        return next(self.net.parameters()).device
+
+    @torch.no_grad()
+    def logits(self, x, batch_size=500):
+        """Class logits (N, K) of images x (N, 3, 32, 32) in [-1, 1]."""
+        self.net.eval()
+        return torch.cat([self.net(x[i:i + batch_size].to(self.device)).float().cpu()
+                          for i in range(0, len(x), batch_size)])
+
+    @torch.no_grad()
+    def features(self, x):
+        """(pooled (N, w2), style maps {"rgb": (N, 3, 32, 32), "conv1": (N, w0, 16, 16), ...}) for x in [-1, 1].
+
+        One batch, kept whole: use run() for large sets, which reduces the maps to Gram vectors per batch."""
+        self.net.eval()
+        _, pooled, maps = self.net.forward_features(x.to(self.device))
+        return pooled.float().cpu(), {k: v.float().cpu() for k, v in maps.items()}
+
+    @torch.no_grad()
+    def run(self, images, batch_size=250):
+        """Everything the metrics need from uint8 images (N, 3, 32, 32), in batches:
+        {"logits": (N, K), "pooled": (N, w2), "grams": [per STYLE_LAYERS (N, C(C+1)/2)]}."""
+        from .metrics import gram_vector
+        self.net.eval()
+        logits, pooled, grams = [], [], [[] for _ in STYLE_LAYERS]
+        for i in range(0, len(images), batch_size):
+            x = to_model_range(images[i:i + batch_size].to(self.device))
+            lg, pl, maps = self.net.forward_features(x)
+            logits.append(lg.float().cpu())
+            pooled.append(pl.float().cpu())
+            for store, name in zip(grams, STYLE_LAYERS):
+                store.append(gram_vector(maps[name].float()).cpu())
+        return {"logits": torch.cat(logits), "pooled": torch.cat(pooled), "grams": [torch.cat(g) for g in grams]}
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def augment(x, generator, pad=4):
+    """Random crop after `pad` pixels of reflection padding, and random horizontal flip, per image.
+    x (B, 3, H, W) float -> (B, 3, H, W)."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")                      # (B, 3, H+2p, W+2p)
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    rows = (oy[:, None] + torch.arange(h))[:, :, None]                           # (B, H, 1)
+    cols = (ox[:, None] + torch.arange(w))[:, None, :]                           # (B, 1, W)
+    flip = torch.rand(b, generator=generator) < 0.5
+    cols = torch.where(flip[:, None, None], cols.flip(-1), cols)
+    batch = torch.arange(b)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def accuracy(net, images, labels, batch_size=500):
+    """Top-1 accuracy of `net` on uint8 images (N, 3, H, W) with labels (N,)."""
+    net.eval()
+    device = next(net.parameters()).device
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        x = to_model_range(images[i:i + batch_size].to(device))
+        correct += (net(x).argmax(1).cpu() == labels[i:i + batch_size]).sum().item()
+    return correct / max(1, len(images))
+
+
+def train_probe(train_set, test_set, epochs=3, batch_size=128, lr=0.1, widths=DEFAULT_WIDTHS, seed=0,
+                device="cpu", stats_images=5000, log=print):
+    """Train a ProbeNet on `train_set` (an ImageSet), measure it on `test_set`, and return a Probe.
+
+    SGD with Nesterov momentum, weight decay 5e-4, label smoothing 0.1, a one-cycle LR
+    (linear warm-up for 15% of the steps to `lr`, then linear decay to 0), crop + flip
+    augmentation. fp32. Also records natural-image Gram statistics on up to `stats_images`
+    training images, which style similarity uses to standardise its descriptors.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise UserError(f"probe epochs and batch size must be >= 1 (got {epochs}, {batch_size})")
+    if len(train_set) < batch_size:
+        batch_size = len(train_set)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    net = ProbeNet(len(train_set.classes), widths).to(device)
+    decay, no_decay = [], []
+    for name, p in net.named_parameters():
+        (no_decay if p.ndim == 1 else decay).append(p)   # no weight decay on BN and biases
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=lr, momentum=0.9, nesterov=True)
+    steps_per_epoch = len(train_set) // batch_size
+    total = epochs * steps_per_epoch
+    warm = max(1, int(0.15 * total))
+    images, labels = train_set.images, train_set.labels
+    start, cpu_start = time.time(), time.process_time()
+    step = 0
+    for epoch in range(epochs):
+        net.train()
+        perm = torch.randperm(len(labels), generator=gen)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            x = augment(to_model_range(images[idx]), gen).to(device)
+            y = labels[idx].to(device)
+            for g in opt.param_groups:
+                g["lr"] = lr * ((step + 1) / warm if step < warm else max(0.0, (total - step) / (total - warm)))
+            logits = net(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_sum += loss.item()
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        log(f"probe epoch {epoch + 1}/{epochs}: loss {loss_sum / max(1, steps_per_epoch):.3f}, "
+            f"train acc {correct / max(1, seen):.3f} ({time.time() - start:.0f}s)")
+    seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
+    test_acc = accuracy(net, test_set.images, test_set.labels)
+    net.eval()
+    probe = Probe(net, list(train_set.classes), test_acc, [], [],
+                  {"epochs": epochs, "batch_size": batch_size, "lr": lr, "widths": list(widths), "seed": seed,
+                   "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1),
+                   "threads": torch.get_num_threads(), "n_train": len(train_set), "n_test": len(test_set)})
+    # natural-image Gram statistics, from a fixed random subset of the training images
+    pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 1))[:stats_images]
+    grams = probe.run(images[pick])["grams"]
+    probe.style_mean = [g.mean(0) for g in grams]
+    probe.style_std = [_floored_std(g) for g in grams]
+    log(f"probe test accuracy {test_acc:.4f} on {len(test_set)} test images; trained in {seconds:.0f}s "
+        f"({cpu_seconds:.0f} CPU-s on {torch.get_num_threads()} thread(s))")
+    return probe
+
+
+def _floored_std(g):
+    """Per-entry std over images (K,), floored at 10% of its mean so near-constant entries cannot blow up."""
+    std = g.std(0) if len(g) > 1 else torch.ones(g.shape[1])
+    return std.clamp(min=max(1e-6, 0.1 * std.mean().item()))
+
+
+# --- the cache file ------------------------------------------------------------------------------
+
+def save_probe(probe, path):
+    """Write the probe and its metadata to `path` atomically (tensors and plain data only)."""
+    atomic_save({"format": PROBE_FORMAT, "state": {k: v.detach().cpu() for k, v in probe.net.state_dict().items()},
+                 "num_classes": len(probe.classes), "classes": list(probe.classes),
+                 "test_accuracy": float(probe.test_accuracy), "style_layers": list(STYLE_LAYERS),
+                 "style_mean": [t.cpu() for t in probe.style_mean], "style_std": [t.cpu() for t in probe.style_std],
+                 "info": dict(probe.info)}, path)
+
+
+def load_probe(path, device="cpu"):
+    """Read a probe written by save_probe (weights_only=True); one-line error for anything else."""
+    blob = safe_load(path, what="probe")
+    if not isinstance(blob, dict) or blob.get("format") != PROBE_FORMAT:
+        raise CheckpointError(f"{path!r} is not a minisnr probe (made by `python -m minisnr.evaluate probe`)")
+    if tuple(blob.get("style_layers", ())) != STYLE_LAYERS:
+        raise CheckpointError(f"probe {path!r} was made by another minisnr version; delete it to retrain")
+    widths = tuple(blob["info"].get("widths", DEFAULT_WIDTHS))
+    net = ProbeNet(blob["num_classes"], widths)
+    try:
+        net.load_state_dict(blob["state"])
+    except RuntimeError as e:
+        raise CheckpointError(f"probe {path!r} does not match its recorded widths: {str(e).splitlines()[0]}") from None
+    return Probe(net.to(device).eval(), list(blob["classes"]), float(blob["test_accuracy"]),
+                 list(blob["style_mean"]), list(blob["style_std"]), dict(blob["info"], path=path))
+
+
+def get_probe(path, train_data, test_data, epochs=3, device="cpu", retrain=False, log=print, **train_kwargs):
+    """Load the cached probe at `path`, or (if it is missing or `retrain`) train one and cache it there."""
+    if os.path.exists(path) and not retrain:
+        return load_probe(path, device)
+    log(f"training the probe on {train_data} ({epochs} epochs; cached afterwards in {path})")
+    t0 = time.time()
+    train_set = load_split(train_data, train=True)
+    test_set = load_split(test_data, train=False)
+    if list(train_set.classes) != list(test_set.classes):
+        raise UserError(f"train classes {train_set.classes} differ from test classes {test_set.classes}; "
+                        f"pass matching --train-data and --test-data")
+    log(f"loaded {len(train_set)} train and {len(test_set)} test images in {time.time() - t0:.0f}s")
+    probe = train_probe(train_set, test_set, epochs=epochs, device=device, log=log, **train_kwargs)
+    probe.info.update(train_data=train_data, test_data=test_data)
+    save_probe(probe, path)
+    probe.info["path"] = path
+    return probe
+
+
+def check_classes(probe, classes):
+    """Refuse a probe whose classes differ from the model's: its labels would mean something else."""
+    if list(probe.classes) != list(classes):
+        raise UserError(f"the probe knows classes {probe.classes[:4]}... but the model was trained on "
+                        f"{list(classes)[:4]}...; train a probe on the model's dataset (--probe NEW_PATH --train-data ...)")
+
+
+def describe(probe):
+    """One line: accuracy, training time, where it came from, and the comparability caveat."""
+    info = probe.info
+    return (f"probe {info.get('path', '?')}: test accuracy {probe.test_accuracy:.4f} "
+            f"({info.get('n_test', '?')} images), {info.get('epochs', '?')} epochs in {info.get('train_seconds', '?')}s "
+            f"({info.get('train_cpu_seconds', '?')} CPU-s); "
+            f"its FD / similarity numbers compare only within minisnr (not FID, DINO or CLIP)")

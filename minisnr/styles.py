@@ -1,0 +1,216 @@
+"""Ground-truth styles: named, deterministic image transforms whose output we can score against.
+
+The paper fine-tunes on a real artwork and has no "right answer" for a cat in that
+artwork's style. Here the style is a known function S(x) of an image, so both halves of
+the evaluation exist:
+
+    style set            S(one real test image)               what finetune.py --style sees
+    target distribution  S(real test images of every class)   what "class c in the style" should look like
+
+Every transform maps uint8 images (N, 3, H, W) to uint8 images of the same shape, uses
+only torch arithmetic (no randomness, no PIL resampling), and so returns bit-identical
+output for the same input. They are written for 32x32 images but work at any size.
+
+    STYLES["tritone"](images)        # (N, 3, H, W) uint8 -> (N, 3, H, W) uint8
+    apply_style("halftone", images)  # the same, with a one-line error for unknown names
+    style_pil("cartoon", pil_image)  # PIL RGB -> PIL RGB
+
+Each transform is deliberately strong and easy to recognise at 32x32: a palette, a
+layout cue (vignette), flat colours with dark outlines, a dot texture, or big pixels.
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .runtime import UserError
+
+# ITU-R BT.601 luma weights: perceived brightness of R, G, B
+LUMA = (0.299, 0.587, 0.114)
+
+
+# --- helpers: uint8 <-> float in [0, 1] ------------------------------------------------------
+
+def _as_batch(images):
+    """(3, H, W) or (N, 3, H, W) uint8 -> ((N, 3, H, W) float in [0, 1], was_single)."""
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        raise UserError("style transforms take uint8 image tensors (N, 3, H, W) or (3, H, W)")
+    single = images.ndim == 3
+    x = images.unsqueeze(0) if single else images
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise UserError(f"style transforms need RGB images shaped (N, 3, H, W); got {tuple(images.shape)}")
+    return x.float() / 255.0, single
+
+
+def _to_uint8(x, single):
+    """(N, 3, H, W) float in [0, 1] -> uint8, squeezed back to (3, H, W) if the input was one image."""
+    out = (x.clamp(0, 1) * 255.0).round().to(torch.uint8)
+    return out[0] if single else out
+
+
+def luminance(x):
+    """(N, 3, H, W) float in [0, 1] -> (N, 1, H, W) luma."""
+    w = torch.tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def _stretch(lum):
+    """Per-image min-max contrast stretch of (N, 1, H, W) luma to [0, 1], so every image uses the whole palette."""
+    lo = lum.amin(dim=(1, 2, 3), keepdim=True)
+    hi = lum.amax(dim=(1, 2, 3), keepdim=True)
+    return (lum - lo) / (hi - lo).clamp(min=1e-3)
+
+
+def _palette_ramp(t, colours):
+    """Map t in [0, 1], (N, 1, H, W), piecewise-linearly through K RGB colours (0-255) -> (N, 3, H, W) in [0, 1]."""
+    pal = torch.tensor(colours, dtype=t.dtype) / 255.0                    # (K, 3)
+    k = len(colours) - 1
+    pos = t.clamp(0, 1) * k                                               # (N, 1, H, W) in [0, K-1]
+    lo = pos.floor().clamp(max=k - 1).long()
+    frac = pos - lo
+    c_lo = pal[lo.squeeze(1)].permute(0, 3, 1, 2)                         # (N, 3, H, W)
+    c_hi = pal[(lo + 1).squeeze(1)].permute(0, 3, 1, 2)
+    return c_lo + frac * (c_hi - c_lo)
+
+
+def _radius(h, w, dtype=torch.float32):
+    """(1, 1, H, W) distance of each pixel centre from the image centre, 1 at the corners."""
+    ys = (torch.arange(h, dtype=dtype) + 0.5) / h - 0.5
+    xs = (torch.arange(w, dtype=dtype) + 0.5) / w - 0.5
+    r = torch.sqrt(ys[:, None] ** 2 + xs[None, :] ** 2)
+    return (r / math.sqrt(0.5)).view(1, 1, h, w)
+
+
+def _sobel_magnitude(lum):
+    """Gradient magnitude of (N, 1, H, W) luma with 3x3 Sobel filters (replicate padding) -> (N, 1, H, W)."""
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=lum.dtype) / 4.0
+    kernels = torch.stack([kx, kx.t()]).unsqueeze(1)                      # (2, 1, 3, 3)
+    g = F.conv2d(F.pad(lum, (1, 1, 1, 1), mode="replicate"), kernels)      # (N, 2, H, W)
+    return g.pow(2).sum(dim=1, keepdim=True).sqrt()
+
+
+# --- the transforms -----------------------------------------------------------------------------
+
+TRITONE_COLOURS = [(28, 20, 76), (214, 66, 92), (252, 218, 140)]   # indigo shadows, rose mid-tones, cream highlights
+
+
+def tritone(images):
+    """Palette remap: contrast-stretched luminance -> indigo / rose / cream ramp. Colour scheme only; layout intact."""
+    x, single = _as_batch(images)
+    return _to_uint8(_palette_ramp(_stretch(luminance(x)), TRITONE_COLOURS), single)
+
+
+SEPIA = [[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]]
+
+
+def sepia_vignette(images):
+    """Sepia toning plus a dark radial vignette (a layout cue: corners fade to brown-black)."""
+    x, single = _as_batch(images)
+    m = torch.tensor(SEPIA, dtype=x.dtype)
+    toned = torch.einsum("oc,nchw->nohw", m, x).clamp(0, 1) * 0.95
+    fade = 1.0 - 0.75 * _radius(x.shape[2], x.shape[3]).pow(2)            # 1 at the centre, 0.25 at the corners
+    return _to_uint8(toned * fade, single)
+
+
+def cartoon(images, levels=4, edge_threshold=0.25):
+    """Smooth, posterise to `levels` values per channel (flat colours, a little more saturated) and draw dark
+    outlines wherever the Sobel gradient of the luminance exceeds `edge_threshold`."""
+    x, single = _as_batch(images)
+    grey = luminance(x)
+    smooth = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)   # 3x3 box blur
+    smooth_grey = luminance(smooth)
+    saturated = (smooth_grey + 1.4 * (smooth - smooth_grey)).clamp(0, 1)  # push colours away from grey
+    flat = torch.round(saturated * (levels - 1)) / (levels - 1)           # posterise
+    edges = (_sobel_magnitude(grey) > edge_threshold).to(x.dtype)         # (N, 1, H, W) 1 = outline
+    ink = torch.tensor([0.08, 0.06, 0.1], dtype=x.dtype).view(1, 3, 1, 1)
+    return _to_uint8(flat * (1 - edges) + ink * edges, single)
+
+
+def halftone(images, cell=4, supersample=4):
+    """Coloured halftone: each cell x cell block becomes one round dot of the block's (darkened) mean colour on
+    cream paper; darker blocks get bigger dots. Dots are drawn on a `supersample`x finer grid and averaged back,
+    so their edges are anti-aliased."""
+    x, single = _as_batch(images)
+    n, _, h, w = x.shape
+    if h % cell or w % cell:
+        raise UserError(f"halftone needs image sides divisible by its cell size {cell}; got {h}x{w}")
+    mean = F.avg_pool2d(x, cell)                                          # (N, 3, H/cell, W/cell) block colour
+    dark = 1 - luminance(mean)                                            # (N, 1, H/cell, W/cell) 0 white .. 1 black
+    radius = 0.5 * math.sqrt(2) * dark.sqrt()                             # dot radius in cells; dark=1 fills the cell
+    s = cell * supersample                                                # fine pixels per cell
+    offs = (torch.arange(s, dtype=x.dtype) + 0.5) / s - 0.5               # fine-pixel position inside its cell
+    dist = torch.sqrt(offs[:, None] ** 2 + offs[None, :] ** 2).repeat(h // cell, w // cell)   # (H*ss, W*ss)
+    cover = (dist < F.interpolate(radius, scale_factor=s, mode="nearest")).to(x.dtype)        # (N, 1, H*ss, W*ss)
+    cover = F.avg_pool2d(cover, supersample)                              # (N, 1, H, W) ink coverage in [0, 1]
+    ink = F.interpolate(mean * 0.7, scale_factor=cell, mode="nearest")    # (N, 3, H, W) dot colour
+    paper = torch.tensor([0.96, 0.94, 0.86], dtype=x.dtype).view(1, 3, 1, 1)
+    return _to_uint8(paper + cover * (ink - paper), single)
+
+
+# PICO-8's 16-colour palette: a well-known fixed "pixel art" palette
+PICO8 = [(0, 0, 0), (29, 43, 83), (126, 37, 83), (0, 135, 81), (171, 82, 54), (95, 87, 79), (194, 195, 199),
+         (255, 241, 232), (255, 0, 77), (255, 163, 0), (255, 236, 39), (0, 228, 54), (41, 173, 255),
+         (131, 118, 156), (255, 119, 168), (255, 204, 170)]
+
+
+def pixel_art(images, grid=16):
+    """Pixel art: average each image down to grid x grid blocks, boost contrast and saturation, snap every block
+    to the nearest PICO-8 colour, and scale back up with nearest-neighbour (hard block edges)."""
+    x, single = _as_batch(images)
+    n, _, h, w = x.shape
+    if h % grid or w % grid:
+        raise UserError(f"pixel-art needs image sides divisible by {grid}; got {h}x{w}")
+    small = F.adaptive_avg_pool2d(x, grid)                                # (N, 3, g, g)
+    grey = luminance(small)
+    lo, hi = grey.amin(dim=(1, 2, 3), keepdim=True), grey.amax(dim=(1, 2, 3), keepdim=True)
+    small = ((small - lo) / (hi - lo).clamp(min=1e-3))                    # per-image contrast stretch
+    grey = luminance(small)
+    small = (grey + 1.6 * (small - grey)).clamp(0, 1)                     # more saturated, like a sprite
+    pal = torch.tensor(PICO8, dtype=x.dtype) / 255.0                      # (16, 3)
+    flat = small.permute(0, 2, 3, 1).reshape(-1, 3)                       # (N*g*g, 3)
+    nearest = torch.cdist(flat, pal).argmin(dim=1)                        # ties resolve to the lowest index
+    snapped = pal[nearest].view(n, grid, grid, 3).permute(0, 3, 1, 2)
+    return _to_uint8(F.interpolate(snapped, size=(h, w), mode="nearest"), single)
+
+
+@dataclass(frozen=True)
+class Style:
+    """A named ground-truth style: `fn` maps uint8 (N, 3, H, W) to uint8 (N, 3, H, W); `what` says what it changes."""
+    name: str
+    fn: Callable
+    what: str
+
+    def __call__(self, images):
+        return self.fn(images)
+
+
+STYLES = {s.name: s for s in [
+    Style("tritone", tritone, "palette: luminance mapped to indigo/rose/cream"),
+    Style("sepia-vignette", sepia_vignette, "colour + layout: sepia toning, dark corners"),
+    Style("cartoon", cartoon, "texture: posterised flat colours, dark outlines"),
+    Style("halftone", halftone, "texture: coloured dots on cream paper, 4-pixel cells"),
+    Style("pixel-art", pixel_art, "texture + palette: 2x2-pixel blocks in the PICO-8 palette"),
+]}
+
+
+def get_style(name):
+    """The Style called `name`, or a one-line error listing the valid names."""
+    if name not in STYLES:
+        raise UserError(f"unknown style {name!r}; choose from {', '.join(STYLES)}")
+    return STYLES[name]
+
+
+def apply_style(name, images):
+    """Apply the named style to uint8 images (N, 3, H, W) or (3, H, W); returns the same shape, uint8."""
+    return get_style(name)(images)
+
+
+def style_pil(name, img):
+    """Apply the named style to one PIL image (any mode; converted to RGB). Returns a PIL RGB image."""
+    import numpy as np
+    from PIL import Image
+    arr = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)   # (3, H, W) uint8
+    out = apply_style(name, arr)
+    return Image.fromarray(out.permute(1, 2, 0).numpy())

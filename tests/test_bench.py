@@ -1,0 +1,76 @@
+"""minisnr.bench: the benchmark runs end to end, and its FLOP and memory formulas are right.
+
+No timing assertions: the machine running the tests may be busy.
+"""
+import json
+
+import pytest
+
+from minisnr import bench
+from minisnr.model import DiTConfig, build_model
+
+
+def hand_flops_dim64_depth2_patch4():
+    """Training FLOPs per image for D=64, L=2, p=4, 32x32 RGB, mlp_ratio 4, written out by hand."""
+    D, L, M, F = 64, 2, 256, 256      # width, depth, MLP hidden, timestep-feature size
+    T = (32 // 4) ** 2                # 64 tokens
+    P = 4 * 4 * 3                     # 48 values per patch
+    per_token = (P * D                # patch embed              3,072
+                 + L * (3 * D * D     # qkv                     12,288 per block
+                        + D * D       # attention proj           4,096
+                        + D * M       # mlp fc1                 16,384
+                        + M * D)      # mlp fc2                 16,384
+                 + D * P)             # final linear             3,072    -> 104,448
+    per_image = (F * D + D * D        # timestep MLP            20,480
+                 + L * 6 * D * D      # adaLN of each block     24,576 per block
+                 + 2 * D * D)         # adaLN of the final layer 8,192    -> 77,824
+    attention = L * 3 * (2 * T * T * D + 2 * T * T * D)   # QK^T and AV, forward x3 for fwd+bwd -> 6,291,456
+    total = 6 * (T * per_token + per_image) + attention
+    assert total == 46_866_432
+    return total
+
+
+def test_flop_formula_matches_hand_count():
+    config = DiTConfig(dim=64, depth=2, heads=2, patch_size=4, img_size=32)
+    assert bench.train_flops_per_image(config) == hand_flops_dim64_depth2_patch4()
+    assert 3 * bench.forward_flops_per_image(config) == bench.train_flops_per_image(config)
+
+
+def test_bench_runs_tiny_eager_fp32(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    results = bench.main(["--preset", "tiny", "--modes", "eager-fp32", "--warmup", "1", "--steps", "1",
+                          "--batch-size", "4", "--device", "cpu", "--threads", "1", "--json", str(out)])
+    assert len(results) == 1
+    row = results[0]
+    assert row["mode"] == "eager-fp32"
+    assert row["img_per_s"] > 0 and row["ms_per_step"] > 0 and row["tflops"] > 0
+    assert row["flops_per_image"] == hand_flops_dim64_depth2_patch4()   # tiny = dim 64, depth 2, patch 4, 32px
+    printed = capsys.readouterr().out
+    assert "| mode | ms/step |" in printed and "| img/s |" in printed
+    assert "| eager-fp32 |" in printed and "1.00x" in printed
+    saved = json.loads(out.read_text())
+    assert saved["results"][0]["flops_per_image"] == row["flops_per_image"]
+    assert saved["meta"]["n_params"] == build_model("tiny").num_params()
+
+
+def test_unknown_mode_is_a_user_error():
+    with pytest.raises(bench.UserError):
+        bench.parse_modes("eager-fp64", bench.pick_device("cpu"))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_activation_estimate_matches_saved_tensors(precision):
+    """The counted activation formula agrees with what autograd actually saves (CPU, eager)."""
+    model = build_model("tiny")
+    measured = bench.measure_activation_bytes(model, 2, precision, bench.pick_device("cpu"))
+    estimated = bench.activation_bytes(model.config, 2, precision)
+    assert estimated == pytest.approx(measured, rel=0.05)
+
+
+def test_memory_estimate_parts():
+    est = bench.estimate_memory("tiny", 16, "fp32")
+    n = build_model("tiny").num_params()
+    assert est["n_params"] == n
+    assert (est["params"], est["grads"], est["adamw"], est["ema"]) == (4 * n, 4 * n, 8 * n, 4 * n)
+    assert est["total"] == 20 * n + est["activations"]
+    assert est["activations"] == bench.activation_bytes(build_model("tiny").config, 16, "fp32")

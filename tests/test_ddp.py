@@ -1,0 +1,97 @@
+"""DDP on the CPU: train.py under torchrun with 2 gloo processes keeps the ranks in lock-step,
+and the checkpoint it writes resumes in a single process.
+
+Only rank 0 writes ckpt.pt, so to see every rank's weights the test launches a small runner
+script through torchrun instead of train.py itself. The runner wraps train.build_model to keep
+the models train.py builds (the first is the trained model, the second its EMA copy), calls the
+unmodified train.main(argv), and then saves its own rank's weights as rank<R>.pt.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available")
+
+RUNNER = """
+import os
+import sys
+
+import torch
+
+import train
+
+built = []                      # models train.py builds: [trained model, EMA copy]
+_build_model = train.build_model
+
+
+def build_and_keep(*args, **kwargs):
+    model = _build_model(*args, **kwargs)
+    built.append(model)
+    return model
+
+
+train.build_model = build_and_keep
+train.main(sys.argv[2:])
+model, ema = built
+torch.save({"model": model.state_dict(), "ema": ema.state_dict()},
+           os.path.join(sys.argv[1], "rank%s.pt" % os.environ["RANK"]))
+"""
+
+TRAIN_FLAGS = ["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--batch-size", "4",
+               "--sample-every", "0", "--ckpt-every", "3", "--log-every", "3"]
+
+
+def run(cmd, cwd):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a, b, what):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{what}: ranks disagree on {different[:5]}"
+
+
+def test_two_process_ddp_agrees_and_resumes_in_one_process(image_folder, tmp_path):
+    out = tmp_path / "run"
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    runner = tmp_path / "ddp_runner.py"
+    runner.write_text(RUNNER)
+
+    # 2 processes x batch 4 = global batch 8 of the 24 images, 6 steps (checkpoints at 3 and 6)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(runner),
+         str(weights), "--data", image_folder, "--out", str(out), "--max-steps", "6"] + TRAIN_FLAGS, cwd=REPO_ROOT)
+
+    rank0, rank1 = load(weights / "rank0.pt"), load(weights / "rank1.pt")
+    assert_same_weights(rank0["model"], rank1["model"], "model")
+    assert_same_weights(rank0["ema"], rank1["ema"], "EMA")
+    # it really trained: the output layer starts at exactly zero (adaLN-Zero)
+    assert rank0["model"]["final_layer.linear.weight"].abs().sum() > 0
+
+    ckpt = load(out / "ckpt.pt")
+    assert ckpt["step"] == 6
+    assert_same_weights(ckpt["model"], rank0["model"], "checkpoint vs rank 0 model")
+    assert_same_weights(ckpt["ema"], rank0["ema"], "checkpoint vs rank 0 EMA")
+
+    # the 2-process checkpoint continues in a single process (a different world size)
+    proc = run([sys.executable, "train.py", "--data", image_folder, "--out", str(out), "--max-steps", "8",
+                "--resume", "true"] + TRAIN_FLAGS, cwd=REPO_ROOT)
+    assert "resumed from" in proc.stdout and "at step 6" in proc.stdout
+    resumed = load(out / "ckpt.pt")
+    assert resumed["step"] == 8
+    assert all(torch.isfinite(v).all() for v in resumed["model"].values())
+    assert not torch.equal(resumed["model"]["final_layer.linear.weight"], ckpt["model"]["final_layer.linear.weight"])

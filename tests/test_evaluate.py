@@ -1,0 +1,254 @@
+"""Tests for the evaluation harness: styles, metrics, the probe cache and an end-to-end tiny sweep.
+
+Everything is tiny and offline: fake images made here or by conftest.py, a probe trained
+for one epoch on them, and a tiny DiT trained for 20 steps by train.py in a subprocess.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minisnr import evaluate, metrics
+from minisnr.data import ImageSet, load_image_folder
+from minisnr.probe import get_probe, load_probe, save_probe, train_probe
+from minisnr.runtime import UserError
+from minisnr.styles import STYLES, apply_style, style_pil
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core CPU extra threads only slow them down."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def natural_like(n, seed=0, size=32):
+    """Seeded uint8 images (n, 3, size, size) with smooth colour gradients, blobs and some texture."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 4, 4, generator=g)
+    x = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    x = x + 0.08 * torch.randn(n, 3, size, size, generator=g)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def fake_dataset(n_per_class=12, seed=0):
+    """A 3-class in-memory ImageSet; the class sets the dominant colour channel, so a probe can learn it."""
+    images, labels = [], []
+    for c in range(3):
+        x = natural_like(n_per_class, seed=seed + c).float()
+        x[:, c] = (x[:, c] * 0.5 + 120)
+        images.append(x.clamp(0, 255).to(torch.uint8))
+        labels += [c] * n_per_class
+    return ImageSet(torch.cat(images), torch.tensor(labels), ["red", "green", "blue"])
+
+
+@pytest.fixture(scope="module")
+def tiny_probe():
+    """A probe trained for one epoch on the fake dataset (a few seconds)."""
+    torch.set_num_threads(1)
+    data = fake_dataset()
+    return train_probe(data, data, epochs=1, batch_size=12, widths=(8, 8, 16), log=lambda *_: None)
+
+
+# --- styles -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(STYLES))
+def test_style_is_deterministic_and_changes_the_image(name):
+    x = natural_like(4, seed=1)
+    a, b = apply_style(name, x), apply_style(name, x.clone())
+    assert a.dtype == torch.uint8 and a.shape == x.shape, f"style {name} must return uint8 of the input's shape {tuple(x.shape)}"
+    assert torch.equal(a, b), f"style {name} must be deterministic: the same input twice should give identical output"
+    change = (a.float() - x.float()).abs().mean().item()
+    assert change > 10, f"style {name} should visibly change the image (mean |diff| > 10 grey levels), got {change:.1f}"
+    single = apply_style(name, x[0])
+    assert torch.equal(single, a[0]), f"style {name} on one (3, H, W) image should equal its batched result"
+
+
+def test_style_pil_matches_tensor_version():
+    x = natural_like(1, seed=2)[0]
+    img = Image.fromarray(x.permute(1, 2, 0).numpy())
+    out = torch.from_numpy(np.asarray(style_pil("cartoon", img)).copy()).permute(2, 0, 1)
+    assert torch.equal(out, apply_style("cartoon", x)), "style_pil should give the same pixels as apply_style"
+
+
+def test_unknown_style_is_a_one_line_error():
+    with pytest.raises(UserError, match="unknown style"):
+        apply_style("watercolour", natural_like(1))
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+def test_frechet_distance_self_zero_and_known_values():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(200, 8, generator=g) * 3 + 1
+    assert metrics.frechet_distance(f, f) < 1e-6, "a feature set compared with itself should have FD ~0"
+    shift = torch.tensor([1.0, -2.0, 0, 0, 0, 0, 0, 0.5])
+    fd = metrics.frechet_distance(f, f + shift)
+    assert abs(fd - shift.pow(2).sum().item()) < 1e-6, f"shifting a set by c should give FD = |c|^2 = 5.25, got {fd}"
+    # diagonal covariances: FD = sum (sqrt(a) - sqrt(b))^2
+    mu = torch.zeros(3, dtype=torch.float64)
+    a, b = torch.tensor([1.0, 4.0, 9.0]), torch.tensor([4.0, 1.0, 9.0])
+    fd = metrics.frechet_from_stats(mu, torch.diag(a).double(), mu, torch.diag(b).double())
+    assert abs(fd - 2.0) < 1e-9, f"FD of N(0, diag(1,4,9)) and N(0, diag(4,1,9)) should be 2, got {fd}"
+    # rank-deficient covariances (fewer samples than dimensions) must still give a finite, non-negative number
+    few = torch.randn(5, 16, generator=g)
+    fd = metrics.frechet_distance(few, few + 0.1)
+    assert fd >= 0 and abs(fd - 16 * 0.01) < 1e-6, f"FD with singular covariances should be |shift|^2 = 0.16, got {fd}"
+
+
+def test_metrics_rank_styled_set_above_unstyled(tiny_probe):
+    reference = apply_style("tritone", natural_like(1, seed=10))          # one styled image: the style set
+    content = natural_like(30, seed=11)
+    styled, unstyled = apply_style("tritone", content), content
+    target = apply_style("tritone", natural_like(30, seed=12))            # other images in the style
+    ref, s, u, t = (metrics.measure(tiny_probe, x) for x in (reference, styled, unstyled, target))
+    sim_styled = metrics.style_similarity(s["style"], ref["style"]).mean().item()
+    sim_plain = metrics.style_similarity(u["style"], ref["style"]).mean().item()
+    assert sim_styled > sim_plain + 0.1, \
+        f"styled images should be more similar to a styled reference than unstyled ones: {sim_styled:.3f} vs {sim_plain:.3f}"
+    fd_styled = metrics.frechet_distance(s["pooled"], t["pooled"])
+    fd_plain = metrics.frechet_distance(u["pooled"], t["pooled"])
+    assert fd_styled < fd_plain, f"styled FD to the styled targets should be lower for styled images: {fd_styled:.3f} vs {fd_plain:.3f}"
+
+
+def test_self_similarity_is_maximal(tiny_probe):
+    images = natural_like(6, seed=3)
+    got = metrics.measure(tiny_probe, images)
+    one = [d[:1] for d in got["style"]]
+    sims = metrics.style_similarity(got["style"], one)
+    assert abs(sims[0].item() - 1) < 1e-5, f"an image compared with itself should have style similarity 1, got {sims[0]:.6f}"
+    assert (sims <= sims[0] + 1e-6).all(), "no image should be more similar to the reference than the reference itself"
+    assert metrics.frechet_distance(got["pooled"], got["pooled"]) < 1e-6, "a set against itself should have FD ~0"
+
+
+def test_high_frequency_energy():
+    flat = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)
+    checker = ((torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 255).to(torch.uint8).expand(1, 3, 32, 32)
+    ramp = torch.linspace(0, 255, 32).round().to(torch.uint8).view(1, 1, 1, 32).expand(1, 3, 32, 32)
+    hf = metrics.high_frequency_energy(torch.cat([flat, checker, ramp]))
+    assert hf[0] == 0, f"a flat image has no spectral energy and should score 0, got {hf[0]}"
+    assert hf[1] > 0.99, f"a 1-pixel checkerboard is all high frequency, expected ~1, got {hf[1]:.3f}"
+    assert hf[2] < 0.2, f"a smooth ramp is mostly low frequency, expected < 0.2, got {hf[2]:.3f}"
+    x = natural_like(8, seed=4)
+    assert metrics.high_frequency_energy(apply_style("halftone", x)).mean() > metrics.high_frequency_energy(x).mean(), \
+        "halftone dots should add high-frequency energy"
+
+
+def test_best_mu_rule():
+    rows = [{"mu": 4.0, "style_sim": 0.1, "content_acc": 0.35}, {"mu": -2.0, "style_sim": 0.5, "content_acc": 0.20},
+            {"mu": -4.0, "style_sim": 0.6, "content_acc": 0.16}, {"mu": -8.0, "style_sim": 0.7, "content_acc": 0.05}]
+    mu, bar = evaluate.best_mu(rows, 0.05, reference=0.20)
+    assert mu == -4.0 and abs(bar - 0.15) < 1e-9, \
+        f"with SD3 content 0.20 and tol 0.05, mu=-8 (0.05 < 0.15) is out and -4 has the best style; got {mu}, bar {bar}"
+    mu, _ = evaluate.best_mu(rows, 0.05)
+    assert mu == 4.0, f"without a reference the bar is the best row's content (0.35 - 0.05): only mu=+4 clears it; got {mu}"
+    mu, _ = evaluate.best_mu(rows, 0.0, reference=0.9)
+    assert mu == 4.0, f"if no mu clears the bar, the one with the best content accuracy should be taken; got {mu}"
+    assert evaluate.best_mu([], 0.05) == (None, None), "no style-friendly rows should give no best mu"
+
+
+# --- probe cache --------------------------------------------------------------------------------
+
+def test_probe_round_trip_through_cache(tmp_path, image_folder):
+    path = str(tmp_path / "probe.pt")
+    probe = get_probe(path, image_folder, image_folder, epochs=1, widths=(8, 8, 16), batch_size=8, log=lambda *_: None)
+    assert os.path.isfile(path), "get_probe should cache a newly trained probe at the given path"
+    loaded = load_probe(path)
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    assert torch.allclose(probe.logits(x), loaded.logits(x), atol=1e-6), "the cached probe should give the same logits"
+    p1, maps1 = probe.features(x)
+    p2, maps2 = loaded.features(x)
+    assert torch.allclose(p1, p2, atol=1e-6) and all(torch.allclose(maps1[k], maps2[k], atol=1e-6) for k in maps1), \
+        "the cached probe should give the same pooled features and feature maps"
+    assert loaded.classes == sorted(os.listdir(image_folder)) and 0 <= loaded.test_accuracy <= 1, \
+        "the cache should record the class names and the probe's test accuracy"
+    mtime = os.path.getmtime(path)
+    again = get_probe(path, "does-not-exist", "does-not-exist", log=lambda *_: None)
+    assert os.path.getmtime(path) == mtime and again.test_accuracy == loaded.test_accuracy, \
+        "a second get_probe should load the cache, not train again"
+
+
+def test_probe_refuses_other_files(tmp_path):
+    bad = tmp_path / "not_a_probe.pt"
+    torch.save({"format": "something else"}, bad)
+    with pytest.raises(UserError, match="not a minisnr probe"):
+        load_probe(str(bad))
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny DiT trained for 20 steps on conftest's 3-class image folder by train.py (a subprocess)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from conftest import write_image_folder
+    root = tmp_path_factory.mktemp("evaluate")
+    data = write_image_folder(root / "imagefolder")
+    out = root / "pretrain"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train.py"), "--preset", "tiny", "--data", data,
+                        "--out", str(out)], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    assert r.returncode == 0, f"train.py --preset tiny should succeed; stderr tail: {r.stderr[-500:]}"
+    return {"ckpt": str(out / "ckpt.pt"), "data": data, "root": root}
+
+
+def sweep_argv(base, out, probe):
+    return ["sweep", base["ckpt"], "--out", out, "--probe", probe, "--train-data", base["data"],
+            "--test-data", base["data"], "--probe-epochs", "1", "--styles", "tritone", "--style-image", "mango:1",
+            "--baselines", "sd3", "--mus=-2", "--sigmas", "2", "--steps", "2", "--samples-per-class", "2",
+            "--sample-steps", "2", "--targets-per-class", "4", "--device", "cpu"]
+
+
+def test_sweep_end_to_end(tiny_base, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")   # for the finetune.py subprocesses
+    out, probe = str(tmp_path / "sweep"), str(tmp_path / "probe.pt")
+    evaluate.main(sweep_argv(tiny_base, out, probe))
+    for name in ("table.md", "plot.png", "results.json", "styles/tritone.png"):
+        assert os.path.isfile(os.path.join(out, name)), f"the sweep should write {name}"
+    results = json.load(open(os.path.join(out, "results.json")))
+    tags = [r["tag"] for r in results["rows"]]
+    assert tags == ["base", "sd3", "sf_mu-2_s2"], f"rows should be the base model, SD3 and mu=-2; got {tags}"
+    for r in results["rows"]:
+        m = r["mean"]
+        assert -1 <= m["style_sim"] <= 1 and 0 <= m["content_acc"] <= 1 and m["styled_fd"] >= 0 and 0 <= m["hf"] <= 1, \
+            f"row {r['tag']} should have scores in range, got {m}"
+    assert results["best_mu"] == -2.0, f"with one mu, the best mu should be it (-2), got {results['best_mu']}"
+    table = open(os.path.join(out, "table.md")).read()
+    assert "SD3 logit-normal" in table and "style-friendly mu=-2" in table and "base model" in table, \
+        "the markdown table should have a row per sampler setting and the base model"
+    with Image.open(os.path.join(out, "plot.png")) as img:
+        assert img.size[0] > 300 and img.size[1] > 200, f"the plot should be a real image, got size {img.size}"
+    capsys.readouterr()
+
+    # resumable: a second run reuses adapters and scores instead of fine-tuning again
+    evaluate.main(sweep_argv(tiny_base, out, probe))
+    log = capsys.readouterr().out
+    assert log.count("adapter reused") == 2 and "fine-tuned" not in log, \
+        f"a repeated sweep should reuse both adapters without fine-tuning; output was:\n{log}"
+
+    # fig4 on one of the adapters
+    adapter = os.path.join(out, "runs", "tritone", "sf_mu-2_s2", "adapter.pt")
+    fig_out = str(tmp_path / "fig4")
+    evaluate.main(["fig4", tiny_base["ckpt"], adapter, "--out", fig_out, "--probe", probe, "--windows", "0:0,0:0.5,0.5:1,0:1",
+                   "--samples-per-class", "2", "--sample-steps", "2", "--test-data", tiny_base["data"], "--device", "cpu"])
+    rows = json.load(open(os.path.join(fig_out, "fig4.json")))["rows"]
+    assert [r["window"] for r in rows] == ["0:0", "0:0.5", "0.5:1", "0:1"], "fig4 should score every requested window"
+    assert os.path.isfile(os.path.join(fig_out, "fig4.png")) and os.path.isfile(os.path.join(fig_out, "fig4.md")), \
+        "fig4 should write its plot and table"
+
+
+def test_sweep_rejects_bad_flags(tiny_base, tmp_path):
+    argv = sweep_argv(tiny_base, str(tmp_path / "s"), str(tmp_path / "p.pt"))
+    with pytest.raises(UserError, match="unknown style"):
+        evaluate.main(argv + ["--styles", "oil-paint"])
+    with pytest.raises(UserError, match="--mus"):
+        evaluate.main(argv + ["--mus", "a,b"])
