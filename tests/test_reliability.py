@@ -298,7 +298,7 @@ def test_scripts_refuse_a_payload_checkpoint(tmp_path, bases, data_dir, style_pn
 
 
 def _load_calls(tree):
-    """(lineno, call) for every torch.load(...) and pickle.load/loads(...) call in an AST."""
+    """(lineno, call) for every call of torch.load and of pickle.load or pickle.loads in an AST."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name):
             name = f"{node.func.value.id}.{node.func.attr}"
