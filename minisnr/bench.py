@@ -109,7 +109,8 @@ class BenchConfig:
     patch_size: int = knob(None, "override the preset's patch size p")
     img_size: int = knob(32, "image side in pixels")
     batch_size: int = knob(64, "images per step")
-    modes: str = knob("default", f"comma-separated, from {', '.join(MODES)}; 'default' picks a set that is quick on this device")
+    modes: str = knob("default", f"comma-separated, from {', '.join(MODES)}; 'default' = eager-fp32,compiled-fp32 on a CPU "
+                       "(+ eager-bf16 if it has native bf16), eager-fp32,eager-bf16,compiled-bf16 on CUDA")
     warmup: int = knob(None, "untimed steps per mode before timing (they include compilation); default 1 on CPU, 5 on GPU")
     steps: int = knob(None, "timed steps per mode; default 3 on CPU, 20 on GPU")
     grad_clip: float = knob(1.0, "grad-norm clip, as train.py (0 = off)")
