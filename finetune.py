@@ -5,7 +5,7 @@
     python sample.py runs/pretrain/ckpt.pt --lora runs/style/adapter.pt  # any class, in the style
 
 The base model is frozen. LoRA layers and a style embedding (minisnr/lora.py) are the only
-trained tensors, and only they are saved: OUT/adapter.pt is a few hundred KB. The noise
+trained tensors, and only they are saved: OUT/adapter.pt is 2.3 MB at rank 32 on the cpu preset (its frozen weights are 17 MB). The noise
 levels t of the training steps are drawn by minisnr.rf.NoiseSampler; the default,
 'style-friendly', draws the log-SNR lam ~ N(mu, sigma) with mu < 0, i.e. mostly high noise,
 where (Choi et al., 2024) the style of an image is decided.
