@@ -16,7 +16,7 @@ import torch
 from minisnr.checkpoint import check_writable, load_pretrained
 from minisnr.config import OneLineErrorParser
 from minisnr.generate import generate
-from minisnr.lora import apply_adapter, set_style_scale
+from minisnr.lora import apply_adapter, parse_style_window, set_style_scale, style_window_hook
 from minisnr.runtime import UserError, autocast_context, pick_device, resolve_precision, run_main, save_image_grid
 
 
@@ -35,24 +35,6 @@ def parse_classes(text, classes):
         else:
             raise UserError(f"unknown class {item!r}; valid: {', '.join(classes)} (or ids 0-{len(classes) - 1})")
     return ids
-
-
-def parse_style_steps(text):
-    """'a:b' -> (a, b), fractions of the sampling trajectory counted from pure noise (t = 1)."""
-    try:
-        a, b = (float(v) for v in text.split(":"))
-    except ValueError:
-        raise UserError(f"--style-steps must look like a:b with fractions, e.g. 0:0.3; got {text!r}") from None
-    if not 0 <= a <= b <= 1:
-        raise UserError(f"--style-steps a:b needs 0 <= a <= b <= 1; got {text!r}")
-    return a, b
-
-
-def style_hook(model, scale, start, end, steps):
-    """A step hook that turns the style on for sampling steps i with start <= i/steps < end, off otherwise."""
-    def hook(i, t):
-        set_style_scale(model, scale if start <= i / steps < end else 0.0)
-    return hook
 
 
 def build_parser():
@@ -81,7 +63,7 @@ def main(argv=None):
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     if args.cfg < 0:
         raise UserError(f"--cfg must be >= 0, got {args.cfg} (1 = no guidance)")
-    start, end = parse_style_steps(args.style_steps)
+    start, end = parse_style_window(args.style_steps)
     if not os.path.isfile(args.ckpt):
         problem = "is a folder" if os.path.isdir(args.ckpt) else "does not exist"
         raise UserError(f"checkpoint {args.ckpt!r} {problem}; pass the ckpt.pt written by train.py (OUT/ckpt.pt) as the first argument")
@@ -106,7 +88,7 @@ def main(argv=None):
     lora_meta = apply_adapter(model, args.lora)
     model.to(device)
     meta.update(lora=args.lora, lora_scale=args.lora_scale, style_steps=args.style_steps)
-    styled = draw(style_hook(model, args.lora_scale, start, end, args.steps))
+    styled = draw(style_window_hook(model, start, end, args.steps, args.lora_scale))
     set_style_scale(model, 0.0)
     plain = draw()
     save_image_grid(styled, args.out, nrow=args.n, meta=meta)

@@ -53,7 +53,7 @@ from .checkpoint import atomic_write, check_writable, load_pretrained, safe_load
 from .config import OneLineErrorParser
 from .data import load_images, resize_center_crop
 from .generate import generate
-from .lora import apply_adapter, set_style_scale
+from .lora import apply_adapter, parse_style_window, set_style_scale, style_window_hook
 from .probe import check_classes, describe, get_probe, load_split
 from .runtime import UserError, autocast_context, pick_device, resolve_precision, run_main, save_image_grid
 from .styles import STYLES, get_style
@@ -72,24 +72,6 @@ def parse_floats(text, flag):
         return [float(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
         raise UserError(f"{flag} must be a comma-separated list of numbers, got {text!r}") from None
-
-
-def parse_window(text):
-    """'a:b' -> (a, b): the style is on for sampling steps i with a <= i/steps < b (0 = pure noise)."""
-    try:
-        a, b = (float(v) for v in text.split(":"))
-    except ValueError:
-        raise UserError(f"a style window must look like a:b with fractions, e.g. 0:0.3; got {text!r}") from None
-    if not 0 <= a <= b <= 1:
-        raise UserError(f"a style window a:b needs 0 <= a <= b <= 1; got {text!r}")
-    return a, b
-
-
-def style_window_hook(model, start, end, steps, scale=1.0):
-    """Step hook (as sample.py's style_hook): style at `scale` for steps i with start <= i/steps < end, else off."""
-    def hook(i, t):
-        set_style_scale(model, scale if start <= i / steps < end else 0.0)
-    return hook
 
 
 def write_json(obj, path):
@@ -672,7 +654,7 @@ def cmd_fig4(args):
     """Style similarity and HF energy as a function of the sampling steps during which the style is on."""
     if args.samples_per_class < 1:
         raise UserError(f"--samples-per-class must be >= 1, got {args.samples_per_class}")
-    windows = [parse_window(w) for w in args.windows.split(",") if w]
+    windows = [parse_style_window(w, flag="--windows") for w in args.windows.split(",") if w]
     if not windows:
         raise UserError("--windows is empty; e.g. 0:0,0:0.3,0:1")
     c = Context(args)

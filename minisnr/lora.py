@@ -163,6 +163,25 @@ def set_style_scale(model, scale):
             m.scale = scale
 
 
+def parse_style_window(text, flag="--style-steps"):
+    """'a:b' -> (a, b): fractions of the sampling trajectory, counted from pure noise (t = 1)."""
+    try:
+        a, b = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise UserError(f"{flag} must look like a:b with fractions, e.g. 0:0.3; got {text!r}") from None
+    if not 0 <= a <= b <= 1:
+        raise UserError(f"{flag} a:b needs 0 <= a <= b <= 1; got {text!r}")
+    return a, b
+
+
+def style_window_hook(model, start, end, steps, scale=1.0):
+    """A step hook for euler_sample: the style at `scale` for steps i with start <= i/steps < end, off otherwise.
+    This is how the style is applied to only part of the trajectory (the paper's Fig. 4)."""
+    def hook(i, t):
+        set_style_scale(model, scale if start <= i / steps < end else 0.0)
+    return hook
+
+
 def merge_lora(model):
     """Fold every LoRA update into its base weight (inference speed of the base model)."""
     for m in model.modules():
