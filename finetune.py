@@ -36,6 +36,7 @@ from minisnr.runtime import UserError, autocast_context, make_grad_scaler, pick_
 
 @dataclass
 class FinetuneConfig:
+    """Every finetune.py flag, its default and its one-line reason (shown by --help)."""
     base: str = knob("runs/pretrain/ckpt.pt", "pretrained checkpoint from train.py; its EMA weights are the frozen base")
     style: str = knob(None, "style reference: an image file, a folder of images, or a comma-separated list")
     out: str = knob("runs/style", "folder for adapter.pt, log.jsonl, samples and the resumable state.pt")
@@ -73,10 +74,12 @@ class FinetuneConfig:
     compile: bool = knob(False, "torch.compile the model (after LoRA injection)")
 
     def noise(self):
+        """The NoiseSampler these flags describe: the p(t) that fine-tuning draws t from."""
         return NoiseSampler(self.noise_sampler, self.m, self.s, self.mu, self.sigma, self.shift)
 
 
 def validate(cfg: FinetuneConfig):
+    """Check the flags before any work starts; raise UserError with a one-line fix for bad input."""
     if not cfg.style:
         raise UserError("--style is required: an image, a folder of images, or a comma-separated list")
     if not os.path.isfile(cfg.base):
@@ -108,6 +111,7 @@ class StyleViews:
         self.crop = T.RandomResizedCrop(size, scale=(crop_min, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)
 
     def next(self, batch_size):
+        """A batch of random crops of the references, flipped half the time: x0 of shape (B, 3, size, size) in [-1, 1]."""
         views = []
         for i in torch.randint(len(self.refs), (batch_size,)).tolist():
             v = self.crop(self.refs[i])                                         # (3, size, size)
@@ -127,6 +131,7 @@ def resolve_class(name, classes):
 
 
 def main(argv=None):
+    """Command-line entry point: parse flags, validate them, fine-tune."""
     cfg, _ = parse_config(FinetuneConfig, None, argv, description=__doc__.splitlines()[0],
                           aliases={"style_class": ["--class"]})
     validate(cfg)
@@ -134,6 +139,7 @@ def main(argv=None):
 
 
 def finetune(cfg: FinetuneConfig):
+    """Fine-tune a LoRA adapter on the style references, drawing t from cfg.noise(); save adapter.pt and a compare grid."""
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     ctx = autocast_context(device, precision)

@@ -38,6 +38,7 @@ def parse_classes(text, classes):
 
 
 def build_parser():
+    """The sample.py command line."""
     p = OneLineErrorParser(description=__doc__.splitlines()[0])
     p.add_argument("ckpt", help="checkpoint written by train.py (OUT/ckpt.pt)")
     p.add_argument("--classes", default="all", help="comma-separated class names or ids, or 'all'")
@@ -56,6 +57,7 @@ def build_parser():
 
 
 def main(argv=None):
+    """Command-line entry point: load a checkpoint (and adapter), Euler-sample a grid per class, save it."""
     args = build_parser().parse_args(argv)
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")

@@ -32,6 +32,7 @@ from minisnr.runtime import UserError, autocast_context, make_grad_scaler, pick_
 @dataclass
 class TrainConfig:
     # data and output
+    """Every train.py flag, its default and its one-line reason (shown by --help)."""
     data: str = knob("cifar10", "'cifar10' downloads it to ./data; or an ImageFolder path like ../shared/data/cifar10/train")
     out: str = knob("runs/pretrain", "folder for ckpt.pt, log.jsonl and samples/")
     resume: bool = knob(False, "continue from OUT/ckpt.pt: weights, EMA, optimizer, step, RNG and data order")
@@ -73,11 +74,13 @@ class TrainConfig:
     compile: bool = knob(False, "torch.compile the model; faster on GPU after a one-off compile")
 
     def model_overrides(self):
+        """The DiT fields these flags set explicitly; they override the preset's model size."""
         fields = dict(dim=self.dim, depth=self.depth, heads=self.heads, patch_size=self.patch_size)
         out = {k: v for k, v in fields.items() if v is not None}
         return dict(out, img_size=self.img_size, class_dropout=self.class_dropout)
 
     def noise(self):
+        """The NoiseSampler these flags describe: the p(t) that pretraining draws t from."""
         return NoiseSampler(self.noise_sampler, self.m, self.s, self.mu, self.sigma, self.shift)
 
 
@@ -95,6 +98,7 @@ PRESETS = {
 
 
 def validate(cfg: TrainConfig):
+    """Check the flags before any work starts; raise UserError with a one-line fix for bad input."""
     for name in ("batch_size", "max_steps", "log_every", "ckpt_every", "sample_steps", "sample_per_class"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -122,6 +126,7 @@ def validate(cfg: TrainConfig):
 
 
 def main(argv=None):
+    """Command-line entry point: parse flags, set up DDP when run under torchrun, train, clean up."""
     cfg, args = parse_config(TrainConfig, PRESETS, argv, description=__doc__.splitlines()[0])
     validate(cfg)
     rank, local_rank, world = setup_distributed()
@@ -132,6 +137,7 @@ def main(argv=None):
 
 
 def train(cfg: TrainConfig, preset, rank, local_rank, world):
+    """Pretrain a class-conditional DiT with the rectified-flow loss; log, sample and checkpoint on rank 0."""
     master = rank == 0
     device = pick_device(cfg.device)
     if device.type == "cuda" and world > 1:

@@ -55,13 +55,13 @@ latter on the device with torch.autograd.graph.saved_tensors_hooks (eager, one f
 """
 import gc
 import json
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from .checkpoint import atomic_write
 from .config import knob, parse_config
 from .data import ImageSet, InMemoryLoader
 from .loop import ema_update, make_optimizer, train_step
@@ -102,6 +102,7 @@ MODES = [f"{c}-{p}" for c in ("eager", "compiled") for p in ("fp32", "bf16", "fp
 
 @dataclass
 class BenchConfig:
+    """Every bench flag, its default and its one-line reason (shown by --help)."""
     preset: str = knob("anchor", f"DiT size preset, one of {sorted(DIT_PRESETS)}")
     dim: int = knob(None, "override the preset's width D")
     depth: int = knob(None, "override the preset's number of blocks")
@@ -124,13 +125,16 @@ class BenchConfig:
     measure_activations: bool = knob(False, "with --estimate-memory: also measure the saved activations of one eager forward")
     precision: str = knob("bf16", "with --estimate-memory: fp32 | bf16 | fp16 activations")
     seed: int = knob(0, "seed for the model init, data and noise")
+    roofline: bool = knob(False, "also time one large square matmul per precision: the most img/s this device allows")
 
     def model_overrides(self):
+        """The DiT fields these flags set explicitly; they override the preset's shape."""
         fields = dict(dim=self.dim, depth=self.depth, heads=self.heads, patch_size=self.patch_size)
         return dict({k: v for k, v in fields.items() if v is not None}, img_size=self.img_size)
 
 
 def model_config(cfg: BenchConfig) -> DiTConfig:
+    """The DiTConfig to benchmark: the named preset with any --dim/--depth/... overrides."""
     if cfg.preset not in DIT_PRESETS:
         raise UserError(f"unknown preset {cfg.preset!r}; choose one of {sorted(DIT_PRESETS)}")
     return DiTConfig(**dict(DIT_PRESETS[cfg.preset], **cfg.model_overrides()))
@@ -229,6 +233,7 @@ def estimate_memory(config, batch_size, precision="bf16"):
 
 
 def build_config(spec):
+    """A DiTConfig from a preset name or a dict of fields."""
     if isinstance(spec, str):
         return DiTConfig(**DIT_PRESETS[spec])
     return DiTConfig(**dict(spec))
@@ -271,10 +276,12 @@ def measure_activation_bytes(model, batch_size, precision, device):
 
 
 def gib(n):
+    """Bytes to GiB."""
     return n / 2 ** 30
 
 
 def print_memory_estimate(cfg: BenchConfig, device):
+    """Print estimate_memory()'s breakdown for this config and batch; return the estimate dict."""
     c = model_config(cfg)
     est = estimate_memory(c, cfg.batch_size, cfg.precision)
     print(f"memory estimate: preset {cfg.preset} (D={c.dim}, L={c.depth}, heads={c.heads}, p={c.patch_size}, "
@@ -297,6 +304,7 @@ def print_memory_estimate(cfg: BenchConfig, device):
 # --- timing --------------------------------------------------------------------------------
 
 def default_modes(device):
+    """The modes worth timing on this device: fp32 eager plus the fast low precision (and compiled on CUDA)."""
     if device.type == "cuda":
         low = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return ["eager-fp32", f"eager-{low}", f"compiled-{low}"]
@@ -308,6 +316,7 @@ def default_modes(device):
 
 
 def parse_modes(text, device):
+    """Parse '--modes eager-fp32,compiled-bf16,...'; 'default' means default_modes(device)."""
     if text == "default":
         return default_modes(device)
     modes = [m.strip() for m in text.split(",") if m.strip()]
@@ -318,6 +327,7 @@ def parse_modes(text, device):
 
 
 def sync(device):
+    """Wait for queued device work to finish, so a wall-clock time covers it (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -333,12 +343,38 @@ def random_images(c: DiTConfig, n, seed):
 
 
 def peak_tflops(cfg: BenchConfig, device):
+    """The dense bf16 peak TFLOP/s used for MFU: --peak-tflops, else a table lookup by CUDA card name, else None."""
     if cfg.peak_tflops:
         return cfg.peak_tflops
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def matmul_tflops(device, precision, n=None, repeats=None):
+    """Achieved TFLOP/s of one (n, n) @ (n, n) matmul at `precision` (2 n^3 FLOPs), best of `repeats`.
+
+    Matrix products are where a training step's FLOPs go, and a large square one is the easiest
+    case for the hardware, so this is a practical peak (a roofline): img/s cannot exceed
+    matmul TFLOP/s / FLOPs per image, however the step is written. On a CPU without a datasheet
+    peak, "of matmul peak" in the table plays the role of MFU.
+    """
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    n = n or (8192 if device.type == "cuda" else 1024)
+    repeats = repeats or (20 if device.type == "cuda" else 3)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    a @ b                                           # warm-up: library init, kernel choice
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e12
 
 
 def bench_mode(mode, cfg: BenchConfig, device):
@@ -397,6 +433,9 @@ def bench_mode(mode, cfg: BenchConfig, device):
         res["mfu"] = res["tflops"] / peak
     if device.type == "cuda":
         res["peak_mem_gib"] = gib(torch.cuda.max_memory_allocated(device))
+    if cfg.roofline:
+        res["matmul_tflops"] = matmul_tflops(device, precision)
+        res["roofline_img_s"] = res["matmul_tflops"] * 1e12 / flops
     if cfg.sample_images > 0:
         res.update(bench_sampler(train_model, c, cfg, device, ctx))
     del model, ema, train_model, optimizer, loader, params, ema_params
@@ -439,6 +478,8 @@ def format_table(results, device):
         cols[5:5] = ["vs eager-fp32 by CPU time"]
     if any(r.get("mfu") is not None for r in results):
         cols.append("MFU")
+    if any("matmul_tflops" in r for r in results):
+        cols += ["matmul TFLOP/s", "of matmul peak", "img/s ceiling"]
     if cuda:
         cols.append("peak mem GiB")
     if any("sample_ms_per_image" in r for r in results):
@@ -452,6 +493,9 @@ def format_table(results, device):
                "GFLOP/img": f"{r['flops_per_image'] / 1e9:.3f}", "TFLOP/s": f"{r['tflops']:.4f}",
                "compile s": f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "-",
                "MFU": f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-",
+               "matmul TFLOP/s": f"{r['matmul_tflops']:.4f}" if "matmul_tflops" in r else "-",
+               "of matmul peak": f"{100 * r['tflops'] / r['matmul_tflops']:.0f}%" if "matmul_tflops" in r else "-",
+               "img/s ceiling": f"{r['roofline_img_s']:.1f}" if "roofline_img_s" in r else "-",
                "peak mem GiB": f"{r['peak_mem_gib']:.2f}" if r.get("peak_mem_gib") is not None else "-",
                "sample ms/img": f"{r['sample_ms_per_image']:.1f}" if "sample_ms_per_image" in r else "-"}
         lines.append("| " + " | ".join(row[k] for k in cols) + " |")
@@ -459,6 +503,7 @@ def format_table(results, device):
 
 
 def describe_device(device):
+    """A short human name for the device, for the bench table's header."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
@@ -501,22 +546,28 @@ def _run(cfg: BenchConfig):
     return results, meta, device
 
 
+def write_json(path, obj):
+    """Write obj as JSON atomically, so an interrupted run leaves no half-written file."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)
+
+
 def main(argv=None):
+    """Command-line entry point: print the memory estimate, or time each mode and print a markdown table."""
     cfg, _ = parse_config(BenchConfig, None, argv, description=__doc__.splitlines()[0])
     if cfg.estimate_memory:
         device = pick_device(cfg.device)
         est = print_memory_estimate(cfg, device)
         if cfg.json:
-            with open(cfg.json, "w") as f:
-                json.dump({"memory_estimate": est, "config": asdict(cfg)}, f, indent=2)
+            write_json(cfg.json, {"memory_estimate": est, "config": asdict(cfg)})
         return est
     results, meta, device = run(cfg)
     print()
     print(format_table(results, device))
     if cfg.json:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
-        with open(cfg.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+        write_json(cfg.json, {"meta": meta, "results": results})
     return results
 
 

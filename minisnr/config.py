@@ -37,10 +37,12 @@ class OneLineErrorParser(argparse.ArgumentParser):
     """argparse that reports bad flags as one line plus a pointer to --help, and exits with code 2."""
 
     def error(self, message):
+        """Print a usage error as one line that points to --help, and exit with status 2."""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser(config_cls, presets=None, description=None, extra=None, aliases=None):
+    """An argparse parser with one --flag per dataclass field, help text = the knob's reason and default."""
     parser = OneLineErrorParser(description=description)
     if presets:
         parser.add_argument("--preset", default=next(iter(presets)), choices=list(presets),

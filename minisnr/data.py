@@ -208,8 +208,10 @@ class InMemoryLoader:
         return x, self.labels[idx]
 
     def state_dict(self):
+        """The loader's position: RNG state, this epoch's permutation and the index into it."""
         return {"generator": self.generator.get_state(), "perm": self.perm.cpu(), "pos": self.pos}
 
     def load_state_dict(self, state):
+        """Restore a position saved by state_dict(), so a resumed run sees the same batches."""
         self.generator.set_state(state["generator"])
         self.perm, self.pos = state["perm"].to(self.device), int(state["pos"])

@@ -60,6 +60,7 @@ def setup_distributed():
 
 
 def cleanup_distributed():
+    """Destroy the DDP process group if one was set up."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -94,6 +95,7 @@ def rng_state(device):
 
 
 def set_rng_state(state, device):
+    """Restore the CPU (and CUDA) RNG states saved by rng_state()."""
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)

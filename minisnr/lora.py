@@ -60,6 +60,7 @@ class LoRALinear(nn.Module):
 
     @property
     def merged(self):
+        """True while merge() has folded the update into base.weight."""
         return self._weight_before_merge is not None
 
     def delta_weight(self):
@@ -67,6 +68,7 @@ class LoRALinear(nn.Module):
         return self.scale * (self.lora_B @ self.lora_A)
 
     def forward(self, x):
+        """y = W x + b + (alpha / r) * B A x, for x of shape (..., in); skips the update when merged or scale is 0."""
         y = self.base(x)
         if self.merged or self.scale == 0:  # merged: W already holds the update; 0: style off, skip the work
             return y
@@ -87,6 +89,7 @@ class LoRALinear(nn.Module):
             self._weight_before_merge = None
 
     def extra_repr(self):
+        """Rank, alpha, scale and merge state, shown by print(model)."""
         return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, merged={self.merged}"
 
 
@@ -99,6 +102,7 @@ class StyleEmbedder(nn.Module):
         self.scale = 1.0
 
     def forward(self):
+        """The learned style vector times its scale, shape (D,); added to the conditioning c."""
         return self.scale * self.lora_style  # (D,)
 
 

@@ -37,6 +37,7 @@ class DiTConfig:
     class_dropout: float = 0.1  # label dropout during training, which teaches the null class for CFG
 
     def to_dict(self):
+        """The config as a plain dict (stored in checkpoints and hashed to match adapters)."""
         return asdict(self)
 
 
@@ -79,6 +80,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
+        """Embed noise levels t of shape (N,) in [0, 1] as (N, D): sin-cos features, then an MLP."""
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         # scale t by 1000 so the fastest sinusoids resolve small steps of t, as in DDPM-style embedders
@@ -102,9 +104,11 @@ class LabelEmbedder(nn.Module):
 
     @property
     def null_class(self):
+        """The label id of 'no class', used for CFG's unconditional velocity: num_classes."""
         return self.num_classes
 
     def forward(self, y):
+        """Embed labels y of shape (N,) as (N, D); in training, replace each with the null class with probability dropout."""
         if self.training and self.dropout > 0:
             drop = torch.rand(y.shape, device=y.device) < self.dropout
             y = torch.where(drop, torch.full_like(y, self.null_class), y)
@@ -122,6 +126,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):                                                  # x: (N, T, D)
+        """Multi-head self-attention over the tokens: (N, T, D) -> (N, T, D)."""
         q, k, v = rearrange(self.qkv(x), "n t (three h d) -> three n h t d", three=3, h=self.heads)  # (N, H, T, D/H) each
         x = F.scaled_dot_product_attention(q, k, v)                       # (N, H, T, D/H)
         x = rearrange(x, "n h t d -> n t (h d)")                          # (N, T, D)
@@ -137,6 +142,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):                                                  # x: (N, T, D)
+        """Two linear layers with a GELU between: (N, T, D) -> (N, T, D)."""
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))          # (N, T, D)
 
 
@@ -157,6 +163,7 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c):                                               # x: (N, T, D), c: (N, D)
+        """x + gate * attn(modulate(norm(x))) then the same for the MLP; shift/scale/gate come from c."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (N, D)
         x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a))  # (N, T, D)
         x = x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))   # (N, T, D)
@@ -173,6 +180,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x, c):                                               # x: (N, T, D), c: (N, D)
+        """Modulated LayerNorm then a linear layer to each token's p*p*C output values: (N, T, D) -> (N, T, p*p*C)."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)           # 2 x (N, D)
         return self.linear(modulate(self.norm(x), shift, scale))          # (N, T, p*p*C)
 
@@ -242,6 +250,7 @@ class DiT(nn.Module):
         return self.unpatchify(h)                                          # (N, C, H, W)
 
     def num_params(self):
+        """Total number of parameters."""
         return sum(p.numel() for p in self.parameters())
 
 

@@ -124,6 +124,7 @@ class NoiseSampler:
         return text + (f" shift={self.shift:g}" if self.shift != 1.0 else "")
 
     def to_dict(self):
+        """The sampler's fields as a plain dict (stored in logs and adapter meta)."""
         return asdict(self)
 
 

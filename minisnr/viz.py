@@ -91,10 +91,12 @@ def draw_noise_strip(x0, lams=tuple(range(-10, 7, 2)), scale=3, seed=0):
 
 
 def save_png(img, path):
+    """Write a PIL image to `path` atomically, so a crash never leaves half a PNG."""
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def main(argv=None):
+    """Command-line entry point: `python -m minisnr.viz densities|strip`."""
     p = OneLineErrorParser(description="Draw the noise-sampler densities or a noise-level strip.")
     sub = p.add_subparsers(dest="cmd", required=True)
     dens = sub.add_parser("densities", help="p(lam) of the uniform, SD3 and style-friendly samplers")

@@ -74,3 +74,20 @@ def test_memory_estimate_parts():
     assert (est["params"], est["grads"], est["adamw"], est["ema"]) == (4 * n, 4 * n, 8 * n, 4 * n)
     assert est["total"] == 20 * n + est["activations"]
     assert est["activations"] == bench.activation_bytes(build_model("tiny").config, 16, "fp32")
+
+
+def test_roofline_columns_and_ceiling(capsys):
+    """--roofline adds the measured matmul TFLOP/s and the img/s ceiling = matmul FLOP/s / FLOPs per image."""
+    results = bench.main(["--preset", "tiny", "--modes", "eager-fp32", "--warmup", "0", "--steps", "1",
+                          "--batch-size", "2", "--device", "cpu", "--threads", "1", "--roofline", "true"])
+    row = results[0]
+    assert row["matmul_tflops"] > 0
+    assert row["roofline_img_s"] == pytest.approx(row["matmul_tflops"] * 1e12 / row["flops_per_image"])
+    assert "| matmul TFLOP/s | of matmul peak | img/s ceiling |" in capsys.readouterr().out
+
+
+def test_matmul_tflops_counts_2n3_flops(monkeypatch):
+    """matmul_tflops divides 2 n^3 by the best of its timed runs (a fake clock makes each run take 1 s)."""
+    clock = iter(float(i) for i in range(100))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    assert bench.matmul_tflops(bench.pick_device("cpu"), "fp32", n=64, repeats=2) == pytest.approx(2 * 64 ** 3 / 1e12)

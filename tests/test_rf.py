@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import close, same, shape_of
+from minisnr import rf
 from minisnr.generate import generate
 from minisnr.model import build_model
 from minisnr.rf import (SAMPLERS, NoiseSampler, add_noise, bin_losses, cfg_velocity, euler_sample, lam_of_t, rf_loss,
@@ -299,6 +300,29 @@ def test_euler_exact_for_constant_velocity(steps):
     out = euler_sample(lambda x, t, y: v.expand_as(x), noise, torch.tensor([0, 1]), steps=steps, cfg=1.0)
     assert close(out, noise - v, atol=1e-5), \
         f"Euler with constant v over t: 1 -> 0 must give x = noise - v (steps={steps})"
+
+
+@pytest.mark.parametrize("steps", [2, 5])
+def test_heun_exact_for_velocity_linear_in_t(steps):
+    """Assignment 10. For v(x, t) = a + b t the exact solution from t=1 to 0 is x_0 = x_1 - a - b/2.
+    Euler (v at the start of each step) misses it by b/(2 steps); Heun (the trapezoid rule: the mean
+    of v at both ends of the step) integrates a v linear in t exactly."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, 3, 4, 4, generator=g)
+    a, b = torch.randn(1, 3, 4, 4, generator=g), torch.randn(1, 3, 4, 4, generator=g)
+
+    def model(x, t, y):
+        return (a + b * t.view(-1, 1, 1, 1)).expand_as(x)
+    y = torch.tensor([0, 1])
+    euler = euler_sample(model, noise, y, steps=steps, cfg=1.0)
+    assert close(euler, noise - a - b * (steps + 1) / (2 * steps), atol=1e-5), \
+        "Euler on v = a + b t: x_0 = x_1 - (1/steps) * sum_i (a + b t_i), with t_i = 1 - i/steps"
+    heun_sample = getattr(rf, "heun_sample", None)
+    if heun_sample is None:
+        pytest.skip("assignment 10 (README): add heun_sample(model, noise, y, steps, cfg, null_class) to minisnr/rf.py")
+    heun = heun_sample(model, noise, y, steps=steps, cfg=1.0)
+    assert close(heun, noise - a - b / 2, atol=1e-5), \
+        "Heun on v = a + b t must be exact: x_0 = x_1 - a - b/2 (average v at t and t_next in each step)"
 
 
 def test_euler_time_grid_and_step_size():
