@@ -23,7 +23,8 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from minisnr.checkpoint import atomic_save, check_writable, config_hash, load_pretrained, safe_load, CheckpointError
+from minisnr.checkpoint import (atomic_save, check_writable, config_hash, load_pretrained, open_log, remove_stale_tmp,
+                                safe_load, CheckpointError)
 from minisnr.config import knob, parse_config
 from minisnr.data import load_images, to_model_range
 from minisnr.generate import generate
@@ -197,7 +198,8 @@ def finetune(cfg: FinetuneConfig):
 
     train_model = torch.compile(model) if cfg.compile else model
     labels = torch.full((cfg.batch_size,), label, device=device)
-    log_file = open(os.path.join(cfg.out, "log.jsonl"), "a")
+    remove_stale_tmp(cfg.out)  # a killed save can leave NAME.<random>.tmp behind; a resumed run drops the log's re-run steps
+    log_file = open_log(os.path.join(cfg.out, "log.jsonl"), step if cfg.resume else None)
     start, loss_sum, n_logged = time.time(), torch.zeros((), device=device), 0
     bin_sums, bin_counts = torch.zeros(10, device=device), torch.zeros(10, device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # read back only before a log line or a save

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from minisnr.checkpoint import atomic_save, check_writable, safe_load, CheckpointError
+from minisnr.checkpoint import atomic_save, check_writable, open_log, remove_stale_tmp, safe_load, CheckpointError
 from minisnr.config import knob, parse_config
 from minisnr.data import InMemoryLoader, load_dataset
 from minisnr.generate import generate
@@ -219,7 +219,10 @@ def train(cfg: TrainConfig, preset, rank, local_rank, world):
         n_params = model.num_params()
         print(f"model {cfg.model}: {n_params / 1e6:.2f}M params | data {len(data)} images, {len(classes)} classes | "
               f"device {device} | precision {precision} | compile {cfg.compile} | world {world}")
-    log_file = open(os.path.join(cfg.out, "log.jsonl"), "a") if master else None
+    if master:  # a killed save can leave ckpt.pt.<random>.tmp behind; a resumed run drops the log's re-run steps
+        remove_stale_tmp(cfg.out)
+        remove_stale_tmp(os.path.join(cfg.out, "samples"))
+    log_file = open_log(os.path.join(cfg.out, "log.jsonl"), step if cfg.resume else None) if master else None
     bin_sums = torch.zeros(10, device=device)
     bin_counts = torch.zeros(10, device=device)
     loss_sum = torch.zeros((), device=device)

@@ -50,6 +50,45 @@ def atomic_write(path, write_fn, suffix=".tmp"):
         pass
 
 
+def remove_stale_tmp(folder, suffix=".tmp"):
+    """Delete the temporary files that a killed atomic_write left in `folder` (NAME.<random>.tmp).
+
+    Called when a run starts, by the process that owns the folder, so no half-written file
+    outlives the crash that made it. Returns the names removed.
+    """
+    if not os.path.isdir(folder):
+        return []
+    stale = [f for f in os.listdir(folder) if f.endswith(suffix) and f.count(".") >= 2]
+    for f in stale:
+        os.remove(os.path.join(folder, f))
+    return stale
+
+
+def open_log(path, resume_step=None):
+    """Open a JSON-lines log for appending; returns the file.
+
+    A new run (resume_step None) starts an empty log. A resumed run keeps only the records
+    up to the checkpoint's step: the steps after it are about to be trained again, and a
+    record cut off by a crash is not valid JSON. So the log never holds a step twice.
+    """
+    kept = []
+    if resume_step is not None and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resume_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+    atomic_write(path, write)
+    return open(path, "a")
+
+
 def atomic_save(obj, path):
     """torch.save(obj, path), atomically."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))

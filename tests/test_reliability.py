@@ -33,7 +33,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import REPO_ROOT, SORTED_CLASSES, write_image_folder
-from minisnr.checkpoint import CheckpointError, atomic_save, atomic_write, load_pretrained, safe_load
+from minisnr.checkpoint import (CheckpointError, atomic_save, atomic_write, load_pretrained, open_log, remove_stale_tmp,
+                                safe_load)
 from minisnr.generate import generate
 from minisnr.model import build_model
 from minisnr.runtime import run_main
@@ -365,7 +366,7 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
     argv = [sys.executable, TRAIN, "--preset", "tiny", "--device", "cpu", "--data", data_dir, "--out", out,
             "--max-steps", 100000, "--ckpt-every", 1, "--log-every", 1, "--batch-size", 4]
     rng = random.Random(1234)
-    steps = []
+    steps, earlier_tmp = [], set()
     for kill in range(5):
         n_logged = len(log_steps(log))
         resume = ["--resume", "true"] if ckpt.exists() else []
@@ -386,9 +387,33 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
         steps.append(state["step"])
         stray = sorted(set(os.listdir(out)) - {"ckpt.pt", "log.jsonl", "samples"})
         assert all(TMP_FILE.match(f) for f in stray), f"unexpected files after SIGKILL: {stray}"
+        assert not earlier_tmp & set(stray), f"a resumed run must delete the .tmp files of the previous kill: {stray}"
+        earlier_tmp |= set(stray)
+        logged = log_steps(log)
+        assert logged == sorted(set(logged)), f"log.jsonl must hold each step once, in order, after resuming: {logged}"
     assert steps == sorted(steps) and steps[-1] > steps[0], f"each restart must resume, not restart: steps {steps}"
     model, _ = load_pretrained(str(ckpt))
     assert all_finite(model.state_dict().values())
+
+
+def test_open_log_keeps_records_up_to_the_resumed_step(tmp_path):
+    """Resuming at step 4 keeps steps 1..4 of log.jsonl and drops later and torn lines; a new run starts empty."""
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
+    with open_log(str(path), resume_step=4) as f:
+        f.write(json.dumps({"step": 5}) + "\n")
+    assert log_steps(path) == [1, 2, 3, 4, 5]
+    open_log(str(path)).close()
+    assert path.read_text() == ""
+
+
+def test_remove_stale_tmp_removes_only_atomic_write_leftovers(tmp_path):
+    """Only NAME.<random>.tmp files go; the checkpoint, the log and other files stay."""
+    for name in ("ckpt.pt", "log.jsonl", "ckpt.pt.k3j2a.tmp", "step_000001.png.x8.tmp", "notes.tmp"):
+        (tmp_path / name).write_text("x")
+    assert sorted(remove_stale_tmp(str(tmp_path))) == ["ckpt.pt.k3j2a.tmp", "step_000001.png.x8.tmp"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.jsonl", "notes.tmp"]
+    assert remove_stale_tmp(str(tmp_path / "missing")) == []
 
 
 def start_and_interrupt(argv, log, stdout_path, stderr_path):
