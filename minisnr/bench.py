@@ -4,6 +4,7 @@
     python -m minisnr.bench --preset cpu --modes eager-fp32,compiled-fp32 --steps 5
     python -m minisnr.bench --dim 384 --depth 12 --heads 6 --patch-size 2 --batch-size 128 --json bench.json
     python -m minisnr.bench --preset cifar --batch-size 128 --estimate-memory true   # no timing, just the estimate
+    python -m minisnr.bench --modes eager-fp32 --roofline true    # also the matmul rate: the most img/s possible here
 
 In the spirit of nanoGPT's bench.py: no data files, no logging, no checkpoints; only the
 step that train.py runs, timed. Each mode gets a fresh, identically seeded setup:
