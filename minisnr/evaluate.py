@@ -53,7 +53,7 @@ from .checkpoint import atomic_write, check_writable, load_pretrained, safe_load
 from .config import OneLineErrorParser
 from .data import load_images, resize_center_crop
 from .generate import generate
-from .lora import apply_adapter, parse_style_window, set_style_scale, style_window_hook
+from .lora import apply_adapter, merge_lora, parse_style_window, set_style_scale, style_window_hook
 from .probe import check_classes, describe, get_probe, load_split
 from .runtime import UserError, autocast_context, pick_device, resolve_precision, run_main, save_image_grid
 from .styles import STYLES, get_style
@@ -391,6 +391,7 @@ class Sweep:
         apply_adapter(model, adapter)
         model.to(self.c.device)
         set_style_scale(model, 1.0)
+        merge_lora(model)  # the style is on at every step: fold B A into W so sampling costs what the base costs
         images, labels = self.c.sample(model, self.args.samples_per_class)
         scores = self.score_images(images, labels, style)
         save_image_grid(images, os.path.join(self.run_dir(style, setting), "samples.png"),

@@ -4,6 +4,7 @@ Training and the first sampling run are subprocesses, exactly as a user runs the
 per module (module-scoped fixtures) and the tests read their outputs. Repeat runs and flag checks call
 the scripts' main(argv) in this process through run_main, to save a torch import per call.
 """
+import copy
 import json
 import math
 import os
@@ -12,10 +13,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO_ROOT, SORTED_CLASSES, same
-from minisnr.checkpoint import load_pretrained, safe_load
+from minisnr.checkpoint import config_hash, load_pretrained, safe_load
+from minisnr.generate import generate
+from minisnr.lora import DEFAULT_TARGETS, inject_lora, lora_parameters, save_adapter
 
 TIMEOUT = 120
 TILE, PAD = 32, 1          # 32x32 images, torchvision make_grid(padding=1)
@@ -188,6 +192,45 @@ def test_sample_other_seed_other_pixels(trained, sampled, tmp_path, capsys):
     assert a.shape == b.shape and not np.array_equal(a, b), "a different seed must give different starting noise and pixels"
     with Image.open(out) as img:
         assert json.loads(img.text["minisnr"])["seed"] == 1, "the PNG meta must record the seed used"
+
+
+def test_sample_with_lora_styles_and_compares(trained, tmp_path, capsys):
+    """sample.py --lora: the styled grid is what generate() gives with the adapter unmerged (sample.py
+    merges it for speed: equal within 2 of 255 levels); _compare.png puts style off left, on right;
+    --style-steps 0:0 never switches the style on, so it gives the base model's pixels."""
+    ckpt = os.path.join(trained, "ckpt.pt")
+    base, _ = load_pretrained(ckpt)
+    styled_model = copy.deepcopy(base)
+    inject_lora(styled_model, rank=4, alpha=4)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in lora_parameters(styled_model):       # a visible style: random A, B and style vector
+            p.copy_(torch.randn(p.shape, generator=g))
+    adapter = str(tmp_path / "adapter.pt")
+    save_adapter(styled_model, adapter, {"base_config_hash": config_hash(base.config.to_dict()),
+                                         "base_config": base.config.to_dict(), "targets": list(DEFAULT_TARGETS),
+                                         "rank": 4, "alpha": 4, "style_name": "test"})
+    args = ["--n", "2", "--steps", "3", "--classes", "0,1"]
+    out = str(tmp_path / "styled.png")
+    code, _, err = run_in_process("sample", [ckpt, "--lora", adapter, *args, "--out", out], capsys)
+    assert code == 0, err[-2000:]
+    expected = generate(styled_model, [0, 0, 1, 1], steps=3, cfg=3.0, seed=0)           # unmerged LoRA
+    got = torch.from_numpy(pixels(out))
+    tiles = torch.stack([got[1 + r * 33:33 + r * 33, 1 + c * 33:33 + c * 33].permute(2, 0, 1)
+                         for r in range(2) for c in range(2)])
+    assert (tiles.int() - expected.int()).abs().max() <= 2, "merged sampling must match the unmerged adapter's images"
+    plain = generate(base, [0, 0, 1, 1], steps=3, cfg=3.0, seed=0)
+    assert (expected.int() - plain.int()).abs().max() > 10, "the test adapter must visibly change the images"
+    compare = pixels(os.path.splitext(out)[0] + "_compare.png")
+    assert compare.shape[:2] == grid_size(4, 2)[::-1], "the compare grid has 2n columns: n style off, then n style on"
+    assert np.array_equal(compare[:, 2 * 33 + 1:], pixels(out)[:, 1:]), "the right half of _compare.png is the styled grid"
+    off = str(tmp_path / "off.png")
+    code, _, err = run_in_process("sample", [ckpt, "--lora", adapter, "--style-steps", "0:0", *args, "--out", off], capsys)
+    assert code == 0, err[-2000:]
+    base_out = str(tmp_path / "base.png")
+    code, _, err = run_in_process("sample", [ckpt, *args, "--out", base_out], capsys)
+    assert code == 0, err[-2000:]
+    assert np.array_equal(pixels(off), pixels(base_out)), "--style-steps 0:0 must give exactly the base model's pixels"
 
 
 def test_sample_unknown_class_is_one_line_error(trained, tmp_path):
