@@ -459,7 +459,7 @@ class Sweep:
               f"(+ {len([s for s in self.sigmas if s != a.sigma])} sigma setting(s) at the best mu) | to do: "
               f"{todo_ft} fine-tune(s) of {a.steps} steps x {a.batch_size} (~{ft_s:.0f}s each), {todo_score} scoring(s) "
               f"of {n} samples x {a.sample_steps} steps (~{score_s:.0f}s each) | DiT forward ~{rate:.0f} img/s | "
-              f"expected ~{fmt_time(total)}")
+              f"expected ~{fmt_time(total)} (a first guess from one timing; each finished run then prints the time left)")
         return total
 
     def run(self):
@@ -495,7 +495,8 @@ class Sweep:
                       f"{'adapter reused' if skipped else f'fine-tuned {ft_s:.0f}s'}, "
                       f"{'scores reused' if cached else f'scored {time.time() - t0:.0f}s'} | "
                       f"style {scores['style_sim']:.3f} content {scores['content_acc']:.2f} "
-                      f"FD {scores['styled_fd']:.1f} HF {scores['hf']:.3f} | {fmt_time(time.time() - t_start)} so far",
+                      f"FD {scores['styled_fd']:.1f} HF {scores['hf']:.3f} | {fmt_time(time.time() - t_start)} so far, "
+                      f"~{fmt_time((time.time() - t_start) / done * (total_runs - done))} left",  # from the runs' real pace
                       flush=True)
             self.results[setting.tag] = per_style
             self.write()

@@ -234,6 +234,8 @@ def test_sweep_end_to_end(tiny_base, tmp_path, monkeypatch, capsys):
     log = capsys.readouterr().out
     assert log.count("adapter reused") == 2 and "fine-tuned" not in log, \
         f"a repeated sweep should reuse both adapters without fine-tuning; output was:\n{log}"
+    assert "[1/2]" in log and "so far, ~" in log and " left" in log, \
+        f"each finished run should print its number, the time so far and the time left; output was:\n{log}"
 
     # fig4 on one of the adapters
     adapter = os.path.join(out, "runs", "tritone", "sf_mu-2_s2", "adapter.pt")
