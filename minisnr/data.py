@@ -115,7 +115,11 @@ def load_image_folder(root, size=32) -> ImageSet:
 def load_cifar10(root="data", train=True, size=32) -> ImageSet:
     """CIFAR-10 through torchvision, downloaded into `root` on first use (about 170 MB)."""
     import torchvision
-    ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
+    try:
+        ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
+    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a corrupt download
+        raise DataError(f"could not get CIFAR-10 into {root!r} ({e}); check the internet connection, "
+                        f"or point --data (evaluate: --train-data/--test-data) at an ImageFolder copy") from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()           # (N, 3, 32, 32) uint8
     if size != 32:
         images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,

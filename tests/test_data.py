@@ -343,3 +343,19 @@ def test_two_ranks_take_disjoint_halves_of_global_batch():
             f"step {step}: rank r takes positions r, r + world, ... of the global batch; together they are the global batch"
         assert i0.tolist() == ig[0::2].tolist() and i1.tolist() == ig[1::2].tolist(), \
             "rank r must take global-batch positions r, r + world_size, ..."
+
+
+def test_cifar10_download_failure_is_a_data_error(tmp_path, monkeypatch):
+    """No network: the download's URLError becomes a one-line DataError that names the way out (an ImageFolder)."""
+    import urllib.error
+
+    import torchvision
+
+    from minisnr.data import load_dataset
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DataError, match=r"could not get CIFAR-10 .*--data") as err:
+        load_dataset(f"cifar10:{tmp_path}")
+    assert "\n" not in str(err.value)
