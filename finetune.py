@@ -26,13 +26,14 @@ from tqdm import tqdm
 from minisnr.checkpoint import (atomic_save, check_writable, config_hash, load_pretrained, open_log, remove_stale_tmp,
                                 safe_load, CheckpointError)
 from minisnr.config import knob, parse_config
-from minisnr.data import load_images, to_model_range
+from minisnr.data import class_id, load_images, to_model_range
 from minisnr.generate import generate
 from minisnr.lora import (DEFAULT_TARGETS, count_parameters, inject_lora, load_lora_state_dict, lora_parameters,
                           lora_state_dict, save_adapter, set_style_scale)
 from minisnr.loop import InterruptFlag, make_optimizer, rng_state, set_rng_state, train_step
 from minisnr.rf import NoiseSampler
-from minisnr.runtime import UserError, autocast_context, make_grad_scaler, pick_device, resolve_precision, run_main, save_image_grid
+from minisnr.runtime import (UserError, autocast_context, make_grad_scaler, pick_device, resolve_precision, run_main,
+                             save_image_grid, side_by_side)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class FinetuneConfig:
     style_class: str = knob(None, "class name or id of what the references show (also --class); none = the null class")
     # which noise levels to train on: the method of the paper
     noise_sampler: str = knob("style-friendly", "uniform | logit-normal (SD3: logit t ~ N(m,s)) | style-friendly (lam ~ N(mu,sigma))")
-    mu: float = knob(-2.0, "style-friendly: mean log-SNR, lower = noisier; -2 was the measured best at 32x32 (README sweep: beats SD3 on style and content; -4 and below add high-frequency noise). The paper's -6 is for 1-megapixel latents")
+    mu: float = knob(-2.0, "style-friendly: mean log-SNR, lower = noisier; -2 was the measured best at 32x32 (README sweep: more style than SD3, content within noise; -4 and below add high-frequency noise). The paper's -6 is for 1-megapixel latents")
     sigma: float = knob(2.0, "style-friendly: std of the log-SNR, as in the paper (FLUX: 3)")
     m: float = knob(0.0, "logit-normal: mean of logit(t) (SD3 default 0)")
     s: float = knob(1.0, "logit-normal: std of logit(t) (SD3 default 1)")
@@ -124,11 +125,10 @@ def resolve_class(name, classes):
     """--class value -> label id; None means the null class (id = number of classes)."""
     if name in (None, "", "none", "null"):
         return len(classes)
-    if name.isdigit() and int(name) < len(classes):
-        return int(name)
-    if name in classes:
-        return classes.index(name)
-    raise UserError(f"unknown --class {name!r}; valid: {', '.join(classes)} (or none)")
+    cid = class_id(name, classes)
+    if cid is None:
+        raise UserError(f"unknown --class {name!r}; valid: {', '.join(classes)} (or none)")
+    return cid
 
 
 def main(argv=None):
@@ -260,9 +260,8 @@ def finetune(cfg: FinetuneConfig):
         plain = generate(model, ids, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.seed, autocast_ctx=ctx)
         set_style_scale(model, 1.0)
         n = cfg.sample_per_class
-        both = torch.cat([plain.view(-1, n, *plain.shape[1:]), styled.view(-1, n, *styled.shape[1:])], dim=1)
         grid = os.path.join(cfg.out, "samples_compare.png")
-        save_image_grid(both.flatten(0, 1), grid, nrow=2 * n,
+        save_image_grid(side_by_side(plain, styled, n), grid, nrow=2 * n,
                         meta={"seed": cfg.seed, "steps": cfg.sample_steps, "cfg": cfg.sample_cfg,
                               "layout": "left: style off, right: style on", "adapter": adapter_path})
         print(f"wrote {grid} (rows: classes; left {n}: style off, right {n}: style on)")

@@ -31,8 +31,8 @@ from minisnr.runtime import UserError, autocast_context, make_grad_scaler, pick_
 
 @dataclass
 class TrainConfig:
-    # data and output
     """Every train.py flag, its default and its one-line reason (shown by --help)."""
+    # data and output
     data: str = knob("cifar10", "'cifar10' downloads it to ./data; or an ImageFolder path like ../shared/data/cifar10/train")
     out: str = knob("runs/pretrain", "folder for ckpt.pt, log.jsonl and samples/")
     resume: bool = knob(False, "continue from OUT/ckpt.pt: weights, EMA, optimizer, step, RNG and data order")

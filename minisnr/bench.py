@@ -55,14 +55,13 @@ counted tensor by tensor in activation_bytes. --measure-activations true also me
 latter on the device with torch.autograd.graph.saved_tensors_hooks (eager, one forward).
 """
 import gc
-import json
 import platform
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from .checkpoint import atomic_write
+from .checkpoint import write_json
 from .config import knob, parse_config
 from .data import ImageSet, InMemoryLoader
 from .loop import ema_update, make_optimizer, train_step
@@ -434,9 +433,6 @@ def bench_mode(mode, cfg: BenchConfig, device):
         res["mfu"] = res["tflops"] / peak
     if device.type == "cuda":
         res["peak_mem_gib"] = gib(torch.cuda.max_memory_allocated(device))
-    if cfg.roofline:
-        res["matmul_tflops"] = matmul_tflops(device, precision)
-        res["roofline_img_s"] = res["matmul_tflops"] * 1e12 / flops
     if cfg.sample_images > 0:
         res.update(bench_sampler(train_model, c, cfg, device, ctx))
     del model, ema, train_model, optimizer, loader, params, ema_params
@@ -544,15 +540,12 @@ def _run(cfg: BenchConfig):
         results.append(bench_mode(mode, cfg, device))
         r = results[-1]
         print(f"  {mode}: {r['ms_per_step']:.1f} ms/step, {r['img_per_s']:.2f} img/s", flush=True)
+    if cfg.roofline:  # one matmul timing per precision, shared by its eager and compiled rows
+        rates = {p: matmul_tflops(device, p) for p in dict.fromkeys(r["precision"] for r in results)}
+        for r in results:
+            r["matmul_tflops"] = rates[r["precision"]]
+            r["roofline_img_s"] = r["matmul_tflops"] * 1e12 / r["flops_per_image"]
     return results, meta, device
-
-
-def write_json(path, obj):
-    """Write obj as JSON atomically, so an interrupted run leaves no half-written file."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    atomic_write(path, write)
 
 
 def main(argv=None):
@@ -562,13 +555,13 @@ def main(argv=None):
         device = pick_device(cfg.device)
         est = print_memory_estimate(cfg, device)
         if cfg.json:
-            write_json(cfg.json, {"memory_estimate": est, "config": asdict(cfg)})
+            write_json({"memory_estimate": est, "config": asdict(cfg)}, cfg.json)
         return est
     results, meta, device = run(cfg)
     print()
     print(format_table(results, device))
     if cfg.json:
-        write_json(cfg.json, {"meta": meta, "results": results})
+        write_json({"meta": meta, "results": results}, cfg.json)
     return results
 
 

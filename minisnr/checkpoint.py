@@ -89,6 +89,19 @@ def open_log(path, resume_step=None):
     return open(path, "a")
 
 
+def write_text(text, path):
+    """Write a text (e.g. markdown) file, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def write_json(obj, path):
+    """Write `obj` as indented JSON, atomically."""
+    write_text(json.dumps(obj, indent=1) + "\n", path)
+
+
 def atomic_save(obj, path):
     """torch.save(obj, path), atomically."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))

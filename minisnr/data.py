@@ -127,11 +127,21 @@ def load_cifar10(root="data", train=True, size=32) -> ImageSet:
     return ImageSet(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes))
 
 
-def load_dataset(spec, size=32) -> ImageSet:
-    """'cifar10' (torchvision download into ./data) or 'cifar10:DIR', else an ImageFolder directory."""
+def class_id(name, classes):
+    """A class given by name ('cat') or by id ('3') -> its label id; None if it is neither."""
+    if name.isdigit() and int(name) < len(classes):
+        return int(name)
+    return classes.index(name) if name in classes else None
+
+
+def load_dataset(spec, size=32, train=True) -> ImageSet:
+    """'cifar10' (torchvision download into ./data) or 'cifar10:DIR', else an ImageFolder directory.
+
+    `train` picks CIFAR-10's train or test split; an ImageFolder path is its own split, so it is ignored there.
+    """
     if spec == "cifar10" or spec.startswith("cifar10:"):
         root = spec.split(":", 1)[1] if ":" in spec else "data"
-        return load_cifar10(root, train=True, size=size)
+        return load_cifar10(root, train=train, size=size)
     return load_image_folder(spec, size)
 
 

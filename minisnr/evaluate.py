@@ -47,15 +47,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import metrics
-from .checkpoint import atomic_write, check_writable, load_pretrained, safe_load
+from .checkpoint import check_writable, load_pretrained, safe_load, write_json, write_text
 from .config import OneLineErrorParser
-from .data import load_images, resize_center_crop
+from .data import class_id, load_dataset, load_images, resize_center_crop
 from .generate import generate
 from .lora import apply_adapter, merge_lora, parse_style_window, set_style_scale, style_window_hook
-from .probe import check_classes, describe, get_probe, load_split
-from .runtime import UserError, autocast_context, pick_device, resolve_precision, run_main, save_image_grid
+from .probe import check_classes, describe, get_probe
+from .runtime import UserError, autocast_context, pick_device, resolve_precision, run_main, save_image_grid, save_png
 from .styles import STYLES, get_style
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,16 +75,6 @@ def parse_floats(text, flag):
         raise UserError(f"{flag} must be a comma-separated list of numbers, got {text!r}") from None
 
 
-def write_json(obj, path):
-    """Write `obj` as indented JSON, atomically."""
-    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=1) + "\n"), suffix=".json")
-
-
-def write_text(text, path):
-    """Write a text (markdown) file, atomically."""
-    atomic_write(path, lambda tmp: open(tmp, "w").write(text), suffix=".md")
-
-
 def fmt_time(seconds):
     """'42 s' or '17 min'."""
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
@@ -99,11 +90,8 @@ def pick_reference(test_set, spec):
     Returns (uint8 (3, H, W), class id, description)."""
     if ":" in spec:
         name, k = spec.rsplit(":", 1)
-        if name.isdigit() and int(name) < len(test_set.classes):
-            cls = int(name)
-        elif name in test_set.classes:
-            cls = test_set.classes.index(name)
-        else:
+        cls = class_id(name, test_set.classes)
+        if cls is None:
             raise UserError(f"--style-image class {name!r} is not one of {', '.join(test_set.classes)}")
         idx = (test_set.labels == cls).nonzero().flatten()
         if not k.isdigit() or int(k) >= len(idx):
@@ -164,7 +152,7 @@ class Context:
         """The test split as an ImageSet, loaded on first use."""
         if self._test is None:
             t0 = time.time()
-            self._test = load_split(self.args.test_data, train=False, size=self.model.config.img_size)
+            self._test = load_dataset(self.args.test_data, size=self.model.config.img_size, train=False)
             check_classes(self.probe, self._test.classes)
             print(f"loaded {len(self._test)} test images from {self.args.test_data} in {time.time() - t0:.0f}s")
         return self._test
@@ -420,9 +408,7 @@ class Sweep:
             style = get_style(name)
             styled_ref = style(ref_img)                                      # (3, H, W) uint8
             png = os.path.join(self.out, "styles", f"{name}.png")
-            from PIL import Image
-            atomic_write(png, lambda tmp: Image.fromarray(styled_ref.permute(1, 2, 0).numpy()).save(tmp, format="PNG"),
-                         suffix=".png")
+            save_png(Image.fromarray(styled_ref.permute(1, 2, 0).numpy()), png)
             self.style_png[name] = png
             target = style(real)                                             # (K*per_class, 3, H, W)
             got_ref, got_target = metrics.measure(c.probe, styled_ref[None]), metrics.measure(c.probe, target)

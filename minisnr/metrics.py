@@ -27,6 +27,8 @@ each other, at equal N. FD in particular is biased upwards at small N.
 import torch
 import torch.nn.functional as F
 
+from .styles import luminance
+
 
 def gram_vector(fmap):
     """Upper triangle (with the diagonal) of each image's Gram matrix: (N, C, H, W) -> (N, C(C+1)/2).
@@ -107,9 +109,7 @@ def high_frequency_energy(images, cutoff=0.25):
     Luma Y = 0.299 R + 0.587 G + 0.114 B in [0, 1], mean removed, |FFT2(Y)|^2 summed where
     sqrt(fx^2 + fy^2) > cutoff, divided by the total. A flat image has no energy and gets 0.
     Sharp edges, dots and noise raise it; blur lowers it."""
-    x = images.float() / 255.0
-    w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-    y = (x * w).sum(dim=1)                                                    # (N, H, W)
+    y = luminance(images.float() / 255.0)[:, 0]                               # (N, H, W)
     y = y - y.mean(dim=(1, 2), keepdim=True)
     power = torch.fft.fft2(y).abs().pow(2)                                    # (N, H, W)
     fy = torch.fft.fftfreq(y.shape[1])

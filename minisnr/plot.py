@@ -12,7 +12,7 @@ import math
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .checkpoint import atomic_write
+from .runtime import save_png
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
@@ -156,5 +156,5 @@ def line_plot(path, series, hlines=(), title="", xlabel="", ylabel="", xticks=No
         ImageDraw.Draw(strip).text((2, 1), ylabel, fill=(0, 0, 0), font=font)
         strip = strip.rotate(90, expand=True)
         img.paste(strip, (6, int((ay0 + ay1) / 2 - strip.height / 2)))
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), suffix=".png")
+    save_png(img, path)
     return path

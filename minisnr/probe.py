@@ -36,24 +36,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, atomic_save, safe_load
-from .data import load_cifar10, load_image_folder, to_model_range
+from .data import load_dataset, to_model_range
 from .runtime import UserError
 
 PROBE_FORMAT = "minisnr-probe-v1"
 STYLE_LAYERS = ("rgb", "conv1", "conv2", "conv3")   # where style (Gram) statistics are read; "rgb" is the input
 DEFAULT_WIDTHS = (24, 48, 96)
-
-
-def load_split(spec, train, size=32):
-    """The train or test split of a dataset spec, as an ImageSet of uint8 images.
-
-    spec: 'cifar10' / 'cifar10:DIR' (torchvision; downloads on first use) or an ImageFolder
-    path such as ../shared/data/cifar10/test (then `train` is ignored: the folder is the split).
-    """
-    if spec == "cifar10" or spec.startswith("cifar10:"):
-        root = spec.split(":", 1)[1] if ":" in spec else "data"
-        return load_cifar10(root, train=train, size=size)
-    return load_image_folder(spec, size)
 
 
 def _conv_bn(c_in, c_out, kernel, stride, padding):
@@ -277,8 +265,8 @@ def get_probe(path, train_data, test_data, epochs=3, device="cpu", retrain=False
         return load_probe(path, device)
     log(f"training the probe on {train_data} ({epochs} epochs; cached afterwards in {path})")
     t0 = time.time()
-    train_set = load_split(train_data, train=True)
-    test_set = load_split(test_data, train=False)
+    train_set = load_dataset(train_data, train=True)
+    test_set = load_dataset(test_data, train=False)
     if list(train_set.classes) != list(test_set.classes):
         raise UserError(f"train classes {train_set.classes} differ from test classes {test_set.classes}; "
                         f"pass matching --train-data and --test-data")

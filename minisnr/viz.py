@@ -11,17 +11,14 @@ by the same code that trains). Left is high noise (t -> 1), right is clean (t ->
 t = sigmoid(-lam/2), so you can see which lam still shows colour, layout or detail.
 Both are drawn with PIL; no plotting library is needed.
 """
-import argparse
-
 import torch
 from torchvision.transforms.v2 import functional as TF
 from PIL import Image, ImageDraw, ImageFont
 
-from .checkpoint import atomic_write
 from .config import OneLineErrorParser
 from .data import open_image, resize_center_crop, to_model_range, to_uint8
 from .rf import NoiseSampler, add_noise, lam_of_t, t_of_lam
-from .runtime import UserError, run_main
+from .runtime import UserError, run_main, save_png
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
 
@@ -88,11 +85,6 @@ def draw_noise_strip(x0, lams=tuple(range(-10, 7, 2)), scale=3, seed=0):
         d.text((i * (w + 4) + 2, h + 4), f"lam={lam:g}", fill="black")
         d.text((i * (w + 4) + 2, h + 18), f"t={ti:.3f}", fill="gray")
     return img
-
-
-def save_png(img, path):
-    """Write a PIL image to `path` atomically, so a crash never leaves half a PNG."""
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """Shared fixtures for the minisnr tests: a tiny ImageFolder on disk and tiny DiT models.
 
-Everything here is small on purpose: the whole suite must run in well under two minutes
-on a 2-core CPU that is busy with other work.
+Everything here is small on purpose: the whole suite must run in a few minutes on a 2-core
+CPU, even one that is busy with other work.
 """
 import os
 import sys
@@ -17,7 +17,7 @@ if REPO_ROOT not in sys.path:
 
 from minisnr.model import build_model  # noqa: E402
 
-# The test machine has 2 cores shared with a long background training job; with two threads
+# A test machine may have 2 cores shared with other jobs (a training run); with two threads
 # per process the OpenMP workers fight over them and tiny ops get ~5x slower. One thread each.
 torch.set_num_threads(1)
 

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from minisnr import evaluate, metrics
-from minisnr.data import ImageSet, load_image_folder
-from minisnr.probe import get_probe, load_probe, save_probe, train_probe
+from minisnr.data import ImageSet
+from minisnr.probe import get_probe, load_probe, train_probe
 from minisnr.runtime import UserError
 from minisnr.styles import STYLES, apply_style, style_pil
 
