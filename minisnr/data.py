@@ -82,11 +82,11 @@ def list_images(folder):
                   if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
 
 
-def _check_folder(path):
+def _check_folder(path, flag="--data"):
     if not os.path.exists(path):
-        raise DataError(f"data folder {path!r} does not exist; pass an existing folder with --data")
+        raise DataError(f"data folder {path!r} does not exist; pass an existing folder with {flag}")
     if not os.path.isdir(path):
-        raise DataError(f"{path!r} is not a folder; pass a folder of images with --data")
+        raise DataError(f"{path!r} is not a folder; pass a folder of images with {flag}")
 
 
 def _stack(pil_images, size):
@@ -94,9 +94,10 @@ def _stack(pil_images, size):
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()   # (N, 3, H, W)
 
 
-def load_image_folder(root, size=32) -> ImageSet:
-    """Load an ImageFolder tree (root/<class>/<images>) into memory at size x size."""
-    _check_folder(root)
+def load_image_folder(root, size=32, flag="--data") -> ImageSet:
+    """Load an ImageFolder tree (root/<class>/<images>) into memory at size x size.
+    `flag` is the command-line flag that named `root`, for the error messages."""
+    _check_folder(root, flag)
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise DataError(f"{root!r} has no class sub-folders; expected {root}/<class name>/<images>")
@@ -112,14 +113,14 @@ def load_image_folder(root, size=32) -> ImageSet:
     return ImageSet(_stack(images, size), torch.tensor(labels, dtype=torch.long), classes)
 
 
-def load_cifar10(root="data", train=True, size=32) -> ImageSet:
+def load_cifar10(root="data", train=True, size=32, flag="--data") -> ImageSet:
     """CIFAR-10 through torchvision, downloaded into `root` on first use (about 170 MB)."""
     import torchvision
     try:
         ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
     except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a corrupt download
         raise DataError(f"could not get CIFAR-10 into {root!r} ({e}); check the internet connection, "
-                        f"or point --data (evaluate: --train-data/--test-data) at an ImageFolder copy") from None
+                        f"or point {flag} at an ImageFolder copy") from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()           # (N, 3, 32, 32) uint8
     if size != 32:
         images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
@@ -134,15 +135,16 @@ def class_id(name, classes):
     return classes.index(name) if name in classes else None
 
 
-def load_dataset(spec, size=32, train=True) -> ImageSet:
+def load_dataset(spec, size=32, train=True, flag="--data") -> ImageSet:
     """'cifar10' (torchvision download into ./data) or 'cifar10:DIR', else an ImageFolder directory.
 
     `train` picks CIFAR-10's train or test split; an ImageFolder path is its own split, so it is ignored there.
+    `flag` is the command-line flag that gave `spec`, named in the error messages.
     """
     if spec == "cifar10" or spec.startswith("cifar10:"):
         root = spec.split(":", 1)[1] if ":" in spec else "data"
-        return load_cifar10(root, train=train, size=size)
-    return load_image_folder(spec, size)
+        return load_cifar10(root, train=train, size=size, flag=flag)
+    return load_image_folder(spec, size, flag)
 
 
 def load_images(paths, max_side=None):

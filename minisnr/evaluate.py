@@ -152,7 +152,8 @@ class Context:
         """The test split as an ImageSet, loaded on first use."""
         if self._test is None:
             t0 = time.time()
-            self._test = load_dataset(self.args.test_data, size=self.model.config.img_size, train=False)
+            self._test = load_dataset(self.args.test_data, size=self.model.config.img_size, train=False,
+                                      flag="--test-data")
             check_classes(self.probe, self._test.classes)
             print(f"loaded {len(self._test)} test images from {self.args.test_data} in {time.time() - t0:.0f}s")
         return self._test

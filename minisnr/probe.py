@@ -265,8 +265,8 @@ def get_probe(path, train_data, test_data, epochs=3, device="cpu", retrain=False
         return load_probe(path, device)
     log(f"training the probe on {train_data} ({epochs} epochs; cached afterwards in {path})")
     t0 = time.time()
-    train_set = load_dataset(train_data, train=True)
-    test_set = load_dataset(test_data, train=False)
+    train_set = load_dataset(train_data, train=True, flag="--train-data")
+    test_set = load_dataset(test_data, train=False, flag="--test-data")
     if list(train_set.classes) != list(test_set.classes):
         raise UserError(f"train classes {train_set.classes} differ from test classes {test_set.classes}; "
                         f"pass matching --train-data and --test-data")

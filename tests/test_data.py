@@ -358,4 +358,8 @@ def test_cifar10_download_failure_is_a_data_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(DataError, match=r"could not get CIFAR-10 .*--data") as err:
         load_dataset(f"cifar10:{tmp_path}")
+    with pytest.raises(DataError, match=r"point --test-data at"):
+        load_dataset(f"cifar10:{tmp_path}", train=False, flag="--test-data")
+    with pytest.raises(DataError, match=r"pass an existing folder with --train-data"):
+        load_dataset(str(tmp_path / "missing"), flag="--train-data")
     assert "\n" not in str(err.value)
