@@ -42,11 +42,15 @@ class ImageSet:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode (L, P, RGBA, LA, I;16, I, F, CMYK, ...) to 8-bit RGB; transparency is put on white."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey: rescale to 0..255
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey: scale to 0..255
         arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
+        if img.mode.startswith("I;16") or (img.mode == "I" and arr.max() > 255):
+            arr = arr / 257                                  # 16-bit 0..65535 -> 0..255, keeping the tones
+        elif img.mode == "F" and arr.min() >= 0 and arr.max() <= 1:
+            arr = arr * 255                                  # float image in 0..1
+        elif img.mode == "F" and arr.max() > arr.min():      # float of unknown range: stretch
+            arr = (arr - arr.min()) / (arr.max() - arr.min()) * 255
+        img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), mode="L")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):

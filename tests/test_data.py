@@ -110,7 +110,7 @@ def test_mode_P_palette_loads_as_rgb(tmp_path):
 
 
 def test_16bit_png_rescaled_to_8bit(tmp_path):
-    """A 16-bit greyscale PNG (I;16) loads as RGB with its min at 0 and its max at 255."""
+    """A 16-bit greyscale PNG (I;16) loads as RGB with its tones kept: v / 65535 * 255."""
     arr = np.tile(np.linspace(1000, 60000, 32).astype(np.uint16), (32, 1))   # horizontal gradient
     root = one_image_folder(tmp_path, Image.fromarray(arr))
     with Image.open(os.path.join(root, "only", "x.png")) as check:
@@ -119,7 +119,8 @@ def test_16bit_png_rescaled_to_8bit(tmp_path):
     img = data.images[0]
     assert img.shape == (3, 32, 32)
     assert same(img[0], img[1]) and same(img[1], img[2]), "16-bit grey must become R = G = B"
-    assert img[0, :, 0].max() <= 3 and img[0, :, -1].min() >= 252, "16-bit grey must be rescaled (v - min) / (max - min) * 255"
+    assert img[0, :, 0].tolist() == [4] * 32 and img[0, :, -1].tolist() == [233] * 32, \
+        "16-bit grey must be scaled v / 65535 * 255: 1000 -> 4 and 60000 -> 233"
     assert (img[0, 0, 1:].int() >= img[0, 0, :-1].int()).all(), "rescaling must keep the gradient's order"
 
 
@@ -149,6 +150,14 @@ def test_resize_center_crop_sizes():
     for wh in [(300, 40), (40, 300), (1, 1), (32, 32), (33, 31), (5, 1000)]:
         out = resize_center_crop(Image.new("RGB", wh), 32)
         assert out.size == (32, 32), f"resize_center_crop({wh}) must be 32 x 32, got {out.size}"
+
+
+@pytest.mark.parametrize("value,expected", [(65535, 255), (0, 0), (32896, 128)])
+def test_constant_16bit_image_keeps_its_level(tmp_path, value, expected):
+    """A flat 16-bit image loads at its own grey level (white stays white), not stretched to black."""
+    root = one_image_folder(tmp_path, Image.fromarray(np.full((8, 8), value, dtype=np.uint16)))
+    data = load_folder(root)
+    assert (data.images[0] == expected).all(), f"a flat 16-bit image of {value} must load as grey {expected}"
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "I", "F", "CMYK", "1"])
