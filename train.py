@@ -22,7 +22,7 @@ from minisnr.checkpoint import atomic_save, check_writable, open_log, remove_sta
 from minisnr.config import knob, parse_config
 from minisnr.data import InMemoryLoader, load_dataset
 from minisnr.generate import generate
-from minisnr.loop import (InterruptFlag, cleanup_distributed, ema_update, lr_at, make_optimizer, rng_state,
+from minisnr.loop import (InterruptFlag, any_rank, cleanup_distributed, ema_update, lr_at, make_optimizer, rng_state,
                           set_rng_state, setup_distributed, train_step)
 from minisnr.model import DIT_PRESETS, build_model
 from minisnr.rf import NoiseSampler
@@ -240,8 +240,9 @@ def train(cfg: TrainConfig, preset, rank, local_rank, world):
             raise UserError(msg)
 
     end = min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
+    stop = False                # Ctrl-C, agreed by every rank (under DDP only at log steps, see below)
     with InterruptFlag() as interrupt:
-        while step < end and not interrupt.set:
+        while step < end and not stop:
             lr = lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -272,6 +273,9 @@ def train(cfg: TrainConfig, preset, rank, local_rank, world):
                     log_file.flush()
                 loss_sum.zero_(); bin_sums.zero_(); bin_counts.zero_()
                 window_steps, window_start = 0, time.time()
+            # one process: stop at once. DDP: a rank may see Ctrl-C a step before another, so the ranks
+            # vote at each log step (it already syncs) and all stop at that same step.
+            stop = interrupt.set if world == 1 else (step % cfg.log_every == 0 and any_rank(interrupt.set, device))
 
             if master and cfg.sample_every and step % cfg.sample_every == 0:
                 save_samples()
@@ -284,13 +288,13 @@ def train(cfg: TrainConfig, preset, rank, local_rank, world):
         save_checkpoint()
         grid = save_samples()
         log_file.close()
-        if interrupt.set:
+        if stop:
             print(f"interrupted: saved {ckpt_path} at step {step}. Resume with the same flags plus --resume true")
         elif step < cfg.max_steps:
             print(f"stopped at step {step} (--stop-after): saved {ckpt_path}. Continue with the same flags plus --resume true")
         else:
             print(f"done: {ckpt_path} (step {step}), samples in {grid}")
-    if interrupt.set:
+    if stop:
         sys.exit(130)  # 128 + SIGINT: the run did not finish, so `python train.py && ...` stops here
 
 

@@ -65,6 +65,17 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if `flag` is True on any rank: one tiny all-reduce (MAX) under DDP, `flag` itself
+    otherwise. Ranks must leave the loop at the same step, or the others wait in their next gradient
+    all-reduce for a rank that has gone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    vote = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return bool(vote.item())
+
+
 class InterruptFlag:
     """Turns the first Ctrl-C (SIGINT) into a flag the loop checks, so it can save and exit cleanly.
     A second Ctrl-C interrupts immediately."""

@@ -95,3 +95,46 @@ def test_two_process_ddp_agrees_and_resumes_in_one_process(image_folder, tmp_pat
     assert resumed["step"] == 8
     assert all(torch.isfinite(v).all() for v in resumed["model"].values())
     assert not torch.equal(resumed["model"]["final_layer.linear.weight"], ckpt["model"]["final_layer.linear.weight"])
+
+
+INTERRUPT_RUNNER = """
+import os
+import signal
+import sys
+
+import train
+
+# Ctrl-C reaches rank 1 only, after step 2: rank 0, the one that saves, never sees it.
+_train_step = train.train_step
+calls = [0]
+
+
+def train_step_then_interrupt_rank0(*args, **kwargs):
+    out = _train_step(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == 2 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGINT)
+    return out
+
+
+train.train_step = train_step_then_interrupt_rank0
+train.main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(image_folder, tmp_path):
+    """Ranks agree on Ctrl-C at the next log step: a rank that stopped alone would leave the others
+    waiting in an all-reduce (or, under torchrun, killed before rank 0 saves)."""
+    out = tmp_path / "run"
+    runner = tmp_path / "interrupt_runner.py"
+    runner.write_text(INTERRUPT_RUNNER)
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(runner),
+           "--data", image_folder, "--out", str(out), "--max-steps", "30"] + TRAIN_FLAGS
+    try:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("after a Ctrl-C on rank 1 alone the 2-process run hung: the ranks did not agree to stop")
+    assert proc.returncode != 0, "an interrupted run must not exit 0"
+    assert "interrupted: saved" in proc.stdout, f"rank 0 must save and say so, though only rank 1 saw the Ctrl-C:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert load(out / "ckpt.pt")["step"] == 3, "both ranks must stop at the first log step after the Ctrl-C (--log-every 3)"
