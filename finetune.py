@@ -24,6 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from minisnr.checkpoint import (atomic_save, check_writable, config_hash, load_pretrained, open_log, remove_stale_tmp,
+                                weights_hash,
                                 safe_load, CheckpointError)
 from minisnr.config import knob, parse_config
 from minisnr.data import class_id, load_images, to_model_range
@@ -152,6 +153,7 @@ def finetune(cfg: FinetuneConfig):
     classes = ckpt.get("classes") or [str(i) for i in range(model.config.num_classes)]
     label = resolve_class(cfg.style_class, classes)
     base_config = model.config.to_dict()
+    base_weights = weights_hash(model.state_dict())   # before LoRA: identifies the exact base weights
     targets = tuple(t for t in cfg.targets.split(",") if t)
     alpha = cfg.rank if cfg.alpha is None else cfg.alpha
     inject_lora(model, targets, cfg.rank, alpha, cfg.lora_dropout)   # before torch.compile
@@ -174,6 +176,9 @@ def finetune(cfg: FinetuneConfig):
             raise CheckpointError(f"{state_path} is not a state written by finetune.py; pass the --out folder of a finetune.py run")
         if state.get("base_config_hash") != config_hash(base_config):
             raise CheckpointError(f"{state_path} belongs to a different base model; pass the --base it was started with")
+        if state.get("base_weights_hash", base_weights) != base_weights:
+            raise CheckpointError(f"{state_path} was started from other base weights (another checkpoint, or --use-ema "
+                                  f"changed); pass the --base and --use-ema it was started with")
         load_lora_state_dict(model, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -186,7 +191,7 @@ def finetune(cfg: FinetuneConfig):
           f"{','.join(targets)} + style embedding: {trainable:,} trainable | {noise.describe()} | "
           f"{len(views.refs)} reference(s), class {classes[label] if label < len(classes) else 'null'} | {device} {precision}")
     meta = {"base_ckpt": cfg.base, "base_config": base_config, "base_config_hash": config_hash(base_config),
-            "targets": list(targets), "rank": cfg.rank, "alpha": alpha, "lora_dropout": cfg.lora_dropout,
+            "base_weights_hash": base_weights, "targets": list(targets), "rank": cfg.rank, "alpha": alpha, "lora_dropout": cfg.lora_dropout,
             "noise_sampler": noise.to_dict(), "style_files": files,
             "style_name": os.path.splitext(os.path.basename(files[0]))[0], "style_class": label,
             "finetune_config": asdict(cfg), "classes": classes}
@@ -194,6 +199,7 @@ def finetune(cfg: FinetuneConfig):
     def save_state():
         atomic_save({"lora": lora_state_dict(model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "rng": rng_state(device), "step": step, "base_config_hash": config_hash(base_config),
+                     "base_weights_hash": base_weights,
                      "finetune_config": asdict(cfg)}, state_path)
 
     train_model = torch.compile(model) if cfg.compile else model

@@ -131,6 +131,17 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def weights_hash(state_dict) -> str:
+    """Short hash of a model's tensors (names, dtypes, shapes and bytes): tells two checkpoints of the
+    same configuration apart, e.g. an adapter's base from a longer-trained copy of it."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(state_dict[name].shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def check_writable(folder, flag="--out"):
     """Create `folder` if needed and make sure files can be written there; one-line error otherwise."""
     try:

@@ -31,6 +31,7 @@ explicit calls; nothing happens as a side effect of .train() or .eval(). Inject 
 before torch.compile, so the compiled graph contains the LoRA branches.
 """
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -220,10 +221,11 @@ def save_adapter(model, path, meta):
 def apply_adapter(model, path):
     """Inject LoRA into `model` as recorded in the adapter file at `path` and load its weights.
 
-    Refuses, with a one-line error, an adapter trained on a base model of another configuration.
-    Returns the adapter's metadata dict.
+    Refuses, with a one-line error, an adapter trained on a base model of another configuration, and
+    warns (one line on stderr) when the configuration matches but the weights are not the ones it was
+    fine-tuned from. Returns the adapter's metadata dict.
     """
-    from .checkpoint import CheckpointError, config_hash, safe_load
+    from .checkpoint import CheckpointError, config_hash, safe_load, weights_hash
     blob = safe_load(path, what="LoRA adapter")
     if not isinstance(blob, dict) or blob.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(f"{path!r} is not a minisnr LoRA adapter (made by finetune.py)")
@@ -232,6 +234,9 @@ def apply_adapter(model, path):
     if meta.get("base_config_hash") != base_hash:
         raise CheckpointError(f"adapter {path!r} was trained on a different base model (config {meta.get('base_config')}); "
                               f"pass the checkpoint it was fine-tuned from")
+    if "base_weights_hash" in meta and meta["base_weights_hash"] != weights_hash(model.state_dict()):
+        print(f"warning: adapter {path!r} was fine-tuned from other weights of this model ({meta.get('base_ckpt')}); "
+              f"the style may not carry over: use that checkpoint, with the same EMA or raw weights", file=sys.stderr)
     inject_lora(model, tuple(meta["targets"]), int(meta["rank"]), float(meta["alpha"]))
     load_lora_state_dict(model, blob["lora"])
     return meta

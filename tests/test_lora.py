@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from conftest import close, differs, randomize_, same
-from minisnr.checkpoint import CheckpointError, config_hash
+from minisnr.checkpoint import CheckpointError, config_hash, weights_hash
 from minisnr.lora import (DEFAULT_TARGETS, LoRALinear, StyleEmbedder, apply_adapter, count_parameters, inject_lora,
                           load_lora_state_dict, lora_parameters, lora_state_dict, merge_lora, save_adapter,
                           set_style_scale, unmerge_lora)
@@ -306,6 +306,32 @@ def test_apply_adapter_refuses_other_base(tmp_path):
     other = build_model("tiny", num_classes=4, class_dropout=0.0, dim=32)
     with pytest.raises(CheckpointError, match="different base model"):
         apply_adapter(other, path)
+
+
+def test_weights_hash_tells_equal_weights_from_changed_ones():
+    """weights_hash is equal for two models with the same tensors and differs once one weight moves by one ulp."""
+    a = randomize_(build_model("tiny", num_classes=4), seed=3)
+    b = randomize_(build_model("tiny", num_classes=4), seed=3)
+    assert weights_hash(a.state_dict()) == weights_hash(b.state_dict()), "same tensors must hash the same"
+    with torch.no_grad():
+        w = b.final_layer.linear.weight
+        w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
+    assert weights_hash(a.state_dict()) != weights_hash(b.state_dict()), "a changed weight must change the hash"
+
+
+def test_apply_adapter_warns_on_other_weights_of_the_same_config(tmp_path, capsys):
+    """Same config, other weights (e.g. a longer-trained base): the adapter still loads, with a one-line warning."""
+    base, model, _ = base_and_injected()
+    meta = dict(_meta_for(base), base_weights_hash=weights_hash(base.state_dict()), base_ckpt="runs/a/ckpt.pt")
+    path = str(tmp_path / "adapter.pt")
+    save_adapter(model, path, meta)
+
+    apply_adapter(randomize_(build_model("tiny", num_classes=4, class_dropout=0.0), seed=1), path)
+    assert "warning" not in capsys.readouterr().err, "the base it was fine-tuned from must load without a warning"
+    apply_adapter(randomize_(build_model("tiny", num_classes=4, class_dropout=0.0), seed=2), path)
+    err = capsys.readouterr().err
+    assert "warning" in err and "runs/a/ckpt.pt" in err and err.count("\n") == 1, \
+        f"other base weights must give one warning line naming the adapter's base checkpoint, got {err!r}"
 
 
 def test_apply_adapter_refuses_non_adapter(tmp_path):

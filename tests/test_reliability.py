@@ -526,6 +526,19 @@ def test_finetune_resume_is_bit_exact(tmp_path, bases, style_png):
     assert_same(adapter_a["lora"], adapter_b["lora"], "adapter.pt lora")
 
 
+def test_finetune_resume_refuses_other_base_weights(tmp_path, bases, style_png):
+    """Resuming a fine-tune on other weights of the same base config (here the raw weights instead of the EMA)
+    stops with a one-line error naming the flags to pass, and leaves state.pt as it was."""
+    common = ["--base", bases["a"], "--style", style_png, "--device", "cpu", "--rank", 4, "--out", tmp_path / "ft",
+              "--sample-per-class", 0, "--class", "mango"]
+    first, resumed = run_scripts(tmp_path / "runs", (FINETUNE, common + ["--steps", 2]),
+                                 (FINETUNE, common + ["--steps", 4, "--resume", "true", "--use-ema", "false"]))
+    assert first.rc == 0, first.err[-3000:]
+    assert resumed.rc == 1 and "other base weights" in resumed.err and "--use-ema" in resumed.err, resumed.err[-3000:]
+    assert "Traceback" not in resumed.err and len(resumed.err.strip().splitlines()) == 1, resumed.err
+    assert safe_load(str(tmp_path / "ft" / "state.pt"), what="state")["step"] == 2
+
+
 def test_sample_grids_do_not_touch_the_global_rng(random_tiny_dit):
     """generate() draws its noise from its own seeded generator: the global RNG state (which training's
     noise, t, label dropout and flips come from) is the same before and after."""
