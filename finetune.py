@@ -5,10 +5,10 @@
     python sample.py runs/pretrain/ckpt.pt --lora runs/style/adapter.pt  # any class, in the style
 
 The base model is frozen. LoRA layers and a style embedding (minisnr/lora.py) are the only
-trained tensors, and only they are saved: OUT/adapter.pt is 2.3 MB at rank 32 on the cpu preset (its frozen weights are 17 MB). The noise
-levels t of the training steps are drawn by minisnr.rf.NoiseSampler; the default,
-'style-friendly', draws the log-SNR lam ~ N(mu, sigma) with mu < 0, i.e. mostly high noise,
-where (Choi et al., 2024) the style of an image is decided.
+trained tensors, and only they are saved: OUT/adapter.pt is 2.3 MB at rank 32 on the cpu
+preset (its frozen weights are 17 MB). The noise levels t of the training steps are drawn by
+minisnr.rf.NoiseSampler; the default, 'style-friendly', draws the log-SNR lam ~ N(mu, sigma)
+with mu < 0, i.e. mostly high noise, where (Choi et al., 2024) the style of an image is decided.
 
 Training views are random resized crops (and flips) of the reference image(s), so one
 painting gives many 32x32 views of its colours and brush texture.
@@ -24,8 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from minisnr.checkpoint import (atomic_save, check_writable, config_hash, load_pretrained, open_log, remove_stale_tmp,
-                                weights_hash,
-                                safe_load, CheckpointError)
+                                require_file, safe_load, weights_hash, CheckpointError)
 from minisnr.config import knob, parse_config
 from minisnr.data import class_id, load_images, to_model_range
 from minisnr.generate import generate
@@ -85,9 +84,7 @@ def validate(cfg: FinetuneConfig):
     """Check the flags before any work starts; raise UserError with a one-line fix for bad input."""
     if not cfg.style:
         raise UserError("--style is required: an image, a folder of images, or a comma-separated list")
-    if not os.path.isfile(cfg.base):
-        problem = "is a folder" if os.path.isdir(cfg.base) else "does not exist"
-        raise UserError(f"--base {cfg.base!r} {problem}; pass the ckpt.pt written by train.py (OUT/ckpt.pt)")
+    require_file(cfg.base, "--base", "pass the ckpt.pt written by train.py (OUT/ckpt.pt)")
     for name in ("steps", "batch_size", "rank", "log_every", "ckpt_every", "sample_steps", "ref_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -191,16 +188,15 @@ def finetune(cfg: FinetuneConfig):
           f"{','.join(targets)} + style embedding: {trainable:,} trainable | {noise.describe()} | "
           f"{len(views.refs)} reference(s), class {classes[label] if label < len(classes) else 'null'} | {device} {precision}")
     meta = {"base_ckpt": cfg.base, "base_config": base_config, "base_config_hash": config_hash(base_config),
-            "base_weights_hash": base_weights, "targets": list(targets), "rank": cfg.rank, "alpha": alpha, "lora_dropout": cfg.lora_dropout,
-            "noise_sampler": noise.to_dict(), "style_files": files,
+            "base_weights_hash": base_weights, "targets": list(targets), "rank": cfg.rank, "alpha": alpha,
+            "lora_dropout": cfg.lora_dropout, "noise_sampler": noise.to_dict(), "style_files": files,
             "style_name": os.path.splitext(os.path.basename(files[0]))[0], "style_class": label,
             "finetune_config": asdict(cfg), "classes": classes}
 
     def save_state():
         atomic_save({"lora": lora_state_dict(model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "rng": rng_state(device), "step": step, "base_config_hash": config_hash(base_config),
-                     "base_weights_hash": base_weights,
-                     "finetune_config": asdict(cfg)}, state_path)
+                     "base_weights_hash": base_weights, "finetune_config": asdict(cfg)}, state_path)
 
     train_model = torch.compile(model) if cfg.compile else model
     labels = torch.full((cfg.batch_size,), label, device=device)

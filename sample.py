@@ -10,7 +10,7 @@ are stored in each PNG's 'minisnr' text chunk.
 """
 import os
 
-from minisnr.checkpoint import check_writable, load_pretrained
+from minisnr.checkpoint import check_writable, load_pretrained, require_file
 from minisnr.config import OneLineErrorParser
 from minisnr.data import class_id
 from minisnr.generate import generate
@@ -64,9 +64,7 @@ def main(argv=None):
     if args.cfg < 0:
         raise UserError(f"--cfg must be >= 0, got {args.cfg} (1 = no guidance)")
     start, end = parse_style_window(args.style_steps)
-    if not os.path.isfile(args.ckpt):
-        problem = "is a folder" if os.path.isdir(args.ckpt) else "does not exist"
-        raise UserError(f"checkpoint {args.ckpt!r} {problem}; pass the ckpt.pt written by train.py (OUT/ckpt.pt) as the first argument")
+    require_file(args.ckpt, "checkpoint", "pass the ckpt.pt written by train.py (OUT/ckpt.pt) as the first argument")
     if os.path.isdir(args.out):
         raise UserError(f"--out {args.out!r} is a folder; pass the .png file to write, e.g. {os.path.join(args.out, 'samples.png')}")
     check_writable(os.path.dirname(os.path.abspath(args.out)))

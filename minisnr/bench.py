@@ -65,10 +65,10 @@ from .checkpoint import write_json
 from .config import knob, parse_config
 from .data import ImageSet, InMemoryLoader
 from .loop import ema_update, make_optimizer, train_step
-from .model import DIT_PRESETS, DiTConfig, build_model
+from .model import DIT_PRESETS, DiTConfig, build_config, build_model
 from .rf import NoiseSampler, euler_sample, rf_loss
 from .runtime import (UserError, autocast_context, cpu_has_fast_bf16, make_grad_scaler, pick_device,
-                      run_main)
+                      run_main, sync)
 
 FREQ_DIM = 256  # TimestepEmbedder's sinusoidal feature size (minisnr.model.TimestepEmbedder default)
 
@@ -137,7 +137,7 @@ def model_config(cfg: BenchConfig) -> DiTConfig:
     """The DiTConfig to benchmark: the named preset with any --dim/--depth/... overrides."""
     if cfg.preset not in DIT_PRESETS:
         raise UserError(f"unknown preset {cfg.preset!r}; choose one of {sorted(DIT_PRESETS)}")
-    return DiTConfig(**dict(DIT_PRESETS[cfg.preset], **cfg.model_overrides()))
+    return build_config(cfg.preset, **cfg.model_overrides())
 
 
 # --- FLOPs ---------------------------------------------------------------------------------
@@ -223,20 +223,12 @@ def estimate_memory(config, batch_size, precision="bf16"):
     the backward's transient buffers, and counts the gradients as if they coexisted with all the
     activations (in reality activations are freed as the gradients appear).
     """
-    if not isinstance(config, DiTConfig):
-        config = build_config(config)
+    config = build_config(config)
     n = count_params(config)
     out = dict(n_params=n, params=4 * n, grads=4 * n, adamw=8 * n, ema=4 * n,
                activations=activation_bytes(config, batch_size, precision))
     out["total"] = out["params"] + out["grads"] + out["adamw"] + out["ema"] + out["activations"]
     return out
-
-
-def build_config(spec):
-    """A DiTConfig from a preset name or a dict of fields."""
-    if isinstance(spec, str):
-        return DiTConfig(**DIT_PRESETS[spec])
-    return DiTConfig(**dict(spec))
 
 
 def count_params(c: DiTConfig):
@@ -324,14 +316,6 @@ def parse_modes(text, device):
         if m not in MODES:
             raise UserError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
     return modes
-
-
-def sync(device):
-    """Wait for queued device work to finish, so a wall-clock time covers it (a no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def random_images(c: DiTConfig, n, seed):

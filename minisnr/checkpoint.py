@@ -107,10 +107,16 @@ def atomic_save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def require_file(path, what, fix):
+    """Raise a one-line CheckpointError "<what> <path> does not exist (or is a folder); <fix>" unless `path` is a file."""
+    if not os.path.isfile(path):
+        problem = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise CheckpointError(f"{what} {path!r} {problem}; {fix}")
+
+
 def safe_load(path, what="checkpoint"):
     """torch.load with weights_only=True on the CPU; any failure becomes a one-line CheckpointError."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{what} {path!r} does not exist; check the path")
+    require_file(path, what, "check the path")
     try:
         with warnings.catch_warnings():  # e.g. torch's pickle-protocol warning; the outcome is reported below
             warnings.simplefilter("ignore")

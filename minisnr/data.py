@@ -50,6 +50,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
             arr = arr * 255                                  # float image in 0..1
         elif img.mode == "F" and arr.max() > arr.min():      # float of unknown range: stretch
             arr = (arr - arr.min()) / (arr.max() - arr.min()) * 255
+        # otherwise the values are already 0..255 ('I' holding 8-bit data), or a flat float image: clipped
         img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), mode="L")
     if img.mode == "P":
         img = img.convert("RGBA")

@@ -56,7 +56,8 @@ from .data import class_id, load_dataset, load_images, resize_center_crop
 from .generate import generate
 from .lora import apply_adapter, merge_lora, parse_style_window, set_style_scale, style_window_hook
 from .probe import check_classes, describe, get_probe
-from .runtime import UserError, autocast_context, pick_device, resolve_precision, run_main, save_image_grid, save_png
+from .runtime import (UserError, autocast_context, pick_device, resolve_precision, run_main, save_image_grid, save_png,
+                      sync)
 from .styles import STYLES, get_style
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,14 +120,13 @@ def forward_rate(model, device, n=64, repeats=2):
     x = torch.randn(n, cfgm.in_channels, cfgm.img_size, cfgm.img_size, device=device)
     t = torch.full((n,), 0.5, device=device)
     y = torch.zeros(n, dtype=torch.long, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         model(x, t, y)  # warm-up
-        sync()
+        sync(device)
         start = time.time()
         for _ in range(repeats):
             model(x, t, y)
-        sync()
+        sync(device)
     return n * repeats / max(time.time() - start, 1e-6)
 
 
@@ -340,7 +340,8 @@ class Sweep:
             log.flush()
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
         if rc != 0 or not os.path.exists(adapter):
-            lines = [l.strip() for l in open(log_path, errors="replace").read().splitlines() if l.strip()]
+            with open(log_path, errors="replace") as f:
+                lines = [l.strip() for l in f if l.strip()]
             why = next((l for l in reversed(lines) if l.startswith("error:") or "Error" in l), lines[-1] if lines else "")
             raise UserError(f"finetune.py failed for {style}/{setting.tag} (exit {rc}): {why[-300:]} "
                             f"(full log: {log_path})")
@@ -371,7 +372,8 @@ class Sweep:
         key = self.score_key(adapter)
         if os.path.exists(path):
             try:
-                cached = json.load(open(path))
+                with open(path) as f:
+                    cached = json.load(f)
                 if cached.get("key") == key:
                     return cached["scores"], True
             except (json.JSONDecodeError, OSError):

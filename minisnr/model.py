@@ -254,8 +254,8 @@ class DiT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_model(preset_or_config="cpu", **overrides) -> DiT:
-    """Build a DiT from a preset name in DIT_PRESETS, a DiTConfig, or a config dict, with field overrides."""
+def build_config(preset_or_config="cpu", **overrides) -> DiTConfig:
+    """A DiTConfig from a preset name in DIT_PRESETS, a DiTConfig, or a config dict, with field overrides."""
     if isinstance(preset_or_config, str):
         if preset_or_config not in DIT_PRESETS:
             raise ValueError(f"unknown model preset {preset_or_config!r}; choose one of {sorted(DIT_PRESETS)}")
@@ -265,4 +265,9 @@ def build_model(preset_or_config="cpu", **overrides) -> DiT:
     else:
         fields = dict(preset_or_config)
     fields.update(overrides)
-    return DiT(DiTConfig(**fields))
+    return DiTConfig(**fields)
+
+
+def build_model(preset_or_config="cpu", **overrides) -> DiT:
+    """Build a DiT from a preset name in DIT_PRESETS, a DiTConfig, or a config dict, with field overrides."""
+    return DiT(build_config(preset_or_config, **overrides))

@@ -13,10 +13,12 @@ minutes with flip + crop augmentation, cached to a file (runs/probe.pt by defaul
     pool   global average             (N, w2)              "pooled": the feature for Fréchet distance
     head   linear                     (N, classes)         logits
 
-What the evaluation uses (minisnr/metrics.py):
-    logits(x)            class accuracy of samples, content accuracy of styled samples
-    features(x)          (pooled (N, w2), {"rgb": x, "conv1": ..., "conv2": ..., "conv3": ...})
-                         pooled -> Fréchet distance; feature maps -> Gram matrices -> style similarity
+What the evaluation uses (minisnr/metrics.py calls Probe.run on uint8 images, in batches):
+    logits               class accuracy of samples, content accuracy of styled samples
+    pooled (N, w2)       Fréchet distance
+    grams                the style maps {"rgb": x, "conv1", "conv2", "conv3"} as Gram vectors -> style similarity
+Probe.logits(x) and Probe.features(x) give the same logits and the pooled features and whole
+maps for one batch of [-1, 1] tensors, for exploring the probe by hand.
 
 The cache file holds the weights, the class names, the probe's own test accuracy and the
 mean / spread of the Gram statistics of natural images (used to standardise style

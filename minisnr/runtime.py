@@ -92,6 +92,14 @@ def make_grad_scaler(device, precision):
     return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
 
 
+def sync(device):
+    """Wait for queued device work to finish, so a wall-clock time covers it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def save_png(img, path, pnginfo=None):
     """Write a PIL image as a PNG, atomically, so a crash never leaves half a picture."""
     from .checkpoint import atomic_write

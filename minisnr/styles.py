@@ -56,11 +56,18 @@ def luminance(x):
     return (x * w).sum(dim=1, keepdim=True)
 
 
-def _stretch(lum):
-    """Per-image min-max contrast stretch of (N, 1, H, W) luma to [0, 1], so every image uses the whole palette."""
+def _stretch(x, lum):
+    """Per-image contrast stretch: (x - min) / (max - min) with the min and max of its luma lum (N, 1, H, W),
+    so every image uses the whole range. x is the luma itself, or the (N, 3, H, W) colours."""
     lo = lum.amin(dim=(1, 2, 3), keepdim=True)
     hi = lum.amax(dim=(1, 2, 3), keepdim=True)
-    return (lum - lo) / (hi - lo).clamp(min=1e-3)
+    return (x - lo) / (hi - lo).clamp(min=1e-3)
+
+
+def _saturate(x, amount):
+    """Push (N, 3, H, W) colours away from their grey by `amount` (1 = unchanged), clipped to [0, 1]."""
+    grey = luminance(x)
+    return (grey + amount * (x - grey)).clamp(0, 1)
 
 
 def _palette_ramp(t, colours):
@@ -99,7 +106,8 @@ TRITONE_COLOURS = [(28, 20, 76), (214, 66, 92), (252, 218, 140)]   # indigo shad
 def tritone(images):
     """Palette remap: contrast-stretched luminance -> indigo / rose / cream ramp. Colour scheme only; layout intact."""
     x, single = _as_batch(images)
-    return _to_uint8(_palette_ramp(_stretch(luminance(x)), TRITONE_COLOURS), single)
+    lum = luminance(x)
+    return _to_uint8(_palette_ramp(_stretch(lum, lum), TRITONE_COLOURS), single)
 
 
 SEPIA = [[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]]
@@ -120,9 +128,7 @@ def cartoon(images, levels=4, edge_threshold=0.25):
     x, single = _as_batch(images)
     grey = luminance(x)
     smooth = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)   # 3x3 box blur
-    smooth_grey = luminance(smooth)
-    saturated = (smooth_grey + 1.4 * (smooth - smooth_grey)).clamp(0, 1)  # push colours away from grey
-    flat = torch.round(saturated * (levels - 1)) / (levels - 1)           # posterise
+    flat = torch.round(_saturate(smooth, 1.4) * (levels - 1)) / (levels - 1)   # more saturated, then posterised
     edges = (_sobel_magnitude(grey) > edge_threshold).to(x.dtype)         # (N, 1, H, W) 1 = outline
     ink = torch.tensor([0.08, 0.06, 0.1], dtype=x.dtype).view(1, 3, 1, 1)
     return _to_uint8(flat * (1 - edges) + ink * edges, single)
@@ -163,11 +169,7 @@ def pixel_art(images, grid=16):
     if h % grid or w % grid:
         raise UserError(f"pixel-art needs image sides divisible by {grid}; got {h}x{w}")
     small = F.adaptive_avg_pool2d(x, grid)                                # (N, 3, g, g)
-    grey = luminance(small)
-    lo, hi = grey.amin(dim=(1, 2, 3), keepdim=True), grey.amax(dim=(1, 2, 3), keepdim=True)
-    small = ((small - lo) / (hi - lo).clamp(min=1e-3))                    # per-image contrast stretch
-    grey = luminance(small)
-    small = (grey + 1.6 * (small - grey)).clamp(0, 1)                     # more saturated, like a sprite
+    small = _saturate(_stretch(small, luminance(small)), 1.6)            # more contrast and saturation, like a sprite
     pal = torch.tensor(PICO8, dtype=x.dtype) / 255.0                      # (16, 3)
     flat = small.permute(0, 2, 3, 1).reshape(-1, 3)                       # (N*g*g, 3)
     nearest = torch.cdist(flat, pal).argmin(dim=1)                        # ties resolve to the lowest index
