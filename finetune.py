@@ -56,6 +56,8 @@ class FinetuneConfig:
     alpha: float = knob(None, "LoRA alpha; the update is scaled by alpha/r (default: alpha = rank, as in the paper)")
     lora_dropout: float = knob(0.0, "dropout on the LoRA branch input")
     targets: str = knob(",".join(DEFAULT_TARGETS), "comma-separated names of the Linear layers to adapt (attention and MLP)")
+    style_vector: bool = knob(True, "also learn a style vector added to the conditioning (minisnr's stand-in for the "
+                                    "paper's style prompt); false = LoRA only")
     # optimisation
     steps: int = knob(300, "optimisation steps, as in the paper")
     batch_size: int = knob(4, "views per step, as in the paper")
@@ -153,7 +155,7 @@ def finetune(cfg: FinetuneConfig):
     base_weights = weights_hash(model.state_dict())   # before LoRA: identifies the exact base weights
     targets = tuple(t for t in cfg.targets.split(",") if t)
     alpha = cfg.rank if cfg.alpha is None else cfg.alpha
-    inject_lora(model, targets, cfg.rank, alpha, cfg.lora_dropout)   # before torch.compile
+    inject_lora(model, targets, cfg.rank, alpha, cfg.lora_dropout, style=cfg.style_vector)   # before torch.compile
     model.train()
     params = lora_parameters(model)
     optimizer = make_optimizer(params, cfg.lr, 0.0, device, betas=(0.9, 0.999))  # plain Adam, as in the paper
@@ -185,7 +187,7 @@ def finetune(cfg: FinetuneConfig):
 
     trainable, total = count_parameters(model)
     print(f"base {cfg.base}: {total - trainable:,} frozen params | LoRA r={cfg.rank} alpha={alpha:g} on "
-          f"{','.join(targets)} + style embedding: {trainable:,} trainable | {noise.describe()} | "
+          f"{','.join(targets)}{' + style vector' if cfg.style_vector else ''}: {trainable:,} trainable | {noise.describe()} | "
           f"{len(views.refs)} reference(s), class {classes[label] if label < len(classes) else 'null'} | {device} {precision}")
     meta = {"base_ckpt": cfg.base, "base_config": base_config, "base_config_hash": config_hash(base_config),
             "base_weights_hash": base_weights, "targets": list(targets), "rank": cfg.rank, "alpha": alpha,

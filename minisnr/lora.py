@@ -237,6 +237,7 @@ def apply_adapter(model, path):
     if "base_weights_hash" in meta and meta["base_weights_hash"] != weights_hash(model.state_dict()):
         print(f"warning: adapter {path!r} was fine-tuned from other weights of this model ({meta.get('base_ckpt')}); "
               f"the style may not carry over: use that checkpoint, with the same EMA or raw weights", file=sys.stderr)
-    inject_lora(model, tuple(meta["targets"]), int(meta["rank"]), float(meta["alpha"]))
+    has_style = any(k.endswith("lora_style") for k in blob["lora"])   # False for finetune.py --style-vector false
+    inject_lora(model, tuple(meta["targets"]), int(meta["rank"]), float(meta["alpha"]), style=has_style)
     load_lora_state_dict(model, blob["lora"])
     return meta

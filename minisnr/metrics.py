@@ -87,6 +87,41 @@ def frechet_distance(features_a, features_b):
     return frechet_from_stats(*gaussian_stats(features_a), *gaussian_stats(features_b))
 
 
+# --- kernel distance (KID), per class ----------------------------------------------------------
+
+def kid(features_a, features_b, degree=3):
+    """Unbiased squared MMD between feature sets (M, D) and (N, D) with KID's kernel k(x, y) = (x.y / D + 1)^3
+    (Binkowski et al., 2018). Its expectation is 0 when both sets come from one distribution, at any M and N,
+    so it can be slightly negative. FD's estimate instead is biased upwards by an amount that depends on N and
+    on the spread of the sets, which at 10 samples per class can be larger than the differences it should show."""
+    a, b = features_a.double(), features_b.double()
+    m, n, d = len(a), len(b), a.shape[1]
+    if m < 2 or n < 2:
+        raise ValueError(f"KID needs at least 2 feature vectors per set, got {m} and {n}")
+    k_aa, k_bb, k_ab = ((x @ y.T / d + 1) ** degree for x, y in ((a, a), (b, b), (a, b)))
+    within_a = (k_aa.sum() - k_aa.diagonal().sum()) / (m * (m - 1))          # off-diagonal means: unbiased
+    within_b = (k_bb.sum() - k_bb.diagonal().sum()) / (n * (n - 1))
+    return (within_a + within_b - 2 * k_ab.mean()).item()
+
+
+def per_class(distance, features, labels, target_features, target_labels):
+    """Mean over classes c of distance(samples asked to be class c, targets of class c), e.g. with kid or
+    frechet_distance: how far each class's samples are from that class in the style. A set that is in the style
+    but shows the wrong class (a copy of the reference, say) is far from every class but one. Classes with fewer
+    than 2 samples or targets are left out."""
+    labels, target_labels = torch.as_tensor(labels), torch.as_tensor(target_labels)
+    per = [distance(features[labels == c], target_features[target_labels == c]) for c in labels.unique().tolist()
+           if (labels == c).sum() >= 2 and (target_labels == c).sum() >= 2]
+    if not per:
+        raise ValueError("a per-class distance needs at least 2 samples and 2 targets of some class")
+    return sum(per) / len(per)
+
+
+def style_accuracy(style_logits, style_index):
+    """Fraction of images the judge's style head assigns to style number `style_index`. style_logits (N, S)."""
+    return (style_logits.argmax(dim=1) == style_index).float().mean().item()
+
+
 # --- style similarity ----------------------------------------------------------------------------
 
 def style_descriptors(grams, mean, std):
@@ -94,10 +129,13 @@ def style_descriptors(grams, mean, std):
     return [(g - m) / s for g, m, s in zip(grams, mean, std)]
 
 
-def style_similarity(desc, ref_desc):
+def style_similarity(desc, ref_desc, skip_rgb=False):
     """Per-sample style similarity (N,) in [-1, 1]: cosine between each sample's standardised Gram vector and
-    the mean of the references', per layer, averaged over layers. desc, ref_desc: [(N, K_l)], [(R, K_l)]."""
-    per_layer = [F.cosine_similarity(d, r.mean(dim=0, keepdim=True), dim=1, eps=1e-8) for d, r in zip(desc, ref_desc)]
+    the mean of the references', per layer, averaged over layers. desc, ref_desc: [(N, K_l)], [(R, K_l)].
+    skip_rgb leaves out the first layer, the raw pixels, whose Gram matrix is mostly the mean colour."""
+    first = 1 if skip_rgb else 0
+    per_layer = [F.cosine_similarity(d, r.mean(dim=0, keepdim=True), dim=1, eps=1e-8)
+                 for d, r in zip(desc[first:], ref_desc[first:])]
     return torch.stack(per_layer).mean(dim=0)
 
 
@@ -125,6 +163,9 @@ def measure(probe, images):
     """Run the probe once over uint8 images (N, 3, H, W) and keep what the metrics need:
     {"logits": (N, K), "pooled": (N, D), "style": standardised descriptors [(N, K_l)], "hf": (N,)}."""
     out = probe.run(images)
-    return {"logits": out["logits"], "pooled": out["pooled"],
-            "style": style_descriptors(out["grams"], probe.style_mean, probe.style_std),
-            "hf": high_frequency_energy(images)}
+    got = {"logits": out["logits"], "pooled": out["pooled"],
+           "style": style_descriptors(out["grams"], probe.style_mean, probe.style_std),
+           "hf": high_frequency_energy(images)}
+    if "style_logits" in out:
+        got["style_logits"] = out["style_logits"]
+    return got

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from .checkpoint import CheckpointError, atomic_save, safe_load
 from .data import load_dataset, to_model_range
 from .runtime import UserError
+from .styles import apply_style, match_colours
 
 PROBE_FORMAT = "minisnr-probe-v1"
 STYLE_LAYERS = ("rgb", "conv1", "conv2", "conv3")   # where style (Gram) statistics are read; "rgb" is the input
@@ -52,9 +53,11 @@ def _conv_bn(c_in, c_out, kernel, stride, padding):
 
 
 class ProbeNet(nn.Module):
-    """The probe's network (see the module docstring for the layer shapes)."""
+    """The probe's network (see the module docstring for the layer shapes). With num_styles > 0 it is a judge:
+    a second ProbeNet of the same shape, `style_net`, classifies the style. Two trunks, because the class head
+    must learn to ignore style and the style head to see it; one shared trunk learned neither well."""
 
-    def __init__(self, num_classes, widths=DEFAULT_WIDTHS):
+    def __init__(self, num_classes, widths=DEFAULT_WIDTHS, num_styles=0):
         super().__init__()
         w0, w1, w2 = widths
         self.conv1 = _conv_bn(3, w0, 4, 2, 1)     # stride 2 straight away: 16x16 maps keep the probe cheap on a CPU
@@ -62,6 +65,7 @@ class ProbeNet(nn.Module):
         self.conv3 = _conv_bn(w1, w2, 3, 1, 1)
         self.conv4 = _conv_bn(w2, w2, 3, 1, 1)
         self.head = nn.Linear(w2, num_classes)
+        self.style_net = ProbeNet(num_styles, widths) if num_styles else None   # "none" + one logit per style
 
     def forward_features(self, x):
         """x (N, 3, H, W) in [-1, 1] -> (logits (N, K), pooled (N, w2), style maps {name: (N, C, h, w)})."""
@@ -86,6 +90,7 @@ class Probe:
     test_accuracy: top-1 accuracy on the test split it was trained against
     style_mean, style_std: per style layer, the mean and floored std of natural images' Gram vectors
     info:          everything else in the cache (epochs, seconds, data specs, ...)
+    styles:        the judge's style names, style head index order ("none" first); [] for a plain probe
     """
     net: ProbeNet
     classes: list
@@ -93,6 +98,7 @@ class Probe:
     style_mean: list
     style_std: list
     info: dict = field(default_factory=dict)
+    styles: list = field(default_factory=list)
 
     @property
     def device(self):
@@ -118,18 +124,26 @@ class Probe:
     @torch.no_grad()
     def run(self, images, batch_size=250):
         """Everything the metrics need from uint8 images (N, 3, 32, 32), in batches:
-        {"logits": (N, K), "pooled": (N, w2), "grams": [per STYLE_LAYERS (N, C(C+1)/2)]}."""
+        {"logits": (N, K), "pooled": (N, w2), "grams": [per STYLE_LAYERS (N, C(C+1)/2)]}. A judge also gives
+        "style_logits" (N, len(styles)), and its "pooled" is both trunks' features side by side, (N, 2 w2)."""
         from .metrics import gram_vector
         self.net.eval()
-        logits, pooled, grams = [], [], [[] for _ in STYLE_LAYERS]
+        logits, pooled, styles, grams = [], [], [], [[] for _ in STYLE_LAYERS]
         for i in range(0, len(images), batch_size):
             x = to_model_range(images[i:i + batch_size].to(self.device))
             lg, pl, maps = self.net.forward_features(x)
+            if self.net.style_net is not None:   # a judge: features see class and style; Gram maps are the style's
+                st, st_pooled, maps = self.net.style_net.forward_features(x)
+                styles.append(st.float().cpu())
+                pl = torch.cat([pl, st_pooled], dim=1)                                    # (B, 2 w2)
             logits.append(lg.float().cpu())
             pooled.append(pl.float().cpu())
             for store, name in zip(grams, STYLE_LAYERS):
                 store.append(gram_vector(maps[name].float()).cpu())
-        return {"logits": torch.cat(logits), "pooled": torch.cat(pooled), "grams": [torch.cat(g) for g in grams]}
+        out = {"logits": torch.cat(logits), "pooled": torch.cat(pooled), "grams": [torch.cat(g) for g in grams]}
+        if styles:
+            out["style_logits"] = torch.cat(styles)
+        return out
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -161,28 +175,67 @@ def accuracy(net, images, labels, batch_size=500):
     return correct / max(1, len(images))
 
 
+def _sgd(net, lr):
+    """SGD with Nesterov momentum and weight decay 5e-4, but none on BatchNorm weights and biases."""
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.ndim == 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
+                           lr=lr, momentum=0.9, nesterov=True)
+
+
+def styled_batch(images, styles, generator, p_none=0.25):
+    """The judge's training views: each uint8 image (B, 3, H, W) gets style id 0 ("none", chance p_none) or
+    k = 1..len(styles), and that style applied. Returns (images, style ids (B,)).
+
+    Half of the "none" images are decoys, so that the style head learns what a style is and not a shortcut to it:
+    natural images recoloured to the channel means and spreads of their own styled version (a colour cast alone is
+    no style), and styled images with their pixels shuffled (the right palette and grain, but no picture)."""
+    b, k = len(images), len(styles)
+    sid = torch.where(torch.rand(b, generator=generator) < p_none, 0,
+                      torch.randint(1, k + 1, (b,), generator=generator))
+    donor = torch.randint(1, k + 1, (b,), generator=generator)
+    decoy = torch.where(sid == 0, torch.randint(0, 4, (b,), generator=generator), 0)   # 1: recolour, 2: shuffle
+    out = images.clone()
+    for i, name in enumerate(styles, start=1):
+        if (sid == i).any():
+            out[sid == i] = apply_style(name, images[sid == i])
+        for kind, make in ((1, match_colours), (2, lambda plain, styled: shuffle_pixels(styled, generator))):
+            pick = (decoy == kind) & (donor == i)
+            if pick.any():
+                out[pick] = make(images[pick], apply_style(name, images[pick]))
+    return out, sid
+
+
+def shuffle_pixels(images, generator):
+    """Each uint8 image (N, 3, H, W) with its pixel positions permuted at random: its colours, none of its layout."""
+    n, c, h, w = images.shape
+    perm = torch.argsort(torch.rand(n, h * w, generator=generator), dim=1)          # (N, H*W) one permutation each
+    flat = images.flatten(2)                                                         # (N, 3, H*W)
+    return flat.gather(2, perm[:, None, :].expand(n, c, h * w)).view(n, c, h, w)
+
+
 def train_probe(train_set, test_set, epochs=3, batch_size=128, lr=0.1, widths=DEFAULT_WIDTHS, seed=0,
-                device="cpu", stats_images=5000, log=print):
+                device="cpu", stats_images=5000, log=print, styles=()):
     """Train a ProbeNet on `train_set` (an ImageSet), measure it on `test_set`, and return a Probe.
 
     SGD with Nesterov momentum, weight decay 5e-4, label smoothing 0.1, a one-cycle LR
     (linear warm-up for 15% of the steps to `lr`, then linear decay to 0), crop + flip
     augmentation. fp32. Also records natural-image Gram statistics on up to `stats_images`
     training images, which style similarity uses to standardise its descriptors.
+
+    With `styles` (names from minisnr/styles.py) it trains the judge instead: every view is passed through a
+    random style (styled_batch), the class head learns the class whatever the style, and the style trunk learns
+    which style ("none" or one of `styles`) the view is in. Both losses are summed.
     """
     if epochs < 1 or batch_size < 1:
         raise UserError(f"probe epochs and batch size must be >= 1 (got {epochs}, {batch_size})")
-    if len(train_set) < batch_size:
-        batch_size = len(train_set)
+    batch_size = min(batch_size, len(train_set))
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = torch.device(device)
-    net = ProbeNet(len(train_set.classes), widths).to(device)
-    decay, no_decay = [], []
-    for name, p in net.named_parameters():
-        (no_decay if p.ndim == 1 else decay).append(p)   # no weight decay on BN and biases
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
-                          lr=lr, momentum=0.9, nesterov=True)
+    style_names = ["none", *styles] if styles else []
+    net = ProbeNet(len(train_set.classes), widths, num_styles=len(style_names)).to(device)
+    opt = _sgd(net, lr)
     steps_per_epoch = len(train_set) // batch_size
     total = epochs * steps_per_epoch
     warm = max(1, int(0.15 * total))
@@ -195,12 +248,15 @@ def train_probe(train_set, test_set, epochs=3, batch_size=128, lr=0.1, widths=DE
         loss_sum, correct, seen = 0.0, 0, 0
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size:(i + 1) * batch_size]
-            x = augment(to_model_range(images[idx]), gen).to(device)
+            raw, sid = styled_batch(images[idx], styles, gen) if styles else (images[idx], None)
+            x = augment(to_model_range(raw), gen).to(device)
             y = labels[idx].to(device)
             for g in opt.param_groups:
                 g["lr"] = lr * ((step + 1) / warm if step < warm else max(0.0, (total - step) / (total - warm)))
             logits = net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=0.1)
+            if styles:   # the style trunk has its own weights, so the two losses do not compete
+                loss = loss + F.cross_entropy(net.style_net(x), sid.to(device), label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -211,20 +267,38 @@ def train_probe(train_set, test_set, epochs=3, batch_size=128, lr=0.1, widths=DE
         log(f"probe epoch {epoch + 1}/{epochs}: loss {loss_sum / max(1, steps_per_epoch):.3f}, "
             f"train acc {correct / max(1, seen):.3f} ({time.time() - start:.0f}s)")
     seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
-    test_acc = accuracy(net, test_set.images, test_set.labels)
     net.eval()
-    probe = Probe(net, list(train_set.classes), test_acc, [], [],
+    probe = Probe(net, list(train_set.classes), accuracy(net, test_set.images, test_set.labels), [], [],
                   {"epochs": epochs, "batch_size": batch_size, "lr": lr, "widths": list(widths), "seed": seed,
                    "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1),
-                   "threads": torch.get_num_threads(), "n_train": len(train_set), "n_test": len(test_set)})
+                   "threads": torch.get_num_threads(), "n_train": len(train_set), "n_test": len(test_set)},
+                  style_names)
     # natural-image Gram statistics, from a fixed random subset of the training images
     pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 1))[:stats_images]
     grams = probe.run(images[pick])["grams"]
     probe.style_mean = [g.mean(0) for g in grams]
     probe.style_std = [_floored_std(g) for g in grams]
-    log(f"probe test accuracy {test_acc:.4f} on {len(test_set)} test images; trained in {seconds:.0f}s "
+    if styles:
+        probe.info.update(judge_accuracy(probe, test_set))
+    log(f"probe test accuracy {probe.test_accuracy:.4f} on {len(test_set)} test images; trained in {seconds:.0f}s "
         f"({cpu_seconds:.0f} CPU-s on {torch.get_num_threads()} thread(s))")
     return probe
+
+
+@torch.no_grad()
+def judge_accuracy(probe, test_set):
+    """How well a judge sees through styles, on the test split passed through each of its styles:
+    {"styled_content_accuracy": class head on styled images (the content ceiling),
+     "style_accuracy": style head right, per style name and "mean"}."""
+    per_style, content = {}, []
+    for k, name in enumerate(probe.styles):
+        images = test_set.images if name == "none" else apply_style(name, test_set.images)
+        out = probe.run(images)
+        per_style[name] = (out["style_logits"].argmax(1) == k).float().mean().item()
+        if name != "none":
+            content.append((out["logits"].argmax(1) == test_set.labels).float().mean().item())
+    per_style["mean"] = sum(per_style.values()) / len(per_style)
+    return {"styled_content_accuracy": sum(content) / len(content), "style_accuracy": per_style}
 
 
 def _floored_std(g):
@@ -241,7 +315,7 @@ def save_probe(probe, path):
                  "num_classes": len(probe.classes), "classes": list(probe.classes),
                  "test_accuracy": float(probe.test_accuracy), "style_layers": list(STYLE_LAYERS),
                  "style_mean": [t.cpu() for t in probe.style_mean], "style_std": [t.cpu() for t in probe.style_std],
-                 "info": dict(probe.info)}, path)
+                 "info": dict(probe.info), "styles": list(probe.styles)}, path)
 
 
 def load_probe(path, device="cpu"):
@@ -252,19 +326,27 @@ def load_probe(path, device="cpu"):
     if tuple(blob.get("style_layers", ())) != STYLE_LAYERS:
         raise CheckpointError(f"probe {path!r} was made by another minisnr version; delete it to retrain")
     widths = tuple(blob["info"].get("widths", DEFAULT_WIDTHS))
-    net = ProbeNet(blob["num_classes"], widths)
+    styles = list(blob.get("styles", []))          # [] in a plain probe and in files from before the judge
+    net = ProbeNet(blob["num_classes"], widths, num_styles=len(styles))
     try:
         net.load_state_dict(blob["state"])
     except RuntimeError as e:
         raise CheckpointError(f"probe {path!r} does not match its recorded widths: {str(e).splitlines()[0]}") from None
     return Probe(net.to(device).eval(), list(blob["classes"]), float(blob["test_accuracy"]),
-                 list(blob["style_mean"]), list(blob["style_std"]), dict(blob["info"], path=path))
+                 list(blob["style_mean"]), list(blob["style_std"]), dict(blob["info"], path=path), styles)
 
 
-def get_probe(path, train_data, test_data, epochs=3, device="cpu", retrain=False, log=print, **train_kwargs):
-    """Load the cached probe at `path`, or (if it is missing or `retrain`) train one and cache it there."""
+def get_probe(path, train_data, test_data, epochs=3, device="cpu", retrain=False, log=print, styles=(),
+              **train_kwargs):
+    """Load the cached probe at `path`, or (if it is missing or `retrain`) train one and cache it there.
+    With `styles`, the probe is a judge of those styles (train_probe), and a cached file must judge the same ones."""
     if os.path.exists(path) and not retrain:
-        return load_probe(path, device)
+        probe = load_probe(path, device)
+        want = ["none", *styles] if styles else []
+        if probe.styles != want:
+            raise UserError(f"{path} judges styles {probe.styles or 'none'}, but {want or 'a plain probe'} is needed "
+                            f"here; pass another --probe/--judge path (or delete that file to retrain)")
+        return probe
     log(f"training the probe on {train_data} ({epochs} epochs; cached afterwards in {path})")
     t0 = time.time()
     train_set = load_dataset(train_data, train=True, flag="--train-data")
@@ -273,7 +355,7 @@ def get_probe(path, train_data, test_data, epochs=3, device="cpu", retrain=False
         raise UserError(f"train classes {train_set.classes} differ from test classes {test_set.classes}; "
                         f"pass matching --train-data and --test-data")
     log(f"loaded {len(train_set)} train and {len(test_set)} test images in {time.time() - t0:.0f}s")
-    probe = train_probe(train_set, test_set, epochs=epochs, device=device, log=log, **train_kwargs)
+    probe = train_probe(train_set, test_set, epochs=epochs, device=device, log=log, styles=styles, **train_kwargs)
     probe.info.update(train_data=train_data, test_data=test_data)
     save_probe(probe, path)
     probe.info["path"] = path

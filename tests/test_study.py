@@ -1,0 +1,152 @@
+"""The evaluation protocol (minisnr/study.py) and the own-painting comparison (minisnr/compare.py), tiny and offline:
+a tiny DiT trained for 20 steps, conftest's 3-class image folder as train and test data, 2 fine-tuning steps a run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minisnr import compare, study
+from minisnr.runtime import UserError
+from minisnr.styles import DEV_STYLES, STYLES, TEST_STYLES
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny base checkpoint (train.py --preset tiny) and its image folder."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from conftest import write_image_folder
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("study")
+    data = write_image_folder(root / "imagefolder")
+    r = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train.py"), "--preset", "tiny", "--data", data,
+                        "--out", str(root / "pre")], capture_output=True, text=True, cwd=REPO_ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, f"train.py --preset tiny should succeed: {r.stderr[-400:]}"
+    return {"ckpt": str(root / "pre" / "ckpt.pt"), "data": data, "root": root}
+
+
+def argv(tiny, out, *extra):
+    return [tiny["ckpt"], "--out", out, "--train-data", tiny["data"], "--test-data", tiny["data"],
+            "--judge", str(tiny["root"] / "judge.pt"), "--judge-epochs", "1", "--targets-per-class", "4",
+            "--samples-per-class", "2", "--sample-steps", "3", "--steps", "2", "--seeds", "2",
+            "--styles", "tritone,hatching", "--device", "cpu", *extra]
+
+
+def test_dev_and_test_styles_are_disjoint_and_cover_non_colour_styles():
+    """Defaults are chosen on dev styles and reported on test styles: the two never share a style, and the
+    test set has at least 3 styles that are not a global colour map."""
+    assert not set(DEV_STYLES) & set(TEST_STYLES), "a style in both splits would leak the choice into the report"
+    assert set(DEV_STYLES) | set(TEST_STYLES) == set(STYLES) and len(STYLES) >= 6
+    assert len(set(TEST_STYLES) - {"tritone", "sepia-vignette"}) >= 3, "test needs 3+ styles beyond colour maps"
+
+
+def test_study_main_part_end_to_end_and_resumes(tiny, tmp_path, capsys):
+    """The main part fine-tunes every sampler on every (style, seed) pair, writes a report with the paired
+    columns, the noise-floor row and the decoy rows, and a rerun reuses every adapter and score."""
+    out = str(tmp_path / "study")
+    study.main(argv(tiny, out, "--parts", "main"))
+    log = capsys.readouterr().out
+    runs = 2 * 2 * len(study.SAMPLERS)                                   # 2 styles x 2 seeds x samplers
+    assert log.count("fine-tuned") == runs, f"expected {runs} fine-tunes, log:\n{log[-1500:]}"
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert len(results["runs"]) == runs and results["default"] in study.SAMPLERS
+    assert results["default_rule"].startswith("lowest mean per-class KID over 2 dev"), results["default_rule"]
+    report = open(os.path.join(out, "report.md")).read()
+    for text in ("## dev styles: tritone", "## test styles: hatching", "Δ KID×1000 vs SD3", "noise floor",
+                 "decoy: copies of the reference", "real test images in the style (ceiling)", "± "):
+        assert text in report, f"the report should contain {text!r}"
+    study.main(argv(tiny, out, "--parts", "main"))
+    log = capsys.readouterr().out
+    assert log.count("adapter reused") == runs and log.count("scores reused") == runs and "fine-tuned" not in log, \
+        "a rerun should reuse every adapter and every score"
+
+
+def test_each_seed_has_its_own_reference_shared_by_all_samplers(tiny, tmp_path):
+    """Pairing: for one (style, seed) every sampler learns from the same reference file; another seed uses
+    another reference image (of another class where the dataset has one)."""
+    s = study.Study(study.build_parser().parse_args(argv(tiny, str(tmp_path / "s"))))
+    s.prepare()
+    cfgs = {(seed, name): s.finetune_config("main", "hatching", seed, name) for seed in (0, 1) for name in study.SAMPLERS}
+    for seed in (0, 1):
+        assert len({cfgs[seed, n].style for n in study.SAMPLERS}) == 1, "all samplers should share the reference"
+        assert {cfgs[seed, n].seed for n in study.SAMPLERS} == {seed}
+    assert cfgs[0, "sd3"].style != cfgs[1, "sd3"].style, "seeds should use different references"
+    assert s.reference("hatching", 0)[1] != s.reference("hatching", 1)[1], "and references of different classes"
+    assert cfgs[0, "sf-4"].mu == -4 and cfgs[0, "sd3-paper"].shift == pytest.approx(study.PAPER_SD3_SHIFT)
+
+
+def test_default_is_chosen_on_dev_styles_only():
+    """choose_default looks only at dev pairs: a sampler that wins every test style but loses on dev is not
+    chosen."""
+    s = study.Study.__new__(study.Study)
+    s.args = study.build_parser().parse_args(["ckpt", "--seeds", "1"])
+    runs = {}
+    for style in STYLES:
+        for name in study.SAMPLERS:
+            on_dev = style in DEV_STYLES
+            kid = (0.1 if name == "sf-4" else 0.5) if on_dev else (0.0 if name == "sd3" else 0.9)
+            runs[f"main/{style}/0/{name}"] = {"0:1": {"kid": kid}}
+    s.results = {"runs": runs}
+    assert s.choose_default() == "sf-4", "the dev set prefers sf-4; the test set must not change that"
+
+
+def test_windows_ablations_and_lam_parts(tiny, tmp_path):
+    """The other parts run on the test styles with the given default, and the report gets their tables."""
+    out = str(tmp_path / "parts")
+    study.main(argv(tiny, out, "--split", "test", "--parts", "main,windows,ablations,lam", "--default", "sf-2",
+                    "--seeds", "1"))
+    results = json.load(open(os.path.join(out, "results.json")))
+    ablations = {k.split("/")[0] for k in results["runs"]} - {"main"}
+    assert ablations == set(study.VARIANTS) - {"main"}, f"every variant should run, got {ablations}"
+    lam = results["runs"]["main/hatching/0/sf-2"]
+    assert set(study.LAM_WINDOWS) <= set(lam), "the default's runs should be scored in every lam window"
+    report = open(os.path.join(out, "report.md")).read()
+    for text in ("## Style window at sampling", "## Ablations", "## Where is the style decided?", "lam <= X"):
+        assert text in report, f"the report should contain {text!r}"
+    assert os.path.isfile(os.path.join(out, "windows.png")) and os.path.isfile(os.path.join(out, "lam.png"))
+
+
+def test_style_vector_off_leaves_only_lora(tiny, tmp_path):
+    """The no-style-vector variant's adapter has LoRA tensors but no style vector, and it loads again."""
+    from minisnr.checkpoint import load_pretrained, safe_load
+    from minisnr.lora import apply_adapter
+    out = str(tmp_path / "abl")
+    study.main(argv(tiny, out, "--split", "test", "--parts", "ablations", "--default", "sd3", "--seeds", "1",
+                    "--styles", "hatching"))
+    path = os.path.join(out, "runs", "no-style-vector", "hatching", "seed0", "sd3", "adapter.pt")
+    keys = safe_load(path, what="LoRA adapter")["lora"]
+    assert keys and not any("lora_style" in k for k in keys), "no style vector should be saved"
+    model, _ = load_pretrained(tiny["ckpt"])
+    apply_adapter(model, path)
+    assert model.style_embedder is None, "applying it should add no style vector"
+
+
+def test_compare_on_own_painting(tiny, tmp_path, capsys):
+    """compare fine-tunes twice from one painting and writes a grid of style off | SD3 | default per class."""
+    from PIL import Image
+    painting = tmp_path / "painting.png"
+    Image.effect_mandelbrot((80, 60), (-2, -1.2, 1, 1.2), 60).convert("RGB").save(painting)
+    out = str(tmp_path / "cmp")
+    scores = compare.main([tiny["ckpt"], "--style", str(painting), "--out", out, "--judge", str(tiny["root"] / "j2.pt"),
+                           "--train-data", tiny["data"], "--test-data", tiny["data"], "--n", "2", "--steps", "2",
+                           "--finetune-steps", "2", "--device", "cpu"])
+    assert len(scores) == 3 and all(0 <= v["content"] <= 1 and -1 <= v["style"] <= 1 for v in scores.values())
+    with Image.open(os.path.join(out, "compare.png")) as img:
+        assert img.size == (6 * 33 + 1, 3 * 33 + 1), "a row per class (3), 3 blocks of 2 samples, 1-pixel gaps"
+    assert os.path.isfile(os.path.join(out, "sd3", "adapter.pt")) and os.path.isfile(os.path.join(out, "default",
+                                                                                                   "adapter.pt"))
+
+
+def test_study_rejects_bad_flags(tiny, tmp_path):
+    """Bad values are one-line errors before any work."""
+    with pytest.raises(UserError, match="--parts"):
+        study.main(argv(tiny, str(tmp_path / "x"), "--parts", "main,everything"))
+    with pytest.raises(UserError, match="--default"):
+        study.main(argv(tiny, str(tmp_path / "x"), "--default", "sf-3"))
+    with pytest.raises(UserError, match="--cfg"):
+        study.main(argv(tiny, str(tmp_path / "x"), "--cfg", "nan"))
