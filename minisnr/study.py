@@ -35,13 +35,13 @@ import time
 import torch
 
 from . import metrics
-from .checkpoint import check_writable, load_pretrained, write_json, write_text
+from .checkpoint import check_writable, load_pretrained, write_json
 from .data import load_dataset
 from .generate import generate
 from .lora import apply_adapter, merge_lora, set_style_scale, style_window_hook, unmerge_lora
 from .probe import get_probe, shuffle_pixels
 from .rf import NoiseSampler, lam_of_t
-from .runtime import UserError, autocast_context, pick_device, resolve_precision, run_main, save_png
+from .runtime import UserError, autocast_context, pick_device, resolve_precision, run_main, save_png, sync
 from .styles import DEV_STYLES, STYLES, TEST_STYLES, get_style, match_colours
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,6 +67,11 @@ SAMPLERS = {
 }
 NOISE_FLOOR = ("sf+0", "sd3")     # the same law of lam, drawn two ways: their difference is chance
 
+# --- the sampling windows: the style on for part of the trajectory ---------------------------------
+WINDOWS = ("0:0.25", "0:0.5")                 # on for the first quarter / half of the steps, from noise
+LAM_THRESHOLDS = (-6, -4, -2, 0, 2, 4)        # on only while lam <= X (the noisy start), or only while lam > X
+LAM_WINDOWS = tuple(f"lam<={x}" for x in LAM_THRESHOLDS) + tuple(f"lam>{x}" for x in LAM_THRESHOLDS)
+
 # --- the fine-tuning variants (ablations) ------------------------------------------------------
 REF = "<reference class>"
 VARIANTS = {
@@ -85,6 +90,20 @@ def load_finetune():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def forward_rate(model, device, n=64, repeats=2):
+    """Images per second of one DiT forward pass on this machine (a quick timing for the dry run's guess)."""
+    x = torch.randn(n, model.config.in_channels, model.config.img_size, model.config.img_size, device=device)
+    t, y = torch.full((n,), 0.5, device=device), torch.zeros(n, dtype=torch.long, device=device)
+    with torch.no_grad():
+        model(x, t, y)                                                      # warm-up
+        sync(device)
+        start = time.time()
+        for _ in range(repeats):
+            model(x, t, y)
+        sync(device)
+    return n * repeats / max(time.time() - start, 1e-6)
 
 
 def lam_window_hook(model, lam_max, steps, early=True):
@@ -279,33 +298,56 @@ class Study:
         """Every (style, seed) pair of a split: the unit that samplers are compared on."""
         return [(style, seed) for style in self.styles_of(split) for seed in range(self.args.seeds)]
 
+    def plan(self, parts, default):
+        """Every run the parts ask for, in order, as (variant, style, seed, sampler, windows)."""
+        a, out = self.args, []
+        splits = ["dev", "test"] if a.split == "both" else [a.split]
+        test = self.pairs("test") if "test" in splits else []
+        abl = a.ablation_styles.split(",") if a.ablation_styles else None
+        for split in splits if "main" in parts else []:
+            out += [("main", st, sd, name, ("0:1",)) for st, sd in self.pairs(split) for name in SAMPLERS]
+        if "windows" in parts:
+            out += [("main", st, sd, name, ("0:1", *WINDOWS)) for st, sd in test for name in SAMPLERS]
+        if "ablations" in parts:
+            out += [(variant, st, sd, name, ("0:1",)) for variant in VARIANTS if variant != "main"
+                    for st, sd in test if abl is None or st in abl
+                    for name in dict.fromkeys(("sd3", default))]           # once each, also if the default is SD3
+        if "lam" in parts:
+            out += [("main", st, sd, default, ("0:1", *LAM_WINDOWS)) for st, sd in test]
+        return out
+
     def run(self):
         """All requested parts in order; the default sampler is chosen from the dev runs before the test parts."""
         a = self.args
         self.prepare()
-        parts, splits = a.parts.split(","), ["dev", "test"] if a.split == "both" else [a.split]
+        parts = set(a.parts.split(","))
+        if a.dry_run:
+            return self.dry_run(self.plan(parts, a.default))
         self.results = {"fixed": {}, "runs": {}}
-        for split in splits:
+        for split in ["dev", "test"] if a.split == "both" else [a.split]:
             for style, seed in self.pairs(split):
                 self.results["fixed"][f"{style}/{seed}"] = self.fixed_rows(style, seed)
-                if "main" in parts:
-                    for sampler in SAMPLERS:
-                        self.record("main", style, seed, sampler, ["0:1"])
-        self.default = self.choose_default() if "main" in parts and "dev" in splits else a.default
-        test = self.pairs("test") if "test" in splits else []
-        for style, seed in test if "windows" in parts else []:
-            for sampler in SAMPLERS:
-                self.record("main", style, seed, sampler, ["0:1", *WINDOWS])
-        abl_styles = a.ablation_styles.split(",") if a.ablation_styles else None
-        for variant in [v for v in VARIANTS if v != "main"] if "ablations" in parts else []:
-            for style, seed in test:
-                if abl_styles is None or style in abl_styles:
-                    for sampler in dict.fromkeys(("sd3", self.default)):     # once each, also if the default is SD3
-                        self.record(variant, style, seed, sampler, ["0:1"])
-        for style, seed in test if "lam" in parts else []:
-            self.record("main", style, seed, self.default, ["0:1", *LAM_WINDOWS])
+        for run in self.plan(parts & {"main"}, a.default):
+            self.record(*run)
+        self.default = self.choose_default() if "main" in parts and a.split != "test" else a.default
+        for run in self.plan(parts - {"main"}, self.default):
+            self.record(*run)
         from .study_report import write_report
         return write_report(self)
+
+    def dry_run(self, plan):
+        """Print what is left to do and a first guess of its time, from one timing of the DiT's forward pass."""
+        todo_ft = {r[:4] for r in plan if not os.path.exists(os.path.join(self.run_dir(*r[:4]), "adapter.pt"))}
+        windows = sum(len(r[4]) for r in plan)
+        rate = forward_rate(self.base, self.device)
+        steps = self.fixed.get("steps", self.finetune.FinetuneConfig().steps)
+        ft_s = steps * self.finetune.FinetuneConfig().batch_size * 3 / rate + 2.0     # backward ~ 2 forwards
+        n = self.args.samples_per_class * len(self.classes)
+        score_s = n * self.args.sample_steps * 2 / rate                                # CFG doubles the batch
+        print(f"plan: {len(plan)} runs, {len(todo_ft)} fine-tune(s) still to do (~{ft_s:.0f}s each), up to {windows} "
+              f"sampling passes of {n} images (~{score_s:.0f}s each) | DiT forward ~{rate:.0f} img/s | first guess "
+              f"~{(len(todo_ft) * ft_s + windows * score_s) / 60:.0f} min (cached scores are skipped)")
+        return None
 
     def record(self, variant, style, seed, sampler, windows):
         """Score one run and keep its scores under 'VARIANT/STYLE/SEED/SAMPLER'."""
@@ -322,10 +364,6 @@ class Study:
         print(f"default sampler from the dev styles: {best} ({self.default_rule})", flush=True)
         return best
 
-
-WINDOWS = ("0:0.25", "0:0.5")                 # style on for the first quarter / half of the steps, from noise
-LAM_THRESHOLDS = (-6, -4, -2, 0, 2, 4)
-LAM_WINDOWS = tuple(f"lam<={x}" for x in LAM_THRESHOLDS) + tuple(f"lam>{x}" for x in LAM_THRESHOLDS)
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -354,6 +392,7 @@ def build_parser():
     p.add_argument("--test-data", default="cifar10", help="test split: references, targets and the ceiling")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32, for fine-tuning and sampling")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and a first guess of its time, then stop")
     return p
 
 

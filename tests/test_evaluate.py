@@ -143,19 +143,6 @@ def test_high_frequency_energy():
         "halftone dots should add high-frequency energy"
 
 
-def test_best_mu_rule():
-    rows = [{"mu": 4.0, "style_sim": 0.1, "content_acc": 0.35}, {"mu": -2.0, "style_sim": 0.5, "content_acc": 0.20},
-            {"mu": -4.0, "style_sim": 0.6, "content_acc": 0.16}, {"mu": -8.0, "style_sim": 0.7, "content_acc": 0.05}]
-    mu, bar = evaluate.best_mu(rows, 0.05, reference=0.20)
-    assert mu == -4.0 and abs(bar - 0.15) < 1e-9, \
-        f"with SD3 content 0.20 and tol 0.05, mu=-8 (0.05 < 0.15) is out and -4 has the best style; got {mu}, bar {bar}"
-    mu, _ = evaluate.best_mu(rows, 0.05)
-    assert mu == 4.0, f"without a reference the bar is the best row's content (0.35 - 0.05): only mu=+4 clears it; got {mu}"
-    mu, _ = evaluate.best_mu(rows, 0.0, reference=0.9)
-    assert mu == 4.0, f"if no mu clears the bar, the one with the best content accuracy should be taken; got {mu}"
-    assert evaluate.best_mu([], 0.05) == (None, None), "no style-friendly rows should give no best mu"
-
-
 # --- probe cache --------------------------------------------------------------------------------
 
 def test_probe_round_trip_through_cache(tmp_path, image_folder):
@@ -201,56 +188,22 @@ def tiny_base(tmp_path_factory):
     return {"ckpt": str(out / "ckpt.pt"), "data": data, "root": root}
 
 
-def sweep_argv(base, out, probe):
-    return ["sweep", base["ckpt"], "--out", out, "--probe", probe, "--train-data", base["data"],
-            "--test-data", base["data"], "--probe-epochs", "1", "--styles", "tritone", "--style-image", "mango:1",
-            "--baselines", "sd3", "--mus=-2", "--sigmas", "2", "--steps", "2", "--samples-per-class", "2",
-            "--sample-steps", "2", "--targets-per-class", "4", "--device", "cpu"]
-
-
-def test_sweep_end_to_end(tiny_base, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")   # for the finetune.py subprocesses
-    out, probe = str(tmp_path / "sweep"), str(tmp_path / "probe.pt")
-    evaluate.main(sweep_argv(tiny_base, out, probe))
-    for name in ("table.md", "plot.png", "results.json", "styles/tritone.png"):
-        assert os.path.isfile(os.path.join(out, name)), f"the sweep should write {name}"
-    results = json.load(open(os.path.join(out, "results.json")))
-    tags = [r["tag"] for r in results["rows"]]
-    assert tags == ["base", "sd3", "sf_mu-2_s2"], f"rows should be the base model, SD3 and mu=-2; got {tags}"
-    for r in results["rows"]:
-        m = r["mean"]
-        assert -1 <= m["style_sim"] <= 1 and 0 <= m["content_acc"] <= 1 and m["styled_fd"] >= 0 and 0 <= m["hf"] <= 1, \
-            f"row {r['tag']} should have scores in range, got {m}"
-    assert results["best_mu"] == -2.0, f"with one mu, the best mu should be it (-2), got {results['best_mu']}"
-    table = open(os.path.join(out, "table.md")).read()
-    assert "SD3 logit-normal" in table and "style-friendly mu=-2" in table and "base model" in table, \
-        "the markdown table should have a row per sampler setting and the base model"
-    with Image.open(os.path.join(out, "plot.png")) as img:
-        assert img.size[0] > 300 and img.size[1] > 200, f"the plot should be a real image, got size {img.size}"
-    capsys.readouterr()
-
-    # resumable: a second run reuses adapters and scores instead of fine-tuning again
-    evaluate.main(sweep_argv(tiny_base, out, probe))
-    log = capsys.readouterr().out
-    assert log.count("adapter reused") == 2 and "fine-tuned" not in log, \
-        f"a repeated sweep should reuse both adapters without fine-tuning; output was:\n{log}"
-    assert "[1/2]" in log and "so far, ~" in log and " left" in log, \
-        f"each finished run should print its number, the time so far and the time left; output was:\n{log}"
-
-    # fig4 on one of the adapters
-    adapter = os.path.join(out, "runs", "tritone", "sf_mu-2_s2", "adapter.pt")
-    fig_out = str(tmp_path / "fig4")
-    evaluate.main(["fig4", tiny_base["ckpt"], adapter, "--out", fig_out, "--probe", probe, "--windows", "0:0,0:0.5,0.5:1,0:1",
-                   "--samples-per-class", "2", "--sample-steps", "2", "--test-data", tiny_base["data"], "--device", "cpu"])
+def test_fig4_end_to_end(tiny_base, tmp_path, monkeypatch):
+    """fig4 scores every requested window of an adapter and writes its table and plot."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("finetune_script", os.path.join(REPO_ROOT, "finetune.py"))
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    style = tmp_path / "style.png"
+    Image.fromarray(apply_style("tritone", natural_like(1, seed=7))[0].permute(1, 2, 0).numpy()).save(style)
+    adapter = finetune.main(["--base", tiny_base["ckpt"], "--style", str(style), "--out", str(tmp_path / "ft"),
+                             "--steps", "2", "--sample-per-class", "0", "--device", "cpu"])
+    fig_out, probe = str(tmp_path / "fig4"), str(tmp_path / "probe.pt")
+    evaluate.main(["fig4", tiny_base["ckpt"], adapter, "--out", fig_out, "--probe", probe, "--windows",
+                   "0:0,0:0.5,0.5:1,0:1", "--samples-per-class", "2", "--sample-steps", "2", "--train-data",
+                   tiny_base["data"], "--test-data", tiny_base["data"], "--probe-epochs", "1", "--device", "cpu"])
     rows = json.load(open(os.path.join(fig_out, "fig4.json")))["rows"]
     assert [r["window"] for r in rows] == ["0:0", "0:0.5", "0.5:1", "0:1"], "fig4 should score every requested window"
+    assert all(-1 <= r["style_sim"] <= 1 and 0 <= r["content_acc"] <= 1 for r in rows), f"scores in range: {rows}"
     assert os.path.isfile(os.path.join(fig_out, "fig4.png")) and os.path.isfile(os.path.join(fig_out, "fig4.md")), \
         "fig4 should write its plot and table"
-
-
-def test_sweep_rejects_bad_flags(tiny_base, tmp_path):
-    argv = sweep_argv(tiny_base, str(tmp_path / "s"), str(tmp_path / "p.pt"))
-    with pytest.raises(UserError, match="unknown style"):
-        evaluate.main(argv + ["--styles", "oil-paint"])
-    with pytest.raises(UserError, match="--mus"):
-        evaluate.main(argv + ["--mus", "a,b"])

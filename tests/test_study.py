@@ -150,3 +150,13 @@ def test_study_rejects_bad_flags(tiny, tmp_path):
         study.main(argv(tiny, str(tmp_path / "x"), "--default", "sf-3"))
     with pytest.raises(UserError, match="--cfg"):
         study.main(argv(tiny, str(tmp_path / "x"), "--cfg", "nan"))
+
+
+def test_dry_run_counts_what_is_left(tiny, tmp_path, capsys):
+    """--dry-run prints how many fine-tunes are still to do and a time guess, and writes no run."""
+    out = str(tmp_path / "dry")
+    assert study.main(argv(tiny, out, "--parts", "main", "--dry-run")) is None
+    log = capsys.readouterr().out
+    runs = 2 * 2 * len(study.SAMPLERS)
+    assert f"{runs} fine-tune(s) still to do" in log and "first guess" in log, log
+    assert not os.path.exists(os.path.join(out, "runs")), "a dry run should fine-tune nothing"
