@@ -35,7 +35,7 @@ import time
 import torch
 
 from . import metrics
-from .checkpoint import check_writable, load_pretrained, write_json
+from .checkpoint import atomic_save, check_writable, load_pretrained, write_json
 from .data import load_dataset
 from .generate import generate
 from .lora import apply_adapter, merge_lora, set_style_scale, style_window_hook, unmerge_lora
@@ -68,8 +68,8 @@ SAMPLERS = {
 NOISE_FLOOR = ("sf+0", "sd3")     # the same law of lam, drawn two ways: their difference is chance
 
 # --- the sampling windows: the style on for part of the trajectory ---------------------------------
-WINDOWS = ("0:0.25", "0:0.5")                 # on for the first quarter / half of the steps, from noise
-LAM_THRESHOLDS = (-6, -4, -2, 0, 2, 4)        # on only while lam <= X (the noisy start), or only while lam > X
+WINDOWS = ("0:0.5",)                         # on for the first half of the steps, from noise, then off
+LAM_THRESHOLDS = (-4, -2, 0, 2)               # on only while lam <= X (the noisy start), or only while lam > X
 LAM_WINDOWS = tuple(f"lam<={x}" for x in LAM_THRESHOLDS) + tuple(f"lam>{x}" for x in LAM_THRESHOLDS)
 
 # --- the fine-tuning variants (ablations) ------------------------------------------------------
@@ -90,6 +90,11 @@ def load_finetune():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def samples_path(run_dir, window):
+    """RUN_DIR/samples/WINDOW.pt, with the window spelled for a file name: 'lam<=-2' -> 'lam_le_-2'."""
+    return os.path.join(run_dir, "samples", window.replace(":", "_").replace("<=", "_le_").replace(">", "_gt_") + ".pt")
 
 
 def forward_rate(model, device, n=64, repeats=2):
@@ -236,12 +241,17 @@ class Study:
         todo = [w for w in windows if w not in cached]
         t0 = time.time()
         if todo:
-            model = copy.deepcopy(self.base)
-            apply_adapter(model, adapter)
-            model.to(self.device)
+            model = None
             _, _, ref = self.reference(style, seed)
             for w in todo:
-                cached[w] = self.score(*self.sample_window(model, w), style, ref)
+                images = self.cached_samples(os.path.dirname(adapter), w)
+                if images is None:
+                    if model is None:
+                        model = copy.deepcopy(self.base)
+                        apply_adapter(model, adapter)
+                        model.to(self.device)
+                    images = self.save_samples(os.path.dirname(adapter), w, self.sample_window(model, w))
+                cached[w] = self.score(*images, style, ref)
             write_json({"key": key, "scores": cached}, path)
         self.done += 1
         print(f"[{self.done}] {variant:>15} {style:>14} seed {seed} {sampler:>9} | "
@@ -250,6 +260,26 @@ class Study:
               f"style {cached[windows[0]]['style_acc']:.2f} content {cached[windows[0]]['content_acc']:.2f} "
               f"KID {1000 * cached[windows[0]]['kid']:.1f} | {(time.time() - self.t0) / 60:.1f} min so far", flush=True)
         return cached
+
+    # The samples of each window are kept, so that a new judge (or a new metric) rescores without sampling again.
+    def sample_key(self):
+        """What the samples depend on besides the adapter: a changed key means sampling again."""
+        return {k: getattr(self.args, k) for k in ("samples_per_class", "sample_steps", "cfg", "sample_seed")}
+
+    def cached_samples(self, run_dir, window):
+        """(images, labels) saved for this window with the same sample_key, or None."""
+        path = samples_path(run_dir, window)
+        if not os.path.exists(path):
+            return None
+        blob = torch.load(path, weights_only=True)    # tensors and plain data only
+        return (blob["images"], blob["labels"]) if blob.get("key") == self.sample_key() else None
+
+    def save_samples(self, run_dir, window, images_labels):
+        """Keep (images, labels) of one window beside the run (uint8: 300 KB per 100 samples); returns them."""
+        path = samples_path(run_dir, window)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_save({"key": self.sample_key(), "images": images_labels[0], "labels": images_labels[1]}, path)
+        return images_labels
 
     def sample_window(self, model, window):
         """Samples with the style on only in `window`: 'a:b' (fractions of the steps, from noise) or 'lam<=X' /

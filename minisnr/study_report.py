@@ -195,7 +195,8 @@ def _plot_windows(study, rows, path):
         if pts:
             series.append({"label": sampler, "x": [p[0] for p in pts], "y": [p[1] for p in pts],
                            "color": colours[i % len(colours)], "marker": "o"})
-    line_plot(path, series, title="style on for 0:0.25, 0:0.5, 0:1 of the steps (test styles)",
+    from .study import WINDOWS
+    line_plot(path, series, title=f"style on for {', '.join(WINDOWS)} and 0:1 of the steps (test styles)",
               xlabel="content acc (judge)", ylabel="style acc (judge)")
 
 
