@@ -183,13 +183,14 @@ def _sgd(net, lr):
                            lr=lr, momentum=0.9, nesterov=True)
 
 
-def styled_batch(images, styles, generator, p_none=0.25):
+def styled_batch(images, styles, generator, p_none=0.25, flaw_chance=0.5):
     """The judge's training views: each uint8 image (B, 3, H, W) gets style id 0 ("none", chance p_none) or
     k = 1..len(styles), and that style applied. Returns (images, style ids (B,)).
 
     Half of the "none" images are decoys, so that the style head learns what a style is and not a shortcut to it:
     natural images recoloured to the channel means and spreads of their own styled version (a colour cast alone is
-    no style), and styled images with their pixels shuffled (the right palette and grain, but no picture)."""
+    no style), and styled images with their pixels shuffled (the right palette and grain, but no picture).
+    Then a `flaw_chance` of all views get the flaws of generated images (degrade)."""
     b, k = len(images), len(styles)
     sid = torch.where(torch.rand(b, generator=generator) < p_none, 0,
                       torch.randint(1, k + 1, (b,), generator=generator))
@@ -203,7 +204,31 @@ def styled_batch(images, styles, generator, p_none=0.25):
             pick = (decoy == kind) & (donor == i)
             if pick.any():
                 out[pick] = make(images[pick], apply_style(name, images[pick]))
-    return out, sid
+    return degrade(out, generator, flaw_chance), sid
+
+
+def degrade(images, generator, chance=0.5):
+    """Give a random `chance` of uint8 images (N, 3, H, W) the flaws of generated images: a slight blur, pixel
+    noise and a small colour shift, each of random strength. Applied to every label alike, so a flaw never
+    tells the style; it teaches the judge that an imperfect rendering of a style is still that style."""
+    n = len(images)
+    pick = torch.rand(n, generator=generator) < chance
+    if not pick.any():
+        return images
+    x = images[pick].float() / 255                                                   # (M, 3, H, W)
+    m = len(x)
+    sigma = 0.3 + 0.7 * torch.rand(m, 1, 1, generator=generator)                     # blur std in pixels
+    taps = torch.exp(-torch.tensor([1.0, 0.0, 1.0]) / (2 * sigma ** 2))             # (M, 1, 3) 1D Gaussian
+    k = (taps / taps.sum(-1, keepdim=True)).view(m, 1, 3)
+    k2 = (k.transpose(1, 2) @ k).repeat_interleave(3, 0).unsqueeze(1)              # (3M, 1, 3, 3) per image
+    x = F.conv2d(F.pad(x.view(1, 3 * m, *x.shape[2:]), (1, 1, 1, 1), mode="replicate"), k2, groups=3 * m)
+    x = x.view(m, 3, *images.shape[2:])
+    x = x * (1 + 0.1 * (2 * torch.rand(m, 3, 1, 1, generator=generator) - 1)) \
+        + 0.05 * (2 * torch.rand(m, 3, 1, 1, generator=generator) - 1)             # colour gain and offset
+    x = x + 0.06 * torch.rand(m, 1, 1, 1, generator=generator) * torch.randn(x.shape, generator=generator)
+    out = images.clone()
+    out[pick] = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return out
 
 
 def shuffle_pixels(images, generator):

@@ -342,8 +342,9 @@ class Study:
             out += [(variant, st, sd, name, ("0:1",)) for variant in VARIANTS if variant != "main"
                     for st, sd in test if abl is None or st in abl
                     for name in dict.fromkeys(("sd3", default))]           # once each, also if the default is SD3
+        lam = a.lam_styles.split(",") if a.lam_styles else None
         if "lam" in parts:
-            out += [("main", st, sd, default, ("0:1", *LAM_WINDOWS)) for st, sd in test]
+            out += [("main", st, sd, default, ("0:1", *LAM_WINDOWS)) for st, sd in test if lam is None or st in lam]
         return out
 
     def run(self):
@@ -408,6 +409,7 @@ def build_parser():
     p.add_argument("--split", default="both", choices=["dev", "test", "both"], help="which styles to run")
     p.add_argument("--styles", default="", help="keep only these styles of each split ('' = all)")
     p.add_argument("--ablation-styles", default="", help="test styles for the ablations ('' = all test styles)")
+    p.add_argument("--lam-styles", default="", help="test styles for the lam part ('' = all test styles)")
     p.add_argument("--seeds", type=int, default=3, help="(reference, seed) pairs per style")
     p.add_argument("--steps", type=int, default=0, help="fine-tuning steps per run (0 = finetune.py's default)")
     p.add_argument("--default", default="sf-2", help="default sampler when the dev split is not run this time")

@@ -124,7 +124,8 @@ def _on_front(points, key, idx):
 def lam_rows(study):
     """(threshold, style acc with the style on only while lam <= X, and only while lam > X), test pair means."""
     from .study import LAM_THRESHOLDS
-    pairs, out = study.pairs("test"), []
+    keep = study.args.lam_styles.split(",") if study.args.lam_styles else None
+    pairs, out = [(st, sd) for st, sd in study.pairs("test") if keep is None or st in keep], []
     for x in LAM_THRESHOLDS:
         early = _values(study, "main", pairs, study.default, f"lam<={x}", "style_acc")
         late = _values(study, "main", pairs, study.default, f"lam>{x}", "style_acc")
@@ -173,7 +174,8 @@ def write_report(study):
         lines += ["## Ablations (test styles)", ""] + ablation_table(study) + [""]
     lam = lam_rows(study)
     if lam:
-        lines += [f"## Where is the style decided? ({study.default}, test styles)", "",
+        lines += [f"## Where is the style decided? ({study.default}, test styles "
+                  f"{study.args.lam_styles or ', '.join(study.styles_of('test'))})", "",
                   "| lam threshold X | style acc, style on while lam <= X | style acc, on while lam > X | "
                   "content acc, on while lam <= X |", "|---|---|---|---|"]
         lines += [f"| {x:+d} | {e:.3f} | {l_:.3f} | {c:.3f} |" for x, e, l_, c in lam] + [""]

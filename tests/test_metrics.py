@@ -113,10 +113,20 @@ def test_styled_batch_labels_match_what_was_applied():
     """styled_batch returns, for each view, the id of the style it applied (0 = none, decoys included)."""
     images = shapes(40, 0, seed=5)
     names = ("tritone", "hatching")
-    out, sid = styled_batch(images, names, torch.Generator().manual_seed(1))
+    out, sid = styled_batch(images, names, torch.Generator().manual_seed(1), flaw_chance=0.0)
     assert out.shape == images.shape and out.dtype == torch.uint8 and set(sid.tolist()) <= {0, 1, 2}
     for k, name in enumerate(names, start=1):
         assert torch.equal(out[sid == k], STYLES[name](images[sid == k])), f"views labelled {k} should be {name}"
+
+
+def test_degrade_changes_only_the_chosen_share_and_keeps_flat_images_near():
+    """degrade leaves images it does not pick untouched, and moves the ones it picks only a little."""
+    from minisnr.probe import degrade
+    flat = torch.full((200, 3, 8, 8), 120, dtype=torch.uint8)
+    out = degrade(flat, torch.Generator().manual_seed(0), chance=0.5)
+    changed = (out != flat).flatten(1).any(1)
+    assert 60 < changed.sum() < 140, f"about half should be degraded, got {changed.sum().item()} of 200"
+    assert (out.float() - 120).abs().mean() < 20, "flaws should be small: a slight colour shift and noise"
 
 
 def test_shuffle_pixels_moves_whole_pixels():
