@@ -148,9 +148,6 @@ def train(cfg: TrainConfig, preset, rank, local_rank, world):
     if master:
         check_writable(cfg.out)
     torch.manual_seed(cfg.seed + rank)            # per-rank seeds: different noise, t and dropout on each rank
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for any fp32 work; a free speed-up on Ampere+
-        torch.backends.cudnn.allow_tf32 = True
 
     data = load_dataset(cfg.data, cfg.img_size)
     model = build_model(cfg.model, num_classes=len(data.classes), **cfg.model_overrides()).to(device)

@@ -67,8 +67,8 @@ from .data import ImageSet, InMemoryLoader
 from .loop import ema_update, make_optimizer, train_step
 from .model import DIT_PRESETS, DiTConfig, build_config, build_model
 from .rf import NoiseSampler, euler_sample, rf_loss
-from .runtime import (UserError, autocast_context, cpu_has_fast_bf16, make_grad_scaler, pick_device,
-                      run_main, sync)
+from .runtime import (UserError, autocast_context, cpu_has_fast_bf16, cuda_has_fast_bf16, make_grad_scaler,
+                      pick_device, run_main, sync)
 
 FREQ_DIM = 256  # TimestepEmbedder's sinusoidal feature size (minisnr.model.TimestepEmbedder default)
 
@@ -298,7 +298,7 @@ def print_memory_estimate(cfg: BenchConfig, device):
 def default_modes(device):
     """The modes worth timing on this device: fp32 eager plus the fast low precision (and compiled on CUDA)."""
     if device.type == "cuda":
-        low = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        low = "bf16" if cuda_has_fast_bf16(device) else "fp16"
         return ["eager-fp32", f"eager-{low}", f"compiled-{low}"]
     if device.type == "cpu":
         # bf16 autocast only pays off with native bf16 matmuls (AVX-512 BF16 / AMX); on an AVX2 CPU
@@ -504,10 +504,7 @@ def run(cfg: BenchConfig):
 
 
 def _run(cfg: BenchConfig):
-    device = pick_device(cfg.device)
-    if device.type == "cuda":  # as train.py: fp32 matmuls use TF32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = pick_device(cfg.device)  # on CUDA it also enables TF32 for fp32 matmuls, as for train.py
     modes = parse_modes(cfg.modes, device)
     if device.type == "cpu" and any(m.endswith("bf16") for m in modes) and not cpu_has_fast_bf16():
         print("note: this CPU has no native bf16 matmuls (AVX-512 BF16 / AMX); bf16 modes will be very slow")
