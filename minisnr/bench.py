@@ -418,7 +418,10 @@ def bench_mode(mode, cfg: BenchConfig, device):
     if device.type == "cuda":
         res["peak_mem_gib"] = gib(torch.cuda.max_memory_allocated(device))
     if cfg.sample_images > 0:
-        res.update(bench_sampler(train_model, c, cfg, device, ctx))
+        # Sampling runs another batch size (2 x images, for CFG) in eval mode without grad. Through the training
+        # wrapper, dynamo would see the batch change and recompile with a dynamic (symbolic) batch, a slower graph
+        # than sample.py's; a separate static compile gives the sampler its own fixed-shape graph.
+        res.update(bench_sampler(torch.compile(model, dynamic=False) if compiled else model, c, cfg, device, ctx))
     del model, ema, train_model, optimizer, loader, params, ema_params
     gc.collect()
     if device.type == "cuda":

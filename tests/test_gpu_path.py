@@ -205,3 +205,19 @@ def test_first_logged_img_per_s_leaves_out_the_first_step(monkeypatch, image_fol
                 "--batch-size", "4", "--log-every", "4"])
     first = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert first["step"] == 4 and first["img_per_s"] > 16 / 3.0, first
+
+
+def test_style_views_are_cropped_on_the_training_device():
+    """finetune.py keeps the resized references on the training device and crops there: no image moves from
+    the host per step. The meta device (shapes only) stands in for a GPU."""
+    import numpy as np
+    from PIL import Image
+
+    from finetune import StyleViews
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)) for _ in range(2)]
+    meta = torch.device("meta")
+    views = StyleViews(images, 32, 48, 0.5, meta)
+    assert [r.device for r in views.refs] == [meta, meta]
+    batch = views.next(3)
+    assert batch.device == meta and batch.shape == (3, 3, 32, 32) and batch.dtype == torch.float32
