@@ -361,14 +361,10 @@ def matmul_tflops(device, precision, n=None, repeats=None):
     return 2 * n ** 3 / best / 1e12
 
 
-def bench_mode(mode, cfg: BenchConfig, device):
-    """Time train_step + ema_update for one mode. Returns a dict of results."""
-    compiled, precision = mode.split("-")[0] == "compiled", mode.split("-")[1]
+def make_train_step(cfg: BenchConfig, device, precision, compiled):
+    """A fresh, seeded setup of train.py's step for cfg's model and batch on random images already on the
+    device. Returns (step, model): step() runs train_step + ema_update once and returns the loss tensor."""
     c = model_config(cfg)
-    warmup = cfg.warmup if cfg.warmup is not None else (1 if device.type == "cpu" else 5)
-    steps = cfg.steps if cfg.steps is not None else (3 if device.type == "cpu" else 20)
-    if steps < 1 or warmup < 0:
-        raise UserError("--steps must be >= 1 and --warmup >= 0")
     torch.manual_seed(cfg.seed)
     model = build_model(c).to(device)
     ema = build_model(c).to(device).requires_grad_(False)
@@ -391,6 +387,18 @@ def bench_mode(mode, cfg: BenchConfig, device):
         ema_update(ema_params, params, 0.999)
         return loss
 
+    return step, model
+
+
+def bench_mode(mode, cfg: BenchConfig, device):
+    """Time train_step + ema_update for one mode. Returns a dict of results."""
+    compiled, precision = mode.split("-")[0] == "compiled", mode.split("-")[1]
+    c = model_config(cfg)
+    warmup = cfg.warmup if cfg.warmup is not None else (1 if device.type == "cpu" else 5)
+    steps = cfg.steps if cfg.steps is not None else (3 if device.type == "cpu" else 20)
+    if steps < 1 or warmup < 0:
+        raise UserError("--steps must be >= 1 and --warmup >= 0")
+    step, model = make_train_step(cfg, device, precision, compiled)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
@@ -421,8 +429,9 @@ def bench_mode(mode, cfg: BenchConfig, device):
         # Sampling runs another batch size (2 x images, for CFG) in eval mode without grad. Through the training
         # wrapper, dynamo would see the batch change and recompile with a dynamic (symbolic) batch, a slower graph
         # than sample.py's; a separate static compile gives the sampler its own fixed-shape graph.
-        res.update(bench_sampler(torch.compile(model, dynamic=False) if compiled else model, c, cfg, device, ctx))
-    del model, ema, train_model, optimizer, loader, params, ema_params
+        res.update(bench_sampler(torch.compile(model, dynamic=False) if compiled else model, c, cfg, device,
+                                 autocast_context(device, precision)))
+    del model, step
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -130,7 +130,8 @@ def sgd_step(accum, batch=8, seed=0):
     sizes = []
     model.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
     g = torch.Generator().manual_seed(seed)
-    x0, y, t = torch.rand(batch, 3, 32, 32, generator=g) * 2 - 1, torch.arange(batch) % 3, torch.rand(batch, generator=g)
+    x0 = torch.rand(batch, 3, 32, 32, generator=g) * 2 - 1                     # (B, 3, 32, 32)
+    y, t = torch.arange(batch) % 3, torch.rand(batch, generator=g)             # (B,), (B,)
     cpu = torch.device("cpu")
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     torch.manual_seed(seed + 1)                 # the same noise and label dropout for every accum
