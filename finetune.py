@@ -102,13 +102,15 @@ def validate(cfg: FinetuneConfig):
 
 
 class StyleViews:
-    """Random resized crops + flips of the reference images, as (B, 3, S, S) floats in [-1, 1]."""
+    """Random resized crops + flips of the reference images, as (B, 3, S, S) floats in [-1, 1].
+    The resized references are kept on the training device and cropped there, so a step copies no
+    images from the host (the crop boxes and flips still come from the CPU RNG, as before)."""
 
     def __init__(self, images, size, ref_size, crop_min, device):
         self.refs = []
         for img in images:  # resize once so the short side is ref_size; crops then cut from that
             t = TF.pil_to_tensor(img)                                            # (3, H, W) uint8
-            self.refs.append(TF.resize(t, ref_size, antialias=True))
+            self.refs.append(TF.resize(t, ref_size, antialias=True).to(device))
         self.size, self.device = size, device
         self.crop = T.RandomResizedCrop(size, scale=(crop_min, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)
 
@@ -118,7 +120,7 @@ class StyleViews:
         for i in torch.randint(len(self.refs), (batch_size,)).tolist():
             v = self.crop(self.refs[i])                                         # (3, size, size)
             views.append(v.flip(-1) if torch.rand(()) < 0.5 else v)
-        return to_model_range(torch.stack(views).to(self.device))
+        return to_model_range(torch.stack(views))                              # (B, 3, size, size) on the device
 
 
 def resolve_class(name, classes):

@@ -67,8 +67,8 @@ from .data import ImageSet, InMemoryLoader
 from .loop import ema_update, make_optimizer, train_step
 from .model import DIT_PRESETS, DiTConfig, build_config, build_model
 from .rf import NoiseSampler, euler_sample, rf_loss
-from .runtime import (UserError, autocast_context, cpu_has_fast_bf16, make_grad_scaler, pick_device,
-                      run_main, sync)
+from .runtime import (UserError, autocast_context, cpu_has_fast_bf16, cuda_has_fast_bf16, make_grad_scaler,
+                      pick_device, run_main, sync)
 
 FREQ_DIM = 256  # TimestepEmbedder's sinusoidal feature size (minisnr.model.TimestepEmbedder default)
 
@@ -298,7 +298,7 @@ def print_memory_estimate(cfg: BenchConfig, device):
 def default_modes(device):
     """The modes worth timing on this device: fp32 eager plus the fast low precision (and compiled on CUDA)."""
     if device.type == "cuda":
-        low = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        low = "bf16" if cuda_has_fast_bf16(device) else "fp16"
         return ["eager-fp32", f"eager-{low}", f"compiled-{low}"]
     if device.type == "cpu":
         # bf16 autocast only pays off with native bf16 matmuls (AVX-512 BF16 / AMX); on an AVX2 CPU
@@ -361,14 +361,10 @@ def matmul_tflops(device, precision, n=None, repeats=None):
     return 2 * n ** 3 / best / 1e12
 
 
-def bench_mode(mode, cfg: BenchConfig, device):
-    """Time train_step + ema_update for one mode. Returns a dict of results."""
-    compiled, precision = mode.split("-")[0] == "compiled", mode.split("-")[1]
+def make_train_step(cfg: BenchConfig, device, precision, compiled):
+    """A fresh, seeded setup of train.py's step for cfg's model and batch on random images already on the
+    device. Returns (step, model): step() runs train_step + ema_update once and returns the loss tensor."""
     c = model_config(cfg)
-    warmup = cfg.warmup if cfg.warmup is not None else (1 if device.type == "cpu" else 5)
-    steps = cfg.steps if cfg.steps is not None else (3 if device.type == "cpu" else 20)
-    if steps < 1 or warmup < 0:
-        raise UserError("--steps must be >= 1 and --warmup >= 0")
     torch.manual_seed(cfg.seed)
     model = build_model(c).to(device)
     ema = build_model(c).to(device).requires_grad_(False)
@@ -391,6 +387,18 @@ def bench_mode(mode, cfg: BenchConfig, device):
         ema_update(ema_params, params, 0.999)
         return loss
 
+    return step, model
+
+
+def bench_mode(mode, cfg: BenchConfig, device):
+    """Time train_step + ema_update for one mode. Returns a dict of results."""
+    compiled, precision = mode.split("-")[0] == "compiled", mode.split("-")[1]
+    c = model_config(cfg)
+    warmup = cfg.warmup if cfg.warmup is not None else (1 if device.type == "cpu" else 5)
+    steps = cfg.steps if cfg.steps is not None else (3 if device.type == "cpu" else 20)
+    if steps < 1 or warmup < 0:
+        raise UserError("--steps must be >= 1 and --warmup >= 0")
+    step, model = make_train_step(cfg, device, precision, compiled)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
@@ -418,8 +426,12 @@ def bench_mode(mode, cfg: BenchConfig, device):
     if device.type == "cuda":
         res["peak_mem_gib"] = gib(torch.cuda.max_memory_allocated(device))
     if cfg.sample_images > 0:
-        res.update(bench_sampler(train_model, c, cfg, device, ctx))
-    del model, ema, train_model, optimizer, loader, params, ema_params
+        # Sampling runs another batch size (2 x images, for CFG) in eval mode without grad. Through the training
+        # wrapper, dynamo would see the batch change and recompile with a dynamic (symbolic) batch, a slower graph
+        # than sample.py's; a separate static compile gives the sampler its own fixed-shape graph.
+        res.update(bench_sampler(torch.compile(model, dynamic=False) if compiled else model, c, cfg, device,
+                                 autocast_context(device, precision)))
+    del model, step
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -504,10 +516,7 @@ def run(cfg: BenchConfig):
 
 
 def _run(cfg: BenchConfig):
-    device = pick_device(cfg.device)
-    if device.type == "cuda":  # as train.py: fp32 matmuls use TF32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = pick_device(cfg.device)  # on CUDA it also enables TF32 for fp32 matmuls, as for train.py
     modes = parse_modes(cfg.modes, device)
     if device.type == "cpu" and any(m.endswith("bf16") for m in modes) and not cpu_has_fast_bf16():
         print("note: this CPU has no native bf16 matmuls (AVX-512 BF16 / AMX); bf16 modes will be very slow")

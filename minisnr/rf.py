@@ -141,13 +141,14 @@ def velocity_target(x0, eps):
     return eps - x0
 
 
-def rf_loss(model, x0, y, t):
+def rf_loss(model, x0, y, t, eps=None):
     """Per-sample rectified-flow loss, shape (N,): mean over pixels of (model(x_t, t, y) - v)^2.
 
     Plain MSE on the velocity. The noise-level distribution p(t) is chosen by whoever
-    draws t (a NoiseSampler); the loss itself is never re-weighted by t.
+    draws t (a NoiseSampler); the loss itself is never re-weighted by t. eps (the noise,
+    like x0) is drawn here unless given (gradient accumulation draws it for the whole batch).
     """
-    eps = torch.randn_like(x0)
+    eps = torch.randn_like(x0) if eps is None else eps
     x_t = add_noise(x0, eps, t)
     v_pred = model(x_t, t, y)
     return F.mse_loss(v_pred.float(), velocity_target(x0, eps).float(), reduction="none").mean(dim=(1, 2, 3))

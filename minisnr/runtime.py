@@ -1,5 +1,6 @@
 """Where and how things run: device choice, mixed precision, seeds, image grids, and friendly errors."""
 import contextlib
+import os
 import sys
 import warnings
 
@@ -41,10 +42,11 @@ def _close_progress_bars():
 
 
 def pick_device(name="auto"):
-    """'auto' picks cuda, then mps, then cpu; anything else is passed to torch.device."""
+    """'auto' picks cuda, then mps, then cpu; anything else is passed to torch.device.
+    Every entry point gets its device here, so this is also where CUDA's TF32 setting is made (enable_tf32)."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return enable_tf32(torch.device("cuda"))
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -54,6 +56,19 @@ def pick_device(name="auto"):
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return enable_tf32(device) if device.type == "cuda" else device
+
+
+def enable_tf32(device):
+    """Let fp32 matmuls and convolutions use TF32 tensor cores (Ampere+; a free speed-up for any fp32 work
+    under autocast). Uses the fp32_precision API of newer torch, else the older allow_tf32 flags. Returns device."""
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        matmul.fp32_precision = "tf32"
+        conv.fp32_precision = "tf32"
+    else:  # torch < 2.9
+        matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return device
 
 
@@ -65,16 +80,33 @@ def cpu_has_fast_bf16():
         return False
 
 
+def cuda_has_fast_bf16(device):
+    """True if this CUDA card has bf16 tensor cores: compute capability 8.0 (Ampere) or newer.
+    torch.cuda.is_bf16_supported() also says True on older cards, where bf16 is emulated and slow."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+# Test-only: MINISNR_AUTO_PRECISION=bf16 or fp32 replaces what --precision auto picks on a CPU, so the
+# whole suite can be run in both on any machine (`MINISNR_AUTO_PRECISION=bf16 python -m pytest`).
+AUTO_PRECISION_ENV = "MINISNR_AUTO_PRECISION"
+
+
 def resolve_precision(precision, device):
-    """'auto' -> bf16 on CUDA with bf16 support or a CPU with native bf16, fp16 on other GPUs, else fp32."""
+    """'auto' -> bf16 on CUDA cards with compute capability >= 8.0 and on CPUs with native bf16,
+    fp16 (with a GradScaler) on older CUDA cards and on mps, else fp32."""
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"unknown precision {precision!r}; use auto, bf16, fp16 or fp32")
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cuda_has_fast_bf16(device) else "fp16"
     if device.type == "mps":
         return "fp16"
+    forced = os.environ.get(AUTO_PRECISION_ENV, "")
+    if forced:
+        if forced not in ("bf16", "fp32"):
+            raise UserError(f"{AUTO_PRECISION_ENV}={forced!r}; use bf16 or fp32, or unset it")
+        return forced
     # On CPUs without AVX-512 BF16 (e.g. AVX2-only), bf16 matmuls run ~30x *slower* than fp32.
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 

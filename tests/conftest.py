@@ -97,6 +97,21 @@ def dit_inputs():
     return x, t, y
 
 
+# --- tolerances by precision -------------------------------------------------------------------
+# Scripts run with --precision auto, which is bf16 on a CPU with native bf16 (AVX-512 BF16 / AMX) and fp32
+# elsewhere; MINISNR_AUTO_PRECISION=bf16|fp32 forces either (see minisnr.runtime.resolve_precision), so
+# `MINISNR_AUTO_PRECISION=bf16 python -m pytest` checks the suite as such a CPU runs it. A test that compares
+# two computations picks its tolerance by the precision that is actually in use.
+
+# Merged LoRA (W + s B A) x vs unmerged W x + s B (A x): the same maths in a different order, so only
+# rounding differs. (max, mean) |difference| in uint8 levels over 4 images of 3 Euler steps at CFG 3 with
+# a random rank-4 adapter (which moves the images by ~13 levels on average). fp32 rounding stays below one
+# level. bf16 keeps 8 significant bits (~0.4% per rounding) and CFG 3 amplifies a velocity error by up to
+# 5x, so a few pixels move by ~20-27 levels while the mean stays ~0.7 (measured over 4 seeds): the mean
+# is what tells a wrong merge (~13 levels) from rounding.
+MERGED_LORA_LEVELS = {"fp32": (2, 0.1), "bf16": (40, 1.5)}
+
+
 # --- comparison helpers -----------------------------------------------------------------------
 # They return False (instead of raising TypeError/AttributeError) when `actual` is not a tensor of
 # the expected shape, so a function whose body was deleted (returns None) fails on the assertion

@@ -91,3 +91,32 @@ def test_matmul_tflops_counts_2n3_flops(monkeypatch):
     clock = iter(float(i) for i in range(100))
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
     assert bench.matmul_tflops(bench.pick_device("cpu"), "fp32", n=64, repeats=2) == pytest.approx(2 * 64 ** 3 / 1e12)
+
+
+def test_sampler_timing_gets_a_static_graph(monkeypatch):
+    """bench --sample-images with a compiled mode: the sampler's batch (2 x images, for CFG) differs from the
+    training batch, yet its graph is compiled for fixed shapes (no SymInt batch from dynamo's automatic
+    dynamic shapes), once, in the untimed warm-up run. A counting backend stands in for inductor."""
+    import torch
+    graphs, runs = [], []
+    real_compile, real_sample = torch.compile, bench.euler_sample
+
+    def counting_backend(gm, example_inputs):
+        graphs.append([type(x).__name__ for x in example_inputs if not isinstance(x, torch.Tensor)])
+        return gm.forward
+
+    def counted_sample(*args, **kwargs):
+        before = len(graphs)
+        out = real_sample(*args, **kwargs)
+        runs.append(len(graphs) - before)
+        return out
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counting_backend, **kw))
+    monkeypatch.setattr(bench, "euler_sample", counted_sample)
+    torch._dynamo.reset()
+    try:
+        bench.main(["--preset", "tiny", "--modes", "compiled-fp32", "--warmup", "1", "--steps", "1", "--batch-size", "4",
+                    "--device", "cpu", "--threads", "1", "--sample-images", "3", "--sample-steps", "2"])
+    finally:
+        torch._dynamo.reset()
+    assert runs == [1, 0], f"graphs compiled by the warm-up and the timed sampler run: {runs}"
+    assert graphs[-1] == [], f"the sampler's graph has symbolic inputs {graphs[-1]}: it was compiled for dynamic shapes"

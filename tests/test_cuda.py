@@ -35,8 +35,9 @@ def one_step(precision, compiled=False, seed=0):
 
 
 def test_auto_precision_is_bf16_or_fp16_on_cuda():
-    """--precision auto picks bf16 on a card that has it, fp16 (with a GradScaler) otherwise."""
-    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    """--precision auto picks bf16 on a card with bf16 tensor cores (compute capability >= 8.0), fp16
+    (with a GradScaler) otherwise; tests/test_gpu_path.py checks the rule with faked capabilities."""
+    expected = "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16"
     assert resolve_precision("auto", torch.device("cuda")) == expected
 
 
@@ -71,7 +72,7 @@ def test_generate_on_cuda_is_seeded():
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
-    ctx = autocast_context(torch.device("cuda"), "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    ctx = autocast_context(torch.device("cuda"), resolve_precision("auto", torch.device("cuda")))
     a = generate(model, [0, 1, 2, 3], steps=4, cfg=2.0, seed=7, autocast_ctx=ctx)
     b = generate(model, [0, 1, 2, 3], steps=4, cfg=2.0, seed=7, autocast_ctx=ctx)
     assert a.dtype == torch.uint8 and a.shape == (4, 3, 32, 32) and torch.equal(a, b)

@@ -44,7 +44,9 @@ torch.save({"model": model.state_dict(), "ema": ema.state_dict()},
            os.path.join(sys.argv[1], "rank%s.pt" % os.environ["RANK"]))
 """
 
-TRAIN_FLAGS = ["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--batch-size", "4",
+# --grad-accum 2: each rank runs 2 micro-batches of 2 under DDP's no_sync, then all-reduces once; ranks that
+# skipped the all-reduce (or reduced only a micro-batch) would disagree.
+TRAIN_FLAGS = ["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--batch-size", "4", "--grad-accum", "2",
                "--sample-every", "0", "--ckpt-every", "3", "--log-every", "3"]
 
 

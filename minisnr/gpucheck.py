@@ -1,0 +1,344 @@
+"""One command that checks the GPU path end to end and prints one summary (and writes it as JSON).
+
+    python -m minisnr.gpucheck --data ../shared/data/cifar10/train --out runs/gpucheck     # one GPU, no internet
+    python -m minisnr.gpucheck --preset tiny --device cpu --data DIR --out DIR            # CPU dry run (CI)
+
+Each part reports ok, FAILED (why) or skipped (why); the command exits 1 if any part failed.
+
+    tests     pytest tests/test_cuda.py tests/test_compile.py tests/test_ddp.py (a subprocess)
+    syncs     5 training steps under torch.cuda.set_sync_debug_mode("warn"), in bf16 and in fp16 + GradScaler:
+              every host-device sync is one warning; the loop should have none
+    flash     the flash SDPA kernel alone (sdpa_kernel(FLASH_ATTENTION)) runs forward + backward at the
+              preset's attention shapes, in the precision auto picks
+    bench     minisnr.bench's training step at each --bench-batches for each --bench-modes: img/s, MFU,
+              peak memory and, for compiled modes, graphs, graph breaks and recompiles (dynamo's counters)
+    memory    bench's memory estimate next to torch.cuda.max_memory_allocated for each eager row
+    train     train.py --preset P --max-steps 2N: stop after N = --train-steps steps, then --resume true to 2N
+    finetune  finetune.py on the first image of --data for --finetune-steps steps
+    sample    sample.py without and with --lora, and with --style-steps 0:0.5; then how far merged-LoRA
+              sampling (what sample.py does) is from unmerged, in uint8 levels, in the precision auto picks
+
+The scripts run in this process (their main(argv)), as a user's command line would run them. CIFAR-10
+is passed as an ImageFolder (--data), so no part needs the internet.
+"""
+import os
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import bench
+from .checkpoint import load_pretrained, write_json
+from .config import knob, parse_config
+from .data import IMAGE_EXTENSIONS
+from .generate import generate
+from .lora import apply_adapter, merge_lora, set_style_scale
+from .runtime import UserError, autocast_context, pick_device, resolve_precision, run_main
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_FILES = ["tests/test_cuda.py", "tests/test_compile.py", "tests/test_ddp.py"]
+PARTS = ["tests", "syncs", "flash", "bench", "memory", "train", "finetune", "sample"]
+NO_CUDA = "skipped (no CUDA)"
+
+
+@dataclass
+class CheckConfig:
+    """Every gpucheck flag, its default and its one-line reason (shown by --help)."""
+    data: str = knob(None, "ImageFolder to train on, e.g. ../shared/data/cifar10/train (its first image is the style)")
+    out: str = knob("runs/gpucheck", "folder for the runs and gpu_check.json")
+    device: str = knob("auto", "auto picks cuda, then mps, then cpu")
+    model: str = knob("cifar", "train.py preset and DiT size to check")
+    train_steps: int = knob(200, "train this many steps, stop, then resume to twice as many")
+    finetune_steps: int = knob(100, "fine-tuning steps")
+    bench_batches: str = knob("128,512", "comma-separated batch sizes for the bench part")
+    bench_modes: str = knob("auto", "comma-separated bench modes; auto = eager-P,compiled-P, P = what --precision "
+                                    "auto picks")
+    bench_steps: int = knob(20, "timed bench steps per mode (after 5 warm-up steps)")
+    sample_n: int = knob(4, "images per class for sample.py")
+    sample_steps: int = knob(32, "Euler steps for sample.py")
+    skip: str = knob("", f"comma-separated parts to leave out, from {', '.join(PARTS)}")
+
+
+PRESETS = {
+    "cifar": {},
+    # the CPU dry run: every part once, in seconds
+    "tiny": dict(model="tiny", train_steps=2, finetune_steps=2, bench_batches="4", bench_modes="eager-fp32",
+                 bench_steps=1, sample_n=1, sample_steps=2),
+}
+
+
+# --- parts that need CUDA ----------------------------------------------------------------------
+
+def check_tests(cfg, device):
+    """Run the GPU-relevant test files with pytest in a subprocess; ok if they pass."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", *TEST_FILES], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    last = (proc.stdout.strip().splitlines() or ["no output"])[-1]
+    return dict(status="ok" if proc.returncode == 0 else f"FAILED (pytest exit {proc.returncode})", result=last)
+
+
+def count_syncs(cfg, device, precision, steps=5):
+    """Host-device syncs in `steps` eager training steps (after one untimed step), counted as the warnings
+    of torch.cuda.set_sync_debug_mode('warn')."""
+    step, _ = bench.make_train_step(bench_config(cfg, 16), device, precision, compiled=False)
+    step()
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def check_syncs(cfg, device):
+    """0 host-device syncs in 5 training steps, for bf16 and for fp16 + GradScaler."""
+    if device.type != "cuda":
+        return dict(status=NO_CUDA)
+    counts = {p: count_syncs(cfg, device, p) for p in ("bf16", "fp16")}
+    return dict(status="ok" if not any(counts.values()) else "FAILED (the step syncs)", syncs_in_5_steps=counts)
+
+
+def check_flash(cfg, device):
+    """Run the flash SDPA kernel alone at the model's attention shapes; ok if it accepts them."""
+    if device.type != "cuda":
+        return dict(status=NO_CUDA)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    c = bench.build_config(cfg.model)
+    tokens = (c.img_size // c.patch_size) ** 2
+    precision = resolve_precision("auto", device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    q, k, v = (torch.randn(8, c.heads, tokens, c.dim // c.heads, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))                                              # (N, H, T, D/H) each
+    shape = dict(heads=c.heads, tokens=tokens, head_dim=c.dim // c.heads, dtype=precision)
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+    except RuntimeError as e:
+        return dict(status=f"FAILED (flash SDPA not eligible: {str(e).splitlines()[0]})", **shape)
+    return dict(status="ok", **shape)
+
+
+# --- bench and memory --------------------------------------------------------------------------
+
+def bench_config(cfg, batch_size, steps=None):
+    """The BenchConfig for this check's model at one batch size."""
+    return bench.BenchConfig(preset=cfg.model, batch_size=batch_size, device=cfg.device, steps=steps)
+
+
+def bench_modes(cfg, device):
+    """--bench-modes as a list; auto = eager and compiled in the precision --precision auto picks here."""
+    if cfg.bench_modes != "auto":
+        return bench.parse_modes(cfg.bench_modes, device)
+    precision = resolve_precision("auto", device)
+    return [f"eager-{precision}", f"compiled-{precision}"]
+
+
+def bench_one(cfg, device, batch_size, mode):
+    """One bench row, plus dynamo's graph, graph-break and recompile counts for a compiled mode."""
+    from torch._dynamo.utils import counters
+    counters.clear()
+    row = bench.bench_mode(mode, bench_config(cfg, batch_size, cfg.bench_steps), device)
+    if row["compiled"]:
+        graphs = counters["stats"]["unique_graphs"]
+        breaks = sum(counters["graph_break"].values())
+        row.update(graphs=graphs, graph_breaks=breaks, recompiles=graphs - 1 - breaks)
+    return row
+
+
+def check_bench(cfg, device):
+    """Bench each mode at each batch size; ok if every compiled mode is one graph that never recompiles."""
+    modes = bench_modes(cfg, device)
+    rows = [bench_one(cfg, device, int(b), mode) for b in cfg.bench_batches.split(",") for mode in modes]
+    bad = [r["mode"] for r in rows if r["compiled"] and (r["graph_breaks"] or r["recompiles"])]
+    keep = ("mode", "batch_size", "img_per_s", "mfu", "peak_mem_gib", "compile_s", "graphs", "graph_breaks",
+            "recompiles")
+    return dict(status="ok" if not bad else f"FAILED (graph breaks or recompiles in {', '.join(bad)})",
+                rows=[{k: r.get(k) for k in keep} for r in rows])
+
+
+def check_memory(cfg, device, bench_rows):
+    """The bench's memory estimate next to the measured peak of each eager bench row (CUDA only)."""
+    rows = []
+    for r in bench_rows:
+        if not r["mode"].startswith("eager"):
+            continue
+        precision = r["mode"].split("-")[1]
+        est = bench.gib(bench.estimate_memory(cfg.model, r["batch_size"], precision)["total"])
+        rows.append(dict(mode=r["mode"], batch_size=r["batch_size"], estimate_gib=round(est, 3),
+                         measured_gib=None if r["peak_mem_gib"] is None else round(r["peak_mem_gib"], 3)))
+    if device.type != "cuda":
+        return dict(status=f"{NO_CUDA}: estimate only", rows=rows)
+    # the estimate is meant as an upper-bound-like steady state; allow the allocator some slack above it
+    low = [r for r in rows if r["measured_gib"] > 1.15 * r["estimate_gib"]]
+    return dict(status="ok" if not low else "FAILED (the estimate is more than 15% below the measured peak)", rows=rows)
+
+
+# --- the scripts, end to end -------------------------------------------------------------------
+
+def script(name):
+    """Import a top-level script (train, finetune, sample) from the repository root."""
+    import importlib
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    return importlib.import_module(name)
+
+
+def last_log(path):
+    """The last record of a log.jsonl."""
+    import json
+    with open(path) as f:
+        return json.loads(f.read().splitlines()[-1])
+
+
+def check_train(cfg, device, out):
+    """train.py --preset P: --train-steps steps, stop, then --resume true to twice as many."""
+    train = script("train")
+    run = os.path.join(out, "train")
+    common = ["--preset", cfg.model, "--data", cfg.data, "--out", run, "--device", cfg.device,
+              "--max-steps", str(2 * cfg.train_steps)]                   # the LR schedule spans both halves
+    train.main(common + ["--stop-after", str(cfg.train_steps)])
+    train.main(common + ["--stop-after", str(2 * cfg.train_steps), "--resume", "true"])
+    ckpt = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=True)
+    log = last_log(os.path.join(run, "log.jsonl"))
+    ok = ckpt["step"] == 2 * cfg.train_steps
+    return dict(status="ok" if ok else f"FAILED (resumed run ended at step {ckpt['step']})", step=ckpt["step"],
+                last_log=dict(loss=log["loss"], img_per_s=log["img_per_s"]))
+
+
+def first_image(folder):
+    """The first image file under an ImageFolder, in sorted order: the style reference for the check."""
+    for root, dirs, files in sorted(os.walk(folder)):
+        dirs.sort()
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                return os.path.join(root, name)
+    raise UserError(f"no image found under --data {folder!r}; pass an ImageFolder with class subfolders of images")
+
+
+def check_finetune(cfg, device, out):
+    """finetune.py on the trained checkpoint with the first image of --data as the style."""
+    style = first_image(cfg.data)
+    script("finetune").main(["--base", os.path.join(out, "train", "ckpt.pt"), "--style", style, "--out",
+                             os.path.join(out, "finetune"), "--steps", str(cfg.finetune_steps), "--device", cfg.device,
+                             "--sample-per-class", "1", "--sample-steps", str(cfg.sample_steps)])
+    log = last_log(os.path.join(out, "finetune", "log.jsonl"))
+    return dict(status="ok", style=style, last_log={k: log.get(k) for k in ("step", "loss")})
+
+
+def merged_gap(cfg, device, out):
+    """max and mean |merged - unmerged| LoRA sampling in uint8 levels, in the precision auto picks."""
+    model, _ = load_pretrained(os.path.join(out, "train", "ckpt.pt"), device=device)
+    apply_adapter(model, os.path.join(out, "finetune", "adapter.pt"))
+    model.to(device)
+    set_style_scale(model, 1.0)
+    precision = resolve_precision("auto", device)
+    ctx = autocast_context(device, precision)
+    labels = [c for c in range(model.config.num_classes) for _ in range(cfg.sample_n)]
+    unmerged = generate(model, labels, steps=cfg.sample_steps, seed=0, autocast_ctx=ctx).int()
+    merge_lora(model)
+    gap = (generate(model, labels, steps=cfg.sample_steps, seed=0, autocast_ctx=ctx).int() - unmerged).abs().float()
+    return dict(precision=precision, max_levels=gap.max().item(), mean_levels=round(gap.mean().item(), 3))
+
+
+def check_sample(cfg, device, out):
+    """sample.py plain, with --lora, and with --lora --style-steps 0:0.5; then the merged-vs-unmerged gap."""
+    sample = script("sample")
+    ckpt, adapter = os.path.join(out, "train", "ckpt.pt"), os.path.join(out, "finetune", "adapter.pt")
+    common = ["--n", str(cfg.sample_n), "--steps", str(cfg.sample_steps), "--device", cfg.device]
+    runs = {"plain": [], "lora": ["--lora", adapter], "style_steps": ["--lora", adapter, "--style-steps", "0:0.5"]}
+    written = {}
+    for name, extra in runs.items():
+        path = os.path.join(out, "samples", f"{name}.png")
+        sample.main([ckpt, *common, *extra, "--out", path])
+        written[name] = os.path.isfile(path)
+    ok = all(written.values())
+    return dict(status="ok" if ok else "FAILED (a grid is missing)", written=written,
+                merged_vs_unmerged=merged_gap(cfg, device, out))
+
+
+# --- driver ------------------------------------------------------------------------------------
+
+def run_part(name, fn, results):
+    """Run one part; an exception becomes a FAILED status with its first line, and the next part still runs."""
+    t0 = time.perf_counter()
+    try:
+        res = fn()
+    except (Exception, SystemExit) as e:
+        res = dict(status=f"FAILED ({e.__class__.__name__}: {(str(e).splitlines() or [''])[0]})")
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    results[name] = res
+    print(f"gpucheck: {name}: {res['status']} ({res['seconds']} s)", flush=True)
+    return res
+
+
+def needs(results, *parts):
+    """A skip status if a part this one builds on did not succeed, else None."""
+    bad = [p for p in parts if not results.get(p, {}).get("status", "").startswith("ok")]
+    return dict(status=f"skipped ({', '.join(bad)} did not succeed)") if bad else None
+
+
+def parse_skip(text):
+    """--skip as a set of part names; an unknown name is a UserError listing the parts."""
+    skip = {p for p in text.split(",") if p}
+    unknown = skip - set(PARTS)
+    if unknown:
+        raise UserError(f"unknown --skip part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    return skip
+
+
+def run_checks(cfg, device, skip):
+    """Run every part not in `skip`, in order; returns {part: result dict}."""
+    out, results = cfg.out, {}
+    parts = {
+        "tests": lambda: check_tests(cfg, device),
+        "syncs": lambda: check_syncs(cfg, device),
+        "flash": lambda: check_flash(cfg, device),
+        "bench": lambda: check_bench(cfg, device),
+        "memory": lambda: needs(results, "bench") or check_memory(cfg, device, results["bench"]["rows"]),
+        "train": lambda: check_train(cfg, device, out),
+        "finetune": lambda: needs(results, "train") or check_finetune(cfg, device, out),
+        "sample": lambda: needs(results, "train", "finetune") or check_sample(cfg, device, out),
+    }
+    for name in PARTS:
+        if name in skip:
+            results[name] = dict(status="skipped (--skip)")
+        else:
+            run_part(name, parts[name], results)
+    return results
+
+
+def summary(results, device, seconds):
+    """The one-line verdict: counts of ok, failed and skipped parts."""
+    counts = {k: sum(r["status"].startswith(k) for r in results.values()) for k in ("ok", "FAILED", "skipped")}
+    return (f"gpu check on {bench.describe_device(device)}: {counts['ok']} ok, {counts['FAILED']} failed, "
+            f"{counts['skipped']} skipped in {seconds:.0f} s")
+
+
+def main(argv=None):
+    """Command-line entry point: run the checks, print each part and one summary line, write OUT/gpu_check.json."""
+    cfg, args = parse_config(CheckConfig, PRESETS, argv, description=__doc__.splitlines()[0])
+    if not cfg.data or not os.path.isdir(cfg.data):
+        raise UserError(f"--data {cfg.data!r} is not a folder; pass an ImageFolder, e.g. ../shared/data/cifar10/train")
+    skip, device = parse_skip(cfg.skip), pick_device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    t0 = time.perf_counter()
+    results = run_checks(cfg, device, skip)
+    line = summary(results, device, time.perf_counter() - t0)
+    path = os.path.join(cfg.out, "gpu_check.json")
+    write_json({"summary": line, "device": bench.describe_device(device), "torch": torch.__version__,
+                "config": asdict(cfg), "preset": args.preset, "parts": results}, path)
+    print(f"{line}; details in {path}")
+    if any(r["status"].startswith("FAILED") for r in results.values()):
+        sys.exit(1)
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main)

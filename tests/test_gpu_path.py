@@ -1,0 +1,224 @@
+"""The GPU path's decisions, checked on a CPU: precision from the compute capability, TF32, the DDP
+backend, the order of torch.compile and DDP, and gradient accumulation.
+
+A CUDA card is faked where needed (torch.cuda.get_device_capability, torch.cuda.is_available), so
+these run on any machine; tests/test_cuda.py checks the real thing on a GPU.
+"""
+import pytest
+import torch
+
+from minisnr import bench, runtime
+from minisnr.runtime import UserError, pick_device, resolve_precision
+
+CUDA = torch.device("cuda")
+
+
+def fake_cuda(monkeypatch, capability):
+    """Pretend a CUDA card of this compute capability is visible (bf16 'supported', as torch says by emulation)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+
+
+@pytest.mark.parametrize("capability, expected", [((6, 1), "fp16"), ((7, 0), "fp16"), ((7, 5), "fp16"),
+                                                  ((8, 0), "bf16"), ((8, 9), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_follows_compute_capability(monkeypatch, capability, expected):
+    """Auto picks bf16 only with bf16 tensor cores (capability >= 8.0); T4/V100/GTX get fp16 + GradScaler,
+    though torch.cuda.is_bf16_supported() says True there (emulated bf16)."""
+    fake_cuda(monkeypatch, capability)
+    assert resolve_precision("auto", CUDA) == expected
+    assert bench.default_modes(CUDA) == ["eager-fp32", f"eager-{expected}", f"compiled-{expected}"]
+
+
+@pytest.mark.parametrize("forced", ["bf16", "fp32"])
+def test_auto_precision_can_be_forced_for_tests(monkeypatch, forced):
+    """MINISNR_AUTO_PRECISION replaces the CPU's auto choice (to run the suite in both); explicit flags win."""
+    monkeypatch.setenv(runtime.AUTO_PRECISION_ENV, forced)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == forced
+    assert resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setenv(runtime.AUTO_PRECISION_ENV, "fp64")
+    with pytest.raises(UserError, match="use bf16 or fp32"):
+        resolve_precision("auto", cpu)
+
+
+def test_pick_device_cuda_enables_tf32(monkeypatch):
+    """Every entry point gets its device from pick_device, which turns TF32 on for CUDA with the fp32_precision API."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    monkeypatch.setattr(matmul, "fp32_precision", "ieee")
+    monkeypatch.setattr(conv, "fp32_precision", "ieee")
+    pick_device("cpu")
+    assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee"), "TF32 is a CUDA setting only"
+    fake_cuda(monkeypatch, (8, 0))
+    assert pick_device("cuda").type == "cuda"
+    assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+
+
+# --- DDP: backend and wrapping order ------------------------------------------------------------
+
+@pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("cuda", "nccl")])
+def test_ddp_backend_follows_the_resolved_device(monkeypatch, device, backend):
+    """torchrun ... --device cpu on a GPU machine uses gloo and claims no GPU; CUDA training uses NCCL."""
+    import minisnr.loop as loop
+    fake_cuda(monkeypatch, (8, 0))
+    calls = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(loop.dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend)))
+    monkeypatch.setattr(loop.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(loop.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    assert loop.setup_distributed(torch.device(device)) == (1, 1, 2)
+    assert calls == [("init", backend)] + ([("set_device", 1)] if device == "cuda" else [])
+
+
+class FakeDDP(torch.nn.Module):
+    """Stands in for DistributedDataParallel (no process group needed): records that it wrapped, then delegates."""
+
+    def __init__(self, module, device_ids=None, calls=None):
+        super().__init__()
+        self.module = module
+        calls.append(("ddp", type(module).__name__))
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_train_compiles_the_ddp_wrapped_model(monkeypatch, image_folder, tmp_path):
+    """train.py under DDP with --compile true builds torch.compile(DDP(model)), the documented order
+    (dynamo's DDP optimizer then overlaps the gradient all-reduce with the backward); a fake DDP and a fake
+    compile record the order on a CPU."""
+    import train
+    calls = []
+    monkeypatch.setattr(train, "setup_distributed", lambda device: (0, 0, 2))
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        lambda module, device_ids=None: FakeDDP(module, device_ids, calls))
+
+    def fake_compile(module, **kwargs):
+        calls.append(("compile", type(module).__name__))
+        return module
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    train.main(["--preset", "tiny", "--device", "cpu", "--data", image_folder, "--out", str(tmp_path / "run"),
+                "--max-steps", "1", "--batch-size", "4", "--compile", "true"])
+    assert calls == [("ddp", "DiT"), ("compile", "FakeDDP")]
+
+
+def test_compile_is_the_cifar_presets_default_on_cuda_only():
+    """--preset cifar compiles on CUDA unless --compile false; on a CPU, and for other presets, it stays eager."""
+    import train
+    from minisnr.config import parse_config
+    cfg = lambda *argv: parse_config(train.TrainConfig, train.PRESETS, ["--preset", "cifar", *argv])[0]
+    cpu = torch.device("cpu")
+    assert train.use_compile(cfg(), "cifar", CUDA) is True
+    assert train.use_compile(cfg(), "cifar", cpu) is False
+    assert train.use_compile(cfg("--compile", "false"), "cifar", CUDA) is False
+    assert train.use_compile(cfg("--compile", "true"), "cifar", cpu) is True
+    assert train.use_compile(cfg(), "cpu", CUDA) is False
+
+
+# --- gradient accumulation ----------------------------------------------------------------------
+
+def sgd_step(accum, batch=8, seed=0):
+    """One train_step of a seeded tiny DiT (label dropout on) with SGD at lr 1 and no clipping, so the
+    weight change is the gradient. Returns (gradient per parameter, loss, bin sums, forward batch sizes)."""
+    from minisnr.loop import train_step
+    from minisnr.runtime import autocast_context, make_grad_scaler
+    torch.manual_seed(seed)
+    model = randomize(build_tiny()).train()
+    before = [p.detach().clone() for p in model.parameters()]
+    sizes = []
+    model.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(batch, 3, 32, 32, generator=g) * 2 - 1                     # (B, 3, 32, 32)
+    y, t = torch.arange(batch) % 3, torch.rand(batch, generator=g)             # (B,), (B,)
+    cpu = torch.device("cpu")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    torch.manual_seed(seed + 1)                 # the same noise and label dropout for every accum
+    loss, sums, _ = train_step(model, optimizer, make_grad_scaler(cpu, "fp32"), x0, y, t, autocast_context(cpu, "fp32"),
+                               grad_clip=0.0, accum=accum)
+    grads = [b - p.detach() for b, p in zip(before, model.parameters())]
+    return grads, loss, sums, sizes
+
+
+def build_tiny():
+    from minisnr.model import build_model
+    return build_model("tiny", num_classes=3, class_dropout=0.5)
+
+
+def randomize(model):
+    from conftest import randomize_
+    return randomize_(model, seed=1)
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_grad_accum_matches_one_big_batch(accum):
+    """--grad-accum N runs N forwards of batch/N and gives the one-batch gradient to fp32 rounding
+    (same noise, t and label dropout), with the same logged loss and per-bin losses."""
+    ref_grads, ref_loss, ref_sums, ref_sizes = sgd_step(1)
+    grads, loss, sums, sizes = sgd_step(accum)
+    assert ref_sizes == [8] and sizes == [8 // accum] * accum
+    scale = max(g.abs().max() for g in ref_grads)
+    assert scale > 0
+    for a, b in zip(grads, ref_grads):          # fp32: ~1e-7 relative per rounding, summed in another order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-6, atol=0)
+
+
+def test_grad_accum_run_resumes_exactly_and_checks_its_flag(image_folder, tmp_path):
+    """train.py --grad-accum 2: 4 steps straight == 2 steps + --resume true, tensor for tensor; a batch size
+    that is not a multiple of --grad-accum is a one-line UserError before any work."""
+    import train
+    from minisnr.checkpoint import safe_load
+    common = ["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--data", image_folder,
+              "--max-steps", "4", "--batch-size", "8", "--grad-accum", "2", "--ckpt-every", "2"]
+    train.main(common + ["--out", str(tmp_path / "straight")])
+    train.main(common + ["--out", str(tmp_path / "split"), "--stop-after", "2"])
+    train.main(common + ["--out", str(tmp_path / "split"), "--resume", "true"])
+    a, b = (safe_load(str(tmp_path / run / "ckpt.pt")) for run in ("straight", "split"))
+    assert a["step"] == b["step"] == 4
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    with pytest.raises(UserError, match="multiple of --grad-accum"):
+        train.main(common[:-4] + ["--batch-size", "6", "--grad-accum", "4", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+
+
+def test_first_logged_img_per_s_leaves_out_the_first_step(monkeypatch, image_folder, tmp_path):
+    """The first step holds torch.compile's compile; a first step made 3 s slow must not drag the first
+    logged img/s below the 16 images / 3 s it would give if counted (3 tiny steps take well under 2 s)."""
+    import json
+    import time
+
+    import train
+    step = train.train_step
+    calls = []
+
+    def slow_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(3.0)
+        return step(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", slow_first)
+    out = tmp_path / "run"
+    train.main(["--preset", "tiny", "--device", "cpu", "--data", image_folder, "--out", str(out), "--max-steps", "4",
+                "--batch-size", "4", "--log-every", "4"])
+    first = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 4 and first["img_per_s"] > 16 / 3.0, first
+
+
+def test_style_views_are_cropped_on_the_training_device():
+    """finetune.py keeps the resized references on the training device and crops there: no image moves from
+    the host per step. The meta device (shapes only) stands in for a GPU."""
+    import numpy as np
+    from PIL import Image
+
+    from finetune import StyleViews
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)) for _ in range(2)]
+    meta = torch.device("meta")
+    views = StyleViews(images, 32, 48, 0.5, meta)
+    assert [r.device for r in views.refs] == [meta, meta]
+    batch = views.next(3)
+    assert batch.device == meta and batch.shape == (3, 3, 32, 32) and batch.dtype == torch.float32
