@@ -333,19 +333,24 @@ class Study:
         a, out = self.args, []
         splits = ["dev", "test"] if a.split == "both" else [a.split]
         test = self.pairs("test") if "test" in splits else []
-        abl = a.ablation_styles.split(",") if a.ablation_styles else None
         for split in splits if "main" in parts else []:
             out += [("main", st, sd, name, ("0:1",)) for st, sd in self.pairs(split) for name in SAMPLERS]
         if "windows" in parts:
             out += [("main", st, sd, name, ("0:1", *WINDOWS)) for st, sd in test for name in SAMPLERS]
         if "ablations" in parts:
             out += [(variant, st, sd, name, ("0:1",)) for variant in VARIANTS if variant != "main"
-                    for st, sd in test if abl is None or st in abl
+                    for st, sd in self.ablation_pairs()
                     for name in dict.fromkeys(("sd3", default))]           # once each, also if the default is SD3
         lam = a.lam_styles.split(",") if a.lam_styles else None
         if "lam" in parts:
             out += [("main", st, sd, default, ("0:1", *LAM_WINDOWS)) for st, sd in test if lam is None or st in lam]
         return out
+
+    def ablation_pairs(self):
+        """The (style, seed) pairs of --ablation-styles (dev or test styles; default: every test style)."""
+        splits = ["dev", "test"] if self.args.split == "both" else [self.args.split]
+        keep = self.args.ablation_styles.split(",") if self.args.ablation_styles else list(TEST_STYLES)
+        return [(st, sd) for split in splits for st, sd in self.pairs(split) if st in keep]
 
     def run(self):
         """All requested parts in order; the default sampler is chosen from the dev runs before the test parts."""
@@ -408,7 +413,8 @@ def build_parser():
     p.add_argument("--parts", default="main,windows,ablations,lam", help="which parts to run (comma-separated)")
     p.add_argument("--split", default="both", choices=["dev", "test", "both"], help="which styles to run")
     p.add_argument("--styles", default="", help="keep only these styles of each split ('' = all)")
-    p.add_argument("--ablation-styles", default="", help="test styles for the ablations ('' = all test styles)")
+    p.add_argument("--ablation-styles", default="",
+                   help="styles for the ablations; a dev style there helps choose the defaults ('' = every test style)")
     p.add_argument("--lam-styles", default="", help="test styles for the lam part ('' = all test styles)")
     p.add_argument("--seeds", type=int, default=3, help="(reference, seed) pairs per style")
     p.add_argument("--steps", type=int, default=0, help="fine-tuning steps per run (0 = finetune.py's default)")

@@ -71,13 +71,13 @@ def per_style_table(study, split):
     return lines
 
 
-def ablation_table(study):
-    """Each fine-tuning variant with SD3 and the default sampler, against the same sampler with the defaults."""
+def ablation_table(study, style):
+    """Each fine-tuning variant with SD3 and the default sampler on one style, against the same sampler with
+    finetune.py's defaults (paired over the seeds)."""
     from .study import VARIANTS
-    lines = ["| variant | sampler | pairs | style acc | content acc | class KID×1000 | Δ KID×1000 vs finetune.py defaults |"
-             " Δ KID×1000, default − SD3 |", "|" + "---|" * 8]
-    abl = study.args.ablation_styles.split(",") if study.args.ablation_styles else None
-    pairs = [(st, sd) for st, sd in study.pairs("test") if abl is None or st in abl]
+    lines = ["| variant | sampler | style acc | content acc | class KID×1000 | Δ KID×1000 vs finetune.py defaults |"
+             " Δ KID×1000, default − SD3 |", "|" + "---|" * 7]
+    pairs = [(st, sd) for st, sd in study.ablation_pairs() if st == style]
     for variant, (_, what) in VARIANTS.items():
         kid_by = {}
         for sampler in dict.fromkeys(("sd3", study.default)):
@@ -89,7 +89,7 @@ def ablation_table(study):
             vs_main = fmt_diff(paired(v["kid"], base, False), 1000, 2) if variant != "main" and base else "-"
             vs_sd3 = (fmt_diff(paired(v["kid"], kid_by["sd3"], False), 1000, 2)
                       if sampler != "sd3" and "sd3" in kid_by else "")
-            lines.append(f"| {variant}: {what} | {sampler} | {len(pairs)} | {_mean(v['style_acc']):.3f} | "
+            lines.append(f"| {variant}: {what} | {sampler} | {_mean(v['style_acc']):.3f} | "
                          f"{_mean(v['content_acc']):.3f} | {1000 * _mean(v['kid']):.2f} | {vs_main} | {vs_sd3} |")
     return lines
 
@@ -171,7 +171,11 @@ def write_report(study):
         lines.append("")
         _plot_windows(study, rows, paths["windows"])
     if any(not k.startswith("main/") for k in study.results["runs"]):
-        lines += ["## Ablations (test styles)", ""] + ablation_table(study) + [""]
+        from .styles import DEV_STYLES
+        for style in dict.fromkeys(st for st, _ in study.ablation_pairs()):
+            split = "dev: used to choose defaults" if style in DEV_STYLES else "test: reported only"
+            lines += [f"## Ablations on {style} ({split}; {study.args.seeds} seeds)", ""]
+            lines += ablation_table(study, style) + [""]
     lam = lam_rows(study)
     if lam:
         lines += [f"## Where is the style decided? ({study.default}, test styles "

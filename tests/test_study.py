@@ -106,7 +106,7 @@ def test_windows_ablations_and_lam_parts(tiny, tmp_path):
     lam = results["runs"]["main/hatching/0/sf-2"]
     assert set(study.LAM_WINDOWS) <= set(lam), "the default's runs should be scored in every lam window"
     report = open(os.path.join(out, "report.md")).read()
-    for text in ("## Style window at sampling", "## Ablations", "## Where is the style decided?", "lam <= X"):
+    for text in ("## Style window at sampling", "## Ablations on hatching (test", "## Where is the style decided?", "lam <= X"):
         assert text in report, f"the report should contain {text!r}"
     assert os.path.isfile(os.path.join(out, "windows.png")) and os.path.isfile(os.path.join(out, "lam.png"))
 
