@@ -5,6 +5,7 @@
     python -m minisnr.evaluate sweep runs/pretrain/ckpt.pt --out runs/sweep --dry-run   # the plan and its time
     python -m minisnr.evaluate sweep runs/pretrain/ckpt.pt --out runs/sweep             # Table 2 / Fig. 6 analogue
     python -m minisnr.evaluate fig4 runs/pretrain/ckpt.pt runs/sweep/runs/tritone/sf_mu-2_s2/adapter.pt
+    python -m minisnr.evaluate fid runs/pretrain/ckpt.pt              # standard FID, optional clean-fid (fid.py)
 
 Ground truth. The paper fine-tunes on artworks and judges style with DINO / CLIP. Here a
 style is a known transform S (minisnr/styles.py): the style reference is S applied to one
@@ -49,7 +50,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import metrics
+from . import fid, metrics
 from .checkpoint import check_writable, load_pretrained, safe_load, write_json, write_text
 from .config import OneLineErrorParser
 from .data import class_id, load_dataset, load_images, resize_center_crop
@@ -718,9 +719,9 @@ def cmd_fig4(args):
 # --- command line -------------------------------------------------------------------------------
 
 def build_parser():
-    """The argparse parser with the probe, base, sweep and fig4 subcommands."""
+    """The argparse parser with the probe, base, sweep, fig4 and fid subcommands."""
     p = OneLineErrorParser(prog="python -m minisnr.evaluate", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", metavar="{probe,base,sweep,fig4}")
+    sub = p.add_subparsers(dest="command", metavar="{probe,base,sweep,fig4,fid}")
     fmt = argparse.ArgumentDefaultsHelpFormatter
     sub.required = True
 
@@ -778,12 +779,15 @@ def build_parser():
     q.add_argument("--windows", default=DEFAULT_WINDOWS, help="comma-separated a:b fractions of the steps, from noise")
     q.add_argument("--lora-scale", type=float, default=1.0, help="style strength inside the window")
     q.add_argument("--samples-per-class", type=int, default=10, help="samples per class per window")
+    fid.add_parser(sub, fmt)
     return p
 
 
 def main(argv=None):
     """Parse argv and run one subcommand; returns what it returns (for tests)."""
     args = build_parser().parse_args(argv)
+    if args.command == "fid":
+        return fid.cmd_fid(args)
     if getattr(args, "sample_steps", 1) < 1:
         raise UserError(f"--sample-steps must be >= 1, got {args.sample_steps}")
     if getattr(args, "cfg", 1.0) < 0:
