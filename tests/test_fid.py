@@ -85,7 +85,6 @@ def write_ckpt(path, classes):
 def small_batches(monkeypatch):
     """Batches of 8, so 20 samples take three generate() calls (8, 8, 4) and resuming is per batch."""
     monkeypatch.setattr(fid, "BATCH", 8)
-    torch.set_num_threads(1)
 
 
 @pytest.fixture
