@@ -3,6 +3,7 @@
     python sample.py runs/pretrain/ckpt.pt --classes cat,dog --n 8 --cfg 3 --out cats_dogs.png
     python sample.py runs/pretrain/ckpt.pt --lora runs/style/adapter.pt --out styled.png
     python sample.py runs/pretrain/ckpt.pt --lora runs/style/adapter.pt --style-steps 0:0.3
+    python sample.py runs/pretrain/ckpt.pt --n 5000 --png-dir runs/fid/samples   # 50,000 PNGs for FID tools
 
 Rows are classes, columns are samples. With --lora it also writes OUT_compare.png: the
 same seeds with the style off (left half) and on (right half). The seed and settings
@@ -13,6 +14,7 @@ import os
 from minisnr.checkpoint import check_writable, load_pretrained, require_file
 from minisnr.config import OneLineErrorParser
 from minisnr.data import class_id
+from minisnr.fid import sample_to_folder
 from minisnr.generate import generate
 from minisnr.lora import (apply_adapter, merge_lora, parse_style_window, set_style_scale, style_window_hook,
                           unmerge_lora)
@@ -51,7 +53,18 @@ def build_parser():
     p.add_argument("--style-steps", default="0:1", help="apply the style only for this fraction a:b of the steps, from noise")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32")
+    p.add_argument("--png-dir", default=None,
+                   help="write each sample as its own PNG in this folder (for FID tools), not a grid; rerun to resume")
     return p
+
+
+def write_png_dir(args, model, classes, device):
+    """--png-dir: every sample its own PNG, drawn in batches, resumable, settings beside them (minisnr/fid.py)."""
+    if args.lora is not None:
+        raise UserError("--png-dir writes the base model's samples (for FID); leave out --lora")
+    sample_to_folder(model, args.png_dir, classes, parse_classes(args.classes, classes), args.n, steps=args.steps,
+                     cfg=args.cfg, seed=args.seed, ema=not args.raw, device=device,
+                     precision=resolve_precision(args.precision, device), source=args.ckpt)
 
 
 def main(argv=None):
@@ -72,6 +85,8 @@ def main(argv=None):
     ctx = autocast_context(device, resolve_precision(args.precision, device))
     model, ckpt = load_pretrained(args.ckpt, use_ema=not args.raw, device=device)
     classes = ckpt.get("classes") or [str(i) for i in range(model.config.num_classes)]
+    if args.png_dir is not None:
+        return write_png_dir(args, model, classes, device)
     labels = [c for c in parse_classes(args.classes, classes) for _ in range(args.n)]
     meta = {"ckpt": args.ckpt, "classes": args.classes, "n": args.n, "cfg": args.cfg, "steps": args.steps,
             "seed": args.seed, "ema": not args.raw}

@@ -3,6 +3,7 @@
     python -m minisnr.evaluate probe                                  # train (or load) the probe; print its accuracy
     python -m minisnr.evaluate base runs/pretrain/ckpt.pt             # class accuracy and FD of the base model
     python -m minisnr.evaluate fig4 runs/pretrain/ckpt.pt runs/style/adapter.pt   # style on for part of the steps
+    python -m minisnr.evaluate fid runs/pretrain/ckpt.pt              # standard FID, optional clean-fid (fid.py)
 
 The comparison of noise samplers (the paper's Table 2) is minisnr/study.py, with seeds, paired CIs and held-out
 styles. Images here are judged through a small CNN probe trained on the base dataset (minisnr/probe.py); all
@@ -23,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from . import metrics
+from . import fid, metrics
 from .checkpoint import check_writable, load_pretrained, write_json, write_text
 from .config import OneLineErrorParser
 from .data import load_dataset, load_images, resize_center_crop
@@ -33,7 +34,6 @@ from .probe import check_classes, describe, get_probe
 from .runtime import UserError, autocast_context, pick_device, resolve_precision, run_main, save_image_grid
 
 DEFAULT_WINDOWS = "0:0,0:0.1,0:0.2,0:0.3,0:0.5,0:0.7,0:1,0.1:1,0.3:1,0.5:1"
-FINETUNE_OVERHEAD_S = 8.0      # process start, imports and loading, per finetune.py run (measured on a 2-core CPU)
 
 
 # --- small helpers ------------------------------------------------------------------------------
@@ -202,9 +202,9 @@ def cmd_fig4(args):
 # --- command line -------------------------------------------------------------------------------
 
 def build_parser():
-    """The argparse parser with the probe, base and fig4 subcommands."""
+    """The argparse parser with the probe, base, fig4 and fid subcommands."""
     p = OneLineErrorParser(prog="python -m minisnr.evaluate", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", metavar="{probe,base,fig4}")
+    sub = p.add_subparsers(dest="command", metavar="{probe,base,fig4,fid}")
     fmt = argparse.ArgumentDefaultsHelpFormatter
     sub.required = True
 
@@ -220,7 +220,7 @@ def build_parser():
             q.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32 for the DiT")
             q.add_argument("--sample-steps", type=int, default=20, help="Euler steps per sample (fewer = faster scoring)")
             q.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale of the samples")
-            q.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (and of fine-tuning in sweep)")
+            q.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
 
     q = sub.add_parser("probe", formatter_class=fmt, help="train or load the cached probe and print its test accuracy")
     common(q, sampling=False)
@@ -241,12 +241,15 @@ def build_parser():
     q.add_argument("--windows", default=DEFAULT_WINDOWS, help="comma-separated a:b fractions of the steps, from noise")
     q.add_argument("--lora-scale", type=float, default=1.0, help="style strength inside the window")
     q.add_argument("--samples-per-class", type=int, default=10, help="samples per class per window")
+    fid.add_parser(sub, fmt)
     return p
 
 
 def main(argv=None):
     """Parse argv and run one subcommand; returns what it returns (for tests)."""
     args = build_parser().parse_args(argv)
+    if args.command == "fid":
+        return fid.cmd_fid(args)
     if getattr(args, "sample_steps", 1) < 1:
         raise UserError(f"--sample-steps must be >= 1, got {args.sample_steps}")
     if getattr(args, "cfg", 1.0) < 0:

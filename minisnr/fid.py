@@ -1,0 +1,238 @@
+"""Numbers the field uses: samples as a folder of PNGs, and the standard FID of that folder against CIFAR-10.
+
+    python sample.py runs/pretrain/ckpt.pt --png-dir runs/fid/samples --n 5000   # 50,000 PNGs; rerun to resume
+    python -m minisnr.evaluate fid runs/pretrain/ckpt.pt --png-dir runs/fid/samples  # sample (or reuse) + FID
+
+The sample folder. File i is INDEX_CLASS.png (e.g. 000123_ship.png) and has class class_ids[i % K],
+so any prefix of the folder is class-balanced. Samples are drawn in batches of BATCH; batch k starts
+from the noise of seed `seed * SEED_STRIDE + k`, so a batch's images depend only on the settings and
+k, never on which batches ran before. That is what makes a run resumable: files that exist are
+skipped, and a missing one is drawn again, identical to what the first run would have written. The
+settings live in the folder's minisnr_samples.json; a rerun with other settings is refused, because
+one folder must hold samples of one model and one sampler.
+
+Why clean-fid, in its "legacy_tensorflow" mode. The CIFAR-10 FIDs that generative-model papers
+report (DDPM, score SDE, Rectified Flow, EDM, ...) come from the original TensorFlow Inception
+network against the 50,000 training images. clean-fid's legacy_tensorflow mode runs that network
+(the TorchScript export that StyleGAN2-ADA published, with its own resize inside) and ships the
+CIFAR-10 train statistics for it. It is also what torchcfm's CIFAR-10 script calls (mode
+legacy_tensorflow, split train, 50,000 samples), the source of the FID 3.5 that the README sets
+minisnr beside, so the comparison is like for like. pytorch-fid re-implements the network in
+PyTorch and its resize differs slightly, so its numbers drift from the published ones;
+torch-fidelity would also match TF, but the reference number above was not made with it.
+
+clean-fid is an optional extra (pip install "clean-fid>=0.1.35"), not in requirements.txt. On first
+use it downloads the Inception weights (~100 MB) and the CIFAR-10 statistics; without the package
+or the network, `fid` stops with one line saying which is missing and how to get it, before any
+sampling. The probe FD (python -m minisnr.evaluate base) needs neither.
+"""
+import json
+import os
+import platform
+
+import torch
+
+from .checkpoint import (check_writable, load_pretrained, remove_stale_tmp, require_file, weights_hash,
+                         write_json)
+from .generate import generate
+from .runtime import UserError, autocast_context, pick_device, resolve_precision, save_png
+
+SETTINGS_FILE = "minisnr_samples.json"
+BATCH = 256                  # images per generate() call (a setting of the folder: it fixes each batch's seed)
+SEED_STRIDE = 1_000_000      # batch k of seed s uses seed s * SEED_STRIDE + k: distinct for up to 1e6 batches
+MODE = "legacy_tensorflow"   # clean-fid's mode that reproduces the TensorFlow Inception FID of the papers
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/cifar10_legacy_tensorflow_train_32.npz"
+
+
+# --- the sample folder ---------------------------------------------------------------------------
+
+def sample_settings(model, classes, class_ids, per_class, *, steps, cfg, seed, ema, precision):
+    """Everything that decides a folder's pixels, as a JSON-able dict (compared on resume).
+    The weights are named by their hash, so a moved or renamed checkpoint still matches."""
+    return {"weights": weights_hash(model.state_dict()), "ema": ema, "classes": [classes[c] for c in class_ids],
+            "class_ids": list(class_ids), "per_class": per_class, "steps": steps, "cfg": cfg, "seed": seed,
+            "precision": precision, "batch": BATCH}
+
+
+def file_names(settings):
+    """The folder's file names, in sample order: INDEX_CLASS.png, classes cycling so any prefix is balanced."""
+    names, n = settings["classes"], settings["per_class"] * len(settings["classes"])
+    width = max(6, len(str(n - 1)))
+    safe = ["".join(ch if ch.isalnum() or ch == "-" else "-" for ch in name) for name in names]
+    return [f"{i:0{width}d}_{safe[i % len(names)]}.png" for i in range(n)]
+
+
+def claim_folder(folder, settings, source):
+    """Make `folder` ours for these settings: a new or empty folder gets the settings file; a folder with
+    the same settings is resumed; anything else is refused in one line (before any sampling)."""
+    path = os.path.join(folder, SETTINGS_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)["settings"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path} is not a minisnr settings file; pass a new or empty folder") from None
+        changed = [k for k in settings if old.get(k) != settings[k]]
+        if changed:
+            k = changed[0]
+            raise UserError(f"{folder!r} holds samples made with {k}={old.get(k)!r}, not {settings[k]!r}; "
+                            f"rerun with the same settings to resume, or pass a new folder")
+        return
+    if os.path.isdir(folder) and any(f.lower().endswith(".png") for f in os.listdir(folder)):
+        raise UserError(f"{folder!r} already holds PNG files but no {SETTINGS_FILE}; pass a new or empty folder")
+    check_writable(folder, "--png-dir")
+    write_json({"settings": settings, "ckpt": source, "files": len(file_names(settings)),
+                "names": "INDEX_CLASS.png; sample i has class class_ids[i % len(class_ids)]",
+                "noise": f"batch k (files k*batch ...) starts from seed seed*{SEED_STRIDE}+k"}, path)
+
+
+def write_sample_folder(model, folder, settings, autocast_ctx, source=""):
+    """Draw every sample of `settings` into `folder`, one PNG each, BATCH at a time with a progress bar.
+    Existing files are kept; returns (number of files, number written now)."""
+    from PIL import Image
+    from tqdm import tqdm
+    claim_folder(folder, settings, source)
+    remove_stale_tmp(folder)  # a killed run's half-written NAME.<random>.tmp files
+    names, have = file_names(settings), set(os.listdir(folder))
+    labels = [settings["class_ids"][i % len(settings["class_ids"])] for i in range(len(names))]
+    todo = sum(name not in have for name in names)
+    bar = tqdm(total=len(names), initial=len(names) - todo, unit="img", desc="samples")
+    for k, start in enumerate(range(0, len(names), BATCH)):
+        missing = [i for i in range(start, min(start + BATCH, len(names))) if names[i] not in have]
+        if not missing:
+            continue
+        images = generate(model, labels[start:start + BATCH], steps=settings["steps"], cfg=settings["cfg"],
+                          seed=settings["seed"] * SEED_STRIDE + k, autocast_ctx=autocast_ctx, batch_size=BATCH)
+        for i in missing:  # (3, H, W) uint8 -> PNG, each written atomically
+            save_png(Image.fromarray(images[i - start].permute(1, 2, 0).numpy()), os.path.join(folder, names[i]))
+        bar.update(len(missing))
+    bar.close()
+    return len(names), todo
+
+
+def sample_to_folder(model, folder, classes, class_ids, per_class, *, steps, cfg, seed, ema, device, precision,
+                     source=""):
+    """sample.py --png-dir and `evaluate fid` in one call: settings, then the (resumed) folder."""
+    settings = sample_settings(model, classes, class_ids, per_class, steps=steps, cfg=cfg, seed=seed, ema=ema,
+                               precision=precision)
+    total, written = write_sample_folder(model, folder, settings, autocast_context(device, precision), source)
+    print(f"{folder}: {total} PNGs ({written} drawn now, {total - written} kept from before)")
+    return total
+
+
+# --- clean-fid ---------------------------------------------------------------------------------
+
+def import_cleanfid():
+    """clean-fid's fid module, or a one-line error saying how to install it."""
+    try:
+        from cleanfid import fid as cleanfid
+    except ImportError:
+        raise UserError('standard FID needs the optional package clean-fid: pip install "clean-fid>=0.1.35" '
+                        "(the probe FD of `python -m minisnr.evaluate base` needs nothing extra)") from None
+    return cleanfid
+
+
+def inception(cleanfid, device):
+    """clean-fid's TF Inception on `device`. It downloads its weights on first use; without a network
+    (or with a broken download) one line names the file to fetch and where it goes."""
+    folder = "." if platform.system() == "Windows" else "/tmp"  # where clean-fid looks for the weights
+    try:
+        return cleanfid.build_feature_extractor(MODE, device, use_dataparallel=False)
+    except (OSError, RuntimeError) as e:  # URLError / socket errors are OSErrors; torch.jit.load raises RuntimeError
+        target = os.path.join(folder, "inception-2015-12-05.pt")
+        raise UserError(f"FID needs clean-fid's Inception weights, which could not be downloaded or loaded "
+                        f"({_reason(e)}): download {INCEPTION_URL} to {target} (replacing any broken copy), "
+                        "then rerun") from None
+
+
+def reference_stats(cleanfid):
+    """Make sure clean-fid has the CIFAR-10 train statistics (downloaded on first use); one line if it cannot."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(cleanfid.__file__)), "stats")
+    try:
+        cleanfid.get_reference_statistics("cifar10", 32, mode=MODE, split="train")
+    except (OSError, ValueError) as e:  # no network, or a truncated .npz
+        raise UserError(f"FID needs clean-fid's CIFAR-10 train statistics, which could not be downloaded or read "
+                        f"({_reason(e)}): download {STATS_URL} into {folder}, then rerun") from None
+
+
+def _reason(e):
+    """'URLError: no network' from an exception, on one line."""
+    text = str(e).strip().splitlines()
+    return f"{e.__class__.__name__}: {text[0]}" if text else e.__class__.__name__
+
+
+def folder_fid(cleanfid, folder, feature_extractor, device):
+    """FID of every image in `folder` against CIFAR-10 train, as published CIFAR-10 FIDs are computed."""
+    return float(cleanfid.compute_fid(folder, dataset_name="cifar10", dataset_res=32, dataset_split="train",
+                                      mode=MODE, custom_feat_extractor=feature_extractor, device=device,
+                                      num_workers=0))
+
+
+# --- python -m minisnr.evaluate fid ------------------------------------------------------------
+
+def add_parser(sub, formatter_class):
+    """Register the `fid` subcommand on evaluate.py's subparsers."""
+    q = sub.add_parser("fid", formatter_class=formatter_class,
+                       help="standard FID (clean-fid, optional extra) of N samples against CIFAR-10 train")
+    q.add_argument("ckpt", help="checkpoint written by train.py on CIFAR-10")
+    q.add_argument("--samples", type=int, default=50_000, help="samples in all, class-balanced; 50,000 is the standard")
+    q.add_argument("--png-dir", default=None,
+                   help="sample folder (resumed if it exists); default: fid_samples beside CKPT")
+    q.add_argument("--sample-steps", type=int, default=50, help="Euler steps per sample (as sample.py)")
+    q.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (as sample.py)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    q.add_argument("--raw", action="store_true", help="use the raw trained weights instead of the EMA weights")
+    q.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
+    q.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32 for the DiT")
+    q.add_argument("--json", default=None, help="also write the result to this JSON file")
+    return q
+
+
+def check_args(args, num_classes=len(CIFAR10_CLASSES)):
+    """One-line errors for flags no run could use."""
+    if args.samples < num_classes or args.samples % num_classes:
+        raise UserError(f"--samples must be a positive multiple of the {num_classes} classes (class-balanced), "
+                        f"got {args.samples}")
+    if args.sample_steps < 1:
+        raise UserError(f"--sample-steps must be >= 1, got {args.sample_steps}")
+    if args.cfg < 0:
+        raise UserError(f"--cfg must be >= 0, got {args.cfg} (1 = no guidance)")
+    require_file(args.ckpt, "checkpoint", "pass the ckpt.pt written by train.py (OUT/ckpt.pt)")
+
+
+def load_cifar_model(args, device):
+    """The checkpoint's DiT, refused in one line unless it was trained on CIFAR-10's ten classes."""
+    model, ckpt = load_pretrained(args.ckpt, use_ema=not args.raw, device=device)
+    classes = ckpt.get("classes") or CIFAR10_CLASSES[:model.config.num_classes]
+    if list(classes) != CIFAR10_CLASSES:
+        raise UserError(f"FID against CIFAR-10 needs a model trained on its 10 classes; {args.ckpt!r} has "
+                        f"{len(classes)} ({', '.join(list(classes)[:4])}...)")
+    return model
+
+
+def cmd_fid(args):
+    """Check the library and its downloads, sample (or resume) the folder, then compute FID with clean-fid."""
+    check_args(args)
+    cleanfid = import_cleanfid()
+    device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    features = inception(cleanfid, device)  # both downloads first: fail in seconds, not after hours of sampling
+    reference_stats(cleanfid)
+    model = load_cifar_model(args, device)
+    folder = args.png_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "fid_samples")
+    per_class = args.samples // len(CIFAR10_CLASSES)
+    sample_to_folder(model, folder, CIFAR10_CLASSES, range(len(CIFAR10_CLASSES)), per_class,
+                     steps=args.sample_steps, cfg=args.cfg, seed=args.seed, ema=not args.raw, device=device,
+                     precision=precision, source=args.ckpt)
+    del model
+    score = folder_fid(cleanfid, folder, features, device)
+    result = {"fid": score, "samples": args.samples, "png_dir": folder, "ckpt": args.ckpt, "library": "clean-fid",
+              "mode": MODE, "reference": "CIFAR-10 train (50,000 images, clean-fid statistics)",
+              "sample_steps": args.sample_steps, "cfg": args.cfg, "seed": args.seed, "ema": not args.raw,
+              "precision": precision}
+    print(f"FID {score:.2f} ({args.samples} samples in {folder} against CIFAR-10 train; clean-fid {MODE})")
+    if args.json:
+        write_json(result, args.json)
+    return result
