@@ -38,6 +38,7 @@ they are not FID, DINO or CLIP scores and must not be set beside published value
 import argparse
 import copy
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -51,11 +52,12 @@ from PIL import Image
 
 from . import metrics
 from .checkpoint import check_writable, load_pretrained, safe_load, write_json, write_text
-from .config import OneLineErrorParser
+from .config import OneLineErrorParser, finite_float
 from .data import class_id, load_dataset, load_images, resize_center_crop
 from .generate import generate
 from .lora import apply_adapter, merge_lora, parse_style_window, set_style_scale, style_window_hook
 from .probe import check_classes, describe, get_probe
+from .safety import check_output
 from .runtime import (UserError, autocast_context, pick_device, resolve_precision, run_main, save_image_grid, save_png,
                       sync)
 from .styles import STYLES, get_style
@@ -71,9 +73,26 @@ FINETUNE_OVERHEAD_S = 8.0      # process start, imports and loading, per finetun
 def parse_floats(text, flag):
     """'4,2,0,-2' -> [4.0, 2.0, 0.0, -2.0]; '' -> []. One-line error for anything else."""
     try:
-        return [float(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise UserError(f"{flag} must be a comma-separated list of numbers, got {text!r}") from None
+        return [finite_float(v) for v in text.replace(" ", "").split(",") if v]
+    except (ValueError, argparse.ArgumentTypeError):
+        raise UserError(f"{flag} must be a comma-separated list of finite numbers, got {text!r}") from None
+
+
+def read_cached_scores(path, key):
+    """The scores cached in a run's scores.json if they were computed under `key`, else None (score again).
+    A damaged cache (not UTF-8, not JSON, not {"key", "scores": {name: number}}) is just a cache miss."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+    except (OSError, ValueError):  # missing, a folder, invalid UTF-8 or JSON
+        return None
+    if not isinstance(cached, dict) or cached.get("key") != key:
+        return None
+    scores = cached.get("scores")
+    if not isinstance(scores, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               and math.isfinite(v) for v in scores.values()):
+        return None
+    return scores
 
 
 def fmt_time(seconds):
@@ -333,6 +352,8 @@ class Sweep:
         cmd = self.finetune_cmd(style, setting)
         if os.path.exists(os.path.join(run_dir, "state.pt")):
             cmd += ["--resume", "true"]       # an interrupted fine-tune continues where it stopped
+        else:
+            cmd += ["--overwrite", "true"]    # the sweep owns the folder: a run killed before its first state
         log_path = os.path.join(run_dir, "finetune.log")
         t0 = time.time()
         with open(log_path, "a") as log:
@@ -370,14 +391,9 @@ class Sweep:
         """Generate with the adapter (style on, fixed seeds) and score; reuse scores.json if nothing changed."""
         path = os.path.join(self.run_dir(style, setting), "scores.json")
         key = self.score_key(adapter)
-        if os.path.exists(path):
-            try:
-                with open(path) as f:
-                    cached = json.load(f)
-                if cached.get("key") == key:
-                    return cached["scores"], True
-            except (json.JSONDecodeError, OSError):
-                pass
+        cached = read_cached_scores(path, key)
+        if cached is not None:
+            return cached, True
         model = copy.deepcopy(self.c.model)
         apply_adapter(model, adapter)
         model.to(self.c.device)
@@ -735,7 +751,8 @@ def build_parser():
         if sampling:
             q.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32 for the DiT")
             q.add_argument("--sample-steps", type=int, default=20, help="Euler steps per sample (fewer = faster scoring)")
-            q.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale of the samples")
+            q.add_argument("--cfg", type=finite_float, default=3.0,
+                           help="classifier-free guidance scale of the samples")
             q.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (and of fine-tuning in sweep)")
 
     q = sub.add_parser("probe", formatter_class=fmt, help="train or load the cached probe and print its test accuracy")
@@ -756,9 +773,9 @@ def build_parser():
     q.add_argument("--style-image", default="horse:3", help="style source: CLASS:K (K-th test image of CLASS) or an index")
     q.add_argument("--baselines", default="sd3,uniform", help="reference samplers to run: sd3 and/or uniform")
     q.add_argument("--mus", default="4,2,0,-2,-4,-6,-8", help="style-friendly means of lam to sweep (a list starting with a minus needs '=': --mus=-2,-4)")
-    q.add_argument("--sigma", type=float, default=2.0, help="style-friendly std of lam during the mu sweep")
+    q.add_argument("--sigma", type=finite_float, default=2.0, help="style-friendly std of lam during the mu sweep")
     q.add_argument("--sigmas", default="1,2,3", help="stds of lam tried at the best mu afterwards ('' = none)")
-    q.add_argument("--content-tol", type=float, default=0.05,
+    q.add_argument("--content-tol", type=finite_float, default=0.05,
                    help="best mu must keep mean content accuracy >= the SD3 run's minus this")
     q.add_argument("--steps", type=int, default=300, help="fine-tuning steps per run (as in the paper)")
     q.add_argument("--batch-size", type=int, default=4, help="fine-tuning views per step (as in the paper)")
@@ -776,9 +793,23 @@ def build_parser():
     q.add_argument("--out", default="runs/fig4", help="folder for fig4.md, fig4.png, fig4.json, fig4_samples.png")
     q.add_argument("--style", default=None, help="style reference image(s); default: those recorded in the adapter")
     q.add_argument("--windows", default=DEFAULT_WINDOWS, help="comma-separated a:b fractions of the steps, from noise")
-    q.add_argument("--lora-scale", type=float, default=1.0, help="style strength inside the window")
+    q.add_argument("--lora-scale", type=finite_float, default=1.0, help="style strength inside the window")
     q.add_argument("--samples-per-class", type=int, default=10, help="samples per class per window")
     return p
+
+
+def check_outputs(args):
+    """Every file or folder a subcommand will write, checked before any work (a probe trained for an hour
+    must not fail at its save): never an input, never a file minisnr did not write, always writable."""
+    inputs = [getattr(args, "ckpt", None), getattr(args, "adapter", None)]
+    if args.probe in inputs or (os.path.isdir(args.probe)):
+        raise UserError(f"--probe {args.probe!r} is a folder or an input of this command; pass the probe file")
+    if not os.path.exists(args.probe) or getattr(args, "retrain", False):  # the probe will be trained and saved
+        check_writable(os.path.dirname(os.path.abspath(args.probe)), "--probe")
+    if getattr(args, "json", None) is not None:
+        check_output(args.json, "--json", inputs=inputs + [args.probe], kind="json")
+    if getattr(args, "out", None) is not None:
+        check_writable(args.out)
 
 
 def main(argv=None):
@@ -790,6 +821,7 @@ def main(argv=None):
         raise UserError(f"--cfg must be >= 0, got {args.cfg}")
     if args.probe_epochs < 1:
         raise UserError(f"--probe-epochs must be >= 1, got {args.probe_epochs}")
+    check_outputs(args)
     return {"probe": cmd_probe, "base": cmd_base, "sweep": cmd_sweep, "fig4": cmd_fig4}[args.command](args)
 
 
