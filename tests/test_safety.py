@@ -24,7 +24,8 @@ from PIL import Image
 
 from conftest import write_image_folder
 from minisnr import bench, evaluate, viz
-from minisnr.checkpoint import TMP_NAME, atomic_write, remove_stale_tmp, safe_load
+from minisnr import checkpoint
+from minisnr.checkpoint import atomic_write, remove_stale_tmp, safe_load
 from minisnr.data import load_image_folder
 from minisnr.loop import InterruptFlag
 from minisnr.runtime import run_main
@@ -77,15 +78,16 @@ def again(runs):
     import shutil
     root = runs["root"] / "again"
     dirs = {}
-    for name in ("t_again", "t_over", "t_changed", "t_resume"):
+    for name in ("t_again", "t_over", "t_changed", "t_resume", "inputs"):
         dirs[name] = str(shutil.copytree(runs["base"], root / name))
-    for name in ("f_again", "f_over", "f_changed"):
+    for name in ("f_again", "f_over", "f_changed", "f_inputs"):
         dirs[name] = str(shutil.copytree(runs["ft"], root / name))
     for name, data in dict(USER_FILES, **{LEFTOVER: b"half a checkpoint"}).items():
         (root / "t_resume" / name).write_bytes(data)
     (root / "t_resume" / "x.abcdefgh.minisnr.tmp").mkdir()
     before = {name: snapshot(d) for name, d in dirs.items()}
-    t, f, style = runs["train"], runs["finetune"] + ["--style", runs["style"]], runs["style"]
+    t, f = runs["train"], runs["finetune"] + ["--style", runs["style"]]
+    ckpt, adapter = os.path.join(dirs["inputs"], "ckpt.pt"), os.path.join(dirs["f_inputs"], "adapter.pt")
     cases = {
         "t_again": (TRAIN, t + ["--out", dirs["t_again"]]),
         "f_again": (FINETUNE, f + ["--out", dirs["f_again"]]),
@@ -95,12 +97,12 @@ def again(runs):
                                                     "--resume", "true", "--lr", 0.5]),
         "t_changed": (TRAIN, t + ["--out", dirs["t_changed"], "--resume", "true", "--lr", 0.1]),
         "t_resume": (TRAIN, t + ["--out", dirs["t_resume"], "--resume", "true", "--max-steps", 3, "--log-every", 1]),
-        "sample_over_ckpt": (SAMPLE, [runs["ckpt"], "--out", runs["ckpt"], "--device", "cpu"]),
-        "sample_over_adapter": (SAMPLE, [runs["ckpt"], "--lora", runs["adapter"], "--out", runs["adapter"]]),
+        "sample_over_ckpt": (SAMPLE, [ckpt, "--out", ckpt, "--device", "cpu"]),
+        "sample_over_adapter": (SAMPLE, [ckpt, "--lora", adapter, "--out", adapter, "--device", "cpu"]),
+        "f_diverge": (FINETUNE, f + ["--out", root / "f_diverge", "--lr", 1e6, "--grad-clip", 0, "--precision", "fp32",
+                                     "--steps", 50, "--log-every", 1, "--ckpt-every", 1000]),
     }
-    fixture_bytes = snapshot(runs["base"]), snapshot(runs["ft"]), style
     results = dict(zip(cases, run_scripts(root / "runs", *cases.values())))
-    assert (snapshot(runs["base"]), snapshot(runs["ft"]), style) == fixture_bytes, "an input was changed"
     return results, dirs, before
 
 
@@ -130,9 +132,11 @@ def test_a_second_run_into_the_same_out_is_refused_and_changes_no_byte(again):
 def test_an_output_never_replaces_an_input_or_a_foreign_file(runs, again, tmp_path, capsys):
     """sample.py --out CKPT, --out ADAPTER (with --lora ADAPTER), evaluate base --json CKPT and bench --json
     over a file minisnr did not write are refused in one line; the files keep every byte."""
-    results = again[0]
+    results, dirs, before = again
     for name in ("sample_over_ckpt", "sample_over_adapter"):
         assert results[name].rc == 1 and "is also an input" in error_line(results[name].err)
+    for name in ("inputs", "f_inputs"):
+        assert snapshot(dirs[name]) == before[name], "the checkpoint or the adapter was overwritten"
     notes = tmp_path / "notes.json"
     notes.write_text("my notes, not JSON")
     before = snapshot(runs["base"])
@@ -163,7 +167,7 @@ def test_atomic_write_names_its_temporary_file_by_the_pattern_clean_up_deletes(t
     """The name atomic_write gives its temporary file matches TMP_NAME, so remove_stale_tmp finds it."""
     seen = []
     atomic_write(str(tmp_path / "ckpt.pt"), lambda tmp: (seen.append(os.path.basename(tmp)), open(tmp, "w").close()))
-    assert len(seen) == 1 and TMP_NAME.match(seen[0]) and seen[0].startswith("ckpt.pt."), seen
+    assert len(seen) == 1 and checkpoint.TMP_NAME.match(seen[0]) and seen[0].startswith("ckpt.pt."), seen
     (tmp_path / seen[0]).write_text("left by a kill")
     assert remove_stale_tmp(str(tmp_path)) == [seen[0]]
 
@@ -173,11 +177,18 @@ def test_atomic_write_names_its_temporary_file_by_the_pattern_clean_up_deletes(t
 def test_sigterm_is_caught_like_ctrl_c():
     """Inside InterruptFlag a SIGTERM sets the flag (the loop then saves) instead of killing the process,
     and the exit code is 143 = 128 + SIGTERM; afterwards the previous handler is back."""
-    previous = signal.getsignal(signal.SIGTERM)
-    with InterruptFlag() as flag:
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert flag.set and flag.exit_code == 143
-    assert signal.getsignal(signal.SIGTERM) is previous
+    seen = []
+    def previous(signum, frame):  # stands in for the default action (ending the process) outside the flag
+        seen.append(signum)
+    old = signal.signal(signal.SIGTERM, previous)
+    try:
+        with InterruptFlag() as flag:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert flag.set and not seen, "SIGTERM must set the flag, not reach the previous handler"
+            assert flag.exit_code == 143
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def test_sigterm_in_train_saves_the_current_step(runs, tmp_path):
@@ -206,6 +217,54 @@ def test_resume_refuses_changed_flags_and_names_each(runs, again):
     for name in ("f_changed", "t_changed"):
         assert snapshot(dirs[name]) == before[name]
     assert results["t_resume"].rc == 0 and "at step 2" in results["t_resume"].out
+
+
+# --- 7. malformed files that are not command inputs: caches and logs -------------------------------------
+
+def test_a_damaged_scores_cache_is_scored_again(tmp_path):
+    """evaluate sweep's scores.json is a cache: invalid UTF-8, a list, string scores or another key all read
+    as a miss (the run is scored again), never a traceback; a good one is reused."""
+    key = {"seed": 0}
+    good = {"key": key, "scores": {"style_sim": 0.5, "content_acc": 1}}
+    path = tmp_path / "scores.json"
+    bad = [b"\xff\xfe not utf-8", b"[1, 2]", b'{"key": {"seed": 0}, "scores": NaN}',
+           json.dumps({"key": key, "scores": {"style_sim": "high"}}).encode(),
+           json.dumps({"key": {"seed": 1}, "scores": good["scores"]}).encode()]
+    for content in bad:
+        path.write_bytes(content)
+        assert evaluate.read_cached_scores(str(path), key) is None, content
+    path.write_text(json.dumps(good))
+    assert evaluate.read_cached_scores(str(path), key) == good["scores"]
+    assert evaluate.read_cached_scores(str(tmp_path), key) is None, "a folder in its place is a miss too"
+
+
+def test_a_resumed_log_with_invalid_utf8_keeps_its_good_records(tmp_path):
+    """open_log on resume drops a line of invalid UTF-8 (a torn or damaged record) and keeps the others."""
+    from minisnr.checkpoint import open_log
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b'{"step": 1}\n\xff\xfe{"step": 2}\n{"step": 3}\n')
+    open_log(str(path), resume_step=3).close()
+    assert log_steps(path) == [1, 3]
+
+
+def test_finetune_divergence_before_any_state_says_so(again):
+    """A fine-tune that diverges before its first state is saved does not claim state.pt keeps a good state."""
+    r = again[0]["f_diverge"]
+    line = error_line(r.err)
+    assert r.rc == 1 and "non-finite" in line and "no state was saved yet" in line and "keeps" not in line, line
+
+
+def test_viz_replaces_its_own_png_but_not_a_foreign_one(runs, tmp_path, capsys):
+    """minisnr.viz writes a PNG marked as minisnr's, which a second run may replace; a photo it did not write
+    is refused in one line and keeps its bytes."""
+    mine, photo = tmp_path / "mine.png", tmp_path / "photo.png"
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(photo)
+    before = photo.read_bytes()
+    for _ in range(2):
+        code, err = run_module(viz, ["strip", "--image", runs["style"], "--out", mine], capsys)
+        assert code == 0, err
+    code, err = run_module(viz, ["strip", "--image", runs["style"], "--out", photo], capsys)
+    assert code == 1 and "not written by minisnr" in error_line(err) and photo.read_bytes() == before
 
 
 # --- 8. memory --------------------------------------------------------------------------------------------
@@ -303,6 +362,13 @@ def make_bad_files(runs, d):
     f["fifo"] = os.path.join(d, "fifo")
     os.mkfifo(f["fifo"])
     f["huge"] = huge_png(os.path.join(d, "huge.png"), 20000, 20000)
+    probe = {"format": "minisnr-probe-v1", "style_layers": ("rgb", "conv1", "conv2", "conv3"), "num_classes": 3,
+             "classes": ["apple", "mango", "zebra"], "test_accuracy": 0.5, "state": {}, "info": {},
+             "style_mean": [torch.zeros(3)] * 4, "style_std": [torch.ones(3)] * 4}
+    for name, change in [("probe_no_info", {"info": None}), ("probe_widths", {"info": {"widths": [10 ** 9] * 3}}),
+                         ("probe_classes", {"classes": ["apple"]})]:
+        f[name] = os.path.join(d, name + ".pt")
+        torch.save(dict(probe, **change), f[name])
     return f
 
 
@@ -379,6 +445,9 @@ def bad_module_cases(runs, f, out):
         ("evaluate-fig4-lora-scale-nan", evaluate, ["fig4", runs["ckpt"], runs["adapter"], "--lora-scale", "nan",
                                                     "--out", out], "--lora-scale"),
         ("evaluate-sweep-mus-inf", evaluate, ["sweep", runs["ckpt"], "--mus", "0,inf", "--out", out], "--mus"),
+        *[(f"evaluate-probe-{name}", evaluate, ["base", runs["ckpt"], "--probe", f[name], "--json", out + ".json"],
+           hint) for name, hint in [("probe_no_info", "info"), ("probe_widths", "widths"),
+                                    ("probe_classes", "classes")]],
     ]
 
 
@@ -400,7 +469,7 @@ def assert_one_line_and_nothing_written(rc, err, hint, out):
     assert rc not in (0, None), f"expected a failure, got exit code {rc}"
     line = error_line(err)
     assert hint in line, f"the error should mention {hint!r}: {line}"
-    assert not any(os.path.exists(p) for p in (out, out + ".png")), f"{out} was written"
+    assert not any(os.path.exists(p) for p in (out, out + ".png", out + ".json")), f"{out} was written"
 
 
 def test_every_bad_value_and_malformed_file_is_one_line(bad_results):
