@@ -25,8 +25,8 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from minisnr.checkpoint import (atomic_save, check_writable, config_hash, load_pretrained, open_log, remove_stale_tmp,
-                                require_file, safe_load, weights_hash, CheckpointError)
+from minisnr.checkpoint import (atomic_save, check_tensors, check_writable, config_hash, load_pretrained, open_log,
+                                remove_stale_tmp, require_file, safe_load, weights_hash, CheckpointError)
 from minisnr.config import knob, parse_config
 from minisnr.data import class_id, load_images, to_model_range
 from minisnr.generate import generate
@@ -34,6 +34,8 @@ from minisnr.lora import (DEFAULT_TARGETS, count_parameters, inject_lora, load_l
                           lora_state_dict, save_adapter, set_style_scale)
 from minisnr.loop import InterruptFlag, make_optimizer, rng_state, set_rng_state, train_step
 from minisnr.rf import NoiseSampler
+from minisnr.safety import (check_device, check_optimizer_state, check_rng_state, check_seed, check_step,
+                            guard_run_folder, refuse_changed_flags, run_files)
 from minisnr.runtime import (UserError, autocast_context, make_grad_scaler, pick_device, resolve_precision, run_main,
                              save_image_grid, side_by_side)
 
@@ -45,6 +47,7 @@ class FinetuneConfig:
     style: str = knob(None, "style reference: an image file, a folder of images, or a comma-separated list")
     out: str = knob("runs/style", "folder for adapter.pt, log.jsonl, samples and the resumable state.pt")
     resume: bool = knob(False, "continue from OUT/state.pt with the exact same data order and noise")
+    overwrite: bool = knob(False, "start a new fine-tune in an --out that holds one (deletes its adapter, state, log)")
     style_class: str = knob(None, "class name or id of what the references show (also --class); none = the null class")
     # which noise levels to train on: the method of the paper
     noise_sampler: str = knob("style-friendly", "uniform | logit-normal (SD3: logit t ~ N(m,s)) | style-friendly (lam ~ N(mu,sigma))")
@@ -102,7 +105,22 @@ def validate(cfg: FinetuneConfig):
         raise UserError(f"--crop-min must be in (0, 1], got {cfg.crop_min}")
     if cfg.sample_cfg < 0:
         raise UserError(f"--sample-cfg must be >= 0, got {cfg.sample_cfg}")
+    if cfg.grad_clip < 0:
+        raise UserError(f"--grad-clip must be >= 0 (0 = off), got {cfg.grad_clip}")
+    if cfg.alpha is not None and cfg.alpha <= 0:
+        raise UserError(f"--alpha must be > 0 (the LoRA update is scaled by alpha/rank), got {cfg.alpha}")
     cfg.noise()  # validates sigma > 0, finite mu, ...
+    check_seed(cfg.seed)
+    check_device(cfg.device)
+    guard_run_folder(cfg.out, RUN_FILES, cfg.resume, cfg.overwrite)
+
+
+# the files a fine-tune writes in --out: their presence means "a fine-tune is here" (guard_run_folder)
+RUN_FILES = ("state.pt", "adapter.pt", "log.jsonl", "samples_compare.png")
+# flags a resumed fine-tune may change: they do not change what is trained (the LR is constant, so --steps
+# only says where to stop; the base's weights are matched by their hash, wherever the file now is)
+RESUME_FREE = {"resume", "overwrite", "out", "base", "steps", "log_every", "ckpt_every", "sample_steps", "sample_cfg",
+               "sample_per_class", "device", "precision", "compile"}
 
 
 class StyleViews:
@@ -184,6 +202,12 @@ def finetune(cfg: FinetuneConfig):
         if state.get("base_weights_hash", base_weights) != base_weights:
             raise CheckpointError(f"{state_path} was started from other base weights (another checkpoint, or --use-ema "
                                   f"changed); pass the --base and --use-ema it was started with")
+        if "finetune_config" in state:  # (older states did not record their flags)
+            refuse_changed_flags(state["finetune_config"], asdict(cfg), RESUME_FREE, state_path)
+        check_tensors(state["lora"], state_path, "adapter tensors")
+        check_step(state["step"], state_path)
+        check_rng_state(state["rng"], state_path)
+        check_optimizer_state(state["optimizer"], params, state_path)
         load_lora_state_dict(model, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -208,6 +232,8 @@ def finetune(cfg: FinetuneConfig):
 
     train_model = torch.compile(model) if cfg.compile else model
     labels = torch.full((cfg.batch_size,), label, device=device)
+    for old in run_files(cfg.out, RUN_FILES) if cfg.overwrite else ():  # asked for: the old fine-tune goes
+        os.remove(old)
     remove_stale_tmp(cfg.out)  # a killed save can leave NAME.<random>.tmp behind; a resumed run drops the log's re-run steps
     log_file = open_log(os.path.join(cfg.out, "log.jsonl"), step if cfg.resume else None)
     start, loss_sum, n_logged = time.time(), torch.zeros((), device=device), 0
@@ -218,8 +244,10 @@ def finetune(cfg: FinetuneConfig):
         # a step can leave NaN weights behind a finite loss (an overflowing gradient), so check both
         weights_ok = torch.stack([torch.isfinite(p).all() for p in params]).all()
         if (nonfinite | ~weights_ok).item():
-            raise UserError(f"loss or weights became non-finite by step {step}; stopping without saving, so {state_path} "
-                            f"keeps the last good state. Try a lower --lr, --grad-clip 1, or --precision fp32.")
+            kept = (f"so {state_path} keeps the last good state" if os.path.exists(state_path)
+                    else "and no state was saved yet")
+            raise UserError(f"loss or weights became non-finite by step {step}; stopping without saving, {kept}. "
+                            f"Try a lower --lr, --grad-clip 1, or --precision fp32.")
 
     bar = tqdm(total=cfg.steps, initial=step, dynamic_ncols=True)
     with InterruptFlag() as interrupt:
@@ -254,7 +282,7 @@ def finetune(cfg: FinetuneConfig):
     if interrupt.set:
         save_state()
         print(f"interrupted at step {step}: saved {state_path}. Resume with the same flags plus --resume true")
-        raise SystemExit(130)  # 128 + SIGINT: the fine-tune did not finish, so `python finetune.py && ...` stops here
+        raise SystemExit(interrupt.exit_code)  # 130 or 143: it did not finish, so `finetune.py && ...` stops here
     save_state()
     meta["steps_done"] = step
     meta["seconds"] = round(time.time() - start, 1)

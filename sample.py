@@ -11,14 +11,15 @@ are stored in each PNG's 'minisnr' text chunk.
 """
 import os
 
-from minisnr.checkpoint import check_writable, load_pretrained, require_file
-from minisnr.config import OneLineErrorParser
+from minisnr.checkpoint import load_pretrained, require_file
+from minisnr.config import OneLineErrorParser, finite_float
 from minisnr.data import class_id
 from minisnr.fid import sample_to_folder
 from minisnr.generate import generate
 from minisnr.lora import (apply_adapter, merge_lora, parse_style_window, set_style_scale, style_window_hook,
                           unmerge_lora)
-from minisnr.runtime import (UserError, autocast_context, pick_device, resolve_precision, run_main, save_image_grid,
+from minisnr.safety import check_device, check_output, check_seed
+from minisnr.runtime import (UserError, autocast_context, resolve_precision, run_main, save_image_grid,
                              side_by_side)
 
 
@@ -34,7 +35,14 @@ def parse_classes(text, classes):
         if cid is None:
             raise UserError(f"unknown class {item!r}; valid: {', '.join(classes)} (or ids 0-{len(classes) - 1})")
         ids.append(cid)
+    if not ids:
+        raise UserError(f"--classes {text!r} names no class; pass names or ids like {classes[0]},1, or 'all'")
     return ids
+
+
+# One PNG grid holds at most this many images (e.g. 10 classes x --n 1000): generate() draws the starting
+# noise of all of them at once (12 KB each at 32x32), and a bigger PNG is more than any viewer opens.
+MAX_GRID_IMAGES = 10_000
 
 
 def build_parser():
@@ -43,13 +51,15 @@ def build_parser():
     p.add_argument("ckpt", help="checkpoint written by train.py (OUT/ckpt.pt)")
     p.add_argument("--classes", default="all", help="comma-separated class names or ids, or 'all'")
     p.add_argument("--n", type=int, default=8, help="samples per class (one row per class)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale; 1 = none, higher = more class-typical")
+    p.add_argument("--cfg", type=finite_float, default=3.0,
+                   help="classifier-free guidance scale; 1 = none, higher = more class-typical")
     p.add_argument("--steps", type=int, default=50, help="Euler steps from t=1 to t=0; more is slower and a little sharper")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise; same seed, same images")
     p.add_argument("--out", default="samples.png", help="PNG grid to write")
     p.add_argument("--raw", action="store_true", help="use the raw trained weights instead of the EMA weights")
     p.add_argument("--lora", default=None, help="style adapter written by finetune.py")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the style: 0 = off, 1 = as trained")
+    p.add_argument("--lora-scale", type=finite_float, default=1.0,
+                   help="strength of the style: 0 = off, 1 = as trained")
     p.add_argument("--style-steps", default="0:1", help="apply the style only for this fraction a:b of the steps, from noise")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32")
@@ -76,18 +86,22 @@ def main(argv=None):
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     if args.cfg < 0:
         raise UserError(f"--cfg must be >= 0, got {args.cfg} (1 = no guidance)")
+    check_seed(args.seed)
     start, end = parse_style_window(args.style_steps)
     require_file(args.ckpt, "checkpoint", "pass the ckpt.pt written by train.py (OUT/ckpt.pt) as the first argument")
-    if os.path.isdir(args.out):
-        raise UserError(f"--out {args.out!r} is a folder; pass the .png file to write, e.g. {os.path.join(args.out, 'samples.png')}")
-    check_writable(os.path.dirname(os.path.abspath(args.out)))
-    device = pick_device(args.device)
+    compare_path = os.path.splitext(args.out)[0] + "_compare.png"
+    for path in [args.out] + ([compare_path] if args.lora is not None else []):  # before any work: nothing is lost
+        check_output(path, "--out", inputs=(args.ckpt, args.lora))
+    device = check_device(args.device)
     ctx = autocast_context(device, resolve_precision(args.precision, device))
     model, ckpt = load_pretrained(args.ckpt, use_ema=not args.raw, device=device)
     classes = ckpt.get("classes") or [str(i) for i in range(model.config.num_classes)]
     if args.png_dir is not None:
         return write_png_dir(args, model, classes, device)
     labels = [c for c in parse_classes(args.classes, classes) for _ in range(args.n)]
+    if len(labels) > MAX_GRID_IMAGES:
+        raise UserError(f"--n {args.n} x {len(labels) // args.n} classes = {len(labels)} images, more than one grid "
+                        f"holds ({MAX_GRID_IMAGES}); lower --n, or pass fewer --classes and run it again")
     meta = {"ckpt": args.ckpt, "classes": args.classes, "n": args.n, "cfg": args.cfg, "steps": args.steps,
             "seed": args.seed, "ema": not args.raw}
 
@@ -113,7 +127,6 @@ def main(argv=None):
     set_style_scale(model, 0.0)
     plain = draw()
     save_image_grid(styled, args.out, nrow=args.n, meta=meta)
-    compare_path = os.path.splitext(args.out)[0] + "_compare.png"
     save_image_grid(side_by_side(plain, styled, args.n), compare_path, nrow=2 * args.n, meta=dict(meta, layout="left: style off, right: style on"))
     print(f"wrote {args.out} (style '{lora_meta.get('style_name', args.lora)}') and {compare_path} (left: off, right: on)")
 

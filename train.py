@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from minisnr.checkpoint import atomic_save, check_writable, open_log, remove_stale_tmp, safe_load, CheckpointError
+from minisnr.checkpoint import (atomic_save, check_tensors, check_writable, model_shape_problem, open_log,
+                                remove_stale_tmp, safe_load, CheckpointError)
 from minisnr.config import knob, parse_config
 from minisnr.data import InMemoryLoader, load_dataset
 from minisnr.generate import generate
@@ -26,6 +27,8 @@ from minisnr.loop import (InterruptFlag, Throughput, any_rank, cleanup_distribut
                           set_rng_state, setup_distributed, train_step, wrap_for_training)
 from minisnr.model import DIT_PRESETS, build_model
 from minisnr.rf import NoiseSampler
+from minisnr.safety import (check_device, check_loader_state, check_optimizer_state, check_rng_state, check_seed,
+                            check_step, guard_run_folder, refuse_changed_flags, run_files)
 from minisnr.runtime import UserError, autocast_context, make_grad_scaler, pick_device, resolve_precision, run_main, save_image_grid
 
 
@@ -36,6 +39,7 @@ class TrainConfig:
     data: str = knob("cifar10", "'cifar10' downloads it to ./data; or an ImageFolder path like ../shared/data/cifar10/train")
     out: str = knob("runs/pretrain", "folder for ckpt.pt, log.jsonl and samples/")
     resume: bool = knob(False, "continue from OUT/ckpt.pt: weights, EMA, optimizer, step, RNG and data order")
+    overwrite: bool = knob(False, "start a new run in an --out that holds one (deletes its ckpt.pt, log and samples)")
     # model
     model: str = knob("cpu", f"DiT size preset, one of {sorted(DIT_PRESETS)}")
     dim: int = knob(None, "override the preset's width D")
@@ -127,9 +131,7 @@ def validate(cfg: TrainConfig):
     if cfg.model not in DIT_PRESETS:
         raise UserError(f"unknown --model {cfg.model!r}; choose one of {', '.join(sorted(DIT_PRESETS))}")
     arch = dict(DIT_PRESETS[cfg.model], **cfg.model_overrides())  # what build_model will get; its asserts would be tracebacks
-    if min(arch["dim"], arch["depth"], arch["heads"], arch["patch_size"], arch["img_size"]) < 1 \
-            or arch["img_size"] % arch["patch_size"] \
-            or arch["dim"] % 4 or arch["dim"] % arch["heads"]:
+    if model_shape_problem(arch):
         raise UserError(f"impossible model shape (img_size {arch['img_size']}, patch_size {arch['patch_size']}, dim {arch['dim']}, "
                         f"heads {arch['heads']}, depth {arch['depth']}): all must be >= 1, --img-size a multiple of "
                         f"--patch-size, and --dim a multiple of 4 and of --heads")
@@ -137,11 +139,36 @@ def validate(cfg: TrainConfig):
         raise UserError(f"--class-dropout must be in [0, 1), got {cfg.class_dropout}")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be > 0, got {cfg.lr}")
+    for name in ("weight_decay", "grad_clip", "warmup"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.ema_decay < 1:
         raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.sample_cfg < 0:
         raise UserError(f"--sample-cfg must be >= 0, got {cfg.sample_cfg}")
     cfg.noise()  # validates the sampler settings
+    check_seed(cfg.seed)
+    check_device(cfg.device)
+    guard_run_folder(cfg.out, RUN_FILES, cfg.resume, cfg.overwrite)
+
+
+# the files a run writes in --out: their presence means "a run is here" (guard_run_folder)
+RUN_FILES = ("ckpt.pt", "log.jsonl", os.path.join("samples", "step_*.png"))
+# flags a resumed run may change: they do not change what is trained (--max-steps extends the schedule)
+RESUME_FREE = {"resume", "overwrite", "out", "max_steps", "stop_after", "log_every", "sample_every", "ckpt_every",
+               "sample_steps", "sample_cfg", "sample_per_class", "device", "precision", "compile"}
+
+
+def check_resume_state(ckpt, path, model, n_images):
+    """Everything a resumed run reads from ckpt.pt, checked before any of it is used."""
+    for key in ("model", "ema"):
+        check_tensors(ckpt[key], path, f"{key} weights")
+    check_step(ckpt["step"], path)
+    check_rng_state(ckpt["rng"], path)
+    check_loader_state(ckpt["loader"], path, n_images)
+    check_optimizer_state(ckpt["optimizer"], list(model.parameters()), path)
+    if not isinstance(ckpt["scaler"], dict):
+        raise CheckpointError(f"{path} is damaged: its grad-scaler state is not a dict; start a new run")
 
 
 def main(argv=None):
@@ -186,10 +213,13 @@ def train(cfg: TrainConfig, preset, rank, local_rank, world):
         have, want = ckpt.get("model_config") if isinstance(ckpt, dict) else None, model.config.to_dict()
         if not isinstance(have, dict) or not {"model", "ema", "optimizer", "scaler", "loader", "rng", "step"} <= set(ckpt):
             raise CheckpointError(f"{ckpt_path} is not a checkpoint written by train.py; pass the --out folder of a train.py run")
+        if "train_config" in ckpt:  # (older checkpoints did not record their flags)
+            refuse_changed_flags(ckpt["train_config"], asdict(cfg), RESUME_FREE, ckpt_path)
         if have != want:
             diff = ", ".join(f"{k}={have.get(k)} (these flags give {v})" for k, v in want.items() if have.get(k) != v)
             raise CheckpointError(f"{ckpt_path} was trained with {diff}; pass the same --preset/--model/--dim/--depth/"
                                   f"--heads/--patch-size/--img-size/--data flags as the original run")
+        check_resume_state(ckpt, ckpt_path, model, len(data))
         if len(ckpt["loader"]["perm"]) != len(data):  # its saved data order indexes the old image set
             raise CheckpointError(f"{ckpt_path} was trained on {len(ckpt['loader']['perm'])} images, but --data has "
                                   f"{len(data)}; pass the same --data as the original run")
@@ -234,7 +264,9 @@ def train(cfg: TrainConfig, preset, rank, local_rank, world):
         n_params = model.num_params()
         print(f"model {cfg.model}: {n_params / 1e6:.2f}M params | data {len(data)} images, {len(classes)} classes | "
               f"device {device} | precision {precision} | compile {compiled} | world {world}")
-    if master:  # a killed save can leave ckpt.pt.<random>.tmp behind; a resumed run drops the log's re-run steps
+    if master:  # a killed save can leave ckpt.pt.<random>.minisnr.tmp; a resumed run drops the log's re-run steps
+        for old in run_files(cfg.out, RUN_FILES) if cfg.overwrite else ():  # asked for: the old run goes
+            os.remove(old)
         remove_stale_tmp(cfg.out)
         remove_stale_tmp(os.path.join(cfg.out, "samples"))
     log_file = open_log(os.path.join(cfg.out, "log.jsonl"), step if cfg.resume else None) if master else None
@@ -312,7 +344,7 @@ def train(cfg: TrainConfig, preset, rank, local_rank, world):
         else:
             print(f"done: {ckpt_path} (step {step}), samples in {grid}")
     if stop:
-        sys.exit(130)  # 128 + SIGINT: the run did not finish, so `python train.py && ...` stops here
+        sys.exit(interrupt.exit_code)  # 130 (Ctrl-C) or 143 (SIGTERM): unfinished, so `train.py && ...` stops here
 
 
 if __name__ == "__main__":

@@ -61,12 +61,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .checkpoint import write_json
+from .checkpoint import model_shape_problem, write_json
 from .config import knob, parse_config
 from .data import ImageSet, InMemoryLoader
 from .loop import ema_update, make_optimizer, train_step
 from .model import DIT_PRESETS, DiTConfig, build_config, build_model
 from .rf import NoiseSampler, euler_sample, rf_loss
+from .safety import check_output, check_seed
 from .runtime import (UserError, autocast_context, cpu_has_fast_bf16, cuda_has_fast_bf16, make_grad_scaler,
                       pick_device, run_main, sync)
 
@@ -541,9 +542,28 @@ def _run(cfg: BenchConfig):
     return results, meta, device
 
 
+def validate(cfg: BenchConfig):
+    """Check the flags before any work starts; one-line UserError for a shape or size that cannot run."""
+    problem = model_shape_problem(dict(DIT_PRESETS.get(cfg.preset, {}), **cfg.model_overrides()))
+    if cfg.preset in DIT_PRESETS and problem:
+        raise UserError(f"impossible model shape: {problem}; fix --img-size/--patch-size/--dim/--depth/--heads")
+    for name in ("batch_size", "sample_steps"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("threads", "sample_images", "grad_clip"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
+        raise UserError(f"--peak-tflops must be > 0, got {cfg.peak_tflops}")
+    check_seed(cfg.seed)
+    if cfg.json:
+        check_output(cfg.json, "--json", kind="json")
+
+
 def main(argv=None):
     """Command-line entry point: print the memory estimate, or time each mode and print a markdown table."""
     cfg, _ = parse_config(BenchConfig, None, argv, description=__doc__.splitlines()[0])
+    validate(cfg)
     if cfg.estimate_memory:
         device = pick_device(cfg.device)
         est = print_memory_estimate(cfg, device)

@@ -43,6 +43,8 @@ def finetune_both(ft, args):
                                 **noise, **({"steps": args.finetune_steps} if args.finetune_steps else {}))
         adapters[name] = os.path.join(cfg.out, "adapter.pt")
         if not os.path.exists(adapters[name]):
+            cfg.resume = os.path.exists(os.path.join(cfg.out, "state.pt"))   # an interrupted run continues
+            cfg.overwrite = not cfg.resume   # one killed before its first state: only its own log to replace
             ft.validate(cfg)
             print(f"fine-tuning with {name} ...", flush=True)
             ft.finetune(cfg)

@@ -10,6 +10,7 @@ first fills the fields from presets[NAME]; explicit flags then override single f
 """
 import argparse
 import dataclasses
+import math
 import sys
 
 
@@ -22,7 +23,20 @@ def _flag_type(field_type, default):
     kind = field_type if isinstance(field_type, type) else type(default)
     if kind is bool:
         return parse_bool
+    if kind is float:
+        return finite_float
     return kind
+
+
+def finite_float(text):
+    """A float flag's value; 'nan' and 'inf' are refused, since no setting means them (they give black images)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def parse_bool(text):
@@ -54,7 +68,8 @@ def build_parser(config_cls, presets=None, description=None, extra=None, aliases
         shown = f"default {f.default}" + "".join(f"; {name}: {v}" for name, v in by_preset.items())
         reason = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         flags = [flag] + list((aliases or {}).get(f.name, []))
-        parser.add_argument(*flags, dest=f.name, default=None, type=ftype, metavar=ftype.__name__.upper() if ftype in (int, float, str) else "BOOL",
+        metavar = {int: "INT", finite_float: "FLOAT", str: "STR"}.get(ftype, "BOOL")
+        parser.add_argument(*flags, dest=f.name, default=None, type=ftype, metavar=metavar,
                             help=f"{reason} [{shown}]")
     if extra:
         extra(parser)

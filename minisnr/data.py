@@ -22,7 +22,11 @@ from PIL import Image, UnidentifiedImageError
 from .runtime import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-Image.MAX_IMAGE_PIXELS = 200_000_000  # large paintings are fine; still refuse decompression bombs
+# The largest image decoded at full size: 64 megapixels (e.g. 9000 x 7000) take 256 MB as RGBA. A larger
+# JPEG is decoded at 1/2, 1/4 or 1/8 scale (PIL's draft mode), which costs no more; any other larger file
+# is skipped with a warning, as a 1.6 MB PNG of 20000 x 20000 would need 1.6 GB and more to decode.
+MAX_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = None  # PIL's own bomb check only warns below 2x its limit; open_image checks instead
 
 
 class DataError(UserError):
@@ -70,15 +74,33 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def open_image(path):
-    """Open and fully decode an image, or return None (with a warning) if it is unreadable."""
+def open_image(path, max_side=None):
+    """Open and fully decode an image as RGB, or return None (with a warning) if it is unreadable or too large.
+
+    Its header is read first: a JPEG above MAX_PIXELS is decoded reduced, any other image above MAX_PIXELS
+    is skipped, so no file costs more memory than that to load. With `max_side`, the image is downscaled
+    to at most that on its long side as soon as it is decoded.
+    """
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if img.format == "JPEG" and w * h > MAX_PIXELS:
+                # draft picks the smallest of 1/2, 1/4, 1/8 scale that is at least the size asked for, so ask
+                # for a quarter of the limit: what it decodes is then between a quarter of it and all of it
+                shrink = (MAX_PIXELS / 4 / (w * h)) ** 0.5
+                img.draft(img.mode, (max(1, int(w * shrink)), max(1, int(h * shrink))))
+            if img.size[0] * img.size[1] > MAX_PIXELS:
+                warnings.warn(f"skipping image {path}: {w} x {h} is over the {MAX_PIXELS // 10**6} megapixel limit; "
+                              f"downscale it first")
+                return None
             img.load()
-            return to_rgb(img)
+            rgb = to_rgb(img)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         warnings.warn(f"skipping unreadable image {path}: {e.__class__.__name__}: {e}")
         return None
+    if max_side and max(rgb.size) > max_side:
+        rgb.thumbnail((max_side, max_side), Image.BICUBIC)
+    return rgb
 
 
 def list_images(folder):
@@ -94,9 +116,8 @@ def _check_folder(path, flag="--data"):
         raise DataError(f"{path!r} is not a folder; pass a folder of images with {flag}")
 
 
-def _stack(pil_images, size):
-    arrays = [np.asarray(resize_center_crop(img, size)) for img in pil_images]   # each (H, W, 3) uint8
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()   # (N, 3, H, W)
+def _stack(arrays):
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()   # (N, H, W, 3) -> (N, 3, H, W)
 
 
 def load_image_folder(root, size=32, flag="--data") -> ImageSet:
@@ -109,13 +130,13 @@ def load_image_folder(root, size=32, flag="--data") -> ImageSet:
     images, labels = [], []
     for label, name in enumerate(classes):
         for path in list_images(os.path.join(root, name)):
-            img = open_image(path)
+            img = open_image(path)  # resized at once below: full-size photos are never all in memory together
             if img is not None:
-                images.append(img)
+                images.append(np.asarray(resize_center_crop(img, size)))          # (H, W, 3) uint8
                 labels.append(label)
     if not images:
         raise DataError(f"{root!r} has no readable images (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return ImageSet(_stack(images, size), torch.tensor(labels, dtype=torch.long), classes)
+    return ImageSet(_stack(images), torch.tensor(labels, dtype=torch.long), classes)
 
 
 def load_cifar10(root="data", train=True, size=32, flag="--data") -> ImageSet:
@@ -171,15 +192,9 @@ def load_images(paths, max_side=None):
             files.append(p)
         else:
             raise DataError(f"style image or folder {p!r} does not exist; pass existing paths with --style")
-    images = [img for img in map(open_image, files) if img is not None]
+    images = [img for img in (open_image(f, max_side) for f in files) if img is not None]  # each reduced as it loads
     if not images:
         raise DataError(f"none of the {len(files)} style file(s) could be read as an image; pass readable images with --style")
-    if max_side:
-        for i, img in enumerate(images):
-            if max(img.size) > max_side:
-                img = img.copy()
-                img.thumbnail((max_side, max_side), Image.BICUBIC)
-                images[i] = img
     return images
 
 

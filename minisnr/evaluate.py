@@ -26,11 +26,12 @@ import torch
 
 from . import fid, metrics
 from .checkpoint import check_writable, load_pretrained, write_json, write_text
-from .config import OneLineErrorParser
+from .config import OneLineErrorParser, finite_float
 from .data import load_dataset, load_images, resize_center_crop
 from .generate import generate
 from .lora import apply_adapter, parse_style_window, set_style_scale, style_window_hook
 from .probe import check_classes, describe, get_probe
+from .safety import check_output
 from .runtime import UserError, autocast_context, pick_device, resolve_precision, run_main, save_image_grid
 
 DEFAULT_WINDOWS = "0:0,0:0.1,0:0.2,0:0.3,0:0.5,0:0.7,0:1,0.1:1,0.3:1,0.5:1"
@@ -219,7 +220,8 @@ def build_parser():
         if sampling:
             q.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32 for the DiT")
             q.add_argument("--sample-steps", type=int, default=20, help="Euler steps per sample (fewer = faster scoring)")
-            q.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale of the samples")
+            q.add_argument("--cfg", type=finite_float, default=3.0,
+                           help="classifier-free guidance scale of the samples")
             q.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
 
     q = sub.add_parser("probe", formatter_class=fmt, help="train or load the cached probe and print its test accuracy")
@@ -239,10 +241,24 @@ def build_parser():
     q.add_argument("--out", default="runs/fig4", help="folder for fig4.md, fig4.png, fig4.json, fig4_samples.png")
     q.add_argument("--style", default=None, help="style reference image(s); default: those recorded in the adapter")
     q.add_argument("--windows", default=DEFAULT_WINDOWS, help="comma-separated a:b fractions of the steps, from noise")
-    q.add_argument("--lora-scale", type=float, default=1.0, help="style strength inside the window")
+    q.add_argument("--lora-scale", type=finite_float, default=1.0, help="style strength inside the window")
     q.add_argument("--samples-per-class", type=int, default=10, help="samples per class per window")
     fid.add_parser(sub, fmt)
     return p
+
+
+def check_outputs(args):
+    """Every file or folder a subcommand will write, checked before any work (a probe trained for an hour
+    must not fail at its save): never an input, never a file minisnr did not write, always writable."""
+    inputs = [getattr(args, "ckpt", None), getattr(args, "adapter", None)]
+    if args.probe in inputs or (os.path.isdir(args.probe)):
+        raise UserError(f"--probe {args.probe!r} is a folder or an input of this command; pass the probe file")
+    if not os.path.exists(args.probe) or getattr(args, "retrain", False):  # the probe will be trained and saved
+        check_writable(os.path.dirname(os.path.abspath(args.probe)), "--probe")
+    if getattr(args, "json", None) is not None:
+        check_output(args.json, "--json", inputs=inputs + [args.probe], kind="json")
+    if getattr(args, "out", None) is not None:
+        check_writable(args.out)
 
 
 def main(argv=None):
@@ -256,6 +272,7 @@ def main(argv=None):
         raise UserError(f"--cfg must be >= 0, got {args.cfg}")
     if args.probe_epochs < 1:
         raise UserError(f"--probe-epochs must be >= 1, got {args.probe_epochs}")
+    check_outputs(args)
     return {"probe": cmd_probe, "base": cmd_base, "fig4": cmd_fig4}[args.command](args)
 
 

@@ -131,24 +131,35 @@ class Throughput:
 
 
 class InterruptFlag:
-    """Turns the first Ctrl-C (SIGINT) into a flag the loop checks, so it can save and exit cleanly.
-    A second Ctrl-C interrupts immediately."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a flag the loop checks, so it can save and exit cleanly.
+    SIGTERM is what `timeout`, `docker stop`, SLURM preemption and torchrun (passing on its own SIGTERM) send.
+    `signum` records which signal came; a second signal of either kind interrupts immediately."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.set = False
+        self.signum = None
 
     def __enter__(self):
-        self._previous = signal.getsignal(signal.SIGINT)
+        self._previous = {s: signal.getsignal(s) for s in self.SIGNALS}
         def handler(signum, frame):
             if self.set:
                 raise KeyboardInterrupt
-            self.set = True
-        signal.signal(signal.SIGINT, handler)
+            self.set, self.signum = True, signum
+        for s in self.SIGNALS:
+            signal.signal(s, handler)
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
         return False
+
+    @property
+    def exit_code(self):
+        """128 + the signal number, as a shell reports a process ended by it: 130 for Ctrl-C, 143 for SIGTERM."""
+        return 128 + (self.signum or signal.SIGINT)
 
 
 def rng_state(device):

@@ -218,6 +218,31 @@ def save_adapter(model, path, meta):
     atomic_save({"format": ADAPTER_FORMAT, "lora": lora_state_dict(model), "meta": meta}, path)
 
 
+def check_adapter(blob, path):
+    """Check an adapter file's structure before anything is built from it: meta (targets, rank, alpha) and
+    finite floating-point tensors whose shapes agree with the rank, so a meta saying rank 1e8 cannot make
+    inject_lora allocate gigabytes. Returns the meta dict; one-line CheckpointError otherwise."""
+    from .checkpoint import CheckpointError, check_tensors
+    meta = blob.get("meta")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"adapter {path!r} has no metadata dict (meta); use an adapter written by finetune.py")
+    targets, rank, alpha = meta.get("targets"), meta.get("rank"), meta.get("alpha")
+    if not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+        raise CheckpointError(f"adapter {path!r}: meta targets must be a list of layer names, got {targets!r}")
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+        raise CheckpointError(f"adapter {path!r}: meta rank must be a whole number >= 1, got {rank!r}")
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
+        raise CheckpointError(f"adapter {path!r}: meta alpha must be a finite number > 0, got {alpha!r}")
+    tensors = blob.get("lora")
+    check_tensors(tensors, path, "adapter tensors")
+    for name, t in tensors.items():
+        r_dim = 0 if name.endswith("lora_A") else 1 if name.endswith("lora_B") else None
+        if r_dim is not None and (t.dim() != 2 or t.shape[r_dim] != rank):
+            raise CheckpointError(f"adapter {path!r}: tensor {name} has shape {tuple(t.shape)}, which does not fit "
+                                  f"its meta rank {rank}; the file is damaged")
+    return meta
+
+
 def apply_adapter(model, path):
     """Inject LoRA into `model` as recorded in the adapter file at `path` and load its weights.
 
@@ -229,7 +254,7 @@ def apply_adapter(model, path):
     blob = safe_load(path, what="LoRA adapter")
     if not isinstance(blob, dict) or blob.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(f"{path!r} is not a minisnr LoRA adapter (made by finetune.py)")
-    meta = blob["meta"]
+    meta = check_adapter(blob, path)
     base_hash = config_hash(model.config.to_dict())
     if meta.get("base_config_hash") != base_hash:
         raise CheckpointError(f"adapter {path!r} was trained on a different base model (config {meta.get('base_config')}); "

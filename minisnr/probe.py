@@ -343,6 +343,38 @@ def save_probe(probe, path):
                  "info": dict(probe.info), "styles": list(probe.styles)}, path)
 
 
+def check_probe(blob, path):
+    """The probe file's fields, checked before a network is built from them; one line naming what is wrong."""
+    def whole(v, hi):
+        return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi
+
+    def stats_ok(v):  # one finite float tensor per style layer
+        return isinstance(v, list) and len(v) == len(STYLE_LAYERS) and all(
+            isinstance(t, torch.Tensor) and t.is_floating_point() and torch.isfinite(t).all() for t in v)
+
+    n, classes, acc = blob.get("num_classes"), blob.get("classes"), blob.get("test_accuracy")
+    checks = [  # (test, what is wrong otherwise); each test runs only if the ones before it passed
+        (lambda: isinstance(blob.get("info"), dict), "its info is not a dict"),
+        (lambda: isinstance(blob["info"].get("widths", DEFAULT_WIDTHS), (list, tuple))
+         and len(blob["info"].get("widths", DEFAULT_WIDTHS)) == 3
+         and all(whole(w, 4096) for w in blob["info"].get("widths", DEFAULT_WIDTHS)),
+         "its info widths are not 3 whole numbers in 1..4096"),
+        (lambda: whole(n, 100_000), "its num_classes is not a whole number >= 1"),
+        (lambda: isinstance(classes, list) and len(classes) == n and all(isinstance(c, str) for c in classes),
+         f"its classes are not a list of {n} names"),
+        (lambda: isinstance(acc, (int, float)) and not isinstance(acc, bool) and 0 <= acc <= 1,
+         "its test_accuracy is not a number in [0, 1]"),
+        (lambda: isinstance(blob.get("state"), dict)
+         and all(isinstance(t, torch.Tensor) for t in blob["state"].values()),
+         "its weights (state) are not a dict of tensors"),
+        (lambda: stats_ok(blob.get("style_mean")) and stats_ok(blob.get("style_std")),
+         "its style statistics are not finite tensors, one per style layer"),
+    ]
+    problem = next((what for test, what in checks if not test()), None)
+    if problem:
+        raise CheckpointError(f"probe {path!r} is damaged: {problem}; delete it to retrain")
+
+
 def load_probe(path, device="cpu"):
     """Read a probe written by save_probe (weights_only=True); one-line error for anything else."""
     blob = safe_load(path, what="probe")
@@ -350,12 +382,13 @@ def load_probe(path, device="cpu"):
         raise CheckpointError(f"{path!r} is not a minisnr probe (made by `python -m minisnr.evaluate probe`)")
     if tuple(blob.get("style_layers", ())) != STYLE_LAYERS:
         raise CheckpointError(f"probe {path!r} was made by another minisnr version; delete it to retrain")
+    check_probe(blob, path)
     widths = tuple(blob["info"].get("widths", DEFAULT_WIDTHS))
     styles = list(blob.get("styles", []))          # [] in a plain probe and in files from before the judge
     net = ProbeNet(blob["num_classes"], widths, num_styles=len(styles))
     try:
         net.load_state_dict(blob["state"])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"probe {path!r} does not match its recorded widths: {str(e).splitlines()[0]}") from None
     return Probe(net.to(device).eval(), list(blob["classes"]), float(blob["test_accuracy"]),
                  list(blob["style_mean"]), list(blob["style_std"]), dict(blob["info"], path=path), styles)

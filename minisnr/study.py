@@ -92,6 +92,21 @@ def load_finetune():
     return module
 
 
+def read_cached_scores(path, key):
+    """{window: {metric: number}} cached in a run's scores.json under the same `key`, else {} (score again).
+    A damaged cache (not UTF-8, not JSON, not that shape, a number that is not finite) is just a miss."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            blob = json.load(f)
+    except (OSError, ValueError):                       # missing, a folder, invalid UTF-8 or JSON
+        return {}
+    scores = blob.get("scores") if isinstance(blob, dict) and blob.get("key") == key else None
+    ok = isinstance(scores, dict) and all(
+        isinstance(w, dict) and all(type(v) in (int, float) and math.isfinite(v) for v in w.values())
+        for w in scores.values())
+    return scores if ok else {}
+
+
 def samples_path(run_dir, window):
     """RUN_DIR/samples/WINDOW.pt, with the window spelled for a file name: 'lam<=-2' -> 'lam_le_-2'."""
     return os.path.join(run_dir, "samples", window.replace(":", "_").replace("<=", "_le_").replace(">", "_gt_") + ".pt")
@@ -199,6 +214,7 @@ class Study:
             return path, 0.0
         os.makedirs(cfg.out, exist_ok=True)
         cfg.resume = os.path.exists(os.path.join(cfg.out, "state.pt"))   # an interrupted fine-tune continues
+        cfg.overwrite = not cfg.resume      # one killed before its first state: only its own log to replace
         t0 = time.time()
         self.finetune.validate(cfg)
         with open(os.path.join(cfg.out, "finetune.log"), "a") as log, \
@@ -233,11 +249,7 @@ class Study:
         key = {k: getattr(self.args, k) for k in ("samples_per_class", "sample_steps", "cfg", "sample_seed",
                                                    "targets_per_class")}
         key["judge"] = [os.path.abspath(self.args.judge), self.judge.test_accuracy]
-        cached = {}
-        if os.path.exists(path):
-            with open(path) as f:
-                blob = json.load(f)
-            cached = blob["scores"] if blob.get("key") == key else {}
+        cached = read_cached_scores(path, key)
         todo = [w for w in windows if w not in cached]
         t0 = time.time()
         if todo:

@@ -11,14 +11,17 @@ by the same code that trains). Left is high noise (t -> 1), right is clean (t ->
 t = sigmoid(-lam/2), so you can see which lam still shows colour, layout or detail.
 Both are drawn with PIL; no plotting library is needed.
 """
+import json
+
 import torch
 from torchvision.transforms.v2 import functional as TF
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from .config import OneLineErrorParser
+from .config import OneLineErrorParser, finite_float
 from .data import open_image, resize_center_crop, to_model_range, to_uint8
 from .rf import NoiseSampler, add_noise, lam_of_t, t_of_lam
 from .runtime import UserError, run_main, save_png
+from .safety import check_output, check_seed
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
 
@@ -100,18 +103,24 @@ def main(argv=None):
     strip.add_argument("--seed", type=int, default=0, help="seed of the noise eps")
     strip.add_argument("--out", default="noise_strip.png", help="PNG to write")
     args = p.parse_args(argv)
+    check_output(args.out, "--out", inputs=[getattr(args, "image", None)])
+    info = PngImagePlugin.PngInfo()  # marks the PNG as minisnr's, so a later run may replace it (check_output)
+    info.add_text("minisnr", json.dumps({k: v for k, v in vars(args).items() if k != "out"}))
     if args.cmd == "densities":
-        save_png(draw_densities(), args.out)
+        save_png(draw_densities(), args.out, pnginfo=info)
     else:
+        if not 1 <= args.size <= 1024:
+            raise UserError(f"--size must be in 1..1024 pixels, got {args.size}")
+        check_seed(args.seed)
+        try:
+            lams = tuple(finite_float(v) for v in args.lams.split(","))
+        except Exception:  # ValueError or ArgumentTypeError: not a finite number
+            raise UserError(f"--lams must be comma-separated finite numbers, got {args.lams!r}") from None
         img = open_image(args.image)
         if img is None:
             raise UserError(f"cannot read {args.image!r} as an image; pass an image file with --image")
         x0 = to_model_range(TF.pil_to_tensor(resize_center_crop(img, args.size)))  # (3, H, W)
-        try:
-            lams = tuple(float(v) for v in args.lams.split(","))
-        except ValueError:
-            raise UserError(f"--lams must be comma-separated numbers, got {args.lams!r}") from None
-        save_png(draw_noise_strip(x0, lams, seed=args.seed), args.out)
+        save_png(draw_noise_strip(x0, lams, seed=args.seed), args.out, pnginfo=info)
     print(f"wrote {args.out}")
 
 

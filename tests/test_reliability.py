@@ -43,7 +43,8 @@ TRAIN, FINETUNE, SAMPLE = (os.path.join(REPO_ROOT, name) for name in ("train.py"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # 2 shared cores: one thread per process
 TIMEOUT = 600
 TQDM_LINE = re.compile(r"^\s*\d+%\|")                 # a progress-bar redraw, e.g. ' 10%|#   | 2/20 [00:01<...]'
-ERROR_LINE = re.compile(r"^(error: |[\w.-]+\.py: error: )")   # run_main's UserError line, or argparse's
+# run_main's UserError line, or argparse's (its prog is `script.py` or `python -m minisnr.x [subcommand]`)
+ERROR_LINE = re.compile(r"^(error: |[\w.-]+\.py: error: |python -m [\w.]+( \w+)?: error: )")
 TMP_FILE = re.compile(r"^ckpt\.pt\..+\.tmp$")           # atomic_write's temporary name for OUT/ckpt.pt
 BASE_SEED, FINETUNE_SEED = 5, 6
 
@@ -408,22 +409,27 @@ def test_open_log_keeps_records_up_to_the_resumed_step(tmp_path):
 
 
 def test_remove_stale_tmp_removes_only_atomic_write_leftovers(tmp_path):
-    """Only NAME.<random>.tmp files go; the checkpoint, the log and other files stay."""
-    for name in ("ckpt.pt", "log.jsonl", "ckpt.pt.k3j2a.tmp", "step_000001.png.x8.tmp", "notes.tmp"):
+    """Only NAME.<8 random characters>.minisnr.tmp regular files go; the checkpoint, the log, a user's
+    thesis.draft.tmp, a folder or a link named like a leftover stay."""
+    stale = ["ckpt.pt.k3j2a8x_.minisnr.tmp", "step_000001.png.x8abcdef.minisnr.tmp"]
+    kept = ["ckpt.pt", "log.jsonl", "notes.tmp", "thesis.draft.tmp", "ckpt.pt.k3j2a.tmp", "x.k3j2a.minisnr.tmp"]
+    for name in stale + kept:
         (tmp_path / name).write_text("x")
-    assert sorted(remove_stale_tmp(str(tmp_path))) == ["ckpt.pt.k3j2a.tmp", "step_000001.png.x8.tmp"]
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.jsonl", "notes.tmp"]
+    (tmp_path / "dir.abcdefgh.minisnr.tmp").mkdir()
+    (tmp_path / "link.abcdefgh.minisnr.tmp").symlink_to(tmp_path / "notes.tmp")
+    assert sorted(remove_stale_tmp(str(tmp_path))) == sorted(stale)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["dir.abcdefgh.minisnr.tmp", "link.abcdefgh.minisnr.tmp"])
     assert remove_stale_tmp(str(tmp_path / "missing")) == []
 
 
-def start_and_interrupt(argv, log, stdout_path, stderr_path):
-    """Start a real script, send it one SIGINT once it has logged two steps, and wait for it to end."""
+def start_and_interrupt(argv, log, stdout_path, stderr_path, sig=signal.SIGINT):
+    """Start a real script, send it one SIGINT (or `sig`) once it has logged two steps, and wait for it to end."""
     with open(stdout_path, "w") as out, open(stderr_path, "w") as err:
         proc = subprocess.Popen([str(a) for a in argv], stdout=out, stderr=err, env=ENV, stdin=subprocess.DEVNULL)
         try:
             wait_until(lambda: len(log_steps(log)) >= 2 or proc.poll() is not None, what="training to get under way")
             assert proc.poll() is None, f"it stopped by itself: {open(stderr_path).read()[-2000:]}"
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             rc = proc.wait(timeout=TIMEOUT)
         finally:
             if proc.poll() is None:
