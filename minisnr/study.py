@@ -75,8 +75,8 @@ LAM_WINDOWS = tuple(f"lam<={x}" for x in LAM_THRESHOLDS) + tuple(f"lam>{x}" for 
 # --- the fine-tuning variants (ablations) ------------------------------------------------------
 REF = "<reference class>"
 VARIANTS = {
-    "main": ({}, "finetune.py's defaults"),
-    "no-style-vector": ({"style_vector": False}, "LoRA only, no learned style vector"),
+    "main": ({"style_vector": True}, "rank-32 LoRA on attention and MLP, plus the style vector"),
+    "no-style-vector": ({"style_vector": False}, "LoRA only, no learned style vector (finetune.py's default)"),
     "attn-only": ({"targets": "qkv,proj"}, "LoRA on attention only (qkv, proj), as the paper's SD3.5 runs"),
     "rank4": ({"rank": 4}, "LoRA rank 4"),
     "rank8": ({"rank": 8}, "LoRA rank 8"),

@@ -72,10 +72,10 @@ def per_style_table(study, split):
 
 
 def ablation_table(study, style):
-    """Each fine-tuning variant with SD3 and the default sampler on one style, against the same sampler with
-    finetune.py's defaults (paired over the seeds)."""
+    """Each fine-tuning variant with SD3 and the default sampler on one style, against the same sampler in the
+    main variant (paired over the seeds)."""
     from .study import VARIANTS
-    lines = ["| variant | sampler | style acc | content acc | class KID×1000 | Δ KID×1000 vs finetune.py defaults |"
+    lines = ["| variant | sampler | style acc | content acc | class KID×1000 | Δ KID×1000 vs main |"
              " Δ KID×1000, default − SD3 |", "|" + "---|" * 7]
     pairs = [(st, sd) for st, sd in study.ablation_pairs() if st == style]
     for variant, (_, what) in VARIANTS.items():
@@ -137,6 +137,7 @@ def lam_rows(study):
 
 def write_report(study):
     """Write OUT/results.json, OUT/report.md and the plots; return their paths."""
+    from .study import VARIANTS
     a = study.args
     paths = {k: os.path.join(study.out, f) for k, f in (("json", "results.json"), ("report", "report.md"),
                                                          ("windows", "windows.png"), ("lam", "lam.png"))}
@@ -147,7 +148,8 @@ def write_report(study):
     n = a.samples_per_class * len(study.classes)
     lines = ["# minisnr study: does the style-friendly sampler learn a style better than SD3's?", "",
              f"Base `{a.ckpt}`. {a.seeds} seeds per style (each its own reference image). Every run: finetune.py's "
-             f"defaults but the sampler. Scored on {n} samples per run ({a.samples_per_class} per class, "
+             f"settings but the sampler, with the main variant's changes ({VARIANTS['main'][1]}). "
+             f"Scored on {n} samples per run ({a.samples_per_class} per class, "
              f"{a.sample_steps} Euler steps, CFG {a.cfg:g}, sampling seed {a.sample_seed}); targets: "
              f"{a.targets_per_class} styled real test images per class. Judge: clean accuracy "
              f"{study.judge.test_accuracy:.3f}, content accuracy on styled test images "

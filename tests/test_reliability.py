@@ -512,7 +512,7 @@ def test_finetune_resume_is_bit_exact(tmp_path, bases, style_png):
     """finetune.py --steps 4 straight == --steps 2, then --resume true --steps 4: LoRA tensors, style embedding,
     optimizer and RNG state identical. (Its LR is constant, so --steps only says where to stop.)"""
     common = ["--base", bases["a"], "--style", style_png, "--device", "cpu", "--rank", 4, "--ckpt-every", 2,
-              "--seed", 12, "--sample-per-class", 0, "--class", "mango"]
+              "--seed", 12, "--sample-per-class", 0, "--class", "mango", "--style-vector", "true"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     results = run_scripts(
         tmp_path / "runs",
