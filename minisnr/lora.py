@@ -8,10 +8,12 @@ Because B starts at zero, a freshly wrapped model computes exactly what the base
 computed; training moves B (and A) away from zero. Only A and B, r * (in + out) numbers
 per layer, are trained and saved.
 
-Style conditioning. The paper prompts its text-to-image models with "... in {style}
+Style conditioning (optional). The paper prompts its text-to-image models with "... in {style}
 style". minisnr has class labels, not text, so the analogue is one learned vector s,
 the style embedding, added to the conditioning vector c = embed(t) + embed(y) + s that
-drives every adaLN modulation. Fine-tuning learns s together with the LoRA weights.
+drives every adaLN modulation. With finetune.py --style-vector true, fine-tuning learns s
+together with the LoRA weights. It is off by default, as in the paper, because minisnr's
+study measured no difference with it (README, ablations).
 Drawing class y in the style means: label y, s on, LoRA on. One knob, the style
 scale, multiplies both the LoRA update and s, so
 
