@@ -20,6 +20,12 @@ What the evaluation uses (minisnr/metrics.py calls Probe.run on uint8 images, in
 Probe.logits(x) and Probe.features(x) give the same logits and the pooled features and whole
 maps for one batch of [-1, 1] tensors, for exploring the probe by hand.
 
+The judge (minisnr/study.py) is the same network trained with `styles`: every training view
+is put through a random ground-truth style or left plain, with decoys (recoloured photos,
+shuffled pixels) labelled "none", and half the views get the flaws of generated images. A
+second trunk of the same shape, `style_net`, learns which style a view is in; the first
+learns the class whatever the style. Its "pooled" features are both trunks' side by side.
+
 The cache file holds the weights, the class names, the probe's own test accuracy and the
 mean / spread of the Gram statistics of natural images (used to standardise style
 descriptors). It is written atomically and read with torch.load(weights_only=True).
