@@ -399,7 +399,8 @@ class Study:
 
     def record(self, variant, style, seed, sampler, windows):
         """Score one run and keep its scores under 'VARIANT/STYLE/SEED/SAMPLER'."""
-        self.results["runs"][f"{variant}/{style}/{seed}/{sampler}"] = self.scores(variant, style, seed, sampler, windows)
+        key = f"{variant}/{style}/{seed}/{sampler}"
+        self.results["runs"][key] = self.scores(variant, style, seed, sampler, windows)
 
     def choose_default(self):
         """The dev-set rule: the sampler with the lowest mean per-class KID over the dev pairs (window 0:1)."""

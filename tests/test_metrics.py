@@ -95,8 +95,8 @@ def test_old_gram_similarity_is_fooled_by_each_decoy(scored, decoy):
     """The Gram similarity to one reference (the old headline metric, RGB layer included) scores each decoy at
     least as high as real styled images on some style: why the study does not rank samplers by it."""
     fooled = [name for name, rows in scored.items() if rows[decoy]["gram"] >= rows["ceiling"]["gram"]]
-    assert fooled, f"expected the Gram similarity to prefer the {decoy} decoy on some style; " \
-                   f"scores: {[(n, round(r[decoy]['gram'], 3), round(r['ceiling']['gram'], 3)) for n, r in scored.items()]}"
+    pairs = [(n, round(r[decoy]["gram"], 3), round(r["ceiling"]["gram"], 3)) for n, r in scored.items()]
+    assert fooled, f"expected the Gram similarity to prefer the {decoy} decoy on some style; scores: {pairs}"
 
 
 def test_judge_learns_styles_and_keeps_classes(judge):
@@ -156,7 +156,8 @@ def test_kid_is_unbiased_and_sees_a_shift():
     fd = [metrics.frechet_distance(torch.randn(10, 8, generator=g), torch.randn(10, 8, generator=g)) for _ in range(50)]
     shifted = [metrics.kid(torch.randn(10, 8, generator=g), torch.randn(10, 8, generator=g) + 1) for _ in range(50)]
     spread = torch.tensor(same).std().item() / math.sqrt(len(same))
-    assert abs(sum(same) / len(same)) < 4 * spread, f"KID of equal distributions should average 0, got {sum(same) / 200}"
+    assert abs(sum(same) / len(same)) < 4 * spread, \
+        f"KID of equal distributions should average 0, got {sum(same) / 200}"
     assert sum(fd) / len(fd) > 1.0, "FD of equal distributions at N=10 is biased upwards (the reason for KID)"
     assert sum(shifted) / len(shifted) > 10 * spread, "KID should see a shift of one standard deviation"
 

@@ -71,7 +71,8 @@ def test_each_seed_has_its_own_reference_shared_by_all_samplers(tiny, tmp_path):
     another reference image (of another class where the dataset has one)."""
     s = study.Study(study.build_parser().parse_args(argv(tiny, str(tmp_path / "s"))))
     s.prepare()
-    cfgs = {(seed, name): s.finetune_config("main", "hatching", seed, name) for seed in (0, 1) for name in study.SAMPLERS}
+    cfgs = {(seed, name): s.finetune_config("main", "hatching", seed, name)
+            for seed in (0, 1) for name in study.SAMPLERS}
     for seed in (0, 1):
         assert len({cfgs[seed, n].style for n in study.SAMPLERS}) == 1, "all samplers should share the reference"
         assert {cfgs[seed, n].seed for n in study.SAMPLERS} == {seed}
@@ -106,7 +107,8 @@ def test_windows_ablations_and_lam_parts(tiny, tmp_path):
     lam = results["runs"]["main/hatching/0/sf-2"]
     assert set(study.LAM_WINDOWS) <= set(lam), "the default's runs should be scored in every lam window"
     report = open(os.path.join(out, "report.md")).read()
-    for text in ("## Style window at sampling", "## Ablations on hatching (test", "## Where is the style decided?", "lam <= X"):
+    for text in ("## Style window at sampling", "## Ablations on hatching (test", "## Where is the style decided?",
+                 "lam <= X"):
         assert text in report, f"the report should contain {text!r}"
     assert os.path.isfile(os.path.join(out, "windows.png")) and os.path.isfile(os.path.join(out, "lam.png"))
 
