@@ -1,7 +1,8 @@
 """Metrics for generated images, computed through the probe (minisnr/probe.py) or on raw pixels.
 
 All images are uint8 (N, 3, 32, 32). The probe's outputs come from Probe.run(images):
-{"logits": (N, K), "pooled": (N, D), "grams": [per style layer (N, C(C+1)/2)]}.
+{"logits": (N, K), "pooled": (N, D), "grams": [per style layer (N, C(C+1)/2)]}, plus
+"style_logits" (N, S) from a judge (a probe with a style trunk; see minisnr/study.py).
 
     class / content accuracy   fraction of samples of class c that the probe calls c (higher = better)
     Fréchet distance (FD)      ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) between Gaussians
@@ -11,6 +12,9 @@ All images are uint8 (N, 3, 32, 32). The probe's outputs come from Probe.run(ima
                                statistics, z_l = (g_l - mean_l) / std_l; cosine(z_l(sample), mean_ref z_l),
                                averaged over layers. In [-1, 1]; 1 = the reference's statistics exactly,
                                about 0 = as (un)alike as two random natural images (higher = more similar)
+    KID                        unbiased squared MMD of the features with kernel (x.y / D + 1)^3 (lower = closer);
+                               per_class averages it (or FD) over classes: samples of class c against targets of c
+    style accuracy             fraction of images the judge's style trunk assigns to the target style
     high-frequency energy      fraction of the luma's spectral energy (DC removed) at radius > cutoff
                                cycles/pixel of the 2D FFT; 0.25 is half the Nyquist frequency
 

@@ -126,7 +126,7 @@ def forward_rate(model, device, n=64, repeats=2):
     return n * repeats / max(time.time() - start, 1e-6)
 
 
-def lam_window_hook(model, lam_max, steps, early=True):
+def lam_window_hook(model, lam_max, early=True):
     """A step hook: the style on while lam(t) <= lam_max (early=True: the noisy start of the trajectory),
     or while lam(t) > lam_max (early=False: the clean end); off otherwise."""
     def hook(i, t):
@@ -169,6 +169,7 @@ class Study:
         self.target_idx = torch.cat([i[:a.targets_per_class] for i in idx])
         self.ceiling_idx = torch.cat([i[a.targets_per_class:per] for i in idx])
         self.targets = {}      # style -> (judge features, labels) of S(real test images)
+        self._base_images = None
 
     def target(self, style):
         """Judge features (N, D) and labels (N,) of the target distribution S(real test images), cached."""
@@ -246,9 +247,8 @@ class Study:
         """{window: scores} of one run, fine-tuning and sampling what is not cached in its scores.json yet."""
         adapter, ft_s = self.adapter(variant, style, seed, sampler)
         path = os.path.join(os.path.dirname(adapter), "scores.json")
-        key = {k: getattr(self.args, k) for k in ("samples_per_class", "sample_steps", "cfg", "sample_seed",
-                                                   "targets_per_class")}
-        key["judge"] = [os.path.abspath(self.args.judge), self.judge.test_accuracy]
+        key = dict(self.sample_key(), targets_per_class=self.args.targets_per_class,          # what scores depend on
+                   judge=[os.path.abspath(self.args.judge), self.judge.test_accuracy])
         cached = read_cached_scores(path, key)
         todo = [w for w in windows if w not in cached]
         t0 = time.time()
@@ -306,7 +306,7 @@ class Study:
                 unmerge_lora(model)
         if window.startswith("lam"):
             early = window.startswith("lam<=")
-            hook = lam_window_hook(model, float(window.split("=" if early else ">")[-1]), steps, early)
+            hook = lam_window_hook(model, float(window.split("=" if early else ">")[-1]), early)
         else:
             a, b = (float(v) for v in window.split(":"))
             hook = style_window_hook(model, a, b, steps)
@@ -319,7 +319,7 @@ class Study:
         images) and three decoys that a style metric must not reward: copies of the reference, the reference's
         pixels shuffled, and natural images recoloured to the reference's colour statistics."""
         _, _, ref = self.reference(style, seed)
-        if not hasattr(self, "_base_images"):
+        if self._base_images is None:      # the base model's samples do not depend on the style: draw them once
             self._base_images = self.sample(self.base)
         real = self.test.images[self.ceiling_idx]
         labels = self.test.labels[self.ceiling_idx]
