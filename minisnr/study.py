@@ -431,7 +431,8 @@ def build_parser():
     p.add_argument("--lam-styles", default="", help="test styles for the lam part ('' = all test styles)")
     p.add_argument("--seeds", type=int, default=3, help="(reference, seed) pairs per style")
     p.add_argument("--steps", type=int, default=0, help="fine-tuning steps per run (0 = finetune.py's default)")
-    p.add_argument("--default", default="sf-2", help="default sampler when the dev split is not run this time")
+    p.add_argument("--default", default="sf+2",
+                   help="default sampler when the dev split is not run (or in --dry-run): the last dev choice")
     p.add_argument("--samples-per-class", type=int, default=10, help="scored samples per class per run")
     p.add_argument("--targets-per-class", type=int, default=100, help="styled real test images per class (KID)")
     p.add_argument("--sample-steps", type=int, default=20, help="Euler steps per sample")
