@@ -25,19 +25,24 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from minisnr.checkpoint import (atomic_save, check_tensors, check_writable, config_hash, load_pretrained, open_log,
-                                remove_stale_tmp, require_file, safe_load, weights_hash, CheckpointError)
-from minisnr.config import knob, parse_config
-from minisnr.data import class_id, load_images, to_model_range
-from minisnr.generate import generate
-from minisnr.lora import (DEFAULT_TARGETS, count_parameters, inject_lora, load_lora_state_dict, lora_parameters,
-                          lora_state_dict, save_adapter, set_style_scale)
-from minisnr.loop import InterruptFlag, make_optimizer, rng_state, set_rng_state, train_step
+from minisnr.io.files import atomic_save, check_writable, open_log, remove_stale_tmp, require_file
+from minisnr.io.checkpoint import check_tensors, config_hash, load_pretrained, safe_load, weights_hash
+from minisnr.io.cli import CheckpointError
+from minisnr.io.cli import knob, parse_config
+from minisnr.io.data import class_id, load_images, to_model_range
+from minisnr.rf import generate
+from minisnr.lora import (count_parameters, DEFAULT_TARGETS, inject_lora, load_lora_state_dict, lora_parameters,
+                          lora_state_dict, set_style_scale)
+from minisnr.io.checkpoint import save_adapter
+from minisnr.train.run import InterruptFlag
+from minisnr.train.step import make_optimizer, train_step
+from minisnr.train.resume import rng_state, set_rng_state
 from minisnr.rf import NoiseSampler
-from minisnr.safety import (check_device, check_optimizer_state, check_rng_state, check_seed, check_step,
-                            guard_run_folder, refuse_changed_flags, run_files)
-from minisnr.runtime import (UserError, autocast_context, make_grad_scaler, pick_device, resolve_precision, run_main,
-                             save_image_grid, side_by_side)
+from minisnr.io.safety import check_device, check_seed, guard_run_folder, run_files
+from minisnr.train.resume import check_optimizer_state, check_rng_state, check_step, refuse_changed_flags
+from minisnr.io.cli import run_main, UserError
+from minisnr.io.device import autocast_context, make_grad_scaler, pick_device, resolve_precision
+from minisnr.io.images import save_image_grid, side_by_side
 
 
 @dataclass

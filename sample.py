@@ -11,16 +11,19 @@ are stored in each PNG's 'minisnr' text chunk.
 """
 import os
 
-from minisnr.checkpoint import load_pretrained, require_file
-from minisnr.config import OneLineErrorParser, finite_float
-from minisnr.data import class_id
-from minisnr.fid import sample_to_folder
-from minisnr.generate import generate
-from minisnr.lora import (apply_adapter, merge_lora, parse_style_window, set_style_scale, style_window_hook,
-                          unmerge_lora)
-from minisnr.safety import check_device, check_output, check_seed
-from minisnr.runtime import (UserError, autocast_context, resolve_precision, run_main, save_image_grid,
-                             side_by_side)
+from minisnr.io.checkpoint import load_pretrained
+from minisnr.io.files import require_file
+from minisnr.io.cli import finite_float, OneLineErrorParser
+from minisnr.io.data import class_id
+from minisnr.eval.fid import sample_to_folder
+from minisnr.rf import generate
+from minisnr.io.checkpoint import apply_adapter
+from minisnr.lora import merge_lora, set_style_scale, style_window_hook, unmerge_lora
+from minisnr.io.cli import parse_style_window
+from minisnr.io.safety import check_device, check_output, check_seed
+from minisnr.io.cli import run_main, UserError
+from minisnr.io.device import autocast_context, resolve_precision
+from minisnr.io.images import save_image_grid, side_by_side
 
 
 def parse_classes(text, classes):

@@ -18,18 +18,24 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from minisnr.checkpoint import (atomic_save, check_tensors, check_writable, model_shape_problem, open_log,
-                                remove_stale_tmp, safe_load, CheckpointError)
-from minisnr.config import knob, parse_config
-from minisnr.data import InMemoryLoader, load_dataset
-from minisnr.generate import generate
-from minisnr.loop import (InterruptFlag, Throughput, any_rank, cleanup_distributed, ema_update, lr_at, make_optimizer, rng_state,
-                          set_rng_state, setup_distributed, train_step, wrap_for_training)
-from minisnr.model import DIT_PRESETS, build_model
+from minisnr.io.files import atomic_save, check_writable, open_log, remove_stale_tmp
+from minisnr.io.checkpoint import check_tensors, model_shape_problem, safe_load
+from minisnr.io.cli import CheckpointError
+from minisnr.io.cli import knob, parse_config
+from minisnr.io.data import InMemoryLoader, load_dataset
+from minisnr.rf import generate
+from minisnr.train.run import InterruptFlag, Throughput
+from minisnr.train.ddp import any_rank, cleanup_distributed, setup_distributed, wrap_for_training
+from minisnr.train.step import ema_update, lr_at, make_optimizer, train_step
+from minisnr.train.resume import rng_state, set_rng_state
+from minisnr.model import build_model, DIT_PRESETS
 from minisnr.rf import NoiseSampler
-from minisnr.safety import (check_device, check_loader_state, check_optimizer_state, check_rng_state, check_seed,
-                            check_step, guard_run_folder, refuse_changed_flags, run_files)
-from minisnr.runtime import UserError, autocast_context, make_grad_scaler, pick_device, resolve_precision, run_main, save_image_grid
+from minisnr.io.safety import check_device, check_seed, guard_run_folder, run_files
+from minisnr.train.resume import (check_loader_state, check_optimizer_state, check_rng_state, check_step,
+                                  refuse_changed_flags)
+from minisnr.io.cli import run_main, UserError
+from minisnr.io.device import autocast_context, make_grad_scaler, pick_device, resolve_precision
+from minisnr.io.images import save_image_grid
 
 
 @dataclass

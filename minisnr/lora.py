@@ -33,13 +33,12 @@ explicit calls; nothing happens as a side effect of .train() or .eval(). Inject 
 before torch.compile, so the compiled graph contains the LoRA branches.
 """
 import math
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .runtime import UserError
+from .io.cli import UserError
 
 DEFAULT_TARGETS = ("qkv", "proj", "fc1", "fc2")  # attention and MLP projections, as in the paper
 
@@ -170,17 +169,6 @@ def set_style_scale(model, scale):
             m.scale = scale
 
 
-def parse_style_window(text, flag="--style-steps"):
-    """'a:b' -> (a, b): fractions of the sampling trajectory, counted from pure noise (t = 1)."""
-    try:
-        a, b = (float(v) for v in text.split(":"))
-    except ValueError:
-        raise UserError(f"{flag} must look like a:b with fractions, e.g. 0:0.3; got {text!r}") from None
-    if not 0 <= a <= b <= 1:
-        raise UserError(f"{flag} a:b needs 0 <= a <= b <= 1; got {text!r}")
-    return a, b
-
-
 def style_window_hook(model, start, end, steps, scale=1.0):
     """A step hook for euler_sample: the style at `scale` for steps i with start <= i/steps < end, off otherwise.
     This is how the style is applied to only part of the trajectory (the paper's Fig. 4)."""
@@ -207,64 +195,3 @@ def count_parameters(model):
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
-
-
-# --- adapter files --------------------------------------------------------------------------
-
-ADAPTER_FORMAT = "minisnr-lora-v1"
-
-
-def save_adapter(model, path, meta):
-    """Write the adapter tensors plus `meta` (base config hash, rank, alpha, targets, sampler, ...) atomically."""
-    from .checkpoint import atomic_save
-    atomic_save({"format": ADAPTER_FORMAT, "lora": lora_state_dict(model), "meta": meta}, path)
-
-
-def check_adapter(blob, path):
-    """Check an adapter file's structure before anything is built from it: meta (targets, rank, alpha) and
-    finite floating-point tensors whose shapes agree with the rank, so a meta saying rank 1e8 cannot make
-    inject_lora allocate gigabytes. Returns the meta dict; one-line CheckpointError otherwise."""
-    from .checkpoint import CheckpointError, check_tensors
-    meta = blob.get("meta")
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"adapter {path!r} has no metadata dict (meta); use an adapter written by finetune.py")
-    targets, rank, alpha = meta.get("targets"), meta.get("rank"), meta.get("alpha")
-    if not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
-        raise CheckpointError(f"adapter {path!r}: meta targets must be a list of layer names, got {targets!r}")
-    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
-        raise CheckpointError(f"adapter {path!r}: meta rank must be a whole number >= 1, got {rank!r}")
-    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
-        raise CheckpointError(f"adapter {path!r}: meta alpha must be a finite number > 0, got {alpha!r}")
-    tensors = blob.get("lora")
-    check_tensors(tensors, path, "adapter tensors")
-    for name, t in tensors.items():
-        r_dim = 0 if name.endswith("lora_A") else 1 if name.endswith("lora_B") else None
-        if r_dim is not None and (t.dim() != 2 or t.shape[r_dim] != rank):
-            raise CheckpointError(f"adapter {path!r}: tensor {name} has shape {tuple(t.shape)}, which does not fit "
-                                  f"its meta rank {rank}; the file is damaged")
-    return meta
-
-
-def apply_adapter(model, path):
-    """Inject LoRA into `model` as recorded in the adapter file at `path` and load its weights.
-
-    Refuses, with a one-line error, an adapter trained on a base model of another configuration, and
-    warns (one line on stderr) when the configuration matches but the weights are not the ones it was
-    fine-tuned from. Returns the adapter's metadata dict.
-    """
-    from .checkpoint import CheckpointError, config_hash, safe_load, weights_hash
-    blob = safe_load(path, what="LoRA adapter")
-    if not isinstance(blob, dict) or blob.get("format") != ADAPTER_FORMAT:
-        raise CheckpointError(f"{path!r} is not a minisnr LoRA adapter (made by finetune.py)")
-    meta = check_adapter(blob, path)
-    base_hash = config_hash(model.config.to_dict())
-    if meta.get("base_config_hash") != base_hash:
-        raise CheckpointError(f"adapter {path!r} was trained on a different base model (config {meta.get('base_config')}); "
-                              f"pass the checkpoint it was fine-tuned from")
-    if "base_weights_hash" in meta and meta["base_weights_hash"] != weights_hash(model.state_dict()):
-        print(f"warning: adapter {path!r} was fine-tuned from other weights of this model ({meta.get('base_ckpt')}); "
-              f"the style may not carry over: use that checkpoint, with the same EMA or raw weights", file=sys.stderr)
-    has_style = any(k.endswith("lora_style") for k in blob["lora"])   # False for finetune.py --style-vector false
-    inject_lora(model, tuple(meta["targets"]), int(meta["rank"]), float(meta["alpha"]), style=has_style)
-    load_lora_state_dict(model, blob["lora"])
-    return meta

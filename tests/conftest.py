@@ -15,7 +15,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from minisnr.model import build_model  # noqa: E402
+from minisnr.model import build_model
 
 # A test machine may have 2 cores shared with other jobs (a training run); with two threads
 # per process the OpenMP workers fight over them and tiny ops get ~5x slower. One thread each.
@@ -99,7 +99,7 @@ def dit_inputs():
 
 # --- tolerances by precision -------------------------------------------------------------------
 # Scripts run with --precision auto, which is bf16 on a CPU with native bf16 (AVX-512 BF16 / AMX) and fp32
-# elsewhere; MINISNR_AUTO_PRECISION=bf16|fp32 forces either (see minisnr.runtime.resolve_precision), so
+# elsewhere; MINISNR_AUTO_PRECISION=bf16|fp32 forces either (see minisnr.io.device.resolve_precision), so
 # `MINISNR_AUTO_PRECISION=bf16 python -m pytest` checks the suite as such a CPU runs it. A test that compares
 # two computations picks its tolerance by the precision that is actually in use.
 

@@ -1,4 +1,4 @@
-"""minisnr.bench: the benchmark runs end to end, and its FLOP and memory formulas are right.
+"""minisnr.tools.bench: the benchmark runs end to end, and its FLOP and memory formulas are right.
 
 No timing assertions: the machine running the tests may be busy.
 """
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from minisnr import bench
-from minisnr.model import DiTConfig, build_model
+from minisnr.tools import bench
+from minisnr.model import build_model, DiTConfig
 
 
 def hand_flops_dim64_depth2_patch4():

@@ -7,11 +7,11 @@ so the check runs on a CPU in seconds.
 """
 import torch
 
-from minisnr.data import ImageSet, InMemoryLoader
-from minisnr.loop import ema_update, make_optimizer, train_step
+from minisnr.io.data import ImageSet, InMemoryLoader
+from minisnr.train.step import ema_update, make_optimizer, train_step
 from minisnr.model import build_model
 from minisnr.rf import NoiseSampler
-from minisnr.runtime import autocast_context, make_grad_scaler
+from minisnr.io.device import autocast_context, make_grad_scaler
 
 
 def test_compiled_train_step_is_one_graph_and_never_recompiles():

@@ -7,11 +7,11 @@ fp32 eager, so it tests behaviour, not speed.
 import pytest
 import torch
 
-from minisnr import bench
-from minisnr.generate import generate
-from minisnr.loop import make_optimizer, train_step
+from minisnr.tools import bench
+from minisnr.rf import generate
+from minisnr.train.step import make_optimizer, train_step
 from minisnr.model import build_model
-from minisnr.runtime import autocast_context, make_grad_scaler, resolve_precision
+from minisnr.io.device import autocast_context, make_grad_scaler, resolve_precision
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

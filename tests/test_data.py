@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 
 from conftest import CLASS_COLOURS, IMAGES_PER_CLASS, SORTED_CLASSES, close, same, shape_of
-from minisnr.data import (DataError, ImageSet, InMemoryLoader, load_image_folder, resize_center_crop, to_model_range,
-                          to_rgb, to_uint8)
-from minisnr.runtime import UserError
+from minisnr.io.data import (DataError, ImageSet, InMemoryLoader, load_image_folder, resize_center_crop,
+                             to_model_range, to_rgb)
+from minisnr.rf import to_uint8
+from minisnr.io.cli import UserError
 
 
 def load_folder(root, **kwargs):
@@ -360,7 +361,7 @@ def test_cifar10_download_failure_is_a_data_error(tmp_path, monkeypatch):
 
     import torchvision
 
-    from minisnr.data import load_dataset
+    from minisnr.io.data import load_dataset
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from minisnr import evaluate, metrics
-from minisnr.data import ImageSet
-from minisnr.probe import get_probe, load_probe, train_probe
-from minisnr.runtime import UserError
-from minisnr.styles import STYLES, apply_style, style_pil
+from minisnr.eval import evaluate, metrics
+from minisnr.io.data import ImageSet
+from minisnr.eval.probe import get_probe, load_probe, train_probe
+from minisnr.io.cli import UserError
+from minisnr.eval.styles import apply_style, style_pil, STYLES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

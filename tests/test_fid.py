@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 from conftest import randomize_
-from minisnr import evaluate, fid
-from minisnr.checkpoint import load_pretrained
-from minisnr.generate import generate
+from minisnr.eval import evaluate, fid
+from minisnr.io.checkpoint import load_pretrained
+from minisnr.rf import generate
 from minisnr.model import build_model
-from minisnr.runtime import UserError, run_main
+from minisnr.io.cli import run_main, UserError
 
 CIFAR = fid.CIFAR10_CLASSES
 

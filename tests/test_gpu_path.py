@@ -7,8 +7,10 @@ these run on any machine; tests/test_cuda.py checks the real thing on a GPU.
 import pytest
 import torch
 
-from minisnr import bench, runtime
-from minisnr.runtime import UserError, pick_device, resolve_precision
+from minisnr.tools import bench
+from minisnr.io.device import AUTO_PRECISION_ENV
+from minisnr.io.cli import UserError
+from minisnr.io.device import pick_device, resolve_precision
 
 CUDA = torch.device("cuda")
 
@@ -33,11 +35,11 @@ def test_auto_precision_follows_compute_capability(monkeypatch, capability, expe
 @pytest.mark.parametrize("forced", ["bf16", "fp32"])
 def test_auto_precision_can_be_forced_for_tests(monkeypatch, forced):
     """MINISNR_AUTO_PRECISION replaces the CPU's auto choice (to run the suite in both); explicit flags win."""
-    monkeypatch.setenv(runtime.AUTO_PRECISION_ENV, forced)
+    monkeypatch.setenv(AUTO_PRECISION_ENV, forced)
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == forced
     assert resolve_precision("fp32", cpu) == "fp32"
-    monkeypatch.setenv(runtime.AUTO_PRECISION_ENV, "fp64")
+    monkeypatch.setenv(AUTO_PRECISION_ENV, "fp64")
     with pytest.raises(UserError, match="use bf16 or fp32"):
         resolve_precision("auto", cpu)
 
@@ -59,7 +61,7 @@ def test_pick_device_cuda_enables_tf32(monkeypatch):
 @pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("cuda", "nccl")])
 def test_ddp_backend_follows_the_resolved_device(monkeypatch, device, backend):
     """torchrun ... --device cpu on a GPU machine uses gloo and claims no GPU; CUDA training uses NCCL."""
-    import minisnr.loop as loop
+    import minisnr.train.ddp as loop
     fake_cuda(monkeypatch, (8, 0))
     calls = []
     monkeypatch.setenv("RANK", "1")
@@ -107,7 +109,7 @@ def test_train_compiles_the_ddp_wrapped_model(monkeypatch, image_folder, tmp_pat
 def test_compile_is_the_cifar_presets_default_on_cuda_only():
     """--preset cifar compiles on CUDA unless --compile false; on a CPU, and for other presets, it stays eager."""
     import train
-    from minisnr.config import parse_config
+    from minisnr.io.cli import parse_config
     cfg = lambda *argv: parse_config(train.TrainConfig, train.PRESETS, ["--preset", "cifar", *argv])[0]
     cpu = torch.device("cpu")
     assert train.use_compile(cfg(), "cifar", CUDA) is True
@@ -122,8 +124,8 @@ def test_compile_is_the_cifar_presets_default_on_cuda_only():
 def sgd_step(accum, batch=8, seed=0):
     """One train_step of a seeded tiny DiT (label dropout on) with SGD at lr 1 and no clipping, so the
     weight change is the gradient. Returns (gradient per parameter, loss, bin sums, forward batch sizes)."""
-    from minisnr.loop import train_step
-    from minisnr.runtime import autocast_context, make_grad_scaler
+    from minisnr.train.step import train_step
+    from minisnr.io.device import autocast_context, make_grad_scaler
     torch.manual_seed(seed)
     model = randomize(build_tiny()).train()
     before = [p.detach().clone() for p in model.parameters()]
@@ -170,7 +172,7 @@ def test_grad_accum_run_resumes_exactly_and_checks_its_flag(image_folder, tmp_pa
     """train.py --grad-accum 2: 4 steps straight == 2 steps + --resume true, tensor for tensor; a batch size
     that is not a multiple of --grad-accum is a one-line UserError before any work."""
     import train
-    from minisnr.checkpoint import safe_load
+    from minisnr.io.checkpoint import safe_load
     common = ["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--data", image_folder,
               "--max-steps", "4", "--batch-size", "8", "--grad-accum", "2", "--ckpt-every", "2"]
     train.main(common + ["--out", str(tmp_path / "straight")])

@@ -1,4 +1,4 @@
-"""minisnr.gpucheck: the one-command GPU check, run as its CPU-only dry run (tiny preset, tiny data).
+"""minisnr.tools.gpucheck: the one-command GPU check, run as its CPU-only dry run (tiny preset, tiny data).
 
 On a CPU the CUDA-only parts must say "skipped (no CUDA)" rather than pass; everything else (bench,
 memory estimate, train + resume, fine-tune, sample.py with and without the adapter) really runs.
@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from minisnr import gpucheck
-from minisnr.runtime import UserError
+from minisnr.tools import gpucheck
+from minisnr.io.cli import UserError
 
 DRY_RUN = ["--preset", "tiny", "--device", "cpu"]
 

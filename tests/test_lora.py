@@ -4,12 +4,13 @@ import torch
 import torch.nn as nn
 
 from conftest import close, differs, randomize_, same
-from minisnr.checkpoint import CheckpointError, config_hash, weights_hash
-from minisnr.lora import (DEFAULT_TARGETS, LoRALinear, StyleEmbedder, apply_adapter, count_parameters, inject_lora,
-                          load_lora_state_dict, lora_parameters, lora_state_dict, merge_lora, save_adapter,
-                          set_style_scale, unmerge_lora)
+from minisnr.io.cli import CheckpointError
+from minisnr.io.checkpoint import config_hash, weights_hash
+from minisnr.lora import (count_parameters, DEFAULT_TARGETS, inject_lora, load_lora_state_dict, lora_parameters,
+                          lora_state_dict, LoRALinear, merge_lora, set_style_scale, StyleEmbedder, unmerge_lora)
+from minisnr.io.checkpoint import apply_adapter, save_adapter
 from minisnr.model import build_model
-from minisnr.runtime import UserError
+from minisnr.io.cli import UserError
 
 RANK, ALPHA = 4, 8.0
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from conftest import close, differs, randomize_, same, shape_of
-from minisnr.model import (DIT_PRESETS, MLP, Attention, DiT, DiTBlock, DiTConfig, FinalLayer, TimestepEmbedder, build_model,
-                           modulate, sincos_pos_embed_2d)
+from minisnr.model import (Attention, build_model, DiT, DIT_PRESETS, DiTBlock, DiTConfig, FinalLayer, MLP, modulate,
+                           sincos_pos_embed_2d, TimestepEmbedder)
 
 # every preset's patch size, at test-sized width and depth
 PRESET_CONFIGS = [(name, DIT_PRESETS[name]["patch_size"]) for name in sorted(DIT_PRESETS)]

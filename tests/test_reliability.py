@@ -33,11 +33,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import REPO_ROOT, SORTED_CLASSES, write_image_folder
-from minisnr.checkpoint import (CheckpointError, atomic_save, atomic_write, load_pretrained, open_log, remove_stale_tmp,
-                                safe_load)
-from minisnr.generate import generate
+from minisnr.io.cli import CheckpointError
+from minisnr.io.files import atomic_save, atomic_write, open_log, remove_stale_tmp
+from minisnr.io.checkpoint import load_pretrained, safe_load
+from minisnr.rf import generate
 from minisnr.model import build_model
-from minisnr.runtime import run_main
+from minisnr.io.cli import run_main
 
 TRAIN, FINETUNE, SAMPLE = (os.path.join(REPO_ROOT, name) for name in ("train.py", "finetune.py", "sample.py"))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # 2 shared cores: one thread per process
@@ -68,7 +69,7 @@ def run_real(*argv, env=ENV):
 _FORK_RUNNER = r'''
 import json, os, runpy, sys, traceback
 import PIL.Image, torch, torchvision, tqdm                        # the slow imports, once for all cases
-import minisnr.checkpoint, minisnr.data, minisnr.generate, minisnr.lora, minisnr.loop, minisnr.model, minisnr.rf
+import minisnr.io.checkpoint, minisnr.io.data, minisnr.lora, minisnr.model, minisnr.rf, minisnr.train.step
 codes = []
 for case in json.load(open(sys.argv[1])):
     pid = os.fork()
@@ -329,8 +330,8 @@ def test_every_torch_load_passes_weights_only_true():
                     if not ok:
                         bad.append(f"{rel}:{lineno} torch.load without weights_only=True")
                 elif not rel.startswith("tests" + os.sep):
-                    bad.append(f"{rel}:{lineno} {call} (unpickling can run code; use minisnr.checkpoint.safe_load)")
-    assert n_calls >= 1, "expected to find minisnr.checkpoint.safe_load's torch.load call"
+                    bad.append(f"{rel}:{lineno} {call} (unpickling can run code; use minisnr.io.checkpoint.safe_load)")
+    assert n_calls >= 1, "expected to find minisnr.io.checkpoint.safe_load's torch.load call"
     assert not bad, "unsafe loads:\n" + "\n".join(bad)
 
 

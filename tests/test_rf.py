@@ -6,11 +6,12 @@ import torch
 
 from conftest import close, same, shape_of
 from minisnr import rf
-from minisnr.generate import generate
+from minisnr.rf import generate
 from minisnr.model import build_model
-from minisnr.rf import (SAMPLERS, NoiseSampler, add_noise, bin_losses, cfg_velocity, euler_sample, lam_of_t, rf_loss,
-                        sample_logit_normal, sample_style_friendly, sample_uniform, shift_t, t_of_lam, velocity_target)
-from minisnr.runtime import UserError
+from minisnr.rf import (add_noise, bin_losses, cfg_velocity, euler_sample, lam_of_t, NoiseSampler, rf_loss,
+                        sample_logit_normal, sample_style_friendly, sample_uniform, SAMPLERS, shift_t, t_of_lam,
+                        velocity_target)
+from minisnr.io.cli import UserError
 
 N_DRAWS = 200_000
 

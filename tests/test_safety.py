@@ -23,12 +23,14 @@ import torch
 from PIL import Image
 
 from conftest import write_image_folder
-from minisnr import bench, evaluate, study, viz
-from minisnr import checkpoint
-from minisnr.checkpoint import atomic_write, remove_stale_tmp, safe_load
-from minisnr.data import load_image_folder
-from minisnr.loop import InterruptFlag
-from minisnr.runtime import run_main
+from minisnr.tools import bench, viz
+from minisnr.eval import evaluate, study
+from minisnr.io.files import TMP_NAME
+from minisnr.io.files import atomic_write, remove_stale_tmp
+from minisnr.io.checkpoint import safe_load
+from minisnr.io.data import load_image_folder
+from minisnr.train.run import InterruptFlag
+from minisnr.io.cli import run_main
 from test_reliability import (FINETUNE, SAMPLE, TRAIN, error_line, log_steps, run_scripts,
                               start_and_interrupt)
 
@@ -167,7 +169,7 @@ def test_atomic_write_names_its_temporary_file_by_the_pattern_clean_up_deletes(t
     """The name atomic_write gives its temporary file matches TMP_NAME, so remove_stale_tmp finds it."""
     seen = []
     atomic_write(str(tmp_path / "ckpt.pt"), lambda tmp: (seen.append(os.path.basename(tmp)), open(tmp, "w").close()))
-    assert len(seen) == 1 and checkpoint.TMP_NAME.match(seen[0]) and seen[0].startswith("ckpt.pt."), seen
+    assert len(seen) == 1 and TMP_NAME.match(seen[0]) and seen[0].startswith("ckpt.pt."), seen
     (tmp_path / seen[0]).write_text("left by a kill")
     assert remove_stale_tmp(str(tmp_path)) == [seen[0]]
 
@@ -241,7 +243,7 @@ def test_a_damaged_scores_cache_is_scored_again(tmp_path):
 
 def test_a_resumed_log_with_invalid_utf8_keeps_its_good_records(tmp_path):
     """open_log on resume drops a line of invalid UTF-8 (a torn or damaged record) and keeps the others."""
-    from minisnr.checkpoint import open_log
+    from minisnr.io.files import open_log
     path = tmp_path / "log.jsonl"
     path.write_bytes(b'{"step": 1}\n\xff\xfe{"step": 2}\n{"step": 3}\n')
     open_log(str(path), resume_step=3).close()
@@ -256,7 +258,7 @@ def test_finetune_divergence_before_any_state_says_so(again):
 
 
 def test_viz_replaces_its_own_png_but_not_a_foreign_one(runs, tmp_path, capsys):
-    """minisnr.viz writes a PNG marked as minisnr's, which a second run may replace; a photo it did not write
+    """minisnr.tools.viz writes a PNG marked as minisnr's, which a second run may replace; a photo it did not write
     is refused in one line and keeps its bytes."""
     mine, photo = tmp_path / "mine.png", tmp_path / "photo.png"
     Image.new("RGB", (4, 4), (1, 2, 3)).save(photo)
@@ -274,7 +276,7 @@ def test_data_images_are_resized_as_they_load(tmp_path, monkeypatch):
     """load_image_folder keeps no full-size image once the next one is opened (40 photos of 4000x3000
     would otherwise hold 1.6 GB at once)."""
     import weakref
-    import minisnr.data as data
+    import minisnr.io.data as data
     root = write_image_folder(tmp_path / "d")
     alive, opened = [], data.open_image
 
@@ -489,7 +491,7 @@ def test_every_bad_value_and_malformed_file_is_one_line(bad_results):
 
 
 def test_every_bad_module_value_is_one_line(runs, bad_results, tmp_path, capsys):
-    """minisnr.bench, minisnr.viz and minisnr.evaluate: the same contract for their bad values."""
+    """minisnr.tools.bench, minisnr.tools.viz and minisnr.eval.evaluate: the same contract for their bad values."""
     files = bad_results[0]
     out = str(tmp_path / "out")
     failures = []

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from minisnr import compare, study
-from minisnr.runtime import UserError
-from minisnr.styles import DEV_STYLES, STYLES, TEST_STYLES
+from minisnr.eval import compare, study
+from minisnr.io.cli import UserError
+from minisnr.eval.styles import DEV_STYLES, STYLES, TEST_STYLES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,8 +115,8 @@ def test_windows_ablations_and_lam_parts(tiny, tmp_path):
 
 def test_style_vector_off_leaves_only_lora(tiny, tmp_path):
     """The no-style-vector variant's adapter has LoRA tensors but no style vector, and it loads again."""
-    from minisnr.checkpoint import load_pretrained, safe_load
-    from minisnr.lora import apply_adapter
+    from minisnr.io.checkpoint import load_pretrained, safe_load
+    from minisnr.io.checkpoint import apply_adapter
     out = str(tmp_path / "abl")
     study.main(argv(tiny, out, "--split", "test", "--parts", "ablations", "--default", "sd3", "--seeds", "1",
                     "--styles", "hatching"))

@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 
 from conftest import MERGED_LORA_LEVELS, REPO_ROOT, SORTED_CLASSES, same
-from minisnr.checkpoint import config_hash, load_pretrained, safe_load
-from minisnr.generate import generate
-from minisnr.lora import DEFAULT_TARGETS, inject_lora, lora_parameters, save_adapter
-from minisnr.runtime import autocast_context, resolve_precision
+from minisnr.io.checkpoint import config_hash, load_pretrained, safe_load
+from minisnr.rf import generate
+from minisnr.lora import DEFAULT_TARGETS, inject_lora, lora_parameters
+from minisnr.io.checkpoint import save_adapter
+from minisnr.io.device import autocast_context, resolve_precision
 
 TIMEOUT = 120
 TILE, PAD = 32, 1          # 32x32 images, torchvision make_grid(padding=1)
@@ -30,7 +31,7 @@ def run_in_process(script, argv, capsys):
     """Run script.main(argv) inside this process through run_main (no second torch import, which costs
     seconds on a busy 2-core machine). Returns (exit code, stdout, stderr)."""
     import importlib
-    from minisnr.runtime import run_main
+    from minisnr.io.cli import run_main
     module = importlib.import_module(script)
     capsys.readouterr()
     code = 0

@@ -1,6 +1,6 @@
 """See it on your own painting: fine-tune with SD3's sampler and with finetune.py's default, same seeds, side by side.
 
-    python -m minisnr.compare runs/pretrain/ckpt.pt --style my_painting.jpg --out runs/compare
+    python -m minisnr.eval.compare runs/pretrain/ckpt.pt --style my_painting.jpg --out runs/compare
 
 Both fine-tunes use finetune.py's defaults except the noise sampler, the same seed and so the same training views;
 both sample from the same starting noise. OUT/compare.png has one row per class: --n samples with the style off,
@@ -12,7 +12,7 @@ then SD3, then the default sampler. It prints two hints per sampler:
     content  the judge's class accuracy: does the requested class survive the style?
 
 The judge is the study's (minisnr/study.py), trained once on CIFAR-10 and cached (--judge). The measured
-comparison on ground-truth styles, with seeds and CIs, is `python -m minisnr.study`.
+comparison on ground-truth styles, with seeds and CIs, is `python -m minisnr.eval.study`.
 """
 import argparse
 import copy
@@ -20,13 +20,18 @@ import os
 
 import torch
 
-from . import metrics
-from .checkpoint import check_writable, load_pretrained, require_file
-from .data import load_images, to_uint8
-from .generate import generate
-from .lora import apply_adapter, merge_lora, set_style_scale
+from ..eval import metrics
+from ..io.files import check_writable, require_file
+from ..io.checkpoint import load_pretrained
+from ..io.data import load_images
+from ..rf import to_uint8
+from ..rf import generate
+from ..io.checkpoint import apply_adapter
+from ..lora import merge_lora, set_style_scale
 from .probe import get_probe
-from .runtime import UserError, autocast_context, pick_device, resolve_precision, run_main, save_image_grid
+from ..io.cli import run_main, UserError
+from ..io.device import autocast_context, pick_device, resolve_precision
+from ..io.images import save_image_grid
 from .study import JUDGE_EPOCHS, JUDGE_LR, load_finetune
 from .styles import STYLES
 
@@ -53,7 +58,7 @@ def finetune_both(ft, args):
 
 def main(argv=None):
     """Parse argv, fine-tune twice, sample, write the picture and print the scores; returns the scores."""
-    p = argparse.ArgumentParser(prog="python -m minisnr.compare", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m minisnr.eval.compare", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("ckpt", help="base checkpoint written by train.py")
     p.add_argument("--style", required=True, help="your style image (or a folder, or a comma-separated list)")

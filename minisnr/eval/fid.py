@@ -1,7 +1,7 @@
 """Numbers the field uses: samples as a folder of PNGs, and the standard FID of that folder against CIFAR-10.
 
     python sample.py runs/pretrain/ckpt.pt --png-dir runs/fid/samples --n 5000   # 50,000 PNGs; rerun to resume
-    python -m minisnr.evaluate fid runs/pretrain/ckpt.pt --png-dir runs/fid/samples  # sample (or reuse) + FID
+    python -m minisnr.eval.evaluate fid runs/pretrain/ckpt.pt --png-dir runs/fid/samples  # sample (or reuse) + FID
 
 The sample folder. File i is INDEX_CLASS.png (e.g. 000123_ship.png) and has class class_ids[i % K],
 so any prefix of the folder is class-balanced. Samples are drawn in batches of BATCH; batch k starts
@@ -24,18 +24,19 @@ torch-fidelity would also match TF, but the reference number above was not made 
 clean-fid is an optional extra (pip install "clean-fid>=0.1.35"), not in requirements.txt. On first
 use it downloads the Inception weights (~100 MB) and the CIFAR-10 statistics; without the package
 or the network, `fid` stops with one line saying which is missing and how to get it, before any
-sampling. The probe FD (python -m minisnr.evaluate base) needs neither.
+sampling. The probe FD (python -m minisnr.eval.evaluate base) needs neither.
 """
 import json
 import os
 import platform
 
-import torch
 
-from .checkpoint import (check_writable, load_pretrained, remove_stale_tmp, require_file, weights_hash,
-                         write_json)
-from .generate import generate
-from .runtime import UserError, autocast_context, pick_device, resolve_precision, save_png
+from ..io.files import check_writable, remove_stale_tmp, require_file, write_json
+from ..io.checkpoint import load_pretrained, weights_hash
+from ..rf import generate
+from ..io.cli import UserError
+from ..io.device import autocast_context, pick_device, resolve_precision
+from ..io.images import save_png
 
 SETTINGS_FILE = "minisnr_samples.json"
 BATCH = 256                  # images per generate() call (a setting of the folder: it fixes each batch's seed)
@@ -130,7 +131,7 @@ def import_cleanfid():
         from cleanfid import fid as cleanfid
     except ImportError:
         raise UserError('standard FID needs the optional package clean-fid: pip install "clean-fid>=0.1.35" '
-                        "(the probe FD of `python -m minisnr.evaluate base` needs nothing extra)") from None
+                        "(the probe FD of `python -m minisnr.eval.evaluate base` needs nothing extra)") from None
     return cleanfid
 
 
@@ -170,7 +171,7 @@ def folder_fid(cleanfid, folder, feature_extractor, device):
                                       num_workers=0))
 
 
-# --- python -m minisnr.evaluate fid ------------------------------------------------------------
+# --- python -m minisnr.eval.evaluate fid ------------------------------------------------------------
 
 def add_parser(sub, formatter_class):
     """Register the `fid` subcommand on evaluate.py's subparsers."""

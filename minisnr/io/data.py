@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from .runtime import UserError
+from .cli import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 # The largest image decoded at full size: 64 megapixels (e.g. 9000 x 7000) take 256 MB as RGBA. A larger
@@ -201,11 +201,6 @@ def load_images(paths, max_side=None):
 def to_model_range(x_uint8):
     """uint8 pixels in [0, 255] -> float in [-1, 1]."""
     return x_uint8.float().div_(127.5).sub_(1.0)
-
-
-def to_uint8(x):
-    """float in [-1, 1] -> uint8 in [0, 255] (clipped)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 class InMemoryLoader:

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .runtime import UserError
+from ..io.cli import UserError
 
 # ITU-R BT.601 luma weights: perceived brightness of R, G, B
 LUMA = (0.299, 0.587, 0.114)

@@ -12,7 +12,7 @@ import math
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .runtime import save_png
+from ..io.images import save_png
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 

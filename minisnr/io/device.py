@@ -1,44 +1,9 @@
-"""Where and how things run: device choice, mixed precision, seeds, image grids, and friendly errors."""
+"""Where and how things run: device choice, TF32, mixed precision, the one autocast context."""
 import contextlib
 import os
-import sys
-import warnings
-
 import torch
 
-
-class UserError(ValueError):
-    """A problem with the user's input or files. Scripts print its message as one line and exit 1."""
-
-
-def run_main(main):
-    """Run main(); a UserError becomes a one-line message on stderr and exit code 1, not a traceback.
-    A Ctrl-C that no training loop caught (during start-up, or a second one) exits with code 130 and
-    one line, and warnings (e.g. a skipped unreadable image) are printed as one 'warning: ...' line."""
-    format_warning = warnings.formatwarning
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
-    try:
-        return main()
-    except UserError as e:
-        _close_progress_bars()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        _close_progress_bars()
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        warnings.formatwarning = format_warning
-
-
-def _close_progress_bars():
-    """End any open tqdm bar's line, so that a message printed next starts on a line of its own."""
-    try:
-        from tqdm import tqdm
-        for bar in list(getattr(tqdm, "_instances", ())):
-            bar.close()
-    except Exception:  # cosmetic only; never hide the real message
-        pass
+from .cli import UserError
 
 
 def pick_device(name="auto"):
@@ -130,29 +95,3 @@ def sync(device):
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-def save_png(img, path, pnginfo=None):
-    """Write a PIL image as a PNG, atomically, so a crash never leaves half a picture."""
-    from .checkpoint import atomic_write
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=pnginfo))
-
-
-def side_by_side(left, right, per_row):
-    """Interleave two grids of the same rows: row r becomes left's per_row images, then right's.
-    (N, 3, H, W) each -> (2N, 3, H, W), for save_image_grid(..., nrow=2 * per_row)."""
-    return torch.cat([left.view(-1, per_row, *left.shape[1:]), right.view(-1, per_row, *right.shape[1:])], dim=1).flatten(0, 1)
-
-
-def save_image_grid(images_uint8, path, nrow, meta=None):
-    """Save (N, 3, H, W) uint8 images as one PNG grid, atomically. `meta` (e.g. the seed and
-    settings) is stored as JSON in the PNG's 'minisnr' text chunk, so every image says how it was made."""
-    import json
-    import torchvision
-    from PIL import Image, PngImagePlugin
-    grid = torchvision.utils.make_grid(images_uint8, nrow=nrow, padding=1, pad_value=255)  # (3, H', W')
-    img = Image.fromarray(grid.permute(1, 2, 0).cpu().numpy())
-    info = PngImagePlugin.PngInfo()
-    if meta is not None:
-        info.add_text("minisnr", json.dumps(meta))
-    save_png(img, path, pnginfo=info)

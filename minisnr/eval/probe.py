@@ -43,9 +43,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, atomic_save, safe_load
-from .data import load_dataset, to_model_range
-from .runtime import UserError
+from ..io.cli import CheckpointError
+from ..io.files import atomic_save
+from ..io.checkpoint import safe_load
+from ..io.data import load_dataset, to_model_range
+from ..io.cli import UserError
 from .styles import apply_style, match_colours
 
 PROBE_FORMAT = "minisnr-probe-v1"
@@ -385,7 +387,7 @@ def load_probe(path, device="cpu"):
     """Read a probe written by save_probe (weights_only=True); one-line error for anything else."""
     blob = safe_load(path, what="probe")
     if not isinstance(blob, dict) or blob.get("format") != PROBE_FORMAT:
-        raise CheckpointError(f"{path!r} is not a minisnr probe (made by `python -m minisnr.evaluate probe`)")
+        raise CheckpointError(f"{path!r} is not a minisnr probe (made by `python -m minisnr.eval.evaluate probe`)")
     if tuple(blob.get("style_layers", ())) != STYLE_LAYERS:
         raise CheckpointError(f"probe {path!r} was made by another minisnr version; delete it to retrain")
     check_probe(blob, path)

@@ -1,7 +1,7 @@
 """One command that checks the GPU path end to end and prints one summary (and writes it as JSON).
 
-    python -m minisnr.gpucheck --data ../shared/data/cifar10/train --out runs/gpucheck     # one GPU, no internet
-    python -m minisnr.gpucheck --preset tiny --device cpu --data DIR --out DIR            # CPU dry run (CI)
+    python -m minisnr.tools.gpucheck --data ../shared/data/cifar10/train --out runs/gpucheck     # one GPU, no internet
+    python -m minisnr.tools.gpucheck --preset tiny --device cpu --data DIR --out DIR            # CPU dry run (CI)
 
 Each part reports ok, FAILED (why) or skipped (why); the command exits 1 if any part failed.
 
@@ -10,7 +10,7 @@ Each part reports ok, FAILED (why) or skipped (why); the command exits 1 if any 
               every host-device sync is one warning; the loop should have none
     flash     the flash SDPA kernel alone (sdpa_kernel(FLASH_ATTENTION)) runs forward + backward at the
               preset's attention shapes, in the precision auto picks
-    bench     minisnr.bench's training step at each --bench-batches for each --bench-modes: img/s, MFU,
+    bench     minisnr.tools.bench's training step at each --bench-batches for each --bench-modes: img/s, MFU,
               peak memory and, for compiled modes, graphs, graph breaks and recompiles (dynamo's counters)
     memory    bench's memory estimate next to torch.cuda.max_memory_allocated for each eager row
     train     train.py --preset P --max-steps 2N: stop after N = --train-steps steps, then --resume true to 2N
@@ -30,15 +30,18 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import bench
-from .checkpoint import load_pretrained, write_json
-from .config import knob, parse_config
-from .data import IMAGE_EXTENSIONS
-from .generate import generate
-from .lora import apply_adapter, merge_lora, set_style_scale
-from .runtime import UserError, autocast_context, pick_device, resolve_precision, run_main
+from ..tools import bench
+from ..io.checkpoint import load_pretrained
+from ..io.files import write_json
+from ..io.cli import knob, parse_config
+from ..io.data import IMAGE_EXTENSIONS
+from ..rf import generate
+from ..io.checkpoint import apply_adapter
+from ..lora import merge_lora, set_style_scale
+from ..io.cli import run_main, UserError
+from ..io.device import autocast_context, pick_device, resolve_precision
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEST_FILES = ["tests/test_cuda.py", "tests/test_compile.py", "tests/test_ddp.py"]
 PARTS = ["tests", "syncs", "flash", "bench", "memory", "train", "finetune", "sample"]
 NO_CUDA = "skipped (no CUDA)"

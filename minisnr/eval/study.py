@@ -1,8 +1,8 @@
 """Does the style-friendly sampler learn a style better than SD3's? minisnr's evaluation protocol.
 
-    python -m minisnr.study runs/pretrain/ckpt.pt --dry-run                # the plan, counts and a time guess
-    python -m minisnr.study runs/pretrain/ckpt.pt --out runs/study         # everything; interrupt and rerun to resume
-    python -m minisnr.study runs/pretrain/ckpt.pt --parts main --split dev # a subset
+    python -m minisnr.eval.study runs/pretrain/ckpt.pt --dry-run                # the plan, counts and a time guess
+    python -m minisnr.eval.study runs/pretrain/ckpt.pt --out runs/study         # everything; interrupt and rerun to resume
+    python -m minisnr.eval.study runs/pretrain/ckpt.pt --parts main --split dev # a subset
 
 What it does, and why each piece is there:
 - Ground truth. A style is a known transform S (minisnr/styles.py). The model is fine-tuned on S(one test image)
@@ -34,17 +34,21 @@ import time
 
 import torch
 
-from . import metrics
-from .checkpoint import atomic_save, check_writable, load_pretrained, write_json
-from .data import load_dataset
-from .generate import generate
-from .lora import apply_adapter, merge_lora, set_style_scale, style_window_hook, unmerge_lora
+from ..eval import metrics
+from ..io.files import atomic_save, check_writable, write_json
+from ..io.checkpoint import load_pretrained
+from ..io.data import load_dataset
+from ..rf import generate
+from ..io.checkpoint import apply_adapter
+from ..lora import merge_lora, set_style_scale, style_window_hook, unmerge_lora
 from .probe import get_probe, shuffle_pixels
-from .rf import NoiseSampler, lam_of_t
-from .runtime import UserError, autocast_context, pick_device, resolve_precision, run_main, save_png, sync
-from .styles import DEV_STYLES, STYLES, TEST_STYLES, get_style, match_colours
+from ..rf import lam_of_t, NoiseSampler
+from ..io.cli import run_main, UserError
+from ..io.device import autocast_context, pick_device, resolve_precision, sync
+from ..io.images import save_png
+from .styles import DEV_STYLES, get_style, match_colours, STYLES, TEST_STYLES
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FINETUNE_SCRIPT = os.path.join(REPO_ROOT, "finetune.py")
 JUDGE_EPOCHS, JUDGE_LR = 8, 0.05   # the judge's class head needs more epochs than the plain probe to see through styles
 REF_CLASSES = ("horse", "ship", "cat", "truck", "bird", "frog")     # seed s learns from a test image of class s
@@ -419,7 +423,7 @@ class Study:
 
 def build_parser():
     """The study's flags, each with its reason."""
-    p = argparse.ArgumentParser(prog="python -m minisnr.study", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m minisnr.eval.study", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("ckpt", help="base checkpoint written by train.py")
     p.add_argument("--out", default="runs/study", help="folder for runs/, references/, report.md, results.json")

@@ -1,8 +1,4 @@
-"""Saving and loading files safely.
-
-Writes are atomic: the data goes to a temporary file in the same folder, is flushed to
-disk, and is then renamed over the target. A crash (even SIGKILL or a power cut) leaves
-either the old file or the new one, never half of one.
+"""Checkpoints and adapters: loaded safely, checked before use, matched to their base model.
 
 Reads use torch.load(weights_only=True), which only rebuilds tensors and plain
 containers (dict, list, str, int, float, bool, None). A checkpoint downloaded from a
@@ -11,121 +7,14 @@ stranger cannot run code when minisnr opens it, unlike a plain pickle.
 import hashlib
 import json
 import math
-import os
 import pickle
-import re
-import stat
-import tempfile
 import warnings
-
 import torch
+import sys
 
-from .runtime import UserError
-
-
-class CheckpointError(UserError):
-    """Raised for a file that cannot be used as a minisnr checkpoint or adapter."""
-
-
-# atomic_write's temporary files are NAME.<8 random characters of mkstemp>.minisnr.tmp: a pattern no user
-# file is likely to match, so remove_stale_tmp can delete exactly these and nothing else
-TMP_SUFFIX = ".minisnr.tmp"
-TMP_NAME = re.compile(r"^.+\.[a-z0-9_]{8}" + re.escape(TMP_SUFFIX) + "$")
-
-
-def atomic_write(path, write_fn):
-    """Call write_fn(tmp_path), fsync, then rename tmp_path onto `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=folder)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions instead
-        write_fn(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        os.fsync(dir_fd)
-        os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def remove_stale_tmp(folder):
-    """Delete the temporary files that a killed atomic_write left in `folder` (NAME.<random>.minisnr.tmp).
-
-    Called when a run starts, by the process that owns the folder, so no half-written file
-    outlives the crash that made it. Only regular files whose whole name matches TMP_NAME go:
-    a user's thesis.draft.tmp, a folder or a link of that name stays. Returns the names removed.
-    """
-    if not os.path.isdir(folder):
-        return []
-    stale = [f for f in os.listdir(folder)
-             if TMP_NAME.match(f) and stat.S_ISREG(os.lstat(os.path.join(folder, f)).st_mode)]
-    for f in stale:
-        os.remove(os.path.join(folder, f))
-    return stale
-
-
-def open_log(path, resume_step=None):
-    """Open a JSON-lines log for appending; returns the file.
-
-    A new run (resume_step None) starts an empty log. A resumed run keeps only the records
-    up to the checkpoint's step: the steps after it are about to be trained again, and a
-    record cut off by a crash is not valid JSON. So the log never holds a step twice.
-    """
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path!r} is a folder where the run's log file goes; move it away or use another --out")
-    kept = []
-    if resume_step is not None and os.path.isfile(path):
-        with open(path, encoding="utf-8", errors="replace") as f:  # a damaged line is dropped below, not a crash
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resume_step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-    atomic_write(path, write)
-    return open(path, "a")
-
-
-def write_text(text, path):
-    """Write a text (e.g. markdown) file, atomically."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
-def write_json(obj, path):
-    """Write `obj` as indented JSON, atomically."""
-    write_text(json.dumps(obj, indent=1) + "\n", path)
-
-
-def atomic_save(obj, path):
-    """torch.save(obj, path), atomically."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def require_file(path, what, fix):
-    """One-line CheckpointError "<what> <path> does not exist (is a folder, ...); <fix>" unless `path` is a file."""
-    if not os.path.isfile(path):
-        problem = ("is a folder" if os.path.isdir(path) else "is not a regular file (a pipe, socket or device)"
-                   if os.path.exists(path) else "does not exist")
-        raise CheckpointError(f"{what} {path!r} {problem}; {fix}")
+from .cli import CheckpointError
+from .files import require_file
+from ..lora import inject_lora, load_lora_state_dict, lora_state_dict
 
 
 def safe_load(path, what="checkpoint"):
@@ -173,29 +62,6 @@ def weights_hash(state_dict) -> str:
     return h.hexdigest()[:16]
 
 
-def check_writable(folder, flag="--out"):
-    """Make sure files can be written in `folder` (creating it if needed); one-line error otherwise.
-    Folders it had to create are removed again, so a command that fails later leaves nothing behind;
-    the writers create them when they first write."""
-    missing, p = [], os.path.abspath(folder)
-    while not os.path.exists(p):  # deepest first, for removal below
-        missing.append(p)
-        p = os.path.dirname(p)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_test.")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise CheckpointError(f"cannot write to output folder {folder!r} ({e.strerror}); pass a writable folder with {flag}") from None
-    finally:
-        for d in missing:
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
-
-
 # --- what a loaded file must look like ---------------------------------------------------------
 # A file can unpickle fine and still be wrong: these checks run at load time, before anything is
 # built from the file, so a damaged or hand-edited file is one line naming it, never a traceback.
@@ -222,7 +88,7 @@ def model_shape_problem(arch):
 
 def check_model_config(config, path):
     """One-line CheckpointError unless `config` (a file's model_config) describes a DiT that can be built."""
-    from .model import DiTConfig
+    from ..model import DiTConfig
     known = DiTConfig().to_dict()
     if not isinstance(config, dict) or set(config) - set(known):
         raise CheckpointError(f"{path!r} has a damaged model_config (not a dict of DiT fields); use a checkpoint "
@@ -265,7 +131,7 @@ def load_pretrained(path, use_ema=True, device="cpu"):
 
     use_ema picks the EMA weights (smoother samples); False picks the raw trained weights.
     """
-    from .model import DiT, DiTConfig
+    from ..model import DiT, DiTConfig
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path!r} is not a minisnr checkpoint (made by train.py); missing model or model_config")
@@ -279,3 +145,66 @@ def load_pretrained(path, use_ema=True, device="cpu"):
     except (TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path!r} does not match minisnr's DiT: {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), ckpt
+
+
+# --- adapter files --------------------------------------------------------------------------
+
+ADAPTER_FORMAT = "minisnr-lora-v1"
+
+
+def save_adapter(model, path, meta):
+    """Write the adapter tensors plus `meta` (base config hash, rank, alpha, targets, sampler, ...) atomically."""
+    from .files import atomic_save
+    atomic_save({"format": ADAPTER_FORMAT, "lora": lora_state_dict(model), "meta": meta}, path)
+
+
+def check_adapter(blob, path):
+    """Check an adapter file's structure before anything is built from it: meta (targets, rank, alpha) and
+    finite floating-point tensors whose shapes agree with the rank, so a meta saying rank 1e8 cannot make
+    inject_lora allocate gigabytes. Returns the meta dict; one-line CheckpointError otherwise."""
+    from .cli import CheckpointError
+    from .checkpoint import check_tensors
+    meta = blob.get("meta")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"adapter {path!r} has no metadata dict (meta); use an adapter written by finetune.py")
+    targets, rank, alpha = meta.get("targets"), meta.get("rank"), meta.get("alpha")
+    if not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+        raise CheckpointError(f"adapter {path!r}: meta targets must be a list of layer names, got {targets!r}")
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+        raise CheckpointError(f"adapter {path!r}: meta rank must be a whole number >= 1, got {rank!r}")
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
+        raise CheckpointError(f"adapter {path!r}: meta alpha must be a finite number > 0, got {alpha!r}")
+    tensors = blob.get("lora")
+    check_tensors(tensors, path, "adapter tensors")
+    for name, t in tensors.items():
+        r_dim = 0 if name.endswith("lora_A") else 1 if name.endswith("lora_B") else None
+        if r_dim is not None and (t.dim() != 2 or t.shape[r_dim] != rank):
+            raise CheckpointError(f"adapter {path!r}: tensor {name} has shape {tuple(t.shape)}, which does not fit "
+                                  f"its meta rank {rank}; the file is damaged")
+    return meta
+
+
+def apply_adapter(model, path):
+    """Inject LoRA into `model` as recorded in the adapter file at `path` and load its weights.
+
+    Refuses, with a one-line error, an adapter trained on a base model of another configuration, and
+    warns (one line on stderr) when the configuration matches but the weights are not the ones it was
+    fine-tuned from. Returns the adapter's metadata dict.
+    """
+    from .cli import CheckpointError
+    from .checkpoint import config_hash, safe_load, weights_hash
+    blob = safe_load(path, what="LoRA adapter")
+    if not isinstance(blob, dict) or blob.get("format") != ADAPTER_FORMAT:
+        raise CheckpointError(f"{path!r} is not a minisnr LoRA adapter (made by finetune.py)")
+    meta = check_adapter(blob, path)
+    base_hash = config_hash(model.config.to_dict())
+    if meta.get("base_config_hash") != base_hash:
+        raise CheckpointError(f"adapter {path!r} was trained on a different base model (config {meta.get('base_config')}); "
+                              f"pass the checkpoint it was fine-tuned from")
+    if "base_weights_hash" in meta and meta["base_weights_hash"] != weights_hash(model.state_dict()):
+        print(f"warning: adapter {path!r} was fine-tuned from other weights of this model ({meta.get('base_ckpt')}); "
+              f"the style may not carry over: use that checkpoint, with the same EMA or raw weights", file=sys.stderr)
+    has_style = any(k.endswith("lora_style") for k in blob["lora"])   # False for finetune.py --style-vector false
+    inject_lora(model, tuple(meta["targets"]), int(meta["rank"]), float(meta["alpha"]), style=has_style)
+    load_lora_state_dict(model, blob["lora"])
+    return meta

@@ -1,17 +1,51 @@
-"""Command-line settings from a dataclass: every field is a flag, every flag has a one-line reason.
+"""The command line: one-line errors, flags from a dataclass, and small flag parsers.
 
-    @dataclass
-    class Config:
-        batch_size: int = knob(64, "images per step per process; lower it if you run out of memory")
-
-parse_config(Config, presets, argv) builds an argparse parser in which each field becomes
---batch-size (underscores to dashes) with its reason as help text. A `--preset NAME` flag
-first fills the fields from presets[NAME]; explicit flags then override single fields.
+A UserError is a problem with the user's input or files; run_main prints it as one line and exits 1.
+parse_config turns a dataclass of knob(default, reason) fields into flags whose --help gives the reason.
 """
+import sys
+import warnings
+import math
 import argparse
 import dataclasses
-import math
-import sys
+
+
+class UserError(ValueError):
+    """A problem with the user's input or files. Scripts print its message as one line and exit 1."""
+
+
+class CheckpointError(UserError):
+    """Raised for a file that cannot be used as a minisnr checkpoint or adapter."""
+
+
+def run_main(main):
+    """Run main(); a UserError becomes a one-line message on stderr and exit code 1, not a traceback.
+    A Ctrl-C that no training loop caught (during start-up, or a second one) exits with code 130 and
+    one line, and warnings (e.g. a skipped unreadable image) are printed as one 'warning: ...' line."""
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    try:
+        return main()
+    except UserError as e:
+        _close_progress_bars()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        warnings.formatwarning = format_warning
+
+
+def _close_progress_bars():
+    """End any open tqdm bar's line, so that a message printed next starts on a line of its own."""
+    try:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    except Exception:  # cosmetic only; never hide the real message
+        pass
 
 
 def knob(default, help):
@@ -91,3 +125,14 @@ def parse_config(config_cls, presets=None, argv=None, description=None, extra=No
     except (TypeError, ValueError) as e:
         parser.error(str(e))
     return config, args
+
+
+def parse_style_window(text, flag="--style-steps"):
+    """'a:b' -> (a, b): fractions of the sampling trajectory, counted from pure noise (t = 1)."""
+    try:
+        a, b = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise UserError(f"{flag} must look like a:b with fractions, e.g. 0:0.3; got {text!r}") from None
+    if not 0 <= a <= b <= 1:
+        raise UserError(f"{flag} a:b needs 0 <= a <= b <= 1; got {text!r}")
+    return a, b

@@ -1,7 +1,7 @@
 """Pictures of the method: where each noise sampler puts its training noise levels, and what they look like.
 
-    python -m minisnr.viz densities --out sampler_densities.png
-    python -m minisnr.viz strip --image some.png --out noise_strip.png
+    python -m minisnr.tools.viz densities --out sampler_densities.png
+    python -m minisnr.tools.viz strip --image some.png --out noise_strip.png
 
 `densities` draws the density of the log-SNR lam = 2 log((1-t)/t) for several noise
 samplers, estimated from 200k draws of minisnr.rf.NoiseSampler (so the picture is made
@@ -17,11 +17,13 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from .config import OneLineErrorParser, finite_float
-from .data import open_image, resize_center_crop, to_model_range, to_uint8
-from .rf import NoiseSampler, add_noise, lam_of_t, t_of_lam
-from .runtime import UserError, run_main, save_png
-from .safety import check_output, check_seed
+from ..io.cli import finite_float, OneLineErrorParser
+from ..io.data import open_image, resize_center_crop, to_model_range
+from ..rf import to_uint8
+from ..rf import add_noise, lam_of_t, NoiseSampler, t_of_lam
+from ..io.cli import run_main, UserError
+from ..io.images import save_png
+from ..io.safety import check_output, check_seed
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
 
@@ -91,7 +93,7 @@ def draw_noise_strip(x0, lams=tuple(range(-10, 7, 2)), scale=3, seed=0):
 
 
 def main(argv=None):
-    """Command-line entry point: `python -m minisnr.viz densities|strip`."""
+    """Command-line entry point: `python -m minisnr.tools.viz densities|strip`."""
     p = OneLineErrorParser(description="Draw the noise-sampler densities or a noise-level strip.")
     sub = p.add_subparsers(dest="cmd", required=True)
     dens = sub.add_parser("densities", help="p(lam) of the uniform, SD3 and style-friendly samplers")

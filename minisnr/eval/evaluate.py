@@ -1,9 +1,9 @@
 """Evaluate one minisnr model or adapter through the probe: base quality, and where an adapter's style acts (Fig. 4).
 
-    python -m minisnr.evaluate probe                                  # train (or load) the probe; print its accuracy
-    python -m minisnr.evaluate base runs/pretrain/ckpt.pt             # class accuracy and FD of the base model
-    python -m minisnr.evaluate fig4 runs/pretrain/ckpt.pt runs/style/adapter.pt   # style on for part of the steps
-    python -m minisnr.evaluate fid runs/pretrain/ckpt.pt              # standard FID, optional clean-fid (fid.py)
+    python -m minisnr.eval.evaluate probe                                  # train (or load) the probe; print its accuracy
+    python -m minisnr.eval.evaluate base runs/pretrain/ckpt.pt             # class accuracy and FD of the base model
+    python -m minisnr.eval.evaluate fig4 runs/pretrain/ckpt.pt runs/style/adapter.pt   # style on for part of the steps
+    python -m minisnr.eval.evaluate fid runs/pretrain/ckpt.pt              # standard FID, optional clean-fid (fid.py)
 
 The comparison of noise samplers (the paper's Table 2) is minisnr/study.py, with seeds, paired CIs and held-out
 styles. Images here are judged through a small CNN probe trained on the base dataset (minisnr/probe.py); all
@@ -24,15 +24,20 @@ import time
 import numpy as np
 import torch
 
-from . import fid, metrics
-from .checkpoint import check_writable, load_pretrained, write_json, write_text
-from .config import OneLineErrorParser, finite_float
-from .data import load_dataset, load_images, resize_center_crop
-from .generate import generate
-from .lora import apply_adapter, parse_style_window, set_style_scale, style_window_hook
+from ..eval import fid, metrics
+from ..io.files import check_writable, write_json, write_text
+from ..io.checkpoint import load_pretrained
+from ..io.cli import finite_float, OneLineErrorParser
+from ..io.data import load_dataset, load_images, resize_center_crop
+from ..rf import generate
+from ..io.checkpoint import apply_adapter
+from ..io.cli import parse_style_window
+from ..lora import set_style_scale, style_window_hook
 from .probe import check_classes, describe, get_probe
-from .safety import check_output
-from .runtime import UserError, autocast_context, pick_device, resolve_precision, run_main, save_image_grid
+from ..io.safety import check_output
+from ..io.cli import run_main, UserError
+from ..io.device import autocast_context, pick_device, resolve_precision
+from ..io.images import save_image_grid
 
 DEFAULT_WINDOWS = "0:0,0:0.1,0:0.2,0:0.3,0:0.5,0:0.7,0:1,0.1:1,0.3:1,0.5:1"
 
@@ -180,7 +185,7 @@ def cmd_fig4(args):
               "0:1 similarity at small x, while x:1 loses most of it already for small x.",
               "", "Style similarity and HF energy as in minisnr/metrics.py; relative numbers, not DINO/CLIP.", ""]
     write_text("\n".join(lines), paths["table"])
-    from .plot import line_plot
+    from ..tools.plot import line_plot
     blue, orange = (31, 119, 180), (255, 127, 14)
     early = [r for r in rows if r["start"] == 0]
     late = [r for r in rows if r["end"] == 1 and r["start"] > 0] + [r for r in rows if r["start"] == 0 and r["end"] == 1]
@@ -204,7 +209,7 @@ def cmd_fig4(args):
 
 def build_parser():
     """The argparse parser with the probe, base, fig4 and fid subcommands."""
-    p = OneLineErrorParser(prog="python -m minisnr.evaluate", description=__doc__.splitlines()[0])
+    p = OneLineErrorParser(prog="python -m minisnr.eval.evaluate", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", metavar="{probe,base,fig4,fid}")
     fmt = argparse.ArgumentDefaultsHelpFormatter
     sub.required = True

@@ -5,7 +5,7 @@ Every comparison is paired on (style, seed) and shows mean ± 95% CI of the diff
 """
 import os
 
-from .checkpoint import write_json, write_text
+from ..io.files import write_json, write_text
 from .stats import fmt_diff, paired
 
 FIXED_LABELS = {"base": "base model, no fine-tune (style off)", "ceiling": "real test images in the style (ceiling)",
@@ -26,7 +26,7 @@ def _mean(values):
 
 def sampler_table(study, split, variant="main", window="0:1", samplers=None):
     """Markdown rows: each sampler's means, and its paired difference to SD3 with CI and win rate."""
-    from .study import SAMPLERS, NOISE_FLOOR
+    from .study import NOISE_FLOOR, SAMPLERS
     pairs = study.pairs(split)
     head = ("| sampler | lam ~ | style acc ↑ | Δ style vs SD3 | content acc ↑ | Δ content vs SD3 | class KID×1000 ↓ | "
             "Δ KID×1000 vs SD3 | KID wins | class FD ↓ | Gram sim | HF |")
@@ -193,7 +193,7 @@ def write_report(study):
 
 def _plot_windows(study, rows, path):
     """Style accuracy against content accuracy, one line per sampler through its windows."""
-    from .plot import line_plot
+    from ..tools.plot import line_plot
     from .study import SAMPLERS
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
                (227, 119, 194), (127, 127, 127)]
@@ -210,7 +210,7 @@ def _plot_windows(study, rows, path):
 
 def _plot_lam(study, lam, path):
     """Style accuracy with the style on only below / above a log-SNR threshold."""
-    from .plot import line_plot
+    from ..tools.plot import line_plot
     line_plot(path, [{"label": "style on while lam <= X (noisy start)", "x": [r[0] for r in lam],
                       "y": [r[1] for r in lam], "color": (31, 119, 180), "marker": "o"},
                      {"label": "style on while lam > X (clean end)", "x": [r[0] for r in lam],

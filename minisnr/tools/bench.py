@@ -1,10 +1,10 @@
 """Benchmark the real minisnr training step: ms/step, img/s, model FLOPs, TFLOP/s (and MFU on CUDA).
 
-    python -m minisnr.bench                                        # anchor shape, batch 64, this device's default modes
-    python -m minisnr.bench --preset cpu --modes eager-fp32,compiled-fp32 --steps 5
-    python -m minisnr.bench --dim 384 --depth 12 --heads 6 --patch-size 2 --batch-size 128 --json bench.json
-    python -m minisnr.bench --preset cifar --batch-size 128 --estimate-memory true   # no timing, just the estimate
-    python -m minisnr.bench --modes eager-fp32 --roofline true    # also the matmul rate: the most img/s possible here
+    python -m minisnr.tools.bench                                        # anchor shape, batch 64, this device's default modes
+    python -m minisnr.tools.bench --preset cpu --modes eager-fp32,compiled-fp32 --steps 5
+    python -m minisnr.tools.bench --dim 384 --depth 12 --heads 6 --patch-size 2 --batch-size 128 --json bench.json
+    python -m minisnr.tools.bench --preset cifar --batch-size 128 --estimate-memory true   # no timing, just the estimate
+    python -m minisnr.tools.bench --modes eager-fp32 --roofline true    # also the matmul rate: the most img/s possible here
 
 In the spirit of nanoGPT's bench.py: no data files, no logging, no checkpoints; only the
 step that train.py runs, timed. Each mode gets a fresh, identically seeded setup:
@@ -13,8 +13,8 @@ step that train.py runs, timed. Each mode gets a fresh, identically seeded setup
     data                  an InMemoryLoader over random uint8 images already on the device, so every
                           step includes the on-device uint8 -> [-1, 1] scale and the random flip
     noise levels          a NoiseSampler (logit-normal, train.py's default)
-    step                  minisnr.loop.train_step (autocast forward, backward, grad clip, AdamW,
-                          zero_grad) followed by minisnr.loop.ema_update, exactly as train.py calls them
+    step                  minisnr.train.step.train_step (autocast forward, backward, grad clip, AdamW,
+                          zero_grad) followed by minisnr.train.step.ema_update, exactly as train.py calls them
 
 A mode is "<eager|compiled>-<fp32|bf16|fp16>": compiled wraps the model in torch.compile as
 train.py --compile does; bf16/fp16 are autocast as train.py --precision does (fp16 adds the
@@ -61,15 +61,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .checkpoint import model_shape_problem, write_json
-from .config import knob, parse_config
-from .data import ImageSet, InMemoryLoader
-from .loop import ema_update, make_optimizer, train_step
-from .model import DIT_PRESETS, DiTConfig, build_config, build_model
-from .rf import NoiseSampler, euler_sample, rf_loss
-from .safety import check_output, check_seed
-from .runtime import (UserError, autocast_context, cpu_has_fast_bf16, cuda_has_fast_bf16, make_grad_scaler,
-                      pick_device, run_main, sync)
+from ..io.checkpoint import model_shape_problem
+from ..io.files import write_json
+from ..io.cli import knob, parse_config
+from ..io.data import ImageSet, InMemoryLoader
+from ..train.step import ema_update, make_optimizer, train_step
+from ..model import build_config, build_model, DIT_PRESETS, DiTConfig
+from ..rf import euler_sample, NoiseSampler, rf_loss
+from ..io.safety import check_output, check_seed
+from ..io.cli import run_main, UserError
+from ..io.device import autocast_context, cpu_has_fast_bf16, cuda_has_fast_bf16, make_grad_scaler, pick_device, sync
 
 FREQ_DIM = 256  # TimestepEmbedder's sinusoidal feature size (minisnr.model.TimestepEmbedder default)
 

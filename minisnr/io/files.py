@@ -1,0 +1,142 @@
+"""Saving and loading files safely.
+
+Writes are atomic: the data goes to a temporary file in the same folder, is flushed to
+disk, and is then renamed over the target. A crash (even SIGKILL or a power cut) leaves
+either the old file or the new one, never half of one.
+
+Reads use torch.load(weights_only=True), which only rebuilds tensors and plain
+containers (dict, list, str, int, float, bool, None). A checkpoint downloaded from a
+stranger cannot run code when minisnr opens it, unlike a plain pickle.
+"""
+import json
+import os
+import re
+import stat
+import tempfile
+import torch
+
+from .cli import CheckpointError
+
+
+# atomic_write's temporary files are NAME.<8 random characters of mkstemp>.minisnr.tmp: a pattern no user
+# file is likely to match, so remove_stale_tmp can delete exactly these and nothing else
+TMP_SUFFIX = ".minisnr.tmp"
+TMP_NAME = re.compile(r"^.+\.[a-z0-9_]{8}" + re.escape(TMP_SUFFIX) + "$")
+
+
+def atomic_write(path, write_fn):
+    """Call write_fn(tmp_path), fsync, then rename tmp_path onto `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=folder)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions instead
+        write_fn(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def remove_stale_tmp(folder):
+    """Delete the temporary files that a killed atomic_write left in `folder` (NAME.<random>.minisnr.tmp).
+
+    Called when a run starts, by the process that owns the folder, so no half-written file
+    outlives the crash that made it. Only regular files whose whole name matches TMP_NAME go:
+    a user's thesis.draft.tmp, a folder or a link of that name stays. Returns the names removed.
+    """
+    if not os.path.isdir(folder):
+        return []
+    stale = [f for f in os.listdir(folder)
+             if TMP_NAME.match(f) and stat.S_ISREG(os.lstat(os.path.join(folder, f)).st_mode)]
+    for f in stale:
+        os.remove(os.path.join(folder, f))
+    return stale
+
+
+def open_log(path, resume_step=None):
+    """Open a JSON-lines log for appending; returns the file.
+
+    A new run (resume_step None) starts an empty log. A resumed run keeps only the records
+    up to the checkpoint's step: the steps after it are about to be trained again, and a
+    record cut off by a crash is not valid JSON. So the log never holds a step twice.
+    """
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is a folder where the run's log file goes; move it away or use another --out")
+    kept = []
+    if resume_step is not None and os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:  # a damaged line is dropped below, not a crash
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resume_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+    atomic_write(path, write)
+    return open(path, "a")
+
+
+def write_text(text, path):
+    """Write a text (e.g. markdown) file, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def write_json(obj, path):
+    """Write `obj` as indented JSON, atomically."""
+    write_text(json.dumps(obj, indent=1) + "\n", path)
+
+
+def atomic_save(obj, path):
+    """torch.save(obj, path), atomically."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def require_file(path, what, fix):
+    """One-line CheckpointError "<what> <path> does not exist (is a folder, ...); <fix>" unless `path` is a file."""
+    if not os.path.isfile(path):
+        problem = ("is a folder" if os.path.isdir(path) else "is not a regular file (a pipe, socket or device)"
+                   if os.path.exists(path) else "does not exist")
+        raise CheckpointError(f"{what} {path!r} {problem}; {fix}")
+
+
+def check_writable(folder, flag="--out"):
+    """Make sure files can be written in `folder` (creating it if needed); one-line error otherwise.
+    Folders it had to create are removed again, so a command that fails later leaves nothing behind;
+    the writers create them when they first write."""
+    missing, p = [], os.path.abspath(folder)
+    while not os.path.exists(p):  # deepest first, for removal below
+        missing.append(p)
+        p = os.path.dirname(p)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_test.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"cannot write to output folder {folder!r} ({e.strerror}); pass a writable folder with {flag}") from None
+    finally:
+        for d in missing:
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass

@@ -1,0 +1,45 @@
+"""Several GPUs: DistributedDataParallel set-up, the wrap, and the ranks' vote to stop."""
+import os
+import torch
+import torch.distributed as dist
+
+
+def setup_distributed(device):
+    """Initialise DDP when launched by torchrun (RANK/WORLD_SIZE set). Returns (rank, local_rank, world_size).
+    The backend follows the resolved device: NCCL for CUDA tensors, gloo for CPU ones (NCCL cannot
+    reduce CPU tensors, and --device cpu on a GPU machine must not claim one GPU per rank)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 0, 1
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def wrap_for_training(model, compile, world, device):
+    """The module the loop trains: DDP-wrapped when world > 1, then compiled. torch.compile(DDP(model)) is
+    the documented order: dynamo's DDP optimizer then splits the graph at DDP's gradient buckets, so each
+    bucket's all-reduce overlaps the rest of the backward. `model` itself stays the plain one we save."""
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return torch.compile(model) if compile else model
+
+
+def cleanup_distributed():
+    """Destroy the DDP process group if one was set up."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if `flag` is True on any rank: one tiny all-reduce (MAX) under DDP, `flag` itself
+    otherwise. Ranks must leave the loop at the same step, or the others wait in their next gradient
+    all-reduce for a rank that has gone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    vote = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return bool(vote.item())
