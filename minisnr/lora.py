@@ -1,4 +1,4 @@
-"""Low-rank adaptation (LoRA) and a learned style embedding, written out by hand.
+"""Low-rank adaptation (LoRA) and an optional learned style vector, written out by hand.
 
 LoRA (Hu et al., 2021) freezes a pretrained linear layer W and learns a low-rank update:
 
@@ -8,19 +8,12 @@ Because B starts at zero, a freshly wrapped model computes exactly what the base
 computed; training moves B (and A) away from zero. Only A and B, r * (in + out) numbers
 per layer, are trained and saved.
 
-Style conditioning (optional). The paper prompts its text-to-image models with "... in {style}
-style". minisnr has class labels, not text, so the analogue is one learned vector s,
-the style embedding, added to the conditioning vector c = embed(t) + embed(y) + s that
-drives every adaLN modulation. With finetune.py --style-vector true, fine-tuning learns s
-together with the LoRA weights. It is off by default, as in the paper, because minisnr's
-study measured no difference with it (README, ablations).
-Drawing class y in the style means: label y, s on, LoRA on. One knob, the style
-scale, multiplies both the LoRA update and s, so
-
-    scale 1   the learned style            scale 0   exactly the base model
-
-and the sampler can flip it per step (sample.py --style-steps a:b), which is how minisnr
-reproduces the paper's finding that the style is decided in the first, noisiest steps.
+The style vector (finetune.py --style-vector true; off by default, as in the paper, which
+prompts "... in {style} style") is minisnr's class-label analogue of that prompt: one learned
+vector s added to the conditioning c = embed(t) + embed(y) + s of every adaLN modulation.
+One knob, the style scale, multiplies both the LoRA update and s: scale 1 is the learned
+style, scale 0 exactly the base model, and the sampler can flip it per step
+(sample.py --style-steps a:b) to test where in the trajectory the style is decided.
 
 Every trainable tensor here has a name starting with `lora_` (lora_A, lora_B,
 lora_style), so "what to train" and "what to save" are each one line:
@@ -28,9 +21,9 @@ lora_style), so "what to train" and "what to save" are each one line:
     trainable = [p for n, p in model.named_parameters() if "lora_" in n]
     adapter   = {k: v for k, v in model.state_dict().items() if "lora_" in k}
 
-merge()/unmerge() fold the update into W for inference and take it back out. They are
-explicit calls; nothing happens as a side effect of .train() or .eval(). Inject LoRA
-before torch.compile, so the compiled graph contains the LoRA branches.
+merge()/unmerge() fold the update into W for inference and take it back out, as explicit
+calls. Inject LoRA before torch.compile, so the compiled graph contains the LoRA branches.
+Adapter files (save_adapter, apply_adapter) are in minisnr/io/checkpoint.py.
 """
 import math
 
@@ -38,7 +31,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .io.cli import UserError
 
 DEFAULT_TARGETS = ("qkv", "proj", "fc1", "fc2")  # attention and MLP projections, as in the paper
 
@@ -49,7 +41,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         if rank < 1:
-            raise UserError(f"LoRA rank must be >= 1, got {rank}")
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.base = base.requires_grad_(False)
         self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank  # alpha/r keeps the update's size roughly independent of r
@@ -128,7 +120,7 @@ def inject_lora(model, targets=DEFAULT_TARGETS, rank=32, alpha=None, dropout=0.0
                 setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
                 wrapped.append(full)
     if not wrapped:
-        raise UserError(f"no nn.Linear layer matches LoRA targets {list(targets)}; try {','.join(DEFAULT_TARGETS)}")
+        raise ValueError(f"no nn.Linear layer matches LoRA targets {list(targets)}; try {','.join(DEFAULT_TARGETS)}")
     if style:
         model.style_embedder = StyleEmbedder(model.config.dim).to(next(model.parameters()).device)
     return wrapped
@@ -140,7 +132,7 @@ def lora_parameters(model):
 
 
 def lora_state_dict(model):
-    """Only the adapter (LoRA A/B and the style embedding): 2.3 MB at rank 32 on the cpu preset, against 17 MB for its weights."""
+    """Only the adapter tensors (LoRA A/B, the style vector): 2.3 MB at rank 32 on the cpu preset, not 17 MB."""
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k}
 
 
@@ -149,11 +141,11 @@ def load_lora_state_dict(model, state):
     own = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise UserError(f"adapter does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                        f"was it trained with other --targets?")
+        raise ValueError(f"adapter does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                        f"was it trained with other targets?")
     for k, v in state.items():
         if own[k].shape != v.shape:
-            raise UserError(f"adapter tensor {k} has shape {tuple(v.shape)} but the model expects {tuple(own[k].shape)}")
+            raise ValueError(f"adapter tensor {k} has shape {tuple(v.shape)}; the model has {tuple(own[k].shape)}")
     model.load_state_dict(state, strict=False)
 
 
@@ -163,7 +155,7 @@ def set_style_scale(model, scale):
     for m in model.modules():
         if isinstance(m, LoRALinear):
             if m.merged:
-                raise UserError("unmerge() the LoRA layers before changing the style scale")
+                raise ValueError("unmerge() the LoRA layers before changing the style scale")
             m.scale = scale * m.alpha / m.rank
         elif isinstance(m, StyleEmbedder):
             m.scale = scale

@@ -108,7 +108,7 @@ class LabelEmbedder(nn.Module):
         return self.num_classes
 
     def forward(self, y):
-        """Embed labels y of shape (N,) as (N, D); in training, replace each with the null class with probability dropout."""
+        """Labels y (N,) -> (N, D); in training each becomes the null class with probability `dropout`."""
         if self.training and self.dropout > 0:
             drop = torch.rand(y.shape, device=y.device) < self.dropout
             y = torch.where(drop, torch.full_like(y, self.null_class), y)
@@ -127,7 +127,7 @@ class Attention(nn.Module):
 
     def forward(self, x):                                                  # x: (N, T, D)
         """Multi-head self-attention over the tokens: (N, T, D) -> (N, T, D)."""
-        q, k, v = rearrange(self.qkv(x), "n t (three h d) -> three n h t d", three=3, h=self.heads)  # (N, H, T, D/H) each
+        q, k, v = rearrange(self.qkv(x), "n t (three h d) -> three n h t d", three=3, h=self.heads)  # (N, H, T, D/H)
         x = F.scaled_dot_product_attention(q, k, v)                       # (N, H, T, D/H)
         x = rearrange(x, "n h t d -> n t (h d)")                          # (N, T, D)
         return self.proj(x)                                               # (N, T, D)

@@ -31,9 +31,6 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .io.cli import UserError
-
-
 # --- log-SNR <-> t ------------------------------------------------------------------------
 
 def lam_of_t(t):
@@ -93,15 +90,15 @@ class NoiseSampler:
     shift: float = 1.0    # SD3/FLUX shift k; 1 means no shift
 
     def __post_init__(self):
+        """Refuse settings that define no distribution; each message starts with the argument's name."""
         if self.kind not in SAMPLERS:
-            raise UserError(f"unknown noise sampler {self.kind!r}; choose one of {', '.join(SAMPLERS)}")
+            raise ValueError(f"kind {self.kind!r} is unknown; choose one of {', '.join(SAMPLERS)}")
         for name in ("m", "s", "mu", "sigma", "shift"):
-            if not math.isfinite(getattr(self, name)):
-                raise UserError(f"--{name} must be a finite number, got {getattr(self, name)}")
-        if self.s <= 0 or self.sigma <= 0:
-            raise UserError(f"--s and --sigma must be > 0 (got s={self.s}, sigma={self.sigma}); they are standard deviations")
-        if self.shift <= 0:
-            raise UserError(f"--shift must be > 0 (got {self.shift}); 1 means no shift")
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+            if name in ("s", "sigma", "shift") and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}" + ("; 1 means no shift" if name == "shift" else ""))
 
     def __call__(self, n, device="cpu", generator=None):
         """Return n noise levels t in [0, 1], shape (n,)."""
@@ -188,12 +185,12 @@ def euler_sample(model, noise, y, steps=50, cfg=1.0, null_class=None, step_hook=
     Returns x_0 estimates, (N, C, H, W), unclipped.
     """
     if steps < 1:
-        raise UserError(f"steps must be >= 1, got {steps}")
+        raise ValueError(f"steps must be >= 1, got {steps}")
     if cfg < 0:
-        raise UserError(f"cfg must be >= 0, got {cfg}")
+        raise ValueError(f"cfg must be >= 0, got {cfg}")
     guided = cfg != 1.0
     if guided and null_class is None:
-        raise UserError("null_class is required when cfg != 1")
+        raise ValueError("null_class is required when cfg != 1")
     x = noise
     n = x.shape[0]
     if guided:  # one forward on a doubled batch evaluates the conditional and unconditional velocity
@@ -229,7 +226,8 @@ def generate(model, labels, *, steps=50, cfg=3.0, seed=0, autocast_ctx=None, ste
     device = next(model.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(labels), cfg_model.in_channels, cfg_model.img_size, cfg_model.img_size, generator=generator)
+    size = (len(labels), cfg_model.in_channels, cfg_model.img_size, cfg_model.img_size)
+    noise = torch.randn(size, generator=generator)                           # (N, C, H, W), on the CPU
     was_training = model.training
     model.eval()
     out = []
@@ -238,7 +236,7 @@ def generate(model, labels, *, steps=50, cfg=3.0, seed=0, autocast_ctx=None, ste
             x1 = noise[i:i + batch_size].to(device)
             y = labels[i:i + batch_size].to(device)
             with (autocast_ctx if autocast_ctx is not None else torch.autocast(device.type, enabled=False)):
-                x0 = euler_sample(model, x1, y, steps=steps, cfg=cfg, null_class=cfg_model.num_classes, step_hook=step_hook)
+                x0 = euler_sample(model, x1, y, steps, cfg, cfg_model.num_classes, step_hook)
             out.append(to_uint8(x0).cpu())
     finally:
         model.train(was_training)

@@ -9,7 +9,7 @@ import pathlib
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-SOURCES = sorted(REPO.glob("minisnr/*.py")) + [REPO / name for name in ("train.py", "sample.py", "finetune.py")]
+SOURCES = sorted(REPO.glob("minisnr/**/*.py")) + [REPO / name for name in ("train.py", "sample.py", "finetune.py")]
 
 
 def undocumented(path):
@@ -31,9 +31,12 @@ def undocumented(path):
 
 
 def test_sources_found():
-    """The scan covers the package and the three scripts (guards against a wrong glob passing vacuously)."""
-    names = {p.name for p in SOURCES}
-    assert {"model.py", "rf.py", "lora.py", "train.py", "sample.py", "finetune.py"} <= names
+    """The scan covers the package, each of its sub-packages, and the three scripts (guards against a wrong
+    glob passing vacuously)."""
+    names = {str(p.relative_to(REPO)) for p in SOURCES}
+    assert {"minisnr/model.py", "minisnr/rf.py", "minisnr/lora.py", "train.py", "sample.py", "finetune.py"} <= names
+    for room in ("io", "train", "eval", "tools"):
+        assert f"minisnr/{room}/__init__.py" in names and sum(n.startswith(f"minisnr/{room}/") for n in names) > 2
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))

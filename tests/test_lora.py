@@ -10,7 +10,6 @@ from minisnr.lora import (count_parameters, DEFAULT_TARGETS, inject_lora, load_l
                           lora_state_dict, LoRALinear, merge_lora, set_style_scale, StyleEmbedder, unmerge_lora)
 from minisnr.io.checkpoint import apply_adapter, save_adapter
 from minisnr.model import build_model
-from minisnr.io.cli import UserError
 
 RANK, ALPHA = 4, 8.0
 
@@ -73,8 +72,8 @@ def test_lora_linear_freezes_base():
 
 
 def test_lora_rank_must_be_positive():
-    """rank < 1 raises UserError."""
-    with pytest.raises(UserError):
+    """rank < 1 raises ValueError."""
+    with pytest.raises(ValueError):
         LoRALinear(make_linear(), 0, 1.0)
 
 
@@ -155,9 +154,9 @@ def test_inject_freezes_everything_else():
 
 
 def test_inject_no_matching_target_raises():
-    """Targets that match no Linear raise UserError."""
+    """Targets that match no Linear raise ValueError."""
     model = build_model("tiny")
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         inject_lora(model, targets=("no_such_layer",))
 
 
@@ -218,10 +217,10 @@ def test_set_style_scale_sets_each_layer_scale():
 
 
 def test_set_style_scale_refuses_merged():
-    """Changing the style scale while merged raises UserError (the merged W would be stale)."""
+    """Changing the style scale while merged raises ValueError (the merged W would be stale)."""
     _, model, _ = base_and_injected()
     merge_lora(model)
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         set_style_scale(model, 0.5)
 
 
@@ -346,11 +345,11 @@ def test_apply_adapter_refuses_non_adapter(tmp_path):
 
 
 def test_load_lora_state_dict_rejects_other_rank():
-    """Loading an adapter of another rank (shape mismatch) or other targets raises UserError."""
+    """Loading an adapter of another rank (shape mismatch) or other targets raises ValueError."""
     _, model, _ = base_and_injected(rank=4)
     _, other, _ = base_and_injected(rank=2)
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         load_lora_state_dict(model, lora_state_dict(other))
     _, fewer, _ = base_and_injected(targets=("qkv",))
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         load_lora_state_dict(model, lora_state_dict(fewer))

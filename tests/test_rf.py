@@ -11,7 +11,6 @@ from minisnr.model import build_model
 from minisnr.rf import (add_noise, bin_losses, cfg_velocity, euler_sample, lam_of_t, NoiseSampler, rf_loss,
                         sample_logit_normal, sample_style_friendly, sample_uniform, SAMPLERS, shift_t, t_of_lam,
                         velocity_target)
-from minisnr.io.cli import UserError
 
 N_DRAWS = 200_000
 
@@ -192,9 +191,11 @@ def test_sampler_is_seeded_by_generator():
     dict(kind="logit-normal", m=float("-inf")), dict(kind="uniform", shift=0.0), dict(kind="uniform", shift=float("nan")),
     dict(kind="gaussian"), dict(kind="Uniform"),
 ])
-def test_invalid_sampler_settings_raise_user_error(kwargs):
-    """Non-positive stds or shift, non-finite numbers and unknown kinds raise UserError at construction."""
-    with pytest.raises(UserError):
+def test_invalid_sampler_settings_raise_value_error(kwargs):
+    """Non-positive stds or shift, non-finite numbers and unknown kinds raise ValueError at construction. Each
+    message starts with the argument's name, which train.py and finetune.py turn into the flag to fix."""
+    bad = next((k for k in kwargs if k != "kind"), "kind")
+    with pytest.raises(ValueError, match=f"^{bad} "):
         NoiseSampler(**kwargs)
 
 
@@ -391,10 +392,10 @@ def test_cfg_one_is_plain_conditional():
 
 @pytest.mark.parametrize("kwargs", [dict(steps=0), dict(steps=-3), dict(cfg=-0.5), dict(cfg=2.0, null_class=None)])
 def test_euler_sample_rejects_bad_settings(kwargs):
-    """steps < 1, cfg < 0, and cfg != 1 without a null class raise UserError."""
+    """steps < 1, cfg < 0, and cfg != 1 without a null class raise ValueError."""
     args = dict(steps=4, cfg=1.0, null_class=3)
     args.update(kwargs)
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         euler_sample(lambda x, t, y: x, torch.randn(1, 3, 4, 4), torch.tensor([0]), **args)
 
 

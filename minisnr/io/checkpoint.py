@@ -8,13 +8,15 @@ import hashlib
 import json
 import math
 import pickle
-import warnings
-import torch
 import sys
+import warnings
 
-from .cli import CheckpointError
-from .files import require_file
+import torch
+
 from ..lora import inject_lora, load_lora_state_dict, lora_state_dict
+from ..model import DiT, DiTConfig
+from .cli import CheckpointError
+from .files import atomic_save, require_file
 
 
 def safe_load(path, what="checkpoint"):
@@ -35,7 +37,8 @@ def safe_load(path, what="checkpoint"):
         raise CheckpointError(f"refusing to load {what} {path!r}: it contains objects other than tensors and "
                               f"plain data, which could run code ({detail}); use a file written by minisnr") from None
     except Exception as e:  # truncated, not a torch file, ...
-        raise CheckpointError(f"cannot read {what} {path!r}: {e.__class__.__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"cannot read {what} {path!r}: {e.__class__.__name__}: {first}") from None
 
 
 def _looks_like(path):
@@ -88,7 +91,6 @@ def model_shape_problem(arch):
 
 def check_model_config(config, path):
     """One-line CheckpointError unless `config` (a file's model_config) describes a DiT that can be built."""
-    from ..model import DiTConfig
     known = DiTConfig().to_dict()
     if not isinstance(config, dict) or set(config) - set(known):
         raise CheckpointError(f"{path!r} has a damaged model_config (not a dict of DiT fields); use a checkpoint "
@@ -131,7 +133,6 @@ def load_pretrained(path, use_ema=True, device="cpu"):
 
     use_ema picks the EMA weights (smoother samples); False picks the raw trained weights.
     """
-    from ..model import DiT, DiTConfig
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path!r} is not a minisnr checkpoint (made by train.py); missing model or model_config")
@@ -149,12 +150,15 @@ def load_pretrained(path, use_ema=True, device="cpu"):
 
 # --- adapter files --------------------------------------------------------------------------
 
+# --- adapter files ------------------------------------------------------------------------------
+# An adapter file holds only the lora_ tensors (2.3 MB at rank 32 on the cpu preset, against the base's 17 MB)
+# and the metadata that ties it to its base model.
+
 ADAPTER_FORMAT = "minisnr-lora-v1"
 
 
 def save_adapter(model, path, meta):
     """Write the adapter tensors plus `meta` (base config hash, rank, alpha, targets, sampler, ...) atomically."""
-    from .files import atomic_save
     atomic_save({"format": ADAPTER_FORMAT, "lora": lora_state_dict(model), "meta": meta}, path)
 
 
@@ -162,8 +166,6 @@ def check_adapter(blob, path):
     """Check an adapter file's structure before anything is built from it: meta (targets, rank, alpha) and
     finite floating-point tensors whose shapes agree with the rank, so a meta saying rank 1e8 cannot make
     inject_lora allocate gigabytes. Returns the meta dict; one-line CheckpointError otherwise."""
-    from .cli import CheckpointError
-    from .checkpoint import check_tensors
     meta = blob.get("meta")
     if not isinstance(meta, dict):
         raise CheckpointError(f"adapter {path!r} has no metadata dict (meta); use an adapter written by finetune.py")
@@ -191,20 +193,21 @@ def apply_adapter(model, path):
     warns (one line on stderr) when the configuration matches but the weights are not the ones it was
     fine-tuned from. Returns the adapter's metadata dict.
     """
-    from .cli import CheckpointError
-    from .checkpoint import config_hash, safe_load, weights_hash
     blob = safe_load(path, what="LoRA adapter")
     if not isinstance(blob, dict) or blob.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(f"{path!r} is not a minisnr LoRA adapter (made by finetune.py)")
     meta = check_adapter(blob, path)
     base_hash = config_hash(model.config.to_dict())
     if meta.get("base_config_hash") != base_hash:
-        raise CheckpointError(f"adapter {path!r} was trained on a different base model (config {meta.get('base_config')}); "
-                              f"pass the checkpoint it was fine-tuned from")
+        raise CheckpointError(f"adapter {path!r} was trained on a different base model (config "
+                              f"{meta.get('base_config')}); pass the checkpoint it was fine-tuned from")
     if "base_weights_hash" in meta and meta["base_weights_hash"] != weights_hash(model.state_dict()):
         print(f"warning: adapter {path!r} was fine-tuned from other weights of this model ({meta.get('base_ckpt')}); "
               f"the style may not carry over: use that checkpoint, with the same EMA or raw weights", file=sys.stderr)
     has_style = any(k.endswith("lora_style") for k in blob["lora"])   # False for finetune.py --style-vector false
-    inject_lora(model, tuple(meta["targets"]), int(meta["rank"]), float(meta["alpha"]), style=has_style)
-    load_lora_state_dict(model, blob["lora"])
+    try:
+        inject_lora(model, tuple(meta["targets"]), int(meta["rank"]), float(meta["alpha"]), style=has_style)
+        load_lora_state_dict(model, blob["lora"])
+    except ValueError as e:  # the adapter's layers are not this model's
+        raise CheckpointError(f"{path!r}: {e}") from None
     return meta

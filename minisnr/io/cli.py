@@ -3,11 +3,11 @@
 A UserError is a problem with the user's input or files; run_main prints it as one line and exits 1.
 parse_config turns a dataclass of knob(default, reason) fields into flags whose --help gives the reason.
 """
-import sys
-import warnings
-import math
 import argparse
 import dataclasses
+import math
+import sys
+import warnings
 
 
 class UserError(ValueError):
@@ -127,6 +127,8 @@ def parse_config(config_cls, presets=None, argv=None, description=None, extra=No
     return config, args
 
 
+# --- values given on the command line -----------------------------------------------------------
+
 def parse_style_window(text, flag="--style-steps"):
     """'a:b' -> (a, b): fractions of the sampling trajectory, counted from pure noise (t = 1)."""
     try:
@@ -136,3 +138,37 @@ def parse_style_window(text, flag="--style-steps"):
     if not 0 <= a <= b <= 1:
         raise UserError(f"{flag} a:b needs 0 <= a <= b <= 1; got {text!r}")
     return a, b
+
+
+def class_id(name, classes):
+    """A class given by name ('cat') or by id ('3') -> its label id; None if it is neither."""
+    if name.isdigit() and int(name) < len(classes):
+        return int(name)
+    return classes.index(name) if name in classes else None
+
+
+def parse_classes(text, classes):
+    """'cat,dog' or '3,5' or 'all' -> list of class ids; unknown names list the valid ones."""
+    if text in (None, "", "all"):
+        return list(range(len(classes)))
+    ids = []
+    for item in text.replace(" ", ",").split(","):
+        if not item:
+            continue
+        cid = class_id(item, classes)
+        if cid is None:
+            raise UserError(f"unknown class {item!r}; valid: {', '.join(classes)} (or ids 0-{len(classes) - 1})")
+        ids.append(cid)
+    if not ids:
+        raise UserError(f"--classes {text!r} names no class; pass names or ids like {classes[0]},1, or 'all'")
+    return ids
+
+
+def resolve_class(name, classes):
+    """--class value -> label id; None means the null class (id = number of classes)."""
+    if name in (None, "", "none", "null"):
+        return len(classes)
+    cid = class_id(name, classes)
+    if cid is None:
+        raise UserError(f"unknown --class {name!r}; valid: {', '.join(classes)} (or none)")
+    return cid

@@ -9,6 +9,7 @@ Sources:
   load_cifar10(root)       torchvision's CIFAR-10, downloaded into `root` on first use
   load_image_folder(path)  any ImageFolder layout: path/<class name>/<image files>
   load_images(paths)       a flat list of image files (a style set for finetune.py)
+  StyleViews(images)       random crops and flips of those references, the fine-tuning batches
 """
 import os
 import warnings
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 
 from .cli import UserError
 
@@ -154,13 +157,6 @@ def load_cifar10(root="data", train=True, size=32, flag="--data") -> ImageSet:
     return ImageSet(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes))
 
 
-def class_id(name, classes):
-    """A class given by name ('cat') or by id ('3') -> its label id; None if it is neither."""
-    if name.isdigit() and int(name) < len(classes):
-        return int(name)
-    return classes.index(name) if name in classes else None
-
-
 def load_dataset(spec, size=32, train=True, flag="--data") -> ImageSet:
     """'cifar10' (torchvision download into ./data) or 'cifar10:DIR', else an ImageFolder directory.
 
@@ -194,7 +190,7 @@ def load_images(paths, max_side=None):
             raise DataError(f"style image or folder {p!r} does not exist; pass existing paths with --style")
     images = [img for img in (open_image(f, max_side) for f in files) if img is not None]  # each reduced as it loads
     if not images:
-        raise DataError(f"none of the {len(files)} style file(s) could be read as an image; pass readable images with --style")
+        raise DataError(f"none of the {len(files)} style file(s) could be read as an image; pass images with --style")
     return images
 
 
@@ -229,7 +225,7 @@ class InMemoryLoader:
         if self.pos + global_batch > len(self.perm):  # drop the ragged end of the epoch
             self.perm, self.pos = self._new_epoch(), 0
             if global_batch > len(self.perm):
-                raise DataError(f"batch size {global_batch} exceeds the dataset size {len(self.perm)}; lower --batch-size")
+                raise DataError(f"batch size {global_batch} > the dataset size {len(self.perm)}; lower --batch-size")
         idx = self.perm[self.pos + self.rank: self.pos + global_batch: self.world_size]
         self.pos += global_batch
         x = to_model_range(self.images[idx])
@@ -246,3 +242,27 @@ class InMemoryLoader:
         """Restore a position saved by state_dict(), so a resumed run sees the same batches."""
         self.generator.set_state(state["generator"])
         self.perm, self.pos = state["perm"].to(self.device), int(state["pos"])
+
+
+# --- fine-tuning data ----------------------------------------------------------------------------
+
+class StyleViews:
+    """Random resized crops + flips of the reference images, as (B, 3, S, S) floats in [-1, 1].
+    The resized references are kept on the training device and cropped there, so a step copies no
+    images from the host (the crop boxes and flips still come from the CPU RNG, as before)."""
+
+    def __init__(self, images, size, ref_size, crop_min, device):
+        self.refs = []
+        for img in images:  # resize once so the short side is ref_size; crops then cut from that
+            t = TF.pil_to_tensor(img)                                            # (3, H, W) uint8
+            self.refs.append(TF.resize(t, ref_size, antialias=True).to(device))
+        self.size, self.device = size, device
+        self.crop = T.RandomResizedCrop(size, scale=(crop_min, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)
+
+    def next(self, batch_size):
+        """Random crops of the references, flipped half the time: x0 of shape (B, 3, size, size) in [-1, 1]."""
+        views = []
+        for i in torch.randint(len(self.refs), (batch_size,)).tolist():
+            v = self.crop(self.refs[i])                                         # (3, size, size)
+            views.append(v.flip(-1) if torch.rand(()) < 0.5 else v)
+        return to_model_range(torch.stack(views))                              # (B, 3, size, size) on the device

@@ -1,6 +1,7 @@
 """Where and how things run: device choice, TF32, mixed precision, the one autocast context."""
 import contextlib
 import os
+
 import torch
 
 from .cli import UserError

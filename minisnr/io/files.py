@@ -1,18 +1,15 @@
-"""Saving and loading files safely.
+"""Writing files safely: atomic writes, the run log, and the clean-up of what a crash left behind.
 
 Writes are atomic: the data goes to a temporary file in the same folder, is flushed to
 disk, and is then renamed over the target. A crash (even SIGKILL or a power cut) leaves
 either the old file or the new one, never half of one.
-
-Reads use torch.load(weights_only=True), which only rebuilds tensors and plain
-containers (dict, list, str, int, float, bool, None). A checkpoint downloaded from a
-stranger cannot run code when minisnr opens it, unlike a plain pickle.
 """
 import json
 import os
 import re
 import stat
 import tempfile
+
 import torch
 
 from .cli import CheckpointError
@@ -133,7 +130,8 @@ def check_writable(folder, flag="--out"):
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise CheckpointError(f"cannot write to output folder {folder!r} ({e.strerror}); pass a writable folder with {flag}") from None
+        raise CheckpointError(f"cannot write to output folder {folder!r} ({e.strerror}); pass a writable folder "
+                              f"with {flag}") from None
     finally:
         for d in missing:
             try:

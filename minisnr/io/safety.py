@@ -10,6 +10,7 @@ Each refusal is a one-line UserError (printed by runtime.run_main), raised befor
 import glob
 import json
 import os
+
 import torch
 
 from .cli import UserError

@@ -1,5 +1,6 @@
 """Several GPUs: DistributedDataParallel set-up, the wrap, and the ranks' vote to stop."""
 import os
+
 import torch
 import torch.distributed as dist
 
@@ -18,13 +19,16 @@ def setup_distributed(device):
     return dist.get_rank(), local_rank, dist.get_world_size()
 
 
-def wrap_for_training(model, compile, world, device):
+def wrap_for_training(model, compile, world, device, ema=None):
     """The module the loop trains: DDP-wrapped when world > 1, then compiled. torch.compile(DDP(model)) is
     the documented order: dynamo's DDP optimizer then splits the graph at DDP's gradient buckets, so each
-    bucket's all-reduce overlaps the rest of the backward. `model` itself stays the plain one we save."""
+    bucket's all-reduce overlaps the rest of the backward. `model` itself stays the plain one we save.
+    DDP broadcasts rank 0's initial weights into every rank's model; a new run's `ema` is then reset to them."""
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if ema is not None:
+            ema.load_state_dict(model.module.state_dict())
     return torch.compile(model) if compile else model
 
 
@@ -43,3 +47,8 @@ def any_rank(flag: bool, device) -> bool:
     vote = torch.tensor([float(flag)], device=device)
     dist.all_reduce(vote, op=dist.ReduceOp.MAX)
     return bool(vote.item())
+
+
+def rank_device(device, local_rank, world):
+    """This process's device: under DDP on CUDA, the GPU torchrun gave it (LOCAL_RANK); else `device` itself."""
+    return torch.device("cuda", local_rank) if device.type == "cuda" and world > 1 else device

@@ -1,7 +1,18 @@
-"""Resuming a run exactly: the RNG states, and the checks a saved state must pass before it is used."""
+"""Resuming a run exactly: the RNG states, and the checks a saved state must pass before it is used.
+
+resume_pretrain and resume_finetune load OUT/ckpt.pt or OUT/state.pt back into a run that was just built
+with the same flags: weights, optimizer, grad scaler, RNG (and for train.py the EMA and the data order).
+Every part of the file is checked first, so a damaged or foreign file is one line naming it, never a
+traceback, and never a half-restored run.
+"""
+import os
+from dataclasses import asdict
+
 import torch
 
+from ..io.checkpoint import check_tensors, safe_load
 from ..io.cli import CheckpointError, UserError
+from ..lora import load_lora_state_dict, lora_parameters
 
 
 def rng_state(device):
@@ -80,3 +91,84 @@ def check_step(step, path, limit=None):
     """A saved step: a whole number >= 0 (and <= limit, if given)."""
     if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0 and (limit is None or step <= limit)):
         raise _damaged(path, f"its step {step!r} is not a whole number in [0, {limit if limit is not None else 'inf'}]")
+
+
+# --- loading a state back ----------------------------------------------------------------------
+
+def load_state(path, what, script, keys):
+    """The saved state at `path`, a dict holding `keys` with a valid step and RNG state; one-line
+    CheckpointError otherwise."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--resume true, but there is no {path}; pass the --out folder of the run to "
+                              f"continue, or leave out --resume to start a new run")
+    state = safe_load(path, what=what)
+    if not isinstance(state, dict) or not set(keys) <= set(state):
+        raise CheckpointError(f"{path} is not a {what} written by {script}; pass the --out folder of a {script} run")
+    check_step(state["step"], path)
+    check_rng_state(state["rng"], path)
+    return state
+
+
+def check_flags(saved, cfg, path):
+    """The flags a state was run with must be today's, apart from cfg.RESUME_FREE (older files record none)."""
+    if saved is not None:
+        refuse_changed_flags(saved, asdict(cfg), cfg.RESUME_FREE, path)
+
+
+def restore(state, optimizer, scaler, device):
+    """Load the optimizer, grad-scaler and RNG states (checked by then); returns the step to continue from."""
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"], device)
+    return state["step"]
+
+
+def resume_pretrain(path, cfg, model, ema, optimizer, scaler, loader, device, rank=0):
+    """Continue a train.py run from its ckpt.pt; returns the step."""
+    ckpt = load_state(path, "checkpoint", "train.py",
+                      ("model", "ema", "optimizer", "scaler", "loader", "rng", "step", "model_config"))
+    have, want = ckpt["model_config"], model.config.to_dict()
+    if not isinstance(have, dict):
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py; pass the --out folder of a "
+                              f"train.py run")
+    check_flags(ckpt.get("train_config"), cfg, path)
+    if have != want:
+        diff = ", ".join(f"{k}={have.get(k)} (these flags give {v})" for k, v in want.items() if have.get(k) != v)
+        raise CheckpointError(f"{path} was trained with {diff}; pass the same --preset/--model/--dim/--depth/"
+                              f"--heads/--patch-size/--img-size/--data flags as the original run")
+    for key in ("model", "ema"):
+        check_tensors(ckpt[key], path, f"{key} weights")
+    check_loader_state(ckpt["loader"], path, len(loader.labels))
+    check_optimizer_state(ckpt["optimizer"], list(model.parameters()), path)
+    if not isinstance(ckpt["scaler"], dict):
+        raise CheckpointError(f"{path} is damaged: its grad-scaler state is not a dict; start a new run")
+    if len(ckpt["loader"]["perm"]) != len(loader.labels):  # its saved data order indexes the old image set
+        raise CheckpointError(f"{path} was trained on {len(ckpt['loader']['perm'])} images, but --data has "
+                              f"{len(loader.labels)}; pass the same --data as the original run")
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    loader.load_state_dict(ckpt["loader"])
+    step = restore(ckpt, optimizer, scaler, device)
+    if rank > 0:  # other ranks' RNG streams were not saved; derive fresh ones from the step
+        torch.manual_seed(cfg.seed + rank + 1_000_003 * step)
+    else:
+        print(f"resumed from {path} at step {step}")
+    return step
+
+
+def resume_finetune(path, cfg, model, optimizer, scaler, device, base):
+    """Continue a finetune.py run from its state.pt, on the same base weights (`base`: the hashes of its config
+    and weights); returns the step."""
+    state = load_state(path, "fine-tuning state", "finetune.py", ("lora", "optimizer", "scaler", "rng", "step"))
+    if state.get("base_config_hash") != base["base_config_hash"]:
+        raise CheckpointError(f"{path} belongs to a different base model; pass the --base it was started with")
+    if state.get("base_weights_hash", base["base_weights_hash"]) != base["base_weights_hash"]:
+        raise CheckpointError(f"{path} was started from other base weights (another checkpoint, or --use-ema "
+                              f"changed); pass the --base and --use-ema it was started with")
+    check_flags(state.get("finetune_config"), cfg, path)
+    check_tensors(state["lora"], path, "adapter tensors")
+    check_optimizer_state(state["optimizer"], lora_parameters(model), path)
+    load_lora_state_dict(model, state["lora"])
+    step = restore(state, optimizer, scaler, device)
+    print(f"resumed from {path} at step {step}")
+    return step

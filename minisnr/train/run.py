@@ -1,8 +1,32 @@
-"""The run harness shared by train.py and finetune.py: throughput and the Ctrl-C / SIGTERM flag."""
+"""The run harness shared by train.py and finetune.py: everything around the loop that is not the method.
+
+    run = Run(out, "ckpt.pt", ...)               # clears a replaced run, opens OUT/log.jsonl
+    with run:                                   # Ctrl-C / SIGTERM set a flag instead of killing the loop
+        while step < end and not run.stop(step):
+            loss, sums, counts = train_step(...)
+            step += 1
+            run.step(step, loss, sums, counts)  # device tensors: no sync; a log line every log_every steps
+            if step % ckpt_every == 0:
+                run.save(step, save)            # checks for NaN first, so a saved state is a good one
+    run.finish(step, save)                      # NaN check, final save, log closed
+    run.exit_if_interrupted(step)               # 130 (Ctrl-C) or 143 (SIGTERM): the run is not finished
+
+The loss is summed on the device and read back only at log steps, so a step never waits for the GPU.
+"""
+import json
+import os
 import signal
+import sys
 import time
 
-from ..io.device import sync
+import torch
+from tqdm import tqdm
+
+from ..io.cli import UserError
+from ..io.device import autocast_context, pick_device, resolve_precision, sync
+from ..io.files import check_writable, open_log, remove_stale_tmp
+from ..io.safety import run_files
+from .ddp import any_rank, rank_device
 
 
 class Throughput:
@@ -61,3 +85,122 @@ class InterruptFlag:
     def exit_code(self):
         """128 + the signal number, as a shell reports a process ended by it: 130 for Ctrl-C, 143 for SIGTERM."""
         return 128 + (self.signum or signal.SIGINT)
+
+
+# --- the harness -------------------------------------------------------------------------------
+
+def start_run(cfg, rank=0, local_rank=0, world=1):
+    """Where this process runs and in what precision: (device, precision, autocast context). Also checks that
+    --out is writable (on rank 0) and seeds the RNG: per-rank seeds give each rank its own noise, t and dropout."""
+    device = rank_device(pick_device(cfg.device), local_rank, world)
+    precision = resolve_precision(cfg.precision, device)
+    if rank == 0:
+        check_writable(cfg.out)
+    torch.manual_seed(cfg.seed + rank)
+    return device, precision, autocast_context(device, precision)
+
+
+class Run:
+    """One run's bookkeeping: its folder, the log with the loss per noise-level bin, the NaN guard, the
+    progress bar and the Ctrl-C flag. Only the master process (rank 0) writes; every rank keeps the sums."""
+
+    def __init__(self, cfg, state_name, params, device, *, start, end, total=None, master=True, world=1,
+                 images_per_step=None, nbins=10):
+        self.state_path = os.path.join(cfg.out, state_name)
+        self.params, self.device, self.log_every = list(params), device, cfg.log_every
+        self.master, self.world, self.end, self.stopped = master, world, end, False
+        self.log_file = self._open(cfg, start if cfg.resume else None) if master else None
+        zeros = lambda *shape: torch.zeros(shape, device=device)  # noqa: E731
+        self.loss_sum, self.bin_sums, self.bin_counts, self.n = zeros(), zeros(nbins), zeros(nbins), 0
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.speed = Throughput(device, images_per_step) if images_per_step else None
+        self.bar = tqdm(total=total or end, initial=start, disable=not master, dynamic_ncols=True)
+        self.interrupt = InterruptFlag()
+
+    def _open(self, cfg, resume_step):
+        """Delete a replaced run's files (--overwrite true) and a killed save's NAME.<random>.minisnr.tmp, then
+        open the log; a resumed run's log keeps only the steps up to its state (they are trained again)."""
+        for old in run_files(cfg.out, cfg.RUN_FILES) if cfg.overwrite else ():
+            os.remove(old)
+        for folder in (cfg.out, os.path.join(cfg.out, "samples")):
+            remove_stale_tmp(folder)
+        return open_log(os.path.join(cfg.out, "log.jsonl"), resume_step)
+
+    def __enter__(self):
+        self.interrupt.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        return self.interrupt.__exit__(*exc)
+
+    def step(self, step, loss, sums, counts, **extra):
+        """Count one finished step (device tensors, no sync); at log steps check for NaN and write a log line."""
+        self.loss_sum += loss
+        self.nonfinite |= ~torch.isfinite(loss)
+        self.bin_sums += sums
+        self.bin_counts += counts
+        self.n += 1
+        self.bar.update(1)
+        if self.speed:
+            self.speed.step()
+        if step % self.log_every == 0 or step == self.end:
+            self.log(step, **extra)
+
+    def log(self, step, **extra):
+        """Write the mean loss since the last line, overall and per bin of t (None for an empty bin)."""
+        self.check_finite(step)      # the only device sync in the loop, once per log interval
+        img_s = self.speed.rate() if self.speed else None   # None in a first window of one step (the compile)
+        mean_loss = self.loss_sum.item() / max(self.n, 1)
+        per_bin = (self.bin_sums / self.bin_counts.clamp(min=1)).tolist()
+        if self.speed:
+            extra["img_per_s"] = round(img_s, 1) if img_s else None
+        if self.master:
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}", **({"img_s": f"{img_s:.0f}" if img_s else "-"}
+                                                           if self.speed else {}))
+            bins = [round(v, 5) if c > 0 else None for v, c in zip(per_bin, self.bin_counts.tolist())]
+            record = {"step": step, "loss": round(mean_loss, 5), **extra, "loss_by_t_bin": bins,
+                      "time": round(time.time(), 1)}
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+        self.loss_sum.zero_(), self.bin_sums.zero_(), self.bin_counts.zero_()
+        self.n = 0
+
+    def check_finite(self, step):
+        """Stop with one line if a loss or a weight became NaN/inf: a step can leave NaN weights behind a
+        finite loss (an overflowing gradient), so both are checked. Nothing is saved after that."""
+        weights_ok = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
+        if (self.nonfinite | ~weights_ok).item():
+            kept = (f"so {self.state_path} keeps the last good state" if os.path.exists(self.state_path)
+                    else "and no state was saved yet")
+            raise UserError(f"loss or weights became non-finite by step {step}; stopping without saving, {kept}. "
+                            f"Try a lower --lr, a lower --grad-clip, or --precision fp32.")
+
+    def stop(self, step):
+        """True once Ctrl-C or SIGTERM came. One process stops at once; under DDP a rank may see the signal a
+        step before another, so the ranks vote at each log step (which syncs anyway) and stop together."""
+        if self.world == 1:
+            self.stopped = self.interrupt.set
+        else:
+            self.stopped = step % self.log_every == 0 and any_rank(self.interrupt.set, self.device)
+        return self.stopped
+
+    def save(self, step, save_fn):
+        """Check for NaN, then let the master call save_fn() (which writes the resumable state atomically)."""
+        self.check_finite(step)
+        if self.master:
+            save_fn()
+
+    def finish(self, step, save_fn):
+        """After the loop: the NaN check, the final save and the end of the log."""
+        self.save(step, save_fn)
+        if self.master:
+            self.log_file.close()
+
+    def exit_if_interrupted(self, step):
+        """Exit 130 (Ctrl-C) or 143 (SIGTERM) after saying where the run stopped, so `train.py && ...` stops."""
+        if self.stopped:
+            if self.master:
+                print(f"interrupted: saved {self.state_path} at step {step}. Resume with the same flags plus "
+                      f"--resume true")
+            sys.exit(self.interrupt.exit_code)

@@ -1,6 +1,7 @@
 """One training step of the rectified-flow loss, the EMA of the weights, the optimizer and its LR schedule."""
 import contextlib
 import math
+
 import torch
 
 from ..rf import bin_losses, rf_loss

@@ -1,0 +1,254 @@
+"""Every flag of train.py and finetune.py: its default, its one-line reason, and the checks run before any work.
+
+Each field of a config dataclass becomes a flag (minisnr.io.cli.parse_config): `batch_size` is
+--batch-size, and its reason is its --help line. validate() raises a one-line UserError naming
+the flag to fix, before anything is loaded or written.
+"""
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..io.checkpoint import model_shape_problem
+from ..io.cli import UserError, knob
+from ..io.files import require_file
+from ..io.safety import check_device, check_seed, guard_run_folder
+from ..lora import DEFAULT_TARGETS
+from ..model import DIT_PRESETS
+from ..rf import NoiseSampler
+
+
+def noise_sampler(cfg):
+    """The NoiseSampler that cfg's --noise-sampler/--m/--s/--mu/--sigma/--shift describe. A bad value is a
+    one-line UserError naming its flag (NoiseSampler's messages start with the argument's name)."""
+    try:
+        return NoiseSampler(cfg.noise_sampler, cfg.m, cfg.s, cfg.mu, cfg.sigma, cfg.shift)
+    except ValueError as e:
+        name, _, rest = str(e).partition(" ")
+        raise UserError(f"--{'noise-sampler' if name == 'kind' else name} {rest}") from None
+
+
+def check_at_least(cfg, minimum, names, note=""):
+    """One-line UserError unless every named int flag is >= minimum."""
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {minimum}{note}, got {getattr(cfg, name)}")
+
+
+# --- train.py ------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Every train.py flag, its default and its one-line reason (shown by --help)."""
+    # data and output
+    data: str = knob("cifar10", "'cifar10' downloads it to ./data; or an ImageFolder path like "
+                                "../shared/data/cifar10/train")
+    out: str = knob("runs/pretrain", "folder for ckpt.pt, log.jsonl and samples/")
+    resume: bool = knob(False, "continue from OUT/ckpt.pt: weights, EMA, optimizer, step, RNG and data order")
+    overwrite: bool = knob(False, "start a new run in an --out that holds one (deletes its ckpt.pt, log and samples)")
+    # model
+    model: str = knob("cpu", f"DiT size preset, one of {sorted(DIT_PRESETS)}")
+    dim: int = knob(None, "override the preset's width D")
+    depth: int = knob(None, "override the preset's number of blocks")
+    heads: int = knob(None, "override the preset's attention heads")
+    patch_size: int = knob(None, "override the preset's patch size p (tokens = (32/p)^2)")
+    img_size: int = knob(32, "train at this resolution; images are resized and center-cropped")
+    class_dropout: float = knob(0.1, "chance a label is replaced by the null class, which trains the "
+                                     "unconditional model for CFG")
+    # optimisation
+    batch_size: int = knob(64, "images per step per process (the effective batch, whatever --grad-accum is)")
+    grad_accum: int = knob(1, "run each step as N micro-batches of batch-size/N: 1/N of the activation memory, "
+                              "the same update (out of memory? raise this, not lower --batch-size)")
+    max_steps: int = knob(3000, "total optimisation steps; the LR decays to 10% by then")
+    stop_after: int = knob(0, "stop and save at this step without changing the --max-steps LR schedule, so a run "
+                              "can be split into pieces joined by --resume true (0 = run to --max-steps)")
+    lr: float = knob(5e-4, "peak AdamW learning rate; small DiTs with adaLN-Zero tolerate it")
+    warmup: int = knob(200, "linear LR warmup steps, so early large gradients don't wreck the init")
+    weight_decay: float = knob(0.0, "AdamW weight decay; 0 as in DiT")
+    grad_clip: float = knob(1.0, "clip the global grad norm to this (0 = off); guards against rare spikes")
+    ema_decay: float = knob(0.999, "EMA of weights used for sampling; averages out step noise")
+    # noise levels during pretraining
+    noise_sampler: str = knob("logit-normal", "how training t is drawn: uniform | logit-normal | style-friendly")
+    m: float = knob(0.0, "logit-normal mean of logit(t)")
+    s: float = knob(1.0, "logit-normal std of logit(t)")
+    mu: float = knob(-2.0, "style-friendly mean of log-SNR lam")
+    sigma: float = knob(2.0, "style-friendly std of log-SNR lam")
+    shift: float = knob(1.0, "SD3/FLUX shift k of t (1 = none)")
+    # logging, sampling and checkpoints
+    log_every: int = knob(50, "steps between log lines; the loss is only read back from the device then")
+    sample_every: int = knob(500, "steps between sample grids in OUT/samples (0 = only at the end)")
+    ckpt_every: int = knob(500, "steps between checkpoints (always one at the end and on Ctrl-C)")
+    sample_steps: int = knob(32, "Euler steps for the sample grids")
+    sample_cfg: float = knob(3.0, "CFG scale for the sample grids")
+    sample_per_class: int = knob(6, "images per class in each sample grid")
+    # system
+    seed: int = knob(0, "seed for init, data order, noise and t; per-rank seeds derive from it")
+    device: str = knob("auto", "auto picks cuda, then mps, then cpu")
+    precision: str = knob("auto", "auto | bf16 | fp16 | fp32; auto = bf16 where fast, fp16+GradScaler on older "
+                                  "GPUs, else fp32")
+    compile: bool = knob(None, "torch.compile the model: faster on GPU after a one-off compile of a minute or two "
+                               "(default: true for the cifar preset on CUDA, else false; false for debugging)")
+
+    # the files a run writes in --out: their presence means "a run is here" (guard_run_folder)
+    RUN_FILES: ClassVar = ("ckpt.pt", "log.jsonl", os.path.join("samples", "step_*.png"))
+    # flags a resumed run may change: they do not change what is trained (--max-steps extends the schedule)
+    RESUME_FREE: ClassVar = {"resume", "overwrite", "out", "max_steps", "stop_after", "log_every", "sample_every",
+                             "ckpt_every", "sample_steps", "sample_cfg", "sample_per_class", "device", "precision",
+                             "compile"}
+
+    def model_overrides(self):
+        """The DiT fields these flags set explicitly; they override the preset's model size."""
+        fields = dict(dim=self.dim, depth=self.depth, heads=self.heads, patch_size=self.patch_size)
+        out = {k: v for k, v in fields.items() if v is not None}
+        return dict(out, img_size=self.img_size, class_dropout=self.class_dropout)
+
+    def noise(self):
+        """The NoiseSampler these flags describe: the p(t) that pretraining draws t from."""
+        return noise_sampler(self)
+
+    def validate(self):
+        """Check the flags before any work starts; raise UserError with a one-line fix for bad input."""
+        check_at_least(self, 1, ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "sample_steps",
+                                 "sample_per_class"))
+        check_at_least(self, 0, ("sample_every", "stop_after"), " (0 = off)")
+        if self.batch_size % self.grad_accum:
+            raise UserError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}, "
+                            f"so every micro-batch has the same size")
+        if self.model not in DIT_PRESETS:
+            raise UserError(f"unknown --model {self.model!r}; choose one of {', '.join(sorted(DIT_PRESETS))}")
+        arch = dict(DIT_PRESETS[self.model], **self.model_overrides())  # what build_model gets; not its asserts
+        if model_shape_problem(arch):
+            raise UserError(f"impossible model shape (img_size {arch['img_size']}, patch_size {arch['patch_size']}, "
+                            f"dim {arch['dim']}, heads {arch['heads']}, depth {arch['depth']}): all must be >= 1, "
+                            f"--img-size a multiple of --patch-size, and --dim a multiple of 4 and of --heads")
+        if not 0 <= self.class_dropout < 1:
+            raise UserError(f"--class-dropout must be in [0, 1), got {self.class_dropout}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "grad_clip", "warmup", "sample_cfg"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        self.noise()
+        check_seed(self.seed)
+        check_device(self.device)
+        guard_run_folder(self.out, self.RUN_FILES, self.resume, self.overwrite)
+
+
+# Named groups of defaults; --preset picks one and single flags override it.
+PRESETS = {
+    # 4.2M params, 64 tokens; ~87 img/s fp32 on a 2-core AVX2 CPU, so 2400 steps of 64 take ~30 min
+    "cpu": dict(model="cpu", batch_size=64, max_steps=2400, lr=5e-4, sample_every=800, ckpt_every=400),
+    # DiT-S/2 (~33M params): an hour or two on one consumer GPU
+    "cifar": dict(model="cifar", batch_size=128, max_steps=100_000, lr=2e-4, warmup=1000, ema_decay=0.9999,
+                  log_every=100, sample_every=5000, ckpt_every=5000, sample_steps=50, sample_per_class=10),
+    # a test-sized model: seconds on any machine
+    "tiny": dict(model="tiny", batch_size=16, max_steps=20, lr=1e-3, warmup=5, log_every=5, sample_every=0,
+                 ckpt_every=10, sample_steps=4, sample_per_class=2),
+}
+
+# Presets that torch.compile by default on CUDA: long runs, where the compile pays for itself within minutes.
+# Eager under autocast runs LayerNorm, modulate, the gates and the residual adds in fp32, as ~1,500 small kernels
+# a step; compiled, they fuse. On a CPU or MPS the compile costs more than it saves, so those stay eager.
+COMPILE_ON_CUDA = {"cifar"}
+
+
+def use_compile(cfg: TrainConfig, preset, device):
+    """--compile if given, else the preset's default: compile on CUDA for the presets in COMPILE_ON_CUDA."""
+    if cfg.compile is not None:
+        return cfg.compile
+    return preset in COMPILE_ON_CUDA and device.type == "cuda"
+
+
+# --- finetune.py ---------------------------------------------------------------------------------
+
+@dataclass
+class FinetuneConfig:
+    """Every finetune.py flag, its default and its one-line reason (shown by --help)."""
+    base: str = knob("runs/pretrain/ckpt.pt", "pretrained checkpoint from train.py; its EMA weights are the "
+                                              "frozen base")
+    style: str = knob(None, "style reference: an image file, a folder of images, or a comma-separated list")
+    out: str = knob("runs/style", "folder for adapter.pt, log.jsonl, samples and the resumable state.pt")
+    resume: bool = knob(False, "continue from OUT/state.pt with the exact same data order and noise")
+    overwrite: bool = knob(False, "start a new fine-tune in an --out that holds one (deletes its adapter, state, "
+                                  "log)")
+    style_class: str = knob(None, "class name or id of what the references show (also --class); none = the null "
+                                  "class")
+    # which noise levels to train on: the method of the paper
+    noise_sampler: str = knob("style-friendly", "uniform | logit-normal (SD3: logit t ~ N(m,s)) | style-friendly "
+                                                "(lam ~ N(mu,sigma))")
+    mu: float = knob(2.0, "style-friendly: mean log-SNR, lower = noisier. +2 was chosen on the dev styles (README, "
+                          "'Choosing the default': lowest class KID of 8 samplers, -49 +- 74 x1e-3 against SD3, within "
+                          "the noise). On the held-out test styles it was worse than SD3 (+85 +- 64), and so were "
+                          "mu -2, -4, -6 (+52, +136, +291; README Results). The paper's -6 is for 1-megapixel latents")
+    sigma: float = knob(2.0, "style-friendly: std of the log-SNR, as in the paper (FLUX: 3)")
+    m: float = knob(0.0, "logit-normal: mean of logit(t) (SD3 default 0)")
+    s: float = knob(1.0, "logit-normal: std of logit(t) (SD3 default 1)")
+    shift: float = knob(1.0, "SD3/FLUX shift k applied to t after sampling (1 = none)")
+    # LoRA
+    rank: int = knob(32, "LoRA rank r, as in the paper")
+    alpha: float = knob(None, "LoRA alpha; the update is scaled by alpha/r (default: alpha = rank, as in the paper)")
+    lora_dropout: float = knob(0.0, "dropout on the LoRA branch input")
+    targets: str = knob(",".join(DEFAULT_TARGETS), "comma-separated names of the Linear layers to adapt "
+                                                    "(attention and MLP)")
+    style_vector: bool = knob(False, "also learn a style vector added to the conditioning (minisnr's own addition; "
+                                     "the paper has none). Off, as in the paper: the study measured no difference "
+                                     "(README ablations: -0.01 +- 4 x1e-3 class KID on a dev style)")
+    # optimisation
+    steps: int = knob(300, "optimisation steps, as in the paper")
+    batch_size: int = knob(4, "views per step, as in the paper")
+    lr: float = knob(1e-4, "Adam learning rate, as in the paper")
+    grad_clip: float = knob(1.0, "clip the adapter's grad norm (0 = off)")
+    crop_min: float = knob(0.35, "smallest random crop, as a fraction of the reference's area")
+    ref_size: int = knob(64, "the short side of each reference is resized to this before cropping (2x the model "
+                             "size)")
+    use_ema: bool = knob(True, "fine-tune on top of the base checkpoint's EMA weights (what sample.py uses)")
+    # logging and output
+    log_every: int = knob(25, "steps between log lines")
+    ckpt_every: int = knob(100, "steps between resumable states in OUT/state.pt")
+    sample_steps: int = knob(32, "Euler steps for the final sample grid")
+    sample_cfg: float = knob(3.0, "CFG scale for the final sample grid")
+    sample_per_class: int = knob(4, "images per class in the final sample grid (0 = no grid)")
+    seed: int = knob(0, "seed for views, noise and t")
+    device: str = knob("auto", "auto picks cuda, then mps, then cpu")
+    precision: str = knob("auto", "auto | bf16 | fp16 | fp32")
+    compile: bool = knob(False, "torch.compile the model (after LoRA injection)")
+
+    # the files a fine-tune writes in --out: their presence means "a fine-tune is here" (guard_run_folder)
+    RUN_FILES: ClassVar = ("state.pt", "adapter.pt", "log.jsonl", "samples_compare.png")
+    # flags a resumed fine-tune may change: they do not change what is trained (the LR is constant, so --steps
+    # only says where to stop; the base's weights are matched by their hash, wherever the file now is)
+    RESUME_FREE: ClassVar = {"resume", "overwrite", "out", "base", "steps", "log_every", "ckpt_every", "sample_steps",
+                             "sample_cfg", "sample_per_class", "device", "precision", "compile"}
+
+    def noise(self):
+        """The NoiseSampler these flags describe: the p(t) that fine-tuning draws t from."""
+        return noise_sampler(self)
+
+    def lora(self):
+        """(targets, rank, alpha) of the LoRA layers: alpha defaults to the rank (scale 1), as in the paper."""
+        return tuple(t for t in self.targets.split(",") if t), self.rank, self.alpha or self.rank
+
+    def validate(self):
+        """Check the flags before any work starts; raise UserError with a one-line fix for bad input."""
+        if not self.style:
+            raise UserError("--style is required: an image, a folder of images, or a comma-separated list")
+        require_file(self.base, "--base", "pass the ckpt.pt written by train.py (OUT/ckpt.pt)")
+        check_at_least(self, 1, ("steps", "batch_size", "rank", "log_every", "ckpt_every", "sample_steps",
+                                 "ref_size"))
+        if self.lr <= 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 < self.crop_min <= 1:
+            raise UserError(f"--crop-min must be in (0, 1], got {self.crop_min}")
+        if self.sample_cfg < 0:
+            raise UserError(f"--sample-cfg must be >= 0, got {self.sample_cfg}")
+        if self.grad_clip < 0:
+            raise UserError(f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise UserError(f"--alpha must be > 0 (the LoRA update is scaled by alpha/rank), got {self.alpha}")
+        self.noise()
+        check_seed(self.seed)
+        check_device(self.device)
+        guard_run_folder(self.out, self.RUN_FILES, self.resume, self.overwrite)

@@ -1,0 +1,144 @@
+"""The layout shows the architecture: the method in three files that import only each other, the other
+layers in named sub-packages above it, no import cycles, and modules and functions short enough to read.
+
+    minisnr/model.py, rf.py, lora.py   the method                 import nothing else from the project
+    minisnr/io/                        files, devices, the CLI    may import the method
+    minisnr/train/                     the run harness            may import the method and io/
+    minisnr/tools/                     bench, pictures            may import the method, io/ and train/
+    minisnr/eval/                      measurement                may import all of the above
+    train.py, finetune.py, sample.py   the scripts                import the package, never each other
+
+Imports inside functions count too: a lazy import that closes a cycle is still a cycle.
+"""
+import ast
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "minisnr"
+METHOD = {"minisnr.model", "minisnr.rf", "minisnr.lora"}
+# which project layers each layer may import (a layer may always import itself)
+ALLOWED = {"method": {"method"}, "io": {"method"}, "train": {"method", "io"},
+           "eval": {"method", "io", "train", "tools"}, "tools": {"method", "io", "train"}}
+READING_PATH = ["minisnr/model.py", "minisnr/rf.py", "minisnr/lora.py", "minisnr/train/step.py",
+                "train.py", "finetune.py", "sample.py"]
+
+
+def module_name(path):
+    """minisnr/io/cli.py -> minisnr.io.cli; minisnr/io/__init__.py -> minisnr.io; train.py -> train."""
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(name):
+    """The layer a module belongs to: method, io, train, eval, tools, or package (minisnr/__init__)."""
+    if name in METHOD:
+        return "method"
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and name.startswith("minisnr.") else "package"
+
+
+def project_imports(path):
+    """The project modules that `path` imports, anywhere in the file, resolved to dotted names."""
+    name, out = module_name(path), set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "minisnr"}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            if base.split(".")[0] != "minisnr":
+                continue
+            for a in node.names:  # `from minisnr.io import cli` imports the module minisnr.io.cli
+                out.add(f"{base}.{a.name}" if (PACKAGE.parent / f"{base}.{a.name}".replace(".", "/")).with_suffix(
+                    ".py").exists() else base)
+    return out
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+GRAPH = {name: project_imports(path) for name, path in MODULES.items()}
+
+
+def find_cycle(graph):
+    """One import cycle as a list of module names (first == last), or None. Depth-first search with colours."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_scan_sees_the_layers():
+    """The graph covers every layer and real edges (guards against a scan that finds nothing and passes)."""
+    assert {layer(n) for n in MODULES} >= {"method", "io", "train", "eval", "tools"}
+    assert "minisnr.model" in GRAPH["minisnr.io.checkpoint"] and "minisnr.rf" in GRAPH["minisnr.train.step"]
+
+
+def test_no_import_cycles():
+    """No module imports itself through others (minisnr/ and the three scripts)."""
+    scripts = {p.stem: project_imports(p) for p in (REPO / n for n in ("train.py", "finetune.py", "sample.py"))}
+    cycle = find_cycle({**GRAPH, **scripts})
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_find_cycle_finds_a_lazy_cycle():
+    """The checker itself: a two-module cycle and a three-module cycle are found, a chain is not."""
+    assert find_cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_each_layer_imports_only_the_layers_below_it(name):
+    """The method imports only itself; io/ only the method; train/ the method and io/; and so on (ALLOWED)."""
+    own = layer(name)
+    if own == "package":
+        return
+    bad = sorted(m for m in GRAPH[name] if layer(m) not in ALLOWED[own] | {own})
+    assert not bad, f"{name} ({own}) imports {bad}"
+
+
+def test_the_method_files_name_no_flags_in_errors():
+    """Error messages in the method files name arguments, not command-line flags: those belong to the scripts."""
+    for name in sorted(METHOD):
+        tree = ast.parse(MODULES[name].read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                text = ast.unparse(node.exc)
+                assert "--" not in text, f"{name}: {text}"
+
+
+def lengths(path):
+    """(qualified function name, length in lines) for every function in `path`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [(f"{path.relative_to(REPO)}:{node.name}", node.end_lineno - node.lineno + 1)
+            for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_module_and_function_sizes():
+    """No module under minisnr/ is over 300 lines; the reading path (the method, the step and the three
+    scripts) is at most 1,100 lines, and no function on it is over 60 lines."""
+    big = {str(p.relative_to(REPO)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 300}
+    assert not big, f"modules over 300 lines: {big}"
+    path = [REPO / f for f in READING_PATH]
+    total = sum(len(p.read_text().splitlines()) for p in path)
+    assert total <= 1100, f"the reading path is {total} lines"
+    long = [(n, k) for p in path for n, k in lengths(p) if k > 60]
+    assert not long, f"functions over 60 lines on the reading path: {long}"
