@@ -1,6 +1,7 @@
 """The run harness shared by train.py and finetune.py: everything around the loop that is not the method.
 
-    run = Run(out, "ckpt.pt", ...)               # clears a replaced run, opens OUT/log.jsonl
+    device, precision, ctx = start_run(cfg)     # device, precision, writable --out, seeds
+    run = Run(cfg, "ckpt.pt", params, device, start=step, end=end)   # clears a replaced run, opens the log
     with run:                                   # Ctrl-C / SIGTERM set a flag instead of killing the loop
         while step < end and not run.stop(step):
             loss, sums, counts = train_step(...)
@@ -28,6 +29,8 @@ from ..io.files import check_writable, open_log, remove_stale_tmp
 from ..io.safety import run_files
 from .ddp import any_rank, rank_device
 
+
+# --- pieces: img/s and the Ctrl-C flag --------------------------------------------------------------
 
 class Throughput:
     """Images per second over each log window. The run's first step is left out of the first window: it
@@ -110,8 +113,8 @@ class Run:
         self.params, self.device, self.log_every = list(params), device, cfg.log_every
         self.master, self.world, self.end, self.stopped = master, world, end, False
         self.log_file = self._open(cfg, start if cfg.resume else None) if master else None
-        zeros = lambda *shape: torch.zeros(shape, device=device)  # noqa: E731
-        self.loss_sum, self.bin_sums, self.bin_counts, self.n = zeros(), zeros(nbins), zeros(nbins), 0
+        self.loss_sum, self.n = torch.zeros((), device=device), 0    # summed on the device, read at log steps
+        self.bin_sums, self.bin_counts = torch.zeros(nbins, device=device), torch.zeros(nbins, device=device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.speed = Throughput(device, images_per_step) if images_per_step else None
         self.bar = tqdm(total=total or end, initial=start, disable=not master, dynamic_ncols=True)
