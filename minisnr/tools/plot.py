@@ -50,7 +50,8 @@ def _dashed(draw, p0, p1, colour, width=2, dash=7, gap=5):
     while pos < length:
         end = min(length, pos + dash)
         a, b = pos / length, end / length
-        draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))], fill=colour, width=width)
+        draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))],
+                  fill=colour, width=width)
         pos += dash + gap
 
 
