@@ -158,6 +158,21 @@ def make_train_step(cfg: BenchConfig, device, precision, compiled):
     return step, model
 
 
+def time_steps(step, warmup, steps, device):
+    """Run `warmup` untimed steps, then time `steps` steps between two device syncs.
+    Returns (warm-up seconds, seconds per step, process CPU seconds per step, the last step's loss)."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t1, cpu1 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        loss = step()
+    sync(device)
+    return t1 - t0, (time.perf_counter() - t1) / steps, (time.process_time() - cpu1) / steps, loss
+
+
 def bench_mode(mode, cfg: BenchConfig, device):
     """Time train_step + ema_update for one mode. Returns a dict of results."""
     compiled, precision = mode.split("-")[0] == "compiled", mode.split("-")[1]
@@ -169,24 +184,12 @@ def bench_mode(mode, cfg: BenchConfig, device):
     step, model = make_train_step(cfg, device, precision, compiled)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    sync(device)
-    t1, cpu1 = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        loss = step()
-    sync(device)
-    t2, cpu2 = time.perf_counter(), time.process_time()
-
-    step_s = (t2 - t1) / steps
+    warmup_s, step_s, cpu_step_s, loss = time_steps(step, warmup, steps, device)
     img_s = cfg.batch_size / step_s
     flops = train_flops_per_image(c)
     res = dict(mode=mode, precision=precision, compiled=compiled, batch_size=cfg.batch_size, warmup=warmup, steps=steps,
-               ms_per_step=1000 * step_s, img_per_s=img_s, warmup_s=t1 - t0,
-               cpu_ms_per_step=1000 * (cpu2 - cpu1) / steps,
-               compile_s=max(0.0, (t1 - t0) - warmup * step_s) if compiled else None,
+               ms_per_step=1000 * step_s, img_per_s=img_s, warmup_s=warmup_s, cpu_ms_per_step=1000 * cpu_step_s,
+               compile_s=max(0.0, warmup_s - warmup * step_s) if compiled else None,
                flops_per_image=flops, tflops=flops * img_s / 1e12, loss=float(loss), mfu=None, peak_mem_gib=None)
     peak = peak_tflops(device, cfg.peak_tflops)
     if peak:
