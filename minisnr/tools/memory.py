@@ -20,8 +20,8 @@ other, so activations(B) = fixed + B * per_image holds exactly (tests/test_bench
 
 Why the CPU: any machine can run it, in about a second for the cifar preset, with no GPU memory; and CPU
 attention saves what CUDA's flash and memory-efficient kernels save (q, k, v, the output and a logsumexp,
-never the T x T weights). The GPU check (minisnr.tools.gpucheck) compares the estimate with CUDA's measured
-peak. The estimate leaves out the CUDA context, the allocator's slack, temporaries freed during the forward
+never the T x T weights). bench --measure-activations true takes the same sum on the chosen device at the
+full batch, and the GPU check (minisnr.tools.gpucheck) compares the total with CUDA's measured peak. The estimate leaves out the CUDA context, the allocator's slack, temporaries freed during the forward
 and the backward's transient buffers; torch.compile's partitioner usually saves less than eager (it
 recomputes cheap elementwise ops in the backward).
 
