@@ -21,9 +21,10 @@ other, so activations(B) = fixed + B * per_image holds exactly (tests/test_bench
 Why the CPU: any machine can run it, in about a second for the cifar preset, with no GPU memory; and CPU
 attention saves what CUDA's flash and memory-efficient kernels save (q, k, v, the output and a logsumexp,
 never the T x T weights). bench --measure-activations true takes the same sum on the chosen device at the
-full batch, and the GPU check (minisnr.tools.gpucheck) compares the total with CUDA's measured peak. The estimate leaves out the CUDA context, the allocator's slack, temporaries freed during the forward
-and the backward's transient buffers; torch.compile's partitioner usually saves less than eager (it
-recomputes cheap elementwise ops in the backward).
+full batch, and the GPU check (minisnr.tools.gpucheck) compares the total with CUDA's measured peak. The
+estimate leaves out the CUDA context, the allocator's slack, temporaries freed during the forward and the
+backward's transient buffers; torch.compile's partitioner usually saves less than eager (it recomputes cheap
+elementwise ops in the backward).
 
 This derivation replaced a hand-kept formula that listed the DiT's saved tensors one by one. On torch 2.14
 the two agree to the byte for the tiny, cpu, cifar and anchor presets in fp32 and in bf16 (cifar: 91.45 MiB
