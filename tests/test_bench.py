@@ -1,4 +1,5 @@
-"""minisnr.tools.bench: the benchmark runs end to end, and its FLOP and memory formulas are right.
+"""minisnr.tools.bench: the benchmark runs end to end, its FLOP formula is right and its memory estimate is what
+autograd saves (minisnr.tools.flops, minisnr.tools.memory).
 
 No timing assertions: the machine running the tests may be busy.
 """
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from minisnr.tools import bench
+from minisnr.tools import bench, flops, memory
 from minisnr.model import build_model, DiTConfig
 
 
@@ -32,8 +33,8 @@ def hand_flops_dim64_depth2_patch4():
 
 def test_flop_formula_matches_hand_count():
     config = DiTConfig(dim=64, depth=2, heads=2, patch_size=4, img_size=32)
-    assert bench.train_flops_per_image(config) == hand_flops_dim64_depth2_patch4()
-    assert 3 * bench.forward_flops_per_image(config) == bench.train_flops_per_image(config)
+    assert flops.train_flops_per_image(config) == hand_flops_dim64_depth2_patch4()
+    assert 3 * flops.forward_flops_per_image(config) == flops.train_flops_per_image(config)
 
 
 def test_bench_runs_tiny_eager_fp32(tmp_path, capsys):
@@ -59,21 +60,59 @@ def test_unknown_mode_is_a_user_error():
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_activation_estimate_matches_saved_tensors(precision):
-    """The counted activation formula agrees with what autograd actually saves (CPU, eager)."""
-    model = build_model("tiny")
-    measured = bench.measure_activation_bytes(model, 2, precision, bench.pick_device("cpu"))
-    estimated = bench.activation_bytes(model.config, 2, precision)
-    assert estimated == pytest.approx(measured, rel=0.05)
+@pytest.mark.parametrize("shape", [dict(), dict(mlp_ratio=2.0, heads=4, depth=3)], ids=["tiny", "reshaped"])
+def test_activation_estimate_matches_saved_tensors(precision, shape):
+    """The estimate, derived from forwards at batch 1 and 2, is what autograd actually saves at batch 5 (CPU,
+    eager), to the byte: saved bytes are a whole number, so no tolerance. A reshaped model (another MLP ratio,
+    head count and depth) needs no edit to the estimate: it follows the model."""
+    model = build_model("tiny", **shape)
+    measured = memory.measure_activation_bytes(model, 5, precision, bench.pick_device("cpu"))
+    assert memory.activation_bytes(model.config, 5, precision) == measured
 
 
 def test_memory_estimate_parts():
-    est = bench.estimate_memory("tiny", 16, "fp32")
+    est = memory.estimate_memory("tiny", 16, "fp32")
     n = build_model("tiny").num_params()
     assert est["n_params"] == n
     assert (est["params"], est["grads"], est["adamw"], est["ema"]) == (4 * n, 4 * n, 8 * n, 4 * n)
     assert est["total"] == 20 * n + est["activations"]
-    assert est["activations"] == bench.activation_bytes(build_model("tiny").config, 16, "fp32")
+    assert est["activations"] == memory.activation_bytes(build_model("tiny").config, 16, "fp32")
+
+
+def test_largest_batch_is_the_largest_that_fits():
+    """largest_batch(budget): its estimate fits the budget and one image more does not."""
+    budget = 64 * 2 ** 20
+    b = memory.largest_batch("tiny", budget, "bf16")
+    assert b > 0
+    totals = [memory.estimate_memory("tiny", batch, "bf16")["total"] for batch in (b, b + 1)]
+    assert totals[0] <= budget < totals[1]
+    assert memory.largest_batch("tiny", 1, "bf16") == 0
+
+
+def test_estimate_leaves_the_global_random_state_alone():
+    """The estimate's forwards (model init, noise, label dropout) draw from a forked RNG, not the caller's."""
+    import torch
+    memory._activation_line.cache_clear()                # make sure the forwards really run
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    memory.estimate_memory("tiny", 8, "fp32")
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_estimate_memory_cli_fit_table(tmp_path, capsys):
+    """--estimate-memory --fit-gib prints the largest micro-batch per card size and writes it to --json; a bad
+    --fit-gib is a one-line UserError."""
+    out = tmp_path / "mem.json"
+    est = bench.main(["--preset", "tiny", "--estimate-memory", "true", "--precision", "fp32", "--batch-size", "8",
+                      "--fit-gib", "0.5,1", "--json", str(out)])
+    assert est["largest_batch"] == {"0.5": memory.largest_batch("tiny", 2 ** 29, "fp32"),
+                                    "1": memory.largest_batch("tiny", 2 ** 30, "fp32")}
+    printed = capsys.readouterr().out
+    assert "| activations saved for backward |" in printed and f"| 1 | {est['largest_batch']['1']} |" in printed
+    assert json.loads(out.read_text())["memory_estimate"]["largest_batch"] == est["largest_batch"]
+    with pytest.raises(bench.UserError, match="--fit-gib"):
+        bench.main(["--preset", "tiny", "--estimate-memory", "true", "--fit-gib", "8,x"])
 
 
 def test_roofline_columns_and_ceiling(capsys):
@@ -90,7 +129,7 @@ def test_matmul_tflops_counts_2n3_flops(monkeypatch):
     """matmul_tflops divides 2 n^3 by the best of its timed runs (a fake clock makes each run take 1 s)."""
     clock = iter(float(i) for i in range(100))
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
-    assert bench.matmul_tflops(bench.pick_device("cpu"), "fp32", n=64, repeats=2) == pytest.approx(2 * 64 ** 3 / 1e12)
+    assert flops.matmul_tflops(bench.pick_device("cpu"), "fp32", n=64, repeats=2) == pytest.approx(2 * 64 ** 3 / 1e12)
 
 
 def test_sampler_timing_gets_a_static_graph(monkeypatch):
@@ -114,8 +153,9 @@ def test_sampler_timing_gets_a_static_graph(monkeypatch):
     monkeypatch.setattr(bench, "euler_sample", counted_sample)
     torch._dynamo.reset()
     try:
-        bench.main(["--preset", "tiny", "--modes", "compiled-fp32", "--warmup", "1", "--steps", "1", "--batch-size", "4",
-                    "--device", "cpu", "--threads", "1", "--sample-images", "3", "--sample-steps", "2"])
+        bench.main(["--preset", "tiny", "--modes", "compiled-fp32", "--warmup", "1", "--steps", "1",
+                    "--batch-size", "4", "--device", "cpu", "--threads", "1", "--sample-images", "3",
+                    "--sample-steps", "2"])
     finally:
         torch._dynamo.reset()
     assert runs == [1, 0], f"graphs compiled by the warm-up and the timed sampler run: {runs}"

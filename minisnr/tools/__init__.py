@@ -1,7 +1,11 @@
 """Tools beside the core: speed, memory and pictures.
 
-    bench.py     python -m minisnr.tools.bench: training and sampling img/s, FLOPs, MFU, memory
-    gpucheck.py  python -m minisnr.tools.gpucheck: the one-command check on a GPU
-    viz.py       python -m minisnr.tools.viz: the sampler densities and a noise strip
-    plot.py      line plots drawn with PIL (no matplotlib)
+    bench.py        python -m minisnr.tools.bench: training and sampling img/s, its flags and the timing
+    flops.py        FLOPs per image, MFU peaks and the matmul roofline the bench reports
+    memory.py       the training-memory estimate, derived from the model, and the largest batch that fits
+    report.py       the bench's header line and markdown table
+    gpucheck.py     python -m minisnr.tools.gpucheck: the one-command check on a GPU
+    scriptcheck.py  gpucheck's end-to-end parts: train.py, finetune.py and sample.py as a user runs them
+    viz.py          python -m minisnr.tools.viz: the sampler densities and a noise strip
+    plot.py         line plots drawn with PIL (no matplotlib)
 """

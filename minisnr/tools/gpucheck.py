@@ -30,18 +30,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..tools import bench
-from ..io.checkpoint import load_pretrained
+from ..io.cli import knob, parse_config, run_main, UserError
+from ..io.device import pick_device, resolve_precision
 from ..io.files import write_json
-from ..io.cli import knob, parse_config
-from ..io.data import IMAGE_EXTENSIONS
-from ..rf import generate
-from ..io.checkpoint import apply_adapter
-from ..lora import merge_lora, set_style_scale
-from ..io.cli import run_main, UserError
-from ..io.device import autocast_context, pick_device, resolve_precision
+from ..model import build_config
+from .bench import bench_mode, BenchConfig, make_train_step, parse_modes
+from .memory import estimate_memory, gib
+from .report import describe_device
+from .scriptcheck import check_finetune, check_sample, check_train, REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEST_FILES = ["tests/test_cuda.py", "tests/test_compile.py", "tests/test_ddp.py"]
 PARTS = ["tests", "syncs", "flash", "bench", "memory", "train", "finetune", "sample"]
 NO_CUDA = "skipped (no CUDA)"
@@ -86,7 +83,7 @@ def check_tests(cfg, device):
 def count_syncs(cfg, device, precision, steps=5):
     """Host-device syncs in `steps` eager training steps (after one untimed step), counted as the warnings
     of torch.cuda.set_sync_debug_mode('warn')."""
-    step, _ = bench.make_train_step(bench_config(cfg, 16), device, precision, compiled=False)
+    step, _ = make_train_step(bench_config(cfg, 16), device, precision, compiled=False)
     step()
     torch.cuda.synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
@@ -113,7 +110,7 @@ def check_flash(cfg, device):
     if device.type != "cuda":
         return dict(status=NO_CUDA)
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    c = bench.build_config(cfg.model)
+    c = build_config(cfg.model)
     tokens = (c.img_size // c.patch_size) ** 2
     precision = resolve_precision("auto", device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -132,13 +129,13 @@ def check_flash(cfg, device):
 
 def bench_config(cfg, batch_size, steps=None):
     """The BenchConfig for this check's model at one batch size."""
-    return bench.BenchConfig(preset=cfg.model, batch_size=batch_size, device=cfg.device, steps=steps)
+    return BenchConfig(preset=cfg.model, batch_size=batch_size, device=cfg.device, steps=steps)
 
 
 def bench_modes(cfg, device):
     """--bench-modes as a list; auto = eager and compiled in the precision --precision auto picks here."""
     if cfg.bench_modes != "auto":
-        return bench.parse_modes(cfg.bench_modes, device)
+        return parse_modes(cfg.bench_modes, device)
     precision = resolve_precision("auto", device)
     return [f"eager-{precision}", f"compiled-{precision}"]
 
@@ -147,7 +144,7 @@ def bench_one(cfg, device, batch_size, mode):
     """One bench row, plus dynamo's graph, graph-break and recompile counts for a compiled mode."""
     from torch._dynamo.utils import counters
     counters.clear()
-    row = bench.bench_mode(mode, bench_config(cfg, batch_size, cfg.bench_steps), device)
+    row = bench_mode(mode, bench_config(cfg, batch_size, cfg.bench_steps), device)
     if row["compiled"]:
         graphs = counters["stats"]["unique_graphs"]
         breaks = sum(counters["graph_break"].values())
@@ -173,7 +170,7 @@ def check_memory(cfg, device, bench_rows):
         if not r["mode"].startswith("eager"):
             continue
         precision = r["mode"].split("-")[1]
-        est = bench.gib(bench.estimate_memory(cfg.model, r["batch_size"], precision)["total"])
+        est = gib(estimate_memory(cfg.model, r["batch_size"], precision)["total"])
         rows.append(dict(mode=r["mode"], batch_size=r["batch_size"], estimate_gib=round(est, 3),
                          measured_gib=None if r["peak_mem_gib"] is None else round(r["peak_mem_gib"], 3)))
     if device.type != "cuda":
@@ -181,89 +178,6 @@ def check_memory(cfg, device, bench_rows):
     # the estimate is meant as an upper-bound-like steady state; allow the allocator some slack above it
     low = [r for r in rows if r["measured_gib"] > 1.15 * r["estimate_gib"]]
     return dict(status="ok" if not low else "FAILED (the estimate is more than 15% below the measured peak)", rows=rows)
-
-
-# --- the scripts, end to end -------------------------------------------------------------------
-
-def script(name):
-    """Import a top-level script (train, finetune, sample) from the repository root."""
-    import importlib
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
-    return importlib.import_module(name)
-
-
-def last_log(path):
-    """The last record of a log.jsonl."""
-    import json
-    with open(path) as f:
-        return json.loads(f.read().splitlines()[-1])
-
-
-def check_train(cfg, device, out):
-    """train.py --preset P: --train-steps steps, stop, then --resume true to twice as many."""
-    train = script("train")
-    run = os.path.join(out, "train")
-    common = ["--preset", cfg.model, "--data", cfg.data, "--out", run, "--device", cfg.device,
-              "--max-steps", str(2 * cfg.train_steps)]                   # the LR schedule spans both halves
-    train.main(common + ["--stop-after", str(cfg.train_steps)])
-    train.main(common + ["--stop-after", str(2 * cfg.train_steps), "--resume", "true"])
-    ckpt = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=True)
-    log = last_log(os.path.join(run, "log.jsonl"))
-    ok = ckpt["step"] == 2 * cfg.train_steps
-    return dict(status="ok" if ok else f"FAILED (resumed run ended at step {ckpt['step']})", step=ckpt["step"],
-                last_log=dict(loss=log["loss"], img_per_s=log["img_per_s"]))
-
-
-def first_image(folder):
-    """The first image file under an ImageFolder, in sorted order: the style reference for the check."""
-    for root, dirs, files in sorted(os.walk(folder)):
-        dirs.sort()
-        for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                return os.path.join(root, name)
-    raise UserError(f"no image found under --data {folder!r}; pass an ImageFolder with class subfolders of images")
-
-
-def check_finetune(cfg, device, out):
-    """finetune.py on the trained checkpoint with the first image of --data as the style."""
-    style = first_image(cfg.data)
-    script("finetune").main(["--base", os.path.join(out, "train", "ckpt.pt"), "--style", style, "--out",
-                             os.path.join(out, "finetune"), "--steps", str(cfg.finetune_steps), "--device", cfg.device,
-                             "--sample-per-class", "1", "--sample-steps", str(cfg.sample_steps)])
-    log = last_log(os.path.join(out, "finetune", "log.jsonl"))
-    return dict(status="ok", style=style, last_log={k: log.get(k) for k in ("step", "loss")})
-
-
-def merged_gap(cfg, device, out):
-    """max and mean |merged - unmerged| LoRA sampling in uint8 levels, in the precision auto picks."""
-    model, _ = load_pretrained(os.path.join(out, "train", "ckpt.pt"), device=device)
-    apply_adapter(model, os.path.join(out, "finetune", "adapter.pt"))
-    model.to(device)
-    set_style_scale(model, 1.0)
-    precision = resolve_precision("auto", device)
-    ctx = autocast_context(device, precision)
-    labels = [c for c in range(model.config.num_classes) for _ in range(cfg.sample_n)]
-    unmerged = generate(model, labels, steps=cfg.sample_steps, seed=0, autocast_ctx=ctx).int()
-    merge_lora(model)
-    gap = (generate(model, labels, steps=cfg.sample_steps, seed=0, autocast_ctx=ctx).int() - unmerged).abs().float()
-    return dict(precision=precision, max_levels=gap.max().item(), mean_levels=round(gap.mean().item(), 3))
-
-
-def check_sample(cfg, device, out):
-    """sample.py plain, with --lora, and with --lora --style-steps 0:0.5; then the merged-vs-unmerged gap."""
-    sample = script("sample")
-    ckpt, adapter = os.path.join(out, "train", "ckpt.pt"), os.path.join(out, "finetune", "adapter.pt")
-    common = ["--n", str(cfg.sample_n), "--steps", str(cfg.sample_steps), "--device", cfg.device]
-    runs = {"plain": [], "lora": ["--lora", adapter], "style_steps": ["--lora", adapter, "--style-steps", "0:0.5"]}
-    written = {}
-    for name, extra in runs.items():
-        path = os.path.join(out, "samples", f"{name}.png")
-        sample.main([ckpt, *common, *extra, "--out", path])
-        written[name] = os.path.isfile(path)
-    ok = all(written.values())
-    return dict(status="ok" if ok else "FAILED (a grid is missing)", written=written,
-                merged_vs_unmerged=merged_gap(cfg, device, out))
 
 
 # --- driver ------------------------------------------------------------------------------------
@@ -320,7 +234,7 @@ def run_checks(cfg, device, skip):
 def summary(results, device, seconds):
     """The one-line verdict: counts of ok, failed and skipped parts."""
     counts = {k: sum(r["status"].startswith(k) for r in results.values()) for k in ("ok", "FAILED", "skipped")}
-    return (f"gpu check on {bench.describe_device(device)}: {counts['ok']} ok, {counts['FAILED']} failed, "
+    return (f"gpu check on {describe_device(device)}: {counts['ok']} ok, {counts['FAILED']} failed, "
             f"{counts['skipped']} skipped in {seconds:.0f} s")
 
 
@@ -335,7 +249,7 @@ def main(argv=None):
     results = run_checks(cfg, device, skip)
     line = summary(results, device, time.perf_counter() - t0)
     path = os.path.join(cfg.out, "gpu_check.json")
-    write_json({"summary": line, "device": bench.describe_device(device), "torch": torch.__version__,
+    write_json({"summary": line, "device": describe_device(device), "torch": torch.__version__,
                 "config": asdict(cfg), "preset": args.preset, "parts": results}, path)
     print(f"{line}; details in {path}")
     if any(r["status"].startswith("FAILED") for r in results.values()):

@@ -25,7 +25,8 @@ from ..io.cli import run_main, UserError
 from ..io.images import save_png
 from ..io.safety import check_output, check_seed
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194)]
 
 # the samplers compared in the README picture: the uniform and SD3 baselines, and style-friendly settings
 DEFAULT_SAMPLERS = [

@@ -1,0 +1,135 @@
+"""Model FLOPs per image, MFU peaks and the matmul roofline, for minisnr.tools.bench.
+
+FLOPs (model FLOPs per image, forward + backward; see train_flops_per_image):
+
+    D width, L depth, T = (img_size / p)^2 tokens, P = p*p*C patch values, M = mlp_ratio * D, F = 256
+    matmul weights applied to every token   N_tok = P*D                       patch embed
+                                                  + L * (3D^2 + D^2 + 2*D*M)   qkv, attn proj, mlp fc1 + fc2
+                                                  + D*P                        final linear
+    matmul weights applied once per image   N_img = F*D + D^2                 timestep-embedder MLP
+                                                  + L * 6D^2                   adaLN modulation of each block
+                                                  + 2D^2                       adaLN of the final layer
+    attention per block, forward            2*T^2*D (scores Q K^T) + 2*T^2*D (weights @ V) = 4*T^2*D
+
+    FLOPs/image = 6 * (T * N_tok + N_img) + 3 * L * 4*T^2*D
+
+The 6 is 2 FLOPs per multiply-add times 3 for forward + backward (the backward computes the
+gradient of the input and of the weight, each as costly as the forward), the usual
+convention (Kaplan et al. 2020; nanoGPT and PaLM MFU). Only matmul FLOPs count: biases,
+LayerNorm, modulate, GELU, softmax, residual adds, the loss, AdamW and EMA (all elementwise)
+and the label-embedding lookup are left out. The convention slightly over-counts two layers
+whose input needs no gradient (patch embed and the first timestep-embedder linear: 4, not
+6, FLOPs per weight): by 0.01% for anchor and cifar, 0.1% for cpu, 0.9% for tiny.
+Achieved TFLOP/s = FLOPs/image * img/s; on CUDA MFU divides it by the card's dense bf16
+tensor-core peak (PEAK_BF16_TFLOPS or --peak-tflops), whatever the mode's precision, so modes
+compare on one scale.
+
+The roofline (bench --roofline true; see matmul_tflops) times one large square matmul per
+precision: img/s cannot exceed that rate divided by the FLOPs per image.
+"""
+import time
+
+import torch
+
+from ..io.device import sync
+from ..model import DiTConfig
+
+FREQ_DIM = 256  # TimestepEmbedder's sinusoidal feature size (minisnr.model.TimestepEmbedder default)
+
+# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s from NVIDIA's data sheets (GeForce cards:
+# with fp32 accumulation, as PyTorch uses). Matched in order as substrings of
+# torch.cuda.get_device_name(), so more specific names come first. V100 and T4 have no bf16:
+# their fp16 peak is listed. Cards not here get no MFU unless --peak-tflops is given.
+PEAK_BF16_TFLOPS = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),        # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    ("H200 NVL", 835.0),
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", None),         # not published; pass --peak-tflops
+    ("A10", 125.0),
+    ("RTX A6000", 154.8),
+    ("RTX 4090", 165.2),
+    ("RTX 3090", 71.0),
+    ("V100", 125.0),        # fp16
+    ("T4", 65.0),           # fp16
+]
+
+
+# --- FLOPs ---------------------------------------------------------------------------------
+
+def flop_terms(c: DiTConfig):
+    """The pieces of the FLOP count (see the module docstring): T, N_tok, N_img and the forward attention FLOPs
+    per image."""
+    D, L, M = c.dim, c.depth, int(c.dim * c.mlp_ratio)
+    T = (c.img_size // c.patch_size) ** 2
+    P = c.patch_size * c.patch_size * c.in_channels
+    n_tok = P * D + L * (3 * D * D + D * D + 2 * D * M) + D * P
+    n_img = FREQ_DIM * D + D * D + L * 6 * D * D + 2 * D * D
+    attn_fwd = L * 4 * T * T * D
+    return dict(tokens=T, n_tok=n_tok, n_img=n_img, attn_fwd=attn_fwd)
+
+
+def train_flops_per_image(c: DiTConfig) -> int:
+    """Matmul FLOPs of one training step (forward + backward) per image: 6 * (T*N_tok + N_img) + 3 * L * 4*T^2*D."""
+    f = flop_terms(c)
+    return 6 * (f["tokens"] * f["n_tok"] + f["n_img"]) + 3 * f["attn_fwd"]
+
+
+def forward_flops_per_image(c: DiTConfig) -> int:
+    """Matmul FLOPs of one forward pass per image: 2 * (T*N_tok + N_img) + L * 4*T^2*D (a third of training)."""
+    f = flop_terms(c)
+    return 2 * (f["tokens"] * f["n_tok"] + f["n_img"]) + f["attn_fwd"]
+
+
+# --- peaks: the card's data sheet and the measured roofline --------------------------------
+
+def peak_tflops(device, override=None):
+    """The dense bf16 peak TFLOP/s used for MFU: `override` (--peak-tflops), else a table lookup by CUDA card
+    name, else None."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def matmul_tflops(device, precision, n=None, repeats=None):
+    """Achieved TFLOP/s of one (n, n) @ (n, n) matmul at `precision` (2 n^3 FLOPs), best of `repeats`.
+
+    Matrix products are where a training step's FLOPs go, and a large square one is the easiest
+    case for the hardware, so this is a practical peak (a roofline): img/s cannot exceed
+    matmul TFLOP/s / FLOPs per image, however the step is written. On a CPU without a datasheet
+    peak, "of matmul peak" in the table plays the role of MFU.
+    """
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    n = n or (8192 if device.type == "cuda" else 1024)
+    repeats = repeats or (20 if device.type == "cuda" else 3)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    a @ b                                           # warm-up: library init, kernel choice
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e12
+
+
+def add_roofline(results, device):
+    """Add matmul_tflops and roofline_img_s to each bench row: one matmul timing per precision, shared by its
+    eager and compiled rows."""
+    rates = {p: matmul_tflops(device, p) for p in dict.fromkeys(r["precision"] for r in results)}
+    for r in results:
+        r["matmul_tflops"] = rates[r["precision"]]
+        r["roofline_img_s"] = r["matmul_tflops"] * 1e12 / r["flops_per_image"]

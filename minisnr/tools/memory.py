@@ -1,0 +1,189 @@
+"""Training memory: an estimate derived from the model itself, and the largest micro-batch that fits a card.
+
+    python -m minisnr.tools.bench --preset cifar --batch-size 128 --estimate-memory true
+    python -m minisnr.tools.bench --preset cifar --estimate-memory true --fit-gib 8,12,24
+
+What a training step keeps (estimate_memory):
+
+    weights, gradients, AdamW's two moments, the EMA copy   bytes of model.parameters(), once each for weights,
+                                                           gradients and EMA and twice for AdamW: all fp32, since
+                                                           autocast keeps fp32 master weights (20 bytes a parameter)
+    activations saved for the backward                     activation_bytes: fixed + batch * per_image
+
+The activations are not described here a second time, layer by layer: activation_bytes runs the real
+model's training forward (rf_loss) on the CPU at batch 1 and at batch 2, under the autocast dtype being
+estimated, and adds up the bytes of the distinct storages autograd saves for the backward
+(torch.autograd.graph.saved_tensors_hooks; the parameters themselves are not counted). What batch 2 saves
+beyond batch 1 is one image's worth; what batch 1 saves beyond that does not grow with the batch (under
+autocast: the low-precision copy of each weight whose backward needs it). Every saved tensor is one or the
+other, so activations(B) = fixed + B * per_image holds exactly (tests/test_bench.py checks it at another batch).
+
+Why the CPU: any machine can run it, in about a second for the cifar preset, with no GPU memory; and CPU
+attention saves what CUDA's flash and memory-efficient kernels save (q, k, v, the output and a logsumexp,
+never the T x T weights). bench --measure-activations true takes the same sum on the chosen device at the
+full batch, and the GPU check (minisnr.tools.gpucheck) compares the total with CUDA's measured peak. The
+estimate leaves out the CUDA context, the allocator's slack, temporaries freed during the forward and the
+backward's transient buffers; torch.compile's partitioner usually saves less than eager (it recomputes cheap
+elementwise ops in the backward).
+
+This derivation replaced a hand-kept formula that listed the DiT's saved tensors one by one. On torch 2.14
+the two agree to the byte for the tiny, cpu, cifar and anchor presets in fp32 and in bf16 (cifar: 91.45 MiB
+per image in fp32; 55.17 MiB per image plus 61.6 MiB of bf16 weight copies in bf16), so the largest cifar
+micro-batch in bf16 stays 136 for 8 GiB, 210 for 12 GiB and 433 for 24 GiB. The difference is what happens
+next: a new layer, another mlp_ratio or a kernel that saves differently now changes the estimate by itself.
+"""
+import functools
+
+import torch
+
+from ..io.cli import UserError
+from ..io.device import autocast_context
+from ..model import build_config, build_model
+from ..rf import rf_loss
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+# --- what autograd saves ---------------------------------------------------------------------
+
+@torch.no_grad()
+def _param_storages(model):
+    return {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+
+def measure_activation_bytes(model, batch_size, precision, device):
+    """Sum of the bytes of every distinct storage autograd saves in one eager rf_loss forward,
+    not counting the parameters; measured with torch.autograd.graph.saved_tensors_hooks."""
+    params = _param_storages(model)
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()    # views of one storage (q, k, v of one qkv) count once
+        return t
+
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.rand(batch_size, c.in_channels, c.img_size, c.img_size, generator=g) * 2 - 1).to(device)
+    y = torch.randint(0, c.num_classes, (batch_size,), generator=g).to(device)
+    t = torch.rand(batch_size, generator=g).to(device)
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with autocast_context(device, precision):
+            loss = rf_loss(model, x0, y, t).mean()
+    del loss
+    return sum(seen.values())
+
+
+@functools.lru_cache(maxsize=32)
+def _activation_line(config_items, precision):
+    c = build_config(dict(config_items))
+    cpu = torch.device("cpu")
+    with torch.random.fork_rng(devices=[]):    # the caller's random state stays as it was (init, noise, dropout)
+        torch.manual_seed(0)
+        model = build_model(c)
+        one, two = (measure_activation_bytes(model, b, precision, cpu) for b in (1, 2))
+    return 2 * one - two, two - one
+
+
+def activation_line(config, precision):
+    """(fixed, per_image): the bytes autograd saves that do not grow with the batch, and those it saves per
+    image, derived from two CPU forwards of the model at batch 1 and 2 (see the module docstring; cached)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
+    c = build_config(config)
+    return _activation_line(tuple(sorted(c.to_dict().items())), precision)
+
+
+def activation_bytes(config, batch_size, precision="fp32"):
+    """Bytes of the tensors autograd saves in one eager training forward (rf_loss) at this batch size:
+    fixed + batch_size * per_image from activation_line. config: a DiTConfig, a preset name or a config dict."""
+    fixed, per_image = activation_line(config, precision)
+    return fixed + batch_size * per_image
+
+
+# --- the estimate ------------------------------------------------------------------------------
+
+def count_params(c):
+    """Parameter count, from a model built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        return build_model(c).num_params()
+
+
+def param_bytes(c):
+    """(parameter count, bytes of the weights) from model.parameters() on the meta device."""
+    with torch.device("meta"):
+        params = list(build_model(c).parameters())
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def estimate_memory(config, batch_size, precision="bf16"):
+    """Estimated training memory in bytes, as a dict: n_params, params, grads, adamw, ema, activations, total.
+
+    config: a DiTConfig, a preset name or a config dict. Gradients and the EMA copy take what the weights
+    take and AdamW twice that (exp_avg and exp_avg_sq), all in the weights' fp32. The total is the sum: an
+    upper-bound-like steady state that ignores the allocator's slack and the backward's transient buffers,
+    and counts the gradients as if they coexisted with all the activations (in reality activations are freed
+    as the gradients appear).
+    """
+    config = build_config(config)
+    n, weights = param_bytes(config)
+    out = dict(n_params=n, params=weights, grads=weights, adamw=2 * weights, ema=weights,
+               activations=activation_bytes(config, batch_size, precision))
+    out["total"] = out["params"] + out["grads"] + out["adamw"] + out["ema"] + out["activations"]
+    return out
+
+
+def largest_batch(config, budget_bytes, precision="bf16"):
+    """The largest micro-batch whose estimate_memory total fits in budget_bytes (0 if none does)."""
+    fixed = estimate_memory(config, 0, precision)["total"]
+    per_image = activation_line(config, precision)[1]
+    return max(0, int((budget_bytes - fixed) // per_image))
+
+
+def gib(n):
+    """Bytes to GiB."""
+    return n / 2 ** 30
+
+
+# --- printing ----------------------------------------------------------------------------------
+
+def parse_gib_list(text):
+    """--fit-gib '8,12,24' as a list of floats; an empty string is an empty list."""
+    try:
+        sizes = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        sizes = [0.0]
+    if any(not s > 0 for s in sizes):
+        raise UserError(f"--fit-gib {text!r} must be card sizes in GiB separated by commas, e.g. 8,12,24")
+    return sizes
+
+
+def print_memory_estimate(cfg, c, device):
+    """Print estimate_memory()'s breakdown for the model config c at cfg.batch_size and cfg.precision (cfg: the
+    bench flags), the measured activations with --measure-activations and the largest micro-batch per
+    --fit-gib card size; return the estimate dict."""
+    est = estimate_memory(c, cfg.batch_size, cfg.precision)
+    print(f"memory estimate: preset {cfg.preset} (D={c.dim}, L={c.depth}, heads={c.heads}, p={c.patch_size}, "
+          f"{est['n_params'] / 1e6:.2f}M params), batch {cfg.batch_size}, {cfg.precision} activations")
+    print("| part | MiB | GiB |\n|---|---:|---:|")
+    for key, label in [("params", "params (fp32)"), ("grads", "grads (fp32)"),
+                       ("adamw", "AdamW exp_avg + exp_avg_sq (fp32)"), ("ema", "EMA copy (fp32)"),
+                       ("activations", "activations saved for backward"), ("total", "total")]:
+        print(f"| {label} | {est[key] / 2 ** 20:.1f} | {gib(est[key]):.3f} |")
+    if cfg.measure_activations:
+        torch.manual_seed(cfg.seed)
+        model = build_model(c).to(device)
+        measured = measure_activation_bytes(model, cfg.batch_size, cfg.precision, device)
+        est_act = est["activations"]
+        print(f"activations measured with saved_tensors_hooks on {device}: {measured / 2 ** 20:.2f} MiB "
+              f"(estimate {est_act / 2 ** 20:.2f} MiB, estimate/measured = {est_act / max(measured, 1):.4f})")
+        est["measured_activations"] = measured
+    sizes = parse_gib_list(cfg.fit_gib)
+    if sizes:
+        est["largest_batch"] = {f"{s:g}": largest_batch(c, s * 2 ** 30, cfg.precision) for s in sizes}
+        print(f"\n| card GiB | largest micro-batch ({cfg.precision}) | estimate at it, GiB |\n|---:|---:|---:|")
+        for size, batch in est["largest_batch"].items():
+            print(f"| {size} | {batch} | {gib(estimate_memory(c, batch, cfg.precision)['total']):.2f} |")
+    return est
