@@ -16,7 +16,8 @@ from minisnr.io.cli import UserError
 def load_folder(root, **kwargs):
     """load_image_folder(root), checked to return an ImageSet (so a stubbed loader fails with a clear message)."""
     data = load_image_folder(root, **kwargs)
-    assert isinstance(data, ImageSet), "load_image_folder must return ImageSet(images (N,3,S,S) uint8, labels (N,), classes)"
+    assert isinstance(data, ImageSet), (
+        "load_image_folder must return ImageSet(images (N,3,S,S) uint8, labels (N,), classes)")
     return data
 
 
@@ -98,7 +99,8 @@ def test_mode_RGBA_half_alpha_blends_with_white(tmp_path):
     data = load_folder(one_image_folder(tmp_path, img))
     value = data.images.float().mean().item()
     expected = 255 * (1 - 128 / 255)
-    assert abs(value - expected) <= 1.5, f"alpha compositing on white: 0*a + 255*(1-a) = {expected:.1f}, got {value:.1f}"
+    assert abs(value - expected) <= 1.5, (
+        f"alpha compositing on white: 0*a + 255*(1-a) = {expected:.1f}, got {value:.1f}")
 
 
 def test_mode_P_palette_loads_as_rgb(tmp_path):
@@ -174,7 +176,8 @@ def test_missing_folder_raises_data_error(tmp_path):
     missing = str(tmp_path / "nope")
     with pytest.raises(DataError) as info:
         load_folder(missing)
-    assert "\n" not in str(info.value) and "nope" in str(info.value), "missing folder error must be one line naming the path"
+    assert "\n" not in str(info.value) and "nope" in str(info.value), (
+        "missing folder error must be one line naming the path")
 
 
 def test_file_instead_of_folder_raises_data_error(tmp_path):
@@ -349,8 +352,9 @@ def test_two_ranks_take_disjoint_halves_of_global_batch():
         ig = batch_indices(single.next()[0])
         assert len(i0) == 3 and len(i1) == 3, "each rank must get batch_size images"
         assert not set(i0.tolist()) & set(i1.tolist()), f"step {step}: ranks must take disjoint images"
-        assert sorted(i0.tolist() + i1.tolist()) == sorted(ig.tolist()), \
-            f"step {step}: rank r takes positions r, r + world, ... of the global batch; together they are the global batch"
+        assert sorted(i0.tolist() + i1.tolist()) == sorted(ig.tolist()), (
+            f"step {step}: rank r takes positions r, r + world, ... of the global batch; "
+            f"together they are the global batch")
         assert i0.tolist() == ig[0::2].tolist() and i1.tolist() == ig[1::2].tolist(), \
             "rank r must take global-batch positions r, r + world_size, ..."
 

@@ -53,7 +53,8 @@ TRAIN_FLAGS = ["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--
 def run(cmd, cwd):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 
@@ -138,5 +139,8 @@ def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(image_folder, tmp_
     except subprocess.TimeoutExpired:
         pytest.fail("after a Ctrl-C on rank 1 alone the 2-process run hung: the ranks did not agree to stop")
     assert proc.returncode != 0, "an interrupted run must not exit 0"
-    assert "interrupted: saved" in proc.stdout, f"rank 0 must save and say so, though only rank 1 saw the Ctrl-C:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    assert load(out / "ckpt.pt")["step"] == 3, "both ranks must stop at the first log step after the Ctrl-C (--log-every 3)"
+    assert "interrupted: saved" in proc.stdout, (
+        f"rank 0 must save and say so, though only rank 1 saw the Ctrl-C:\n"
+        f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    assert load(out / "ckpt.pt")["step"] == 3, (
+        "both ranks must stop at the first log step after the Ctrl-C (--log-every 3)")

@@ -19,7 +19,8 @@ def undocumented(path):
 
     def visit(node, prefix):
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not child.name.startswith("_"):
+            if (isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                    and not child.name.startswith("_")):
                 name = prefix + child.name
                 if not ast.get_docstring(child):
                     missing.append(f"{name} (line {child.lineno})")
@@ -49,5 +50,6 @@ def test_every_public_name_has_a_docstring(path):
 def test_scanner_catches_a_missing_docstring(tmp_path):
     """The scanner itself works: it flags an undocumented public function and method, not private ones."""
     src = tmp_path / "m.py"
-    src.write_text('"""doc"""\ndef f():\n    pass\ndef _g():\n    pass\nclass C:\n    """doc"""\n    def h(self):\n        pass\n')
+    src.write_text('"""doc"""\ndef f():\n    pass\ndef _g():\n    pass\n'
+                   'class C:\n    """doc"""\n    def h(self):\n        pass\n')
     assert undocumented(src) == ["f (line 2)", "C.h (line 8)"]

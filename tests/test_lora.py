@@ -32,7 +32,8 @@ def base_and_injected(seed=1, **inject_kwargs):
     torch.manual_seed(0)
     base = randomize_(build_model("tiny", num_classes=4, class_dropout=0.0), seed=seed).eval()
     model = randomize_(build_model("tiny", num_classes=4, class_dropout=0.0), seed=seed).eval()
-    wrapped = inject_lora(model, rank=inject_kwargs.pop("rank", RANK), alpha=inject_kwargs.pop("alpha", ALPHA), **inject_kwargs)
+    wrapped = inject_lora(model, rank=inject_kwargs.pop("rank", RANK), alpha=inject_kwargs.pop("alpha", ALPHA),
+                          **inject_kwargs)
     return base, model, wrapped
 
 
@@ -119,7 +120,8 @@ def test_train_eval_do_not_merge():
 def test_style_embedder_formula():
     """StyleEmbedder() = scale * s, with the learned vector s (lora_style) starting at zero."""
     emb = StyleEmbedder(6)
-    assert same(emb(), torch.zeros(6)), "the style vector s must start at zero (so injection leaves the base model unchanged)"
+    assert same(emb(), torch.zeros(6)), (
+        "the style vector s must start at zero (so injection leaves the base model unchanged)")
     with torch.no_grad():
         emb.lora_style.copy_(torch.arange(6.0))
     emb.scale = 0.5
@@ -134,7 +136,8 @@ def test_inject_wraps_targets_in_every_block():
     depth = model.config.depth
     expected = {f"blocks.{i}.{part}" for i in range(depth)
                 for part in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
-    assert set(wrapped) == expected, f"inject_lora must wrap {sorted(DEFAULT_TARGETS)} in all {depth} blocks; got {wrapped}"
+    assert set(wrapped) == expected, (
+        f"inject_lora must wrap {sorted(DEFAULT_TARGETS)} in all {depth} blocks; got {wrapped}")
     for i, block in enumerate(model.blocks):
         for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
             assert isinstance(layer, LoRALinear), f"block {i}: target layers must be replaced by LoRALinear"
@@ -199,7 +202,8 @@ def test_style_scale_zero_is_exact_base(dit_inputs):
         set_style_scale(model, 1.0)
         on_again = model(x, t, y)
     assert differs(styled, ref), "a randomised adapter must change the output (else this test proves nothing)"
-    assert same(off, ref), "style scale 0: each LoRA update * 0 and the style vector * 0 must give exactly the base model"
+    assert same(off, ref), (
+        "style scale 0: each LoRA update * 0 and the style vector * 0 must give exactly the base model")
     assert same(on_again, styled), "style scale 1 must restore the learned style: scale = 1 * alpha / r"
 
 
@@ -251,23 +255,29 @@ def test_lora_state_dict_only_lora_keys():
 
 
 def test_count_parameters_matches_lora():
-    """count_parameters is (trainable, total): trainable = sum of r*(in+out) per layer + dim; total = base + trainable."""
+    """count_parameters is (trainable, total): trainable = sum of r*(in+out) per layer + dim;
+    total = base + trainable."""
     base, model, _ = base_and_injected()
     counts = count_parameters(model)
     assert isinstance(counts, tuple) and len(counts) == 2, "count_parameters must return (trainable, total)"
     trainable, total = counts
-    per_layer = sum(m.rank * (m.base.in_features + m.base.out_features) for m in model.modules() if isinstance(m, LoRALinear))
-    assert trainable == per_layer + model.config.dim, "trainable must be sum of r * (in + out) over LoRA layers + style dim"
-    assert trainable == sum(p.numel() for p in lora_parameters(model)), "trainable must count exactly the lora_ parameters"
+    per_layer = sum(m.rank * (m.base.in_features + m.base.out_features)
+                    for m in model.modules() if isinstance(m, LoRALinear))
+    assert trainable == per_layer + model.config.dim, (
+        "trainable must be sum of r * (in + out) over LoRA layers + style dim")
+    assert trainable == sum(p.numel() for p in lora_parameters(model)), (
+        "trainable must count exactly the lora_ parameters")
     assert total == base.num_params() + trainable, "total must be the base parameters plus the adapter"
-    assert count_parameters(base) == (base.num_params(), base.num_params()), "an unfrozen model: everything is trainable"
+    assert count_parameters(base) == (base.num_params(), base.num_params()), (
+        "an unfrozen model: everything is trainable")
 
 
 def test_config_hash_is_stable_and_discriminating():
     """config_hash is a short hex digest: equal for equal configs (any key order), different for another dim."""
     cfg = build_model("tiny").config.to_dict()
     h = config_hash(cfg)
-    assert isinstance(h, str) and len(h) == 16 and int(h, 16) >= 0, "config_hash must be 16 hex characters of sha256(json)"
+    assert isinstance(h, str) and len(h) == 16 and int(h, 16) >= 0, (
+        "config_hash must be 16 hex characters of sha256(json)")
     assert config_hash(dict(reversed(list(cfg.items())))) == h, "config_hash must not depend on key order (sort_keys)"
     assert config_hash(dict(cfg, dim=32)) != h, "config_hash must change when the base config changes"
 
@@ -290,7 +300,8 @@ def test_save_apply_adapter_round_trip(tmp_path, dit_inputs):
     fresh = randomize_(build_model("tiny", num_classes=4, class_dropout=0.0), seed=1).eval()
     got_meta = apply_adapter(fresh, path)
     assert isinstance(got_meta, dict), "apply_adapter must inject LoRA, load the adapter and return its meta dict"
-    assert got_meta["rank"] == RANK and got_meta["base_config_hash"] == meta["base_config_hash"], "apply_adapter returns the meta"
+    assert got_meta["rank"] == RANK and got_meta["base_config_hash"] == meta["base_config_hash"], (
+        "apply_adapter returns the meta")
     with torch.no_grad():
         out = fresh(x, t, y)
     assert same(out, styled), "an adapter saved and applied to the same base must reproduce the outputs exactly"

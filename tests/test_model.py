@@ -21,7 +21,8 @@ def test_modulate_formula():
     g = torch.Generator().manual_seed(0)
     x, shift, scale = torch.randn(2, 5, 8, generator=g), torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
     expected = x * (1 + scale[:, None, :]) + shift[:, None, :]
-    assert close(modulate(x, shift, scale), expected, atol=1e-6), "modulate must be x * (1 + scale) + shift (per sample, over tokens)"
+    assert close(modulate(x, shift, scale), expected, atol=1e-6), (
+        "modulate must be x * (1 + scale) + shift (per sample, over tokens)")
 
 
 def test_sincos_pos_embed_shape_and_values():
@@ -33,7 +34,8 @@ def test_sincos_pos_embed_shape_and_values():
     assert len({tuple(row.tolist()) for row in pe}) == 16, "every grid position must get a distinct embedding"
     freqs = 1.0 / 10000 ** (torch.arange(4, dtype=torch.float64) / 4)        # D/4 = 4 frequencies
     row, col = 1, 2                                                          # token 6 = (row 1, col 2) in a 4x4 grid
-    expected6 = torch.cat([torch.sin(row * freqs), torch.cos(row * freqs), torch.sin(col * freqs), torch.cos(col * freqs)])
+    expected6 = torch.cat([torch.sin(row * freqs), torch.cos(row * freqs),
+                           torch.sin(col * freqs), torch.cos(col * freqs)])
     assert close(pe[6], expected6.float(), atol=1e-6), \
         "token (r, c) must embed as [sin(r f), cos(r f), sin(c f), cos(c f)] with f_k = 10000^(-k/(D/4)), rows first"
 
@@ -49,7 +51,8 @@ def test_timestep_embedder_sinusoids():
     expected = emb.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))
     out = emb(t)
     assert shape_of(out) == (3, 16), "TimestepEmbedder must map (N,) noise levels to (N, D)"
-    assert close(out, expected, atol=1e-5), "t embedding must be MLP([cos(1000 t f), sin(1000 t f)]), f = 10000^(-i/half)"
+    assert close(out, expected, atol=1e-5), (
+        "t embedding must be MLP([cos(1000 t f), sin(1000 t f)]), f = 10000^(-i/half)")
 
 
 def test_attention_matches_manual_multihead():
@@ -110,8 +113,9 @@ def test_dit_forward_composition(random_tiny_dit, dit_inputs):
     for block in m.blocks:
         h = block(h, c)
     expected = m.unpatchify(m.final_layer(h, c))
-    assert close(m(x, t, y), expected, atol=1e-6), \
-        "DiT forward must be unpatchify(final_layer(blocks(patch_embed(patchify(x)) + pos_embed, c), c)), c = t_emb + y_emb"
+    assert close(m(x, t, y), expected, atol=1e-6), (
+        "DiT forward must be unpatchify(final_layer(blocks(patch_embed(patchify(x)) + pos_embed, c), c)), "
+        "c = t_emb + y_emb")
 
 
 # --- shapes and patchify ------------------------------------------------------------------------
@@ -124,7 +128,8 @@ def test_forward_shape_matches_input_for_presets(preset, patch):
     x = torch.randn(3, 3, 32, 32)
     out = model(x, torch.rand(3), torch.tensor([0, 1, 2]))
     assert model.config.patch_size == patch
-    assert shape_of(out) == tuple(x.shape), f"DiT forward must return v with the shape of x_t (N, C, H, W); got {shape_of(out)}"
+    assert shape_of(out) == tuple(x.shape), (
+        f"DiT forward must return v with the shape of x_t (N, C, H, W); got {shape_of(out)}")
 
 
 @pytest.mark.parametrize("patch,img,channels", [(1, 8, 3), (2, 16, 3), (4, 32, 1), (8, 32, 3), (16, 32, 4)])
@@ -134,7 +139,8 @@ def test_forward_shape_for_patch_sizes(patch, img, channels):
     model = build_model("tiny", patch_size=patch, img_size=img, in_channels=channels, dim=32, depth=1, heads=2).eval()
     x = torch.randn(2, channels, img, img)
     out = model(x, torch.rand(2), torch.tensor([0, 5]))
-    assert shape_of(out) == tuple(x.shape), f"DiT forward must return v with the shape of x_t, patch={patch}: got {shape_of(out)}"
+    assert shape_of(out) == tuple(x.shape), (
+        f"DiT forward must return v with the shape of x_t, patch={patch}: got {shape_of(out)}")
 
 
 @pytest.mark.parametrize("patch", [1, 2, 4, 8])
@@ -159,8 +165,9 @@ def test_patchify_token_order_is_row_major():
         r, c = divmod(k, g)
         patch = x[0, :, r * p:(r + 1) * p, c * p:(c + 1) * p]                  # (C, p, p)
         expected = rearrange(patch, "c p1 p2 -> (p1 p2 c)")
-        assert same(tokens[0, k], expected), \
-            f"patchify token {k} must be patch (row {r}, col {c}) flattened as (p1 p2 c): n c (gh p1) (gw p2) -> n (gh gw) (p1 p2 c)"
+        assert same(tokens[0, k], expected), (
+            f"patchify token {k} must be patch (row {r}, col {c}) flattened as (p1 p2 c): "
+            f"n c (gh p1) (gw p2) -> n (gh gw) (p1 p2 c)")
 
 
 # --- adaLN-Zero ----------------------------------------------------------------------------------
@@ -177,8 +184,9 @@ def test_block_modulation_zero_at_init(tiny_dit):
     """Every block's adaLN_modulation final Linear (weight and bias) and the output layer are zero at init."""
     for i, block in enumerate(tiny_dit.blocks):
         lin = block.adaLN_modulation[-1]
-        assert torch.count_nonzero(lin.weight) == 0 and torch.count_nonzero(lin.bias) == 0, \
-            f"adaLN-Zero: block {i} adaLN_modulation[-1] must start at 0 so its gates are 0 and the block is the identity"
+        assert torch.count_nonzero(lin.weight) == 0 and torch.count_nonzero(lin.bias) == 0, (
+            f"adaLN-Zero: block {i} adaLN_modulation[-1] must start at 0 "
+            f"so its gates are 0 and the block is the identity")
     final = tiny_dit.final_layer
     for name, tensor in [("adaLN_modulation[-1].weight", final.adaLN_modulation[-1].weight),
                          ("adaLN_modulation[-1].bias", final.adaLN_modulation[-1].bias),
@@ -250,10 +258,12 @@ def test_output_depends_on_t_and_y(random_tiny_dit, dit_inputs):
 
 def test_presets_exist_and_cifar_size():
     """DIT_PRESETS has 'cpu' and 'cifar'; the cifar preset (DiT-S/2) has 10M-40M parameters."""
-    assert {"cpu", "cifar", "tiny"} <= set(DIT_PRESETS), f"DIT_PRESETS must offer cpu, cifar and tiny; has {sorted(DIT_PRESETS)}"
+    assert {"cpu", "cifar", "tiny"} <= set(DIT_PRESETS), (
+        f"DIT_PRESETS must offer cpu, cifar and tiny; has {sorted(DIT_PRESETS)}")
     with torch.device("meta"):          # count parameters without allocating or initialising them
         n = build_model("cifar").num_params()
-    assert isinstance(n, int) and 10e6 <= n <= 40e6, f"cifar preset (DiT-S/2, 32x32, 10 classes) must have 10M-40M params, got {n}"
+    assert isinstance(n, int) and 10e6 <= n <= 40e6, (
+        f"cifar preset (DiT-S/2, 32x32, 10 classes) must have 10M-40M params, got {n}")
 
 
 def test_tiny_preset_is_small():
@@ -280,7 +290,9 @@ def test_build_model_from_config_and_overrides():
     assert (model.config.num_classes, model.config.depth, model.config.dim) == (3, 1, DIT_PRESETS["tiny"]["dim"]), \
         "build_model(preset, **overrides): overrides must replace single preset fields"
     again = build_model(model.config)
-    assert isinstance(again, DiT) and again.config == model.config, "build_model(DiTConfig) must rebuild the same config"
+    assert isinstance(again, DiT) and again.config == model.config, (
+        "build_model(DiTConfig) must rebuild the same config")
     from_dict = build_model(model.config.to_dict(), dim=32)
-    assert from_dict.config == DiTConfig(**dict(model.config.to_dict(), dim=32)), "build_model(dict, **overrides) must apply overrides"
+    assert from_dict.config == DiTConfig(**dict(model.config.to_dict(), dim=32)), (
+        "build_model(dict, **overrides) must apply overrides")
     assert len(from_dict.blocks) == 1, "depth must be the number of DiT blocks"

@@ -1,7 +1,8 @@
 """Reliability and safety of train.py, finetune.py and sample.py, tested end to end on the 'tiny' preset.
 
     loading runs no code   a checkpoint or adapter carrying a pickle payload is refused by every script
-    crashes lose nothing   SIGKILL at random moments always leaves a loadable ckpt.pt; Ctrl-C saves and says how to resume
+    crashes lose nothing   SIGKILL at random moments always leaves a loadable ckpt.pt;
+                           Ctrl-C saves and says how to resume
     resume is exact        N steps straight == N/2 steps, then --resume true for the rest, tensor for tensor
     bad input              one 'error:' line that names the fix and a non-zero exit code, never a traceback
     divergence             a non-finite loss stops the run and keeps the last good checkpoint
@@ -274,7 +275,8 @@ def test_payload_is_live_but_safe_load_refuses_it(tmp_path, kind, fmt):
     assert not marker.exists(), "safe_load ran the payload"
 
 
-@pytest.mark.parametrize("entry", ["sample.py CKPT", "finetune.py --base", "train.py --resume true", "sample.py --lora"])
+@pytest.mark.parametrize("entry", ["sample.py CKPT", "finetune.py --base", "train.py --resume true",
+                                   "sample.py --lora"])
 def test_scripts_refuse_a_payload_checkpoint(tmp_path, bases, data_dir, style_png, entry):
     """Each script that loads a file refuses one carrying a pickle payload: exit 1, one clear line, no
     traceback, and the payload never runs, even with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 in the environment
@@ -303,7 +305,8 @@ def test_scripts_refuse_a_payload_checkpoint(tmp_path, bases, data_dir, style_pn
 def _load_calls(tree):
     """(lineno, call) for every call of torch.load and of pickle.load or pickle.loads in an AST."""
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)):
             name = f"{node.func.value.id}.{node.func.attr}"
             if name in ("torch.load", "pickle.load", "pickle.loads"):
                 yield node.lineno, name, node
@@ -446,7 +449,8 @@ def test_ctrl_c_in_train_saves_the_current_step_and_resumes(tmp_path, data_dir):
     out = tmp_path / "run"
     args = ["--preset", "tiny", "--device", "cpu", "--data", data_dir, "--out", out,
             "--max-steps", 100000, "--ckpt-every", 100000, "--log-every", 1, "--batch-size", 4]
-    r = start_and_interrupt([sys.executable, TRAIN] + args, out / "log.jsonl", tmp_path / "out.txt", tmp_path / "err.txt")
+    r = start_and_interrupt([sys.executable, TRAIN] + args, out / "log.jsonl",
+                            tmp_path / "out.txt", tmp_path / "err.txt")
     assert r.rc == 130, f"Ctrl-C must exit with 130, got {r.rc}: {r.err[-2000:]}"
     assert "Traceback" not in r.err, r.err[-3000:]
     assert "--resume true" in r.out, f"the message must say how to resume: {r.out}"
@@ -554,7 +558,8 @@ def test_sample_grids_do_not_touch_the_global_rng(random_tiny_dit):
     first = generate(random_tiny_dit, [0, 1, 2], steps=2, cfg=2.0, seed=4)
     assert torch.equal(before, torch.get_rng_state()), "generate() must not consume the global RNG"
     assert torch.equal(first, generate(random_tiny_dit, [0, 1, 2], steps=2, cfg=2.0, seed=4)), "same seed, same images"
-    assert not torch.equal(first, generate(random_tiny_dit, [0, 1, 2], steps=2, cfg=2.0, seed=5)), "the seed must matter"
+    assert not torch.equal(first, generate(random_tiny_dit, [0, 1, 2], steps=2, cfg=2.0, seed=5)), (
+        "the seed must matter")
 
 
 # --- divergence --------------------------------------------------------------------------------------
@@ -727,7 +732,8 @@ BAD_CASES = [
     ("train-resume-without-checkpoint", "train", ["--resume", "true"], "--resume"),
     ("train-resume-other-dim", "train", ["--out", "{resume_run}", "--resume", "true", "--dim", "32"], "--dim"),
     ("train-resume-other-model", "train", ["--out", "{resume_run}", "--resume", "true", "--model", "cpu"], "--model"),
-    ("train-resume-other-data", "train", ["--out", "{resume_run}", "--resume", "true", "--data", "{small_data}"], "--data"),
+    ("train-resume-other-data", "train",
+     ["--out", "{resume_run}", "--resume", "true", "--data", "{small_data}"], "--data"),
     ("train-resume-not-a-checkpoint", "train", ["--out", "{adapter_as_ckpt}", "--resume", "true"], "--out"),
     ("finetune-style-missing", "finetune", ["--style", "{tmp}/no_such.png"], "--style"),
     ("finetune-style-not-given", "finetune", ["--style", ""], "--style"),

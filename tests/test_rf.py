@@ -87,7 +87,8 @@ def test_sampler_kinds_listed():
 
 
 @pytest.mark.parametrize("sampler", [NoiseSampler("uniform"), NoiseSampler("logit-normal", m=0.5, s=0.8),
-                                     NoiseSampler("style-friendly", mu=-2, sigma=2), NoiseSampler("style-friendly", shift=3.0)])
+                                     NoiseSampler("style-friendly", mu=-2, sigma=2),
+                                     NoiseSampler("style-friendly", shift=3.0)])
 def test_sampler_shape_and_range(sampler):
     """Every sampler returns n noise levels, shape (n,), inside [0, 1]."""
     t = sampler(1000, generator=torch.Generator().manual_seed(0))
@@ -98,7 +99,8 @@ def test_sampler_shape_and_range(sampler):
 def test_sample_uniform_moments():
     """sample_uniform: t ~ U(0, 1) has mean 1/2 and variance 1/12."""
     t = sample_uniform(N_DRAWS, generator=torch.Generator().manual_seed(0)).double()
-    assert shape_of(t) == (N_DRAWS,) and t.min() >= 0 and t.max() <= 1, "sample_uniform(n) must return (n,) values in [0, 1]"
+    assert shape_of(t) == (N_DRAWS,) and t.min() >= 0 and t.max() <= 1, (
+        "sample_uniform(n) must return (n,) values in [0, 1]")
     assert abs(t.mean().item() - 0.5) < 0.005, f"sample_uniform: t ~ U(0,1) must have mean 0.5, got {t.mean():.4f}"
     assert abs(t.var().item() - 1 / 12) < 0.002, f"sample_uniform: t ~ U(0,1) must have var 1/12, got {t.var():.4f}"
 
@@ -108,8 +110,10 @@ def test_sample_logit_normal_moments():
     t = sample_logit_normal(N_DRAWS, m=0.5, s=0.8, generator=torch.Generator().manual_seed(0)).double()
     logit = torch.logit(t)
     assert shape_of(t) == (N_DRAWS,), "sample_logit_normal(n) must return shape (n,)"
-    assert abs(logit.mean().item() - 0.5) < 0.02, f"sample_logit_normal: logit(t) ~ N(m, s) must have mean m=0.5, got {logit.mean():.4f}"
-    assert abs(logit.std().item() - 0.8) < 0.02, f"sample_logit_normal: logit(t) ~ N(m, s) must have std s=0.8, got {logit.std():.4f}"
+    assert abs(logit.mean().item() - 0.5) < 0.02, (
+        f"sample_logit_normal: logit(t) ~ N(m, s) must have mean m=0.5, got {logit.mean():.4f}")
+    assert abs(logit.std().item() - 0.8) < 0.02, (
+        f"sample_logit_normal: logit(t) ~ N(m, s) must have std s=0.8, got {logit.std():.4f}")
 
 
 @pytest.mark.parametrize("mu,sigma", [(-2.0, 2.0), (-6.0, 1.0)])
@@ -118,10 +122,12 @@ def test_sample_style_friendly_moments(mu, sigma):
     t = sample_style_friendly(N_DRAWS, mu=mu, sigma=sigma, generator=torch.Generator().manual_seed(0)).double()
     lam = lam_of_t(t)
     assert shape_of(t) == (N_DRAWS,), "sample_style_friendly(n) must return shape (n,)"
-    assert abs(lam.mean().item() - mu) < 0.03, \
-        f"sample_style_friendly: lam ~ N(mu, sigma), t = sigmoid(-lam/2) must give lam mean mu={mu}, got {lam.mean():.4f}"
-    assert abs(lam.std().item() - sigma) < 0.03, \
-        f"sample_style_friendly: lam ~ N(mu, sigma), t = sigmoid(-lam/2) must give lam std sigma={sigma}, got {lam.std():.4f}"
+    assert abs(lam.mean().item() - mu) < 0.03, (
+        f"sample_style_friendly: lam ~ N(mu, sigma), t = sigmoid(-lam/2) must give lam mean mu={mu}, "
+        f"got {lam.mean():.4f}")
+    assert abs(lam.std().item() - sigma) < 0.03, (
+        f"sample_style_friendly: lam ~ N(mu, sigma), t = sigmoid(-lam/2) must give lam std sigma={sigma}, "
+        f"got {lam.std():.4f}")
 
 
 def test_uniform_sampler_moments():
@@ -135,8 +141,10 @@ def test_logit_normal_sampler_moments():
     """logit-normal(m=0.5, s=0.8): logit(t) has mean m and std s."""
     t = draw(NoiseSampler("logit-normal", m=0.5, s=0.8))
     logit = torch.logit(t)
-    assert abs(logit.mean().item() - 0.5) < 0.02, f"logit-normal: logit(t) ~ N(m, s) must have mean m=0.5, got {logit.mean():.4f}"
-    assert abs(logit.std().item() - 0.8) < 0.02, f"logit-normal: logit(t) ~ N(m, s) must have std s=0.8, got {logit.std():.4f}"
+    assert abs(logit.mean().item() - 0.5) < 0.02, (
+        f"logit-normal: logit(t) ~ N(m, s) must have mean m=0.5, got {logit.mean():.4f}")
+    assert abs(logit.std().item() - 0.8) < 0.02, (
+        f"logit-normal: logit(t) ~ N(m, s) must have std s=0.8, got {logit.std():.4f}")
 
 
 @pytest.mark.parametrize("mu,sigma", [(-2.0, 2.0), (-6.0, 1.0)])
@@ -159,7 +167,8 @@ def test_logit_normal_equals_log_snr_normal():
     """SD3 equivalence: logit-normal(m, s) gives lam with mean -2m and std 2s."""
     m, s = 0.5, 0.8
     lam = lam_of_t(draw(NoiseSampler("logit-normal", m=m, s=s)))
-    assert abs(lam.mean().item() - (-2 * m)) < 0.03, f"logit-normal(m,s) must give lam mean -2m={-2 * m}, got {lam.mean():.4f}"
+    assert abs(lam.mean().item() - (-2 * m)) < 0.03, (
+        f"logit-normal(m,s) must give lam mean -2m={-2 * m}, got {lam.mean():.4f}")
     assert abs(lam.std().item() - 2 * s) < 0.03, f"logit-normal(m,s) must give lam std 2s={2 * s}, got {lam.std():.4f}"
 
 
@@ -170,9 +179,11 @@ def test_sampler_shift_moves_log_snr_mean(kind):
     plain = lam_of_t(draw(NoiseSampler(kind, mu=-2, sigma=2, m=0.0, s=1.0)))
     shifted = lam_of_t(draw(NoiseSampler(kind, mu=-2, sigma=2, m=0.0, s=1.0, shift=k)))
     expected = plain.mean().item() - 2 * math.log(k)
-    assert abs(shifted.mean().item() - expected) < 0.03, \
-        f"shift k={k} must move the lam mean by -2 log k = {-2 * math.log(k):.4f}: expected {expected:.4f}, got {shifted.mean():.4f}"
-    assert abs(shifted.std().item() - plain.std().item()) < 0.03, "shift (lam' = lam - 2 log k) must not change the lam std"
+    assert abs(shifted.mean().item() - expected) < 0.03, (
+        f"shift k={k} must move the lam mean by -2 log k = {-2 * math.log(k):.4f}: "
+        f"expected {expected:.4f}, got {shifted.mean():.4f}")
+    assert abs(shifted.std().item() - plain.std().item()) < 0.03, (
+        "shift (lam' = lam - 2 log k) must not change the lam std")
 
 
 def test_sampler_is_seeded_by_generator():
@@ -188,7 +199,8 @@ def test_sampler_is_seeded_by_generator():
     dict(kind="style-friendly", sigma=0.0), dict(kind="style-friendly", sigma=-1.0),
     dict(kind="logit-normal", s=0.0), dict(kind="logit-normal", s=-0.5),
     dict(kind="style-friendly", mu=float("nan")), dict(kind="style-friendly", mu=float("inf")),
-    dict(kind="logit-normal", m=float("-inf")), dict(kind="uniform", shift=0.0), dict(kind="uniform", shift=float("nan")),
+    dict(kind="logit-normal", m=float("-inf")), dict(kind="uniform", shift=0.0),
+    dict(kind="uniform", shift=float("nan")),
     dict(kind="gaussian"), dict(kind="Uniform"),
 ])
 def test_invalid_sampler_settings_raise_value_error(kwargs):
@@ -202,7 +214,8 @@ def test_invalid_sampler_settings_raise_value_error(kwargs):
 def test_describe_names_the_kind():
     """describe() gives a short label naming the sampler and its parameters."""
     text = NoiseSampler("style-friendly", mu=-6, sigma=1).describe()
-    assert isinstance(text, str) and "style-friendly" in text and "-6" in text, f"describe() must name kind and mu, got {text!r}"
+    assert isinstance(text, str) and "style-friendly" in text and "-6" in text, (
+        f"describe() must name kind and mu, got {text!r}")
     text = NoiseSampler("uniform", shift=3.0).describe()
     assert isinstance(text, str) and "shift=3" in text, f"describe() must mention a shift k != 1, got {text!r}"
 
@@ -285,10 +298,13 @@ def test_bin_losses_bins_and_sums():
     assert isinstance(result, tuple) and len(result) == 2, "bin_losses must return (sums, counts), each (nbins,)"
     sums, counts = result
     assert shape_of(sums) == (10,) and shape_of(counts) == (10,), "bin_losses must return (nbins,) sums and counts"
-    assert sums[0].item() == 1 + 3 + 6 and counts[0].item() == 3, "bin index floor(t * nbins): t=0.05, 0.07, 0.0 go in bin 0"
-    assert sums[9].item() == 2 + 5 and counts[9].item() == 2, "bin index floor(t * nbins) clamped: t=0.95 and t=1.0 go in bin 9"
+    assert sums[0].item() == 1 + 3 + 6 and counts[0].item() == 3, (
+        "bin index floor(t * nbins): t=0.05, 0.07, 0.0 go in bin 0")
+    assert sums[9].item() == 2 + 5 and counts[9].item() == 2, (
+        "bin index floor(t * nbins) clamped: t=0.95 and t=1.0 go in bin 9")
     assert sums[5].item() == 4 and counts[5].item() == 1, "bin index floor(t * nbins): t=0.55 goes in bin 5"
-    assert sums.sum().item() == per_sample.sum().item() and counts.sum().item() == 6, "every sample lands in exactly one bin"
+    assert sums.sum().item() == per_sample.sum().item() and counts.sum().item() == 6, (
+        "every sample lands in exactly one bin")
 
 
 # --- sampling ------------------------------------------------------------------------------
@@ -385,7 +401,8 @@ def test_cfg_one_is_plain_conditional():
     noise = torch.randn(2, 3, 4, 4, generator=g)
     v_null, v_cond = torch.randn(1, 3, 4, 4, generator=g), torch.randn(1, 3, 4, 4, generator=g)
     calls = []
-    out = euler_sample(_two_valued_model(9, v_null, v_cond, calls), noise, torch.tensor([1, 2]), steps=2, cfg=1.0, null_class=9)
+    out = euler_sample(_two_valued_model(9, v_null, v_cond, calls), noise, torch.tensor([1, 2]),
+                       steps=2, cfg=1.0, null_class=9)
     assert close(out, noise - v_cond, atol=1e-5), "cfg=1: v = v_null + 1 * (v_cond - v_null) = v_cond"
     assert all((9 not in c.tolist()) for c in calls), "cfg=1 must not evaluate the unconditional (null-label) model"
 
@@ -422,7 +439,8 @@ def test_tiny_model_overfits_one_batch():
         opt.step()
     with torch.no_grad():
         last = fixed_batch_loss().item()
-    assert last * 3 <= first, f"a tiny DiT must overfit one batch: loss must fall >= 3x in 200 Adam steps ({first:.4f} -> {last:.4f})"
+    assert last * 3 <= first, (
+        f"a tiny DiT must overfit one batch: loss must fall >= 3x in 200 Adam steps ({first:.4f} -> {last:.4f})")
 
 
 def test_generate_is_deterministic_in_seed(random_tiny_dit):
@@ -432,8 +450,10 @@ def test_generate_is_deterministic_in_seed(random_tiny_dit):
     a = generate(model, labels, steps=3, cfg=2.0, seed=11)
     b = generate(model, labels, steps=3, cfg=2.0, seed=11)
     c = generate(model, labels, steps=3, cfg=2.0, seed=12)
-    assert shape_of(a) == (3, 3, 32, 32) and a.dtype == torch.uint8, "generate must return (N, C, H, W) uint8, one image per label"
-    assert same(a, b), "generate: same seed, labels and model must give identical images (noise from a seeded generator)"
+    assert shape_of(a) == (3, 3, 32, 32) and a.dtype == torch.uint8, (
+        "generate must return (N, C, H, W) uint8, one image per label")
+    assert same(a, b), (
+        "generate: same seed, labels and model must give identical images (noise from a seeded generator)")
     assert not same(a, c), "generate: a different seed must give different starting noise and images"
 
 

@@ -102,7 +102,8 @@ def test_train_log_lines(trained):
         records = [json.loads(line) for line in f if line.strip()]
     assert [r["step"] for r in records] == [5, 10, 15, 20], "tiny preset logs every 5 of 20 steps"
     for r in records:
-        assert "loss" in r and math.isfinite(r["loss"]) and r["loss"] > 0, "each log line needs a finite positive 'loss'"
+        assert "loss" in r and math.isfinite(r["loss"]) and r["loss"] > 0, (
+            "each log line needs a finite positive 'loss'")
         bins = r["loss_by_t_bin"]
         assert len(bins) == 10, "loss_by_t_bin must have 10 entries, one per bin of t"
         assert all(b is None or (math.isfinite(b) and b >= 0) for b in bins), "bin losses are >= 0 or None (empty bin)"
@@ -115,14 +116,16 @@ def test_train_writes_sample_grid(trained):
     pngs = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
     assert pngs == ["step_000020.png"], f"tiny preset (sample_every=0) must write only the final grid, got {pngs}"
     with Image.open(os.path.join(folder, pngs[0])) as img:
-        assert img.size == grid_size(2, len(SORTED_CLASSES)), "grid must be 2 columns x n_classes rows of 32px tiles + padding"
+        assert img.size == grid_size(2, len(SORTED_CLASSES)), (
+            "grid must be 2 columns x n_classes rows of 32px tiles + padding")
         meta = json.loads(img.text["minisnr"])
     assert meta["step"] == 20 and meta["seed"] == 0, "sample grid meta must record the step and seed"
 
 
 def test_train_missing_data_is_one_line_error(tmp_path, capsys):
     """train.py with a missing --data folder exits 1 with a single 'error:' line on stderr."""
-    code, _, err = run_in_process("train", ["--preset", "tiny", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys)
+    code, _, err = run_in_process("train", ["--preset", "tiny", "--data", str(tmp_path / "nope"),
+                                            "--out", str(tmp_path / "o")], capsys)
     lines = err.strip().splitlines()
     assert code == 1, f"a bad --data must exit with code 1, got {code}: {err[-2000:]}"
     assert len(lines) == 1 and lines[0].startswith("error:") and "nope" in lines[0], \
@@ -141,9 +144,12 @@ def test_train_ckpt_every_zero_is_one_line_error(shared_image_folder, tmp_path, 
 @pytest.mark.parametrize("flag,value", [("--img-size", "30"), ("--dim", "30"), ("--heads", "5")])
 def test_train_bad_model_shape_is_one_line_error(shared_image_folder, tmp_path, capsys, flag, value):
     """train.py with an impossible model shape exits 1 with a one-line 'error:' message, not a traceback."""
-    argv = ["--preset", "tiny", "--data", shared_image_folder, "--out", str(tmp_path / "o"), flag, value, "--max-steps", "1"]
+    argv = ["--preset", "tiny", "--data", shared_image_folder, "--out", str(tmp_path / "o"),
+            flag, value, "--max-steps", "1"]
     code, _, err = run_in_process("train", argv, capsys)
-    assert code == 1, f"{flag} {value} must give exit code 1 with a one-line error (img_size % p == 0, dim % 4 == 0, dim % heads == 0), got {code}"
+    assert code == 1, (
+        f"{flag} {value} must give exit code 1 with a one-line error "
+        f"(img_size % p == 0, dim % 4 == 0, dim % heads == 0), got {code}")
     assert err.strip().splitlines()[-1].startswith("error:"), "the error must be one 'error:' line"
 
 
@@ -173,13 +179,15 @@ def test_sample_grid_size_and_meta(sampled):
         assert img.size == grid_size(2, len(SORTED_CLASSES)), \
             f"grid must be (2*(32+1)+1, n_classes*(32+1)+1) = {grid_size(2, len(SORTED_CLASSES))}, got {img.size}"
         meta = json.loads(img.text["minisnr"])
-    assert meta["seed"] == 0 and meta["n"] == 2 and meta["steps"] == 3, "PNG 'minisnr' chunk must record seed, n and steps"
+    assert meta["seed"] == 0 and meta["n"] == 2 and meta["steps"] == 3, (
+        "PNG 'minisnr' chunk must record seed, n and steps")
 
 
 def test_sample_same_seed_same_pixels(trained, sampled, tmp_path, capsys):
     """sample.py twice with the same seed gives identical pixel data."""
     out = str(tmp_path / "again.png")
-    code, _, err = run_in_process("sample", [os.path.join(trained, "ckpt.pt"), "--n", "2", "--steps", "3", "--out", out], capsys)
+    code, _, err = run_in_process("sample", [os.path.join(trained, "ckpt.pt"), "--n", "2", "--steps", "3",
+                                             "--out", out], capsys)
     assert code == 0, err[-2000:]
     assert pixels(out).tobytes() == pixels(sampled).tobytes(), "same checkpoint and seed must give the same pixels"
 
@@ -191,7 +199,8 @@ def test_sample_other_seed_other_pixels(trained, sampled, tmp_path, capsys):
     code, _, err = run_in_process("sample", argv, capsys)
     assert code == 0, err[-2000:]
     a, b = pixels(out), pixels(sampled)
-    assert a.shape == b.shape and not np.array_equal(a, b), "a different seed must give different starting noise and pixels"
+    assert a.shape == b.shape and not np.array_equal(a, b), (
+        "a different seed must give different starting noise and pixels")
     with Image.open(out) as img:
         assert json.loads(img.text["minisnr"])["seed"] == 1, "the PNG meta must record the seed used"
 
@@ -233,9 +242,11 @@ def test_sample_with_lora_styles_and_compares(trained, tmp_path, capsys):
     assert (expected.int() - plain.int()).abs().max() > 10, "the test adapter must visibly change the images"
     compare = pixels(os.path.splitext(out)[0] + "_compare.png")
     assert compare.shape[:2] == grid_size(4, 2)[::-1], "the compare grid has 2n columns: n style off, then n style on"
-    assert np.array_equal(compare[:, 2 * 33 + 1:], pixels(out)[:, 1:]), "the right half of _compare.png is the styled grid"
+    assert np.array_equal(compare[:, 2 * 33 + 1:], pixels(out)[:, 1:]), (
+        "the right half of _compare.png is the styled grid")
     off = str(tmp_path / "off.png")
-    code, _, err = run_in_process("sample", [ckpt, "--lora", adapter, "--style-steps", "0:0", *args, "--out", off], capsys)
+    code, _, err = run_in_process("sample", [ckpt, "--lora", adapter, "--style-steps", "0:0", *args,
+                                             "--out", off], capsys)
     assert code == 0, err[-2000:]
     base_out = str(tmp_path / "base.png")
     code, _, err = run_in_process("sample", [ckpt, *args, "--out", base_out], capsys)
