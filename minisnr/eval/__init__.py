@@ -1,7 +1,10 @@
 """Measuring the method: the judge, the metrics, the ground-truth styles and the study.
 
     styles.py        seven ground-truth styles as pixel transforms (dev and test splits)
-    probe.py         the judge: a small CIFAR classifier with a second trunk that names the style
+    probe_net.py     the probe's network: a small CIFAR classifier; the judge adds a second trunk for the style
+    probe_train.py   training the probe and the judge
+    judge_views.py   the judge's training views: styled images, decoys and generator flaws
+    probe.py         the probe and judge as cache files: get_probe loads one or trains and keeps it
     metrics.py       per-class KID and FD, style and content accuracy, Gram similarity
     stats.py         paired differences with Student-t confidence intervals
     study.py         python -m minisnr.eval.study: samplers x styles x seeds, cached and resumable

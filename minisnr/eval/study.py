@@ -41,7 +41,8 @@ from ..io.data import load_dataset
 from ..rf import generate
 from ..io.checkpoint import apply_adapter
 from ..lora import merge_lora, set_style_scale, style_window_hook, unmerge_lora
-from .probe import get_probe, shuffle_pixels
+from .judge_views import shuffle_pixels
+from .probe import get_probe
 from ..rf import lam_of_t, NoiseSampler
 from ..io.cli import run_main, UserError
 from ..io.device import autocast_context, pick_device, resolve_precision, sync
