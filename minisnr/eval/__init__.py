@@ -10,6 +10,8 @@
     study.py         python -m minisnr.eval.study: samplers x styles x seeds, cached and resumable
     study_report.py  the study's tables and plots
     compare.py       python -m minisnr.eval.compare: SD3 against the default on your own painting
-    evaluate.py      python -m minisnr.eval.evaluate probe|base|fig4|fid
+    evaluate.py      python -m minisnr.eval.evaluate probe|base|fig4|fid: parses the flags, dispatches to
+    evaluate_probe.py, evaluate_base.py, evaluate_fig4.py and fid.py (one command each)
+    evaluate_context.py  what those commands share: their probe flags and set-up
     fid.py           sample folders and the optional clean-fid FID
 """
