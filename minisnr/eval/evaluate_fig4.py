@@ -84,7 +84,7 @@ def write_table(path, args, rows, n):
               f"{r['content_acc']:.3f} | {r['hf']:.3f} |" for r in rows]
     lines += ["", "0:0 is the base model, 0:1 the full style. If the style is decided at high noise, 0:x reaches the "
               "0:1 similarity at small x, while x:1 loses most of it already for small x.",
-              "", "Style similarity and HF energy as in minisnr/metrics.py; relative numbers, not DINO/CLIP.", ""]
+              "", "Style similarity and HF energy as in minisnr/eval/metrics.py; relative numbers, not DINO/CLIP.", ""]
     write_text("\n".join(lines), path)
 
 
