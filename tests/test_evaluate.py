@@ -15,7 +15,8 @@ from PIL import Image
 
 from minisnr.eval import evaluate, metrics
 from minisnr.io.data import ImageSet
-from minisnr.eval.probe import get_probe, load_probe, train_probe
+from minisnr.eval.probe import get_probe, load_probe
+from minisnr.eval.probe_train import train_probe
 from minisnr.io.cli import UserError
 from minisnr.eval.styles import apply_style, style_pil, STYLES
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from minisnr.eval import metrics, stats
 from minisnr.io.data import ImageSet
-from minisnr.eval.probe import shuffle_pixels, styled_batch, train_probe
+from minisnr.eval.judge_views import shuffle_pixels, styled_batch
+from minisnr.eval.probe_train import train_probe
 from minisnr.eval.styles import match_colours, STYLES
 
 CLASSES = ["disc", "bar", "cross"]
@@ -121,7 +122,7 @@ def test_styled_batch_labels_match_what_was_applied():
 
 def test_degrade_changes_only_the_chosen_share_and_keeps_flat_images_near():
     """degrade leaves images it does not pick untouched, and moves the ones it picks only a little."""
-    from minisnr.eval.probe import degrade
+    from minisnr.eval.judge_views import degrade
     flat = torch.full((200, 3, 8, 8), 120, dtype=torch.uint8)
     out = degrade(flat, torch.Generator().manual_seed(0), chance=0.5)
     changed = (out != flat).flatten(1).any(1)

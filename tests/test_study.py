@@ -162,3 +162,60 @@ def test_dry_run_counts_what_is_left(tiny, tmp_path, capsys):
     runs = 2 * 2 * len(study.SAMPLERS)
     assert f"{runs} fine-tune(s) still to do" in log and "first guess" in log, log
     assert not os.path.exists(os.path.join(out, "runs")), "a dry run should fine-tune nothing"
+
+
+# --- fine-tuning through finetune.py's command line (minisnr/eval/finetune_run.py) ----------------------------
+
+def test_finetune_argv_spells_flags_as_a_user_would():
+    """Names with dashes, bools as true/false, None left out, and a negative number kept a value (--name=value)."""
+    from minisnr.eval.finetune_run import FINETUNE_SCRIPT, finetune_argv
+    argv = finetune_argv({"mu": -4.0, "style_vector": True, "overwrite": False, "alpha": None, "style_class": "cat"})
+    assert argv == [sys.executable, FINETUNE_SCRIPT, "--mu=-4.0", "--style-vector=true", "--overwrite=false",
+                    "--style-class=cat"]
+
+
+def test_finetune_failure_is_one_line_with_its_error(tiny, tmp_path):
+    """A run that finetune.py refuses stops the caller with finetune.py's own error line, and its log is kept."""
+    from minisnr.eval.finetune_run import finetune
+    out, png = tmp_path / "bad", tmp_path / "style.png"
+    from PIL import Image
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(png)
+    with pytest.raises(UserError, match="--rank must be >= 1, got 0"):
+        finetune({"base": tiny["ckpt"], "style": str(png), "out": str(out), "rank": 0}, log_path=str(tmp_path / "ft.log"))
+    assert "--rank must be >= 1" in open(tmp_path / "ft.log").read()
+
+
+def test_finetune_resumes_an_interrupted_run_and_restarts_a_killed_one(tiny, tmp_path):
+    """A folder with state.pt but no adapter continues from its state; one with only a log (killed before its
+    first state) starts again; one with an adapter is reused without running finetune.py."""
+    from PIL import Image
+    from minisnr.eval.finetune_run import finetune
+    png = tmp_path / "style.png"
+    Image.new("RGB", (40, 40), (20, 90, 200)).save(png)
+    out, log = tmp_path / "ft", str(tmp_path / "ft.log")
+    flags = {"base": tiny["ckpt"], "style": str(png), "out": str(out), "steps": 2, "sample_per_class": 0,
+             "device": "cpu"}
+    adapter, seconds = finetune(flags, log_path=log)
+    assert os.path.isfile(adapter) and seconds > 0
+    assert finetune(flags, log_path=log) == (adapter, 0.0), "a finished run is reused"
+    os.remove(adapter)                                                 # as if stopped after its last state
+    finetune(dict(flags, steps=3), log_path=log)
+    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+    assert "resumed from" in open(log).read() and steps[-1] == 3, steps
+    for name in ("adapter.pt", "state.pt"):                            # killed before its first state
+        os.remove(out / name)
+    finetune(flags, log_path=log)
+    assert os.path.isfile(adapter), "a run killed before its first state starts again"
+
+
+def test_the_package_does_not_import_the_scripts():
+    """minisnr/ runs finetune.py, train.py and sample.py only as commands, never by importing them."""
+    import ast
+    for root, _, files in os.walk(os.path.join(REPO_ROOT, "minisnr")):
+        for name in (f for f in files if f.endswith(".py")):
+            path = os.path.join(root, name)
+            tree = ast.parse(open(path, encoding="utf-8").read())
+            imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+            imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+            assert not imported & {"finetune", "train", "sample"}, f"{path} imports a script"
+            assert "spec_from_file_location" not in open(path, encoding="utf-8").read(), f"{path} loads a file"

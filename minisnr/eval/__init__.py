@@ -1,12 +1,28 @@
-"""Measuring the method: the judge, the metrics, the ground-truth styles and the study.
+"""Measuring the method: the judge, the metrics, the ground-truth styles, the study and the evaluate commands.
 
-    styles.py        seven ground-truth styles as pixel transforms (dev and test splits)
-    probe.py         the judge: a small CIFAR classifier with a second trunk that names the style
-    metrics.py       per-class KID and FD, style and content accuracy, Gram similarity
-    stats.py         paired differences with Student-t confidence intervals
-    study.py         python -m minisnr.eval.study: samplers x styles x seeds, cached and resumable
-    study_report.py  the study's tables and plots
-    compare.py       python -m minisnr.eval.compare: SD3 against the default on your own painting
-    evaluate.py      python -m minisnr.eval.evaluate probe|base|fig4|fid
-    fid.py           sample folders and the optional clean-fid FID
+The yardstick
+    styles.py            seven ground-truth styles as pixel transforms (dev and test splits)
+    probe_net.py         the probe's network: a small CIFAR classifier; the judge adds a trunk that names the style
+    probe_train.py       training the probe and the judge
+    judge_views.py       the judge's training views: styled images, decoys and generator flaws
+    probe.py             the probe and the judge as cache files: get_probe loads one, or trains and keeps it
+    metrics.py           per-class KID and FD, style and content accuracy, Gram similarity
+    stats.py             paired differences with Student-t confidence intervals
+
+The study (python -m minisnr.eval.study) and compare (python -m minisnr.eval.compare)
+    study.py             the study's command line
+    study_protocol.py    what is compared: samplers, fine-tuning variants, windows, pairs and the plan
+    study_runner.py      carries the plan out: fine-tunes, samples and scores, resumable
+    study_samples.py     the style on in a sampling window; the samples and scores kept per run
+    study_report.py      the study's tables and plots
+    finetune_run.py      runs finetune.py as a user does, for the study and compare
+    compare.py           SD3 against the default on your own painting
+
+python -m minisnr.eval.evaluate probe|base|fig4|fid
+    evaluate.py          the command line: parses the flags and dispatches to one module per command
+    evaluate_context.py  what probe, base and fig4 share: their probe flags and set-up
+    evaluate_probe.py    probe: train or load the probe
+    evaluate_base.py     base: class accuracy and FD of the base model
+    evaluate_fig4.py     fig4: where an adapter's style acts along the sampling trajectory
+    fid.py               fid: sample folders and the optional clean-fid FID
 """

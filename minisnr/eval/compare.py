@@ -11,7 +11,8 @@ then SD3, then the default sampler. It prints two hints per sampler:
              score highest, so read it beside content.
     content  the judge's class accuracy: does the requested class survive the style?
 
-The judge is the study's (minisnr/study.py), trained once on CIFAR-10 and cached (--judge). The measured
+Both fine-tunes are finetune.py itself, run as a user runs it (finetune_run.py); a finished one is reused and an
+interrupted one continues. The judge is the study's, trained once on CIFAR-10 and cached (--judge). The measured
 comparison on ground-truth styles, with seeds and CIs, is `python -m minisnr.eval.study`.
 """
 import argparse
@@ -19,45 +20,31 @@ import copy
 import os
 
 import torch
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 
-from ..eval import metrics
-from ..io.files import check_writable, require_file
-from ..io.checkpoint import load_pretrained
-from ..io.data import load_images
-from ..rf import to_uint8
-from ..rf import generate
-from ..io.checkpoint import apply_adapter
-from ..lora import merge_lora, set_style_scale
-from .probe import get_probe
+from ..io.checkpoint import apply_adapter, load_pretrained
 from ..io.cli import run_main, UserError
+from ..io.data import load_images
 from ..io.device import autocast_context, pick_device, resolve_precision
+from ..io.files import check_writable, require_file
 from ..io.images import save_image_grid
-from .study import JUDGE_EPOCHS, JUDGE_LR, load_finetune
+from ..lora import merge_lora, set_style_scale
+from ..rf import generate, NoiseSampler
+from . import metrics
+from .finetune_run import finetune
+from .probe import get_probe
+from .study_protocol import JUDGE_EPOCHS, JUDGE_LR
 from .styles import STYLES
 
-
-def finetune_both(ft, args):
-    """Fine-tune with SD3's sampler and with the default one (reusing finished runs): {name: adapter path}."""
-    default = ft.FinetuneConfig()
-    runs = {"SD3 (logit-normal 0, 1)": {"noise_sampler": "logit-normal", "m": 0.0, "s": 1.0},
-            f"default ({default.noise().describe()})": {}}
-    adapters = {}
-    for i, (name, noise) in enumerate(runs.items()):
-        cfg = ft.FinetuneConfig(base=args.ckpt, style=args.style, out=os.path.join(args.out, ("sd3", "default")[i]),
-                                seed=args.seed, sample_per_class=0, device=args.device, precision=args.precision,
-                                **noise, **({"steps": args.finetune_steps} if args.finetune_steps else {}))
-        adapters[name] = os.path.join(cfg.out, "adapter.pt")
-        if not os.path.exists(adapters[name]):
-            cfg.resume = os.path.exists(os.path.join(cfg.out, "state.pt"))   # an interrupted run continues
-            cfg.overwrite = not cfg.resume   # one killed before its first state: only its own log to replace
-            ft.validate(cfg)
-            print(f"fine-tuning with {name} ...", flush=True)
-            ft.finetune(cfg)
-    return adapters
+RUNS = {"sd3": ("SD3's sampler", {"noise_sampler": "logit-normal", "m": 0.0, "s": 1.0}),   # folder: (what, flags)
+        "default": ("finetune.py's default sampler", {})}
 
 
-def main(argv=None):
-    """Parse argv, fine-tune twice, sample, write the picture and print the scores; returns the scores."""
+# --- command line --------------------------------------------------------------------------------
+
+def build_parser():
+    """compare's flags, each with its reason."""
     p = argparse.ArgumentParser(prog="python -m minisnr.eval.compare", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("ckpt", help="base checkpoint written by train.py")
@@ -73,44 +60,102 @@ def main(argv=None):
     p.add_argument("--test-data", default="cifar10", help="the judge's test images, if it must be trained")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32")
-    args = p.parse_args(argv)
+    return p
+
+
+# --- the two fine-tunes and their samples ----------------------------------------------------------
+
+def finetune_both(args):
+    """Fine-tune with SD3's sampler and with finetune.py's default (reusing finished runs): {folder: adapter}."""
+    adapters = {}
+    for folder, (what, noise) in RUNS.items():
+        flags = dict(base=args.ckpt, style=args.style, out=os.path.join(args.out, folder), seed=args.seed,
+                     sample_per_class=0, device=args.device, precision=args.precision, **noise,
+                     **({"steps": args.finetune_steps} if args.finetune_steps else {}))
+        if not os.path.exists(os.path.join(flags["out"], "adapter.pt")):
+            print(f"fine-tuning with {what} ...", flush=True)
+        adapters[folder], _ = finetune(flags)
+    return adapters
+
+
+def run_name(folder, meta):
+    """A column's name: SD3's, or the default's with the sampler its adapter records."""
+    noise = meta.get("noise_sampler")
+    if folder == "sd3":
+        return "SD3 (logit-normal 0, 1)"
+    return f"default ({NoiseSampler(**noise).describe()})" if isinstance(noise, dict) else "default"
+
+
+def sample_blocks(base, adapters, draw, device):
+    """{column name: uint8 samples}: the base model (style off), then each adapter with its style merged in."""
+    blocks = {"style off": draw(base)}
+    for folder, path in adapters.items():
+        model = copy.deepcopy(base)
+        meta = apply_adapter(model, path)
+        set_style_scale(model.to(device), 1.0)
+        merge_lora(model)
+        blocks[run_name(folder, meta)] = draw(model)
+    return blocks
+
+
+def painting_crops(style, size, n=64, seed=0):
+    """n random resized crops (and flips) of the painting(s), uint8 (n, 3, size, size): views like those a
+    fine-tune learns from (short side 64, crops of 35-100% of the area), to measure the painting's statistics.
+    Seeded, and the global RNG is left as it was."""
+    refs = [TF.resize(TF.pil_to_tensor(im), 64, antialias=True) for im in load_images(style.split(","), max_side=256)]
+    crop = T.RandomResizedCrop(size, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        views = [crop(refs[i]) for i in torch.randint(len(refs), (n,)).tolist()]          # (3, size, size) each
+        views = [v.flip(-1) if torch.rand(()) < 0.5 else v for v in views]
+    return torch.stack(views)
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+def main(argv=None):
+    """Parse argv, fine-tune twice, sample, write the picture and print the scores; returns the scores."""
+    args = build_parser().parse_args(argv)
     if args.n < 1 or args.steps < 1 or args.finetune_steps < 0 or not 0 <= args.cfg < float("inf"):
         raise UserError("--n and --steps must be >= 1, --finetune-steps >= 0 and --cfg a finite number >= 0")
     require_file(args.ckpt, "checkpoint", "pass the ckpt.pt written by train.py as the first argument")
     check_writable(args.out)
-    ft = load_finetune()
     device = pick_device(args.device)
     ctx = autocast_context(device, resolve_precision(args.precision, device))
     judge = get_probe(args.judge, args.train_data, args.test_data, epochs=JUDGE_EPOCHS, lr=JUDGE_LR, device=device,
                       styles=tuple(STYLES))
-    adapters = finetune_both(ft, args)
+    adapters = finetune_both(args)
     base, ckpt = load_pretrained(args.ckpt, use_ema=True, device=device)
     classes = ckpt.get("classes") or [str(i) for i in range(base.config.num_classes)]
     labels = torch.tensor([c for c in range(len(classes)) for _ in range(args.n)])
     draw = lambda m: generate(m, labels, steps=args.steps, cfg=args.cfg, seed=args.seed, autocast_ctx=ctx)  # noqa
-    blocks = {"style off": draw(base)}
-    for name, path in adapters.items():
-        model = copy.deepcopy(base)
-        apply_adapter(model, path)
-        set_style_scale(model.to(device), 1.0)
-        merge_lora(model)
-        blocks[name] = draw(model)
-    views = ft.StyleViews(load_images(args.style.split(","), max_side=256), base.config.img_size, 64, 0.35, "cpu")
-    crops = metrics.measure(judge, to_uint8(views.next(64)))["style"]                  # the painting's statistics
+    blocks = sample_blocks(base, adapters, draw, device)
+    scores = score_blocks(judge, blocks, labels, painting_crops(args.style, base.config.img_size, seed=args.seed))
+    write_grid(args, blocks, classes)
+    return scores
+
+
+def score_blocks(judge, blocks, labels, crops):
+    """Print and return {column: {"style": Gram sim to the painting's crops, "content": class accuracy}}."""
+    painting = metrics.measure(judge, crops)["style"]                                # the painting's statistics
     scores = {}
     for name, images in blocks.items():
         got = metrics.measure(judge, images)
-        scores[name] = {"style": metrics.style_similarity(got["style"], crops, skip_rgb=True).mean().item(),
+        scores[name] = {"style": metrics.style_similarity(got["style"], painting, skip_rgb=True).mean().item(),
                         "content": metrics.class_accuracy(got["logits"], labels)}
         print(f"{name:>40}: style (Gram sim to the painting) {scores[name]['style']:.3f}   "
               f"content (judge class accuracy) {scores[name]['content']:.3f}")
+    return scores
+
+
+def write_grid(args, blocks, classes):
+    """OUT/compare.png: one row per class, the blocks side by side."""
     grid = torch.cat([b.view(len(classes), args.n, *b.shape[1:]) for b in blocks.values()], dim=1).flatten(0, 1)
     path = os.path.join(args.out, "compare.png")
     save_image_grid(grid, path, nrow=len(blocks) * args.n,
                     meta={"columns": list(blocks), "rows": classes, "seed": args.seed, "steps": args.steps,
                           "cfg": args.cfg, "style": args.style})
     print(f"wrote {path}: rows are classes; columns: {', '.join(f'{args.n} {b}' for b in blocks)}")
-    return scores
 
 
 if __name__ == "__main__":

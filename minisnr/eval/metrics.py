@@ -1,8 +1,8 @@
-"""Metrics for generated images, computed through the probe (minisnr/probe.py) or on raw pixels.
+"""Metrics for generated images, computed through the probe (probe.py) or on raw pixels.
 
 All images are uint8 (N, 3, 32, 32). The probe's outputs come from Probe.run(images):
 {"logits": (N, K), "pooled": (N, D), "grams": [per style layer (N, C(C+1)/2)]}, plus
-"style_logits" (N, S) from a judge (a probe with a style trunk; see minisnr/study.py).
+"style_logits" (N, S) from a judge (a probe with a style trunk; see study.py).
 
     class / content accuracy   fraction of samples of class c that the probe calls c (higher = better)
     Fréchet distance (FD)      ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) between Gaussians

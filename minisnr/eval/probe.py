@@ -1,30 +1,10 @@
-"""A small CNN classifier of the base dataset: the "eye" that minisnr's evaluation metrics look through.
+"""The probe and the judge as cache files: load one, or train it once (a few CPU minutes) and keep it.
 
-The paper scores style with DINO / CLIP-I image embeddings and content with CLIP text
-scores. None of those exist for 32x32 CIFAR-10 offline, so minisnr trains its own probe:
-a 4-layer conv net with BatchNorm, trained on the base dataset (CIFAR-10) in a few CPU
-minutes with flip + crop augmentation, cached to a file (runs/probe.pt by default).
+    get_probe(path, train_data, test_data)               # the plain probe: python -m minisnr.eval.evaluate probe
+    get_probe(path, ..., styles=tuple(STYLES))           # the study's judge, which also names the style
 
-    x (N, 3, 32, 32) in [-1, 1]
-    conv1  4x4 stride 2, BN, ReLU     (N, w0, 16, 16)      style layer
-    conv2  3x3, BN, ReLU              (N, w1, 16, 16)      style layer, then 2x2 max-pool
-    conv3  3x3, BN, ReLU              (N, w2,  8,  8)      style layer, then 2x2 max-pool
-    conv4  3x3, BN, ReLU              (N, w2,  4,  4)
-    pool   global average             (N, w2)              "pooled": the feature for Fréchet distance
-    head   linear                     (N, classes)         logits
-
-What the evaluation uses (minisnr/metrics.py calls Probe.run on uint8 images, in batches):
-    logits               class accuracy of samples, content accuracy of styled samples
-    pooled (N, w2)       Fréchet distance
-    grams                the style maps {"rgb": x, "conv1", "conv2", "conv3"} as Gram vectors -> style similarity
-Probe.logits(x) and Probe.features(x) give the same logits and the pooled features and whole
-maps for one batch of [-1, 1] tensors, for exploring the probe by hand.
-
-The judge (minisnr/study.py) is the same network trained with `styles`: every training view
-is put through a random ground-truth style or left plain, with decoys (recoloured photos,
-shuffled pixels) labelled "none", and half the views get the flaws of generated images. A
-second trunk of the same shape, `style_net`, learns which style a view is in; the first
-learns the class whatever the style. Its "pooled" features are both trunks' side by side.
+The probe (probe_net.py) is a small CNN classifier of the base dataset, trained by probe_train.py; the judge is
+the same network with a second trunk that learns which ground-truth style a view is in.
 
 The cache file holds the weights, the class names, the probe's own test accuracy and the
 mean / spread of the Gram statistics of natural images (used to standardise style
@@ -37,307 +17,17 @@ published values.
 """
 import os
 import time
-from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from ..io.cli import CheckpointError
-from ..io.files import atomic_save
 from ..io.checkpoint import safe_load
-from ..io.data import load_dataset, to_model_range
-from ..io.cli import UserError
-from .styles import apply_style, match_colours
+from ..io.cli import CheckpointError, UserError
+from ..io.data import load_dataset
+from ..io.files import atomic_save
+from .probe_net import DEFAULT_WIDTHS, Probe, ProbeNet, STYLE_LAYERS
+from .probe_train import train_probe
 
 PROBE_FORMAT = "minisnr-probe-v1"
-STYLE_LAYERS = ("rgb", "conv1", "conv2", "conv3")   # where style (Gram) statistics are read; "rgb" is the input
-DEFAULT_WIDTHS = (24, 48, 96)
-
-
-def _conv_bn(c_in, c_out, kernel, stride, padding):
-    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False), nn.BatchNorm2d(c_out),
-                         nn.ReLU(inplace=True))
-
-
-class ProbeNet(nn.Module):
-    """The probe's network (see the module docstring for the layer shapes). With num_styles > 0 it is a judge:
-    a second ProbeNet of the same shape, `style_net`, classifies the style. Two trunks, because the class head
-    must learn to ignore style and the style head to see it; one shared trunk learned neither well."""
-
-    def __init__(self, num_classes, widths=DEFAULT_WIDTHS, num_styles=0):
-        super().__init__()
-        w0, w1, w2 = widths
-        self.conv1 = _conv_bn(3, w0, 4, 2, 1)     # stride 2 straight away: 16x16 maps keep the probe cheap on a CPU
-        self.conv2 = _conv_bn(w0, w1, 3, 1, 1)
-        self.conv3 = _conv_bn(w1, w2, 3, 1, 1)
-        self.conv4 = _conv_bn(w2, w2, 3, 1, 1)
-        self.head = nn.Linear(w2, num_classes)
-        self.style_net = ProbeNet(num_styles, widths) if num_styles else None   # "none" + one logit per style
-
-    def forward_features(self, x):
-        """x (N, 3, H, W) in [-1, 1] -> (logits (N, K), pooled (N, w2), style maps {name: (N, C, h, w)})."""
-        h1 = self.conv1(x)                          # (N, w0, 16, 16)
-        h2 = self.conv2(h1)                         # (N, w1, 16, 16)
-        h3 = self.conv3(F.max_pool2d(h2, 2))        # (N, w2, 8, 8)
-        h4 = self.conv4(F.max_pool2d(h3, 2))        # (N, w2, 4, 4)
-        pooled = h4.mean(dim=(2, 3))                # (N, w2)
-        return self.head(pooled), pooled, {"rgb": x, "conv1": h1, "conv2": h2, "conv3": h3}
-
-    def forward(self, x):
-        """Logits (N, K) of x (N, 3, H, W) in [-1, 1]."""
-        return self.forward_features(x)[0]
-
-
-@dataclass
-class Probe:
-    """A trained ProbeNet in eval mode plus what the cache file records about it.
-
-    net:           the ProbeNet
-    classes:       class names, in label order (must match the DiT checkpoint's)
-    test_accuracy: top-1 accuracy on the test split it was trained against
-    style_mean, style_std: per style layer, the mean and floored std of natural images' Gram vectors
-    info:          everything else in the cache (epochs, seconds, data specs, ...)
-    styles:        the judge's style names, style head index order ("none" first); [] for a plain probe
-    """
-    net: ProbeNet
-    classes: list
-    test_accuracy: float
-    style_mean: list
-    style_std: list
-    info: dict = field(default_factory=dict)
-    styles: list = field(default_factory=list)
-
-    @property
-    def device(self):
-        """The device the probe's weights live on."""
-        return next(self.net.parameters()).device
-
-    @torch.no_grad()
-    def logits(self, x, batch_size=500):
-        """Class logits (N, K) of images x (N, 3, 32, 32) in [-1, 1]."""
-        self.net.eval()
-        return torch.cat([self.net(x[i:i + batch_size].to(self.device)).float().cpu()
-                          for i in range(0, len(x), batch_size)])
-
-    @torch.no_grad()
-    def features(self, x):
-        """(pooled (N, w2), style maps {"rgb": (N, 3, 32, 32), "conv1": (N, w0, 16, 16), ...}) for x in [-1, 1].
-
-        One batch, kept whole: use run() for large sets, which reduces the maps to Gram vectors per batch."""
-        self.net.eval()
-        _, pooled, maps = self.net.forward_features(x.to(self.device))
-        return pooled.float().cpu(), {k: v.float().cpu() for k, v in maps.items()}
-
-    @torch.no_grad()
-    def run(self, images, batch_size=250):
-        """Everything the metrics need from uint8 images (N, 3, 32, 32), in batches:
-        {"logits": (N, K), "pooled": (N, w2), "grams": [per STYLE_LAYERS (N, C(C+1)/2)]}. A judge also gives
-        "style_logits" (N, len(styles)), and its "pooled" is both trunks' features side by side, (N, 2 w2)."""
-        from .metrics import gram_vector
-        self.net.eval()
-        logits, pooled, styles, grams = [], [], [], [[] for _ in STYLE_LAYERS]
-        for i in range(0, len(images), batch_size):
-            x = to_model_range(images[i:i + batch_size].to(self.device))
-            lg, pl, maps = self.net.forward_features(x)
-            if self.net.style_net is not None:   # a judge: features see class and style; Gram maps are the style's
-                st, st_pooled, maps = self.net.style_net.forward_features(x)
-                styles.append(st.float().cpu())
-                pl = torch.cat([pl, st_pooled], dim=1)                                    # (B, 2 w2)
-            logits.append(lg.float().cpu())
-            pooled.append(pl.float().cpu())
-            for store, name in zip(grams, STYLE_LAYERS):
-                store.append(gram_vector(maps[name].float()).cpu())
-        out = {"logits": torch.cat(logits), "pooled": torch.cat(pooled), "grams": [torch.cat(g) for g in grams]}
-        if styles:
-            out["style_logits"] = torch.cat(styles)
-        return out
-
-
-# --- training ------------------------------------------------------------------------------------
-
-def augment(x, generator, pad=4):
-    """Random crop after `pad` pixels of reflection padding, and random horizontal flip, per image.
-    x (B, 3, H, W) float -> (B, 3, H, W)."""
-    b, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")                      # (B, 3, H+2p, W+2p)
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    rows = (oy[:, None] + torch.arange(h))[:, :, None]                           # (B, H, 1)
-    cols = (ox[:, None] + torch.arange(w))[:, None, :]                           # (B, 1, W)
-    flip = torch.rand(b, generator=generator) < 0.5
-    cols = torch.where(flip[:, None, None], cols.flip(-1), cols)
-    batch = torch.arange(b)[:, None, None]
-    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
-
-
-@torch.no_grad()
-def accuracy(net, images, labels, batch_size=500):
-    """Top-1 accuracy of `net` on uint8 images (N, 3, H, W) with labels (N,)."""
-    net.eval()
-    device = next(net.parameters()).device
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        x = to_model_range(images[i:i + batch_size].to(device))
-        correct += (net(x).argmax(1).cpu() == labels[i:i + batch_size]).sum().item()
-    return correct / max(1, len(images))
-
-
-def _sgd(net, lr):
-    """SGD with Nesterov momentum and weight decay 5e-4, but none on BatchNorm weights and biases."""
-    decay = [p for p in net.parameters() if p.ndim > 1]
-    no_decay = [p for p in net.parameters() if p.ndim == 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
-                           lr=lr, momentum=0.9, nesterov=True)
-
-
-def styled_batch(images, styles, generator, p_none=0.25, flaw_chance=0.5):
-    """The judge's training views: each uint8 image (B, 3, H, W) gets style id 0 ("none", chance p_none) or
-    k = 1..len(styles), and that style applied. Returns (images, style ids (B,)).
-
-    Half of the "none" images are decoys, so that the style head learns what a style is and not a shortcut to it:
-    natural images recoloured to the channel means and spreads of their own styled version (a colour cast alone is
-    no style), and styled images with their pixels shuffled (the right palette and grain, but no picture).
-    Then a `flaw_chance` of all views get the flaws of generated images (degrade)."""
-    b, k = len(images), len(styles)
-    sid = torch.where(torch.rand(b, generator=generator) < p_none, 0,
-                      torch.randint(1, k + 1, (b,), generator=generator))
-    donor = torch.randint(1, k + 1, (b,), generator=generator)
-    decoy = torch.where(sid == 0, torch.randint(0, 4, (b,), generator=generator), 0)   # 1: recolour, 2: shuffle
-    out = images.clone()
-    for i, name in enumerate(styles, start=1):
-        if (sid == i).any():
-            out[sid == i] = apply_style(name, images[sid == i])
-        for kind, make in ((1, match_colours), (2, lambda plain, styled: shuffle_pixels(styled, generator))):
-            pick = (decoy == kind) & (donor == i)
-            if pick.any():
-                out[pick] = make(images[pick], apply_style(name, images[pick]))
-    return degrade(out, generator, flaw_chance), sid
-
-
-def degrade(images, generator, chance=0.5):
-    """Give a random `chance` of uint8 images (N, 3, H, W) the flaws of generated images: a slight blur, pixel
-    noise and a small colour shift, each of random strength. Applied to every label alike, so a flaw never
-    tells the style; it teaches the judge that an imperfect rendering of a style is still that style."""
-    n = len(images)
-    pick = torch.rand(n, generator=generator) < chance
-    if not pick.any():
-        return images
-    x = images[pick].float() / 255                                                   # (M, 3, H, W)
-    m = len(x)
-    sigma = 0.3 + 0.7 * torch.rand(m, 1, 1, generator=generator)                     # blur std in pixels
-    taps = torch.exp(-torch.tensor([1.0, 0.0, 1.0]) / (2 * sigma ** 2))             # (M, 1, 3) 1D Gaussian
-    k = (taps / taps.sum(-1, keepdim=True)).view(m, 1, 3)
-    k2 = (k.transpose(1, 2) @ k).repeat_interleave(3, 0).unsqueeze(1)              # (3M, 1, 3, 3) per image
-    x = F.conv2d(F.pad(x.view(1, 3 * m, *x.shape[2:]), (1, 1, 1, 1), mode="replicate"), k2, groups=3 * m)
-    x = x.view(m, 3, *images.shape[2:])
-    x = x * (1 + 0.1 * (2 * torch.rand(m, 3, 1, 1, generator=generator) - 1)) \
-        + 0.05 * (2 * torch.rand(m, 3, 1, 1, generator=generator) - 1)             # colour gain and offset
-    x = x + 0.06 * torch.rand(m, 1, 1, 1, generator=generator) * torch.randn(x.shape, generator=generator)
-    out = images.clone()
-    out[pick] = (x.clamp(0, 1) * 255).round().to(torch.uint8)
-    return out
-
-
-def shuffle_pixels(images, generator):
-    """Each uint8 image (N, 3, H, W) with its pixel positions permuted at random: its colours, none of its layout."""
-    n, c, h, w = images.shape
-    perm = torch.argsort(torch.rand(n, h * w, generator=generator), dim=1)          # (N, H*W) one permutation each
-    flat = images.flatten(2)                                                         # (N, 3, H*W)
-    return flat.gather(2, perm[:, None, :].expand(n, c, h * w)).view(n, c, h, w)
-
-
-def train_probe(train_set, test_set, epochs=3, batch_size=128, lr=0.1, widths=DEFAULT_WIDTHS, seed=0,
-                device="cpu", stats_images=5000, log=print, styles=()):
-    """Train a ProbeNet on `train_set` (an ImageSet), measure it on `test_set`, and return a Probe.
-
-    SGD with Nesterov momentum, weight decay 5e-4, label smoothing 0.1, a one-cycle LR
-    (linear warm-up for 15% of the steps to `lr`, then linear decay to 0), crop + flip
-    augmentation. fp32. Also records natural-image Gram statistics on up to `stats_images`
-    training images, which style similarity uses to standardise its descriptors.
-
-    With `styles` (names from minisnr/styles.py) it trains the judge instead: every view is passed through a
-    random style (styled_batch), the class head learns the class whatever the style, and the style trunk learns
-    which style ("none" or one of `styles`) the view is in. Both losses are summed.
-    """
-    if epochs < 1 or batch_size < 1:
-        raise UserError(f"probe epochs and batch size must be >= 1 (got {epochs}, {batch_size})")
-    batch_size = min(batch_size, len(train_set))
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    device = torch.device(device)
-    style_names = ["none", *styles] if styles else []
-    net = ProbeNet(len(train_set.classes), widths, num_styles=len(style_names)).to(device)
-    opt = _sgd(net, lr)
-    steps_per_epoch = len(train_set) // batch_size
-    total = epochs * steps_per_epoch
-    warm = max(1, int(0.15 * total))
-    images, labels = train_set.images, train_set.labels
-    start, cpu_start = time.time(), time.process_time()
-    step = 0
-    for epoch in range(epochs):
-        net.train()
-        perm = torch.randperm(len(labels), generator=gen)
-        loss_sum, correct, seen = 0.0, 0, 0
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
-            raw, sid = styled_batch(images[idx], styles, gen) if styles else (images[idx], None)
-            x = augment(to_model_range(raw), gen).to(device)
-            y = labels[idx].to(device)
-            for g in opt.param_groups:
-                g["lr"] = lr * ((step + 1) / warm if step < warm else max(0.0, (total - step) / (total - warm)))
-            logits = net(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=0.1)
-            if styles:   # the style trunk has its own weights, so the two losses do not compete
-                loss = loss + F.cross_entropy(net.style_net(x), sid.to(device), label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            loss_sum += loss.item()
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-        log(f"probe epoch {epoch + 1}/{epochs}: loss {loss_sum / max(1, steps_per_epoch):.3f}, "
-            f"train acc {correct / max(1, seen):.3f} ({time.time() - start:.0f}s)")
-    seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
-    net.eval()
-    probe = Probe(net, list(train_set.classes), accuracy(net, test_set.images, test_set.labels), [], [],
-                  {"epochs": epochs, "batch_size": batch_size, "lr": lr, "widths": list(widths), "seed": seed,
-                   "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1),
-                   "threads": torch.get_num_threads(), "n_train": len(train_set), "n_test": len(test_set)},
-                  style_names)
-    # natural-image Gram statistics, from a fixed random subset of the training images
-    pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 1))[:stats_images]
-    grams = probe.run(images[pick])["grams"]
-    probe.style_mean = [g.mean(0) for g in grams]
-    probe.style_std = [_floored_std(g) for g in grams]
-    if styles:
-        probe.info.update(judge_accuracy(probe, test_set))
-    log(f"probe test accuracy {probe.test_accuracy:.4f} on {len(test_set)} test images; trained in {seconds:.0f}s "
-        f"({cpu_seconds:.0f} CPU-s on {torch.get_num_threads()} thread(s))")
-    return probe
-
-
-@torch.no_grad()
-def judge_accuracy(probe, test_set):
-    """How well a judge sees through styles, on the test split passed through each of its styles:
-    {"styled_content_accuracy": class head on styled images (the content ceiling),
-     "style_accuracy": style head right, per style name and "mean"}."""
-    per_style, content = {}, []
-    for k, name in enumerate(probe.styles):
-        images = test_set.images if name == "none" else apply_style(name, test_set.images)
-        out = probe.run(images)
-        per_style[name] = (out["style_logits"].argmax(1) == k).float().mean().item()
-        if name != "none":
-            content.append((out["logits"].argmax(1) == test_set.labels).float().mean().item())
-    per_style["mean"] = sum(per_style.values()) / len(per_style)
-    return {"styled_content_accuracy": sum(content) / len(content), "style_accuracy": per_style}
-
-
-def _floored_std(g):
-    """Per-entry std over images (K,), floored at 10% of its mean so near-constant entries cannot blow up."""
-    std = g.std(0) if len(g) > 1 else torch.ones(g.shape[1])
-    return std.clamp(min=max(1e-6, 0.1 * std.mean().item()))
 
 
 # --- the cache file ------------------------------------------------------------------------------
@@ -428,17 +118,22 @@ def get_probe(path, train_data, test_data, epochs=3, device="cpu", retrain=False
     return probe
 
 
+
+# --- checks and a summary line ---------------------------------------------------------------------
+
 def check_classes(probe, classes):
     """Refuse a probe whose classes differ from the model's: its labels would mean something else."""
     if list(probe.classes) != list(classes):
         raise UserError(f"the probe knows classes {probe.classes[:4]}... but the model was trained on "
-                        f"{list(classes)[:4]}...; train a probe on the model's dataset (--probe NEW_PATH --train-data ...)")
+                        f"{list(classes)[:4]}...; train a probe on the model's dataset "
+                        f"(--probe NEW_PATH --train-data ...)")
 
 
 def describe(probe):
     """One line: accuracy, training time, where it came from, and the comparability caveat."""
     info = probe.info
     return (f"probe {info.get('path', '?')}: test accuracy {probe.test_accuracy:.4f} "
-            f"({info.get('n_test', '?')} images), {info.get('epochs', '?')} epochs in {info.get('train_seconds', '?')}s "
+            f"({info.get('n_test', '?')} images), {info.get('epochs', '?')} epochs in "
+            f"{info.get('train_seconds', '?')}s "
             f"({info.get('train_cpu_seconds', '?')} CPU-s); "
             f"its FD / similarity numbers compare only within minisnr (not FID, DINO or CLIP)")

@@ -243,7 +243,7 @@ STYLES = {s.name: s for s in [
     Style("hatching", hatching, "texture: ink line hatching whose density follows darkness"),
 ]}
 
-# The evaluation protocol (minisnr/study.py) chooses defaults on DEV_STYLES and only ever reports TEST_STYLES, so a
+# The evaluation protocol (study.py) chooses defaults on DEV_STYLES and only ever reports TEST_STYLES, so a
 # default cannot be tuned to the styles it is judged on. tritone and halftone chose the old default: they are dev.
 DEV_STYLES = ("tritone", "halftone", "cartoon")
 TEST_STYLES = ("sepia-vignette", "pixel-art", "blueprint", "hatching")
