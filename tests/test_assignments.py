@@ -91,6 +91,8 @@ def test_removing_a_function_fails_its_check_with_the_formula(tmp_path, number, 
 
 def test_stub_out_keeps_the_docstring_and_replaces_the_rest():
     """stub_out leaves the signature and docstring and puts one raise where the body was."""
-    src = 'class A:\n    def f(self, x):\n        """Doc."""\n        y = x + 1\n        return y\n\n    def g(self):\n        return 2\n'
+    src = ('class A:\n    def f(self, x):\n        """Doc."""\n        y = x + 1\n        return y\n\n'
+           '    def g(self):\n        return 2\n')
     out = stub_out(src, "A.f")
-    assert out == 'class A:\n    def f(self, x):\n        """Doc."""\n        raise NotImplementedError\n\n    def g(self):\n        return 2\n'
+    assert out == ('class A:\n    def f(self, x):\n        """Doc."""\n        raise NotImplementedError\n\n'
+                   '    def g(self):\n        return 2\n')

@@ -66,7 +66,8 @@ def tiny_probe():
 def test_style_is_deterministic_and_changes_the_image(name):
     x = natural_like(4, seed=1)
     a, b = apply_style(name, x), apply_style(name, x.clone())
-    assert a.dtype == torch.uint8 and a.shape == x.shape, f"style {name} must return uint8 of the input's shape {tuple(x.shape)}"
+    assert a.dtype == torch.uint8 and a.shape == x.shape, (
+        f"style {name} must return uint8 of the input's shape {tuple(x.shape)}")
     assert torch.equal(a, b), f"style {name} must be deterministic: the same input twice should give identical output"
     change = (a.float() - x.float()).abs().mean().item()
     assert change > 10, f"style {name} should visibly change the image (mean |diff| > 10 grey levels), got {change:.1f}"
@@ -114,11 +115,13 @@ def test_metrics_rank_styled_set_above_unstyled(tiny_probe):
     ref, s, u, t = (metrics.measure(tiny_probe, x) for x in (reference, styled, unstyled, target))
     sim_styled = metrics.style_similarity(s["style"], ref["style"]).mean().item()
     sim_plain = metrics.style_similarity(u["style"], ref["style"]).mean().item()
-    assert sim_styled > sim_plain + 0.1, \
-        f"styled images should be more similar to a styled reference than unstyled ones: {sim_styled:.3f} vs {sim_plain:.3f}"
+    assert sim_styled > sim_plain + 0.1, (
+        f"styled images should be more similar to a styled reference than unstyled ones: "
+        f"{sim_styled:.3f} vs {sim_plain:.3f}")
     fd_styled = metrics.frechet_distance(s["pooled"], t["pooled"])
     fd_plain = metrics.frechet_distance(u["pooled"], t["pooled"])
-    assert fd_styled < fd_plain, f"styled FD to the styled targets should be lower for styled images: {fd_styled:.3f} vs {fd_plain:.3f}"
+    assert fd_styled < fd_plain, (
+        f"styled FD to the styled targets should be lower for styled images: {fd_styled:.3f} vs {fd_plain:.3f}")
 
 
 def test_self_similarity_is_maximal(tiny_probe):
@@ -126,7 +129,8 @@ def test_self_similarity_is_maximal(tiny_probe):
     got = metrics.measure(tiny_probe, images)
     one = [d[:1] for d in got["style"]]
     sims = metrics.style_similarity(got["style"], one)
-    assert abs(sims[0].item() - 1) < 1e-5, f"an image compared with itself should have style similarity 1, got {sims[0]:.6f}"
+    assert abs(sims[0].item() - 1) < 1e-5, (
+        f"an image compared with itself should have style similarity 1, got {sims[0]:.6f}")
     assert (sims <= sims[0] + 1e-6).all(), "no image should be more similar to the reference than the reference itself"
     assert metrics.frechet_distance(got["pooled"], got["pooled"]) < 1e-6, "a set against itself should have FD ~0"
 

@@ -181,7 +181,8 @@ def test_finetune_failure_is_one_line_with_its_error(tiny, tmp_path):
     from PIL import Image
     Image.new("RGB", (40, 40), (200, 30, 30)).save(png)
     with pytest.raises(UserError, match="--rank must be >= 1, got 0"):
-        finetune({"base": tiny["ckpt"], "style": str(png), "out": str(out), "rank": 0}, log_path=str(tmp_path / "ft.log"))
+        finetune({"base": tiny["ckpt"], "style": str(png), "out": str(out), "rank": 0},
+                 log_path=str(tmp_path / "ft.log"))
     assert "--rank must be >= 1" in open(tmp_path / "ft.log").read()
 
 

@@ -20,17 +20,15 @@ import copy
 import os
 
 import torch
-from torchvision.transforms import v2 as T
-from torchvision.transforms.v2 import functional as TF
 
 from ..io.checkpoint import apply_adapter, load_pretrained
 from ..io.cli import run_main, UserError
-from ..io.data import load_images
+from ..io.data import StyleViews, load_images
 from ..io.device import autocast_context, pick_device, resolve_precision
 from ..io.files import check_writable, require_file
 from ..io.images import save_image_grid
 from ..lora import merge_lora, set_style_scale
-from ..rf import generate, NoiseSampler
+from ..rf import generate, NoiseSampler, to_uint8
 from . import metrics
 from .finetune_run import finetune
 from .probe import get_probe
@@ -99,16 +97,13 @@ def sample_blocks(base, adapters, draw, device):
 
 
 def painting_crops(style, size, n=64, seed=0):
-    """n random resized crops (and flips) of the painting(s), uint8 (n, 3, size, size): views like those a
-    fine-tune learns from (short side 64, crops of 35-100% of the area), to measure the painting's statistics.
+    """n random resized crops (and flips) of the painting(s), uint8 (n, 3, size, size): the views a fine-tune
+    learns from (finetune.py's StyleViews at its default sizes), to measure the painting's statistics.
     Seeded, and the global RNG is left as it was."""
-    refs = [TF.resize(TF.pil_to_tensor(im), 64, antialias=True) for im in load_images(style.split(","), max_side=256)]
-    crop = T.RandomResizedCrop(size, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)
+    views = StyleViews(load_images(style.split(","), max_side=256), size, 64, 0.35, "cpu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        views = [crop(refs[i]) for i in torch.randint(len(refs), (n,)).tolist()]          # (3, size, size) each
-        views = [v.flip(-1) if torch.rand(()) < 0.5 else v for v in views]
-    return torch.stack(views)
+        return to_uint8(views.next(n))
 
 
 # --- the command ---------------------------------------------------------------------------------
