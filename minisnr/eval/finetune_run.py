@@ -12,7 +12,6 @@ state.pt holds an interrupted run, which continues (--resume true). A folder wit
 of a run killed before its first state, which starts again (--overwrite true replaces only a fine-tune's files).
 """
 import os
-import re
 import subprocess
 import sys
 import time
@@ -34,20 +33,6 @@ def finetune_argv(flags):
             text = ("true" if value else "false") if isinstance(value, bool) else str(value)
             argv.append(f"--{name.replace('_', '-')}={text}")
     return argv
-
-
-def finetune_defaults(names):
-    """{name: default as text} of finetune.py's flags `names` (e.g. ("steps", "batch_size")), read from its --help.
-    Meant for numbers (a long text default may be wrapped); a flag whose default is not found there is left out."""
-    shown = subprocess.run(finetune_argv({}) + ["--help"], capture_output=True, text=True).stdout
-    flat = " ".join(shown.split())                   # argparse wraps its help lines anywhere
-    found = {}
-    for name in names:
-        flag = name.replace("_", "-")
-        m = re.search(rf"--{flag} [A-Z]+\b(?:(?! --[a-z]).)*?\[default ([^\]]+)\]", flat)
-        if m:
-            found[name] = m.group(1)
-    return found
 
 
 # --- running it ----------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ All state lives under --out, so a rerun continues where the last one stopped: a 
 import copy
 import os
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -18,8 +17,9 @@ from ..io.device import autocast_context, pick_device, resolve_precision, sync
 from ..io.files import check_writable, write_json
 from ..io.images import save_png
 from ..rf import generate
+from ..train.config import FinetuneConfig
 from . import metrics, study_protocol as protocol
-from .finetune_run import finetune, finetune_defaults
+from .finetune_run import finetune
 from .judge_views import shuffle_pixels
 from .probe import get_probe
 from .study_report import write_report
@@ -102,12 +102,12 @@ class Study:
         return os.path.join(self.out, "runs", variant, style, f"seed{seed}", sampler)
 
     def finetune_config(self, variant, style, seed, sampler):
-        """finetune.py's flags for one run, as attributes: its defaults, the sampler's p(t) and the variant's
+        """finetune.py's flags for one run, as its FinetuneConfig: its defaults, the sampler's p(t) and the variant's
         changes (every field of the sampler is passed, so a resumed run's recorded flags stay the same)."""
         png, cls, _ = self.reference(style, seed)
         noise = protocol.SAMPLERS[sampler][2]
         changes = {k: (cls if v == protocol.REF else v) for k, v in protocol.VARIANTS[variant][0].items()}
-        return SimpleNamespace(
+        return FinetuneConfig(                                      # a misspelt flag is a TypeError here
             base=self.args.ckpt, style=png, out=self.run_dir(variant, style, seed, sampler), seed=seed,
             noise_sampler=noise.kind, m=noise.m, s=noise.s, mu=noise.mu, sigma=noise.sigma, shift=noise.shift,
             sample_per_class=0, device=self.args.device, precision=self.args.precision, **self.fixed, **changes)
@@ -214,9 +214,9 @@ class Study:
         todo_ft = {r[:4] for r in plan if not os.path.exists(os.path.join(self.run_dir(*r[:4]), "adapter.pt"))}
         windows = sum(len(r[4]) for r in plan)
         rate = forward_rate(self.base, self.device)
-        known = finetune_defaults(("steps", "batch_size"))           # nan below if finetune.py's --help did not say
-        steps = self.fixed.get("steps") or float(known.get("steps", "nan"))
-        ft_s = steps * float(known.get("batch_size", "nan")) * 3 / rate + 5.0   # backward ~ 2 forwards; start-up ~5 s
+        defaults = FinetuneConfig()
+        steps = self.fixed.get("steps") or defaults.steps
+        ft_s = steps * defaults.batch_size * 3 / rate + 5.0          # backward ~ 2 forwards; start-up ~5 s
         n = self.args.samples_per_class * len(self.classes)
         score_s = n * self.args.sample_steps * 2 / rate                                # CFG doubles the batch
         print(f"plan: {len(plan)} runs, {len(todo_ft)} fine-tune(s) still to do (~{ft_s:.0f}s each), up to {windows} "
