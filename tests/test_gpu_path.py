@@ -45,15 +45,21 @@ def test_auto_precision_can_be_forced_for_tests(monkeypatch, forced):
 
 
 def test_pick_device_cuda_enables_tf32(monkeypatch):
-    """Every entry point gets its device from pick_device, which turns TF32 on for CUDA with the fp32_precision API."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    monkeypatch.setattr(matmul, "fp32_precision", "ieee")
-    monkeypatch.setattr(conv, "fp32_precision", "ieee")
+    """Every entry point gets its device from pick_device, which turns TF32 on for CUDA: with the fp32_precision
+    API where torch has it (2.9 and newer), else with the allow_tf32 flags (the torch 2.6 floor)."""
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        flags = [(matmul, "fp32_precision", "ieee", "tf32"), (conv, "fp32_precision", "ieee", "tf32")]
+    else:
+        flags = [(matmul, "allow_tf32", False, True), (torch.backends.cudnn, "allow_tf32", False, True)]
+    for obj, name, off, _ in flags:
+        monkeypatch.setattr(obj, name, off)
     pick_device("cpu")
-    assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee"), "TF32 is a CUDA setting only"
+    assert [getattr(obj, name) for obj, name, _, _ in flags] == [off for _, _, off, _ in flags], (
+        "TF32 is a CUDA setting only")
     fake_cuda(monkeypatch, (8, 0))
     assert pick_device("cuda").type == "cuda"
-    assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    assert [getattr(obj, name) for obj, name, _, _ in flags] == [on for _, _, _, on in flags]
 
 
 # --- DDP: backend and wrapping order ------------------------------------------------------------
