@@ -23,7 +23,8 @@ Each can be followed by the SD3/FLUX resolution shift t' = k t / (1 + (k - 1) t)
 which is the same as lam' = lam - 2 log k.
 
 Sampling integrates the ODE dx/dt = v from t = 1 (noise) to t = 0 (data) with Euler
-steps and classifier-free guidance: v = v_null + cfg * (v_cond - v_null).
+steps and classifier-free guidance: v = v_null + cfg * (v_cond - v_null); generate() wraps
+it: seeded noise in, uint8 pixels out.
 """
 import math
 from dataclasses import asdict, dataclass
