@@ -159,14 +159,17 @@ class Run:
         if self.speed:
             extra["img_per_s"] = round(img_s, 1) if img_s else None
         if self.master:
-            self.bar.set_postfix(loss=f"{mean_loss:.4f}", **({"img_s": f"{img_s:.0f}" if img_s else "-"}
-                                                           if self.speed else {}))
+            postfix = {"loss": f"{mean_loss:.4f}"}
+            if self.speed:
+                postfix["img_s"] = f"{img_s:.0f}" if img_s else "-"
+            self.bar.set_postfix(**postfix)
             bins = [round(v, 5) if c > 0 else None for v, c in zip(per_bin, self.bin_counts.tolist())]
             record = {"step": step, "loss": round(mean_loss, 5), **extra, "loss_by_t_bin": bins,
                       "time": round(time.time(), 1)}
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()
-        self.loss_sum.zero_(), self.bin_sums.zero_(), self.bin_counts.zero_()
+        for total in (self.loss_sum, self.bin_sums, self.bin_counts):
+            total.zero_()
         self.n = 0
 
     def check_finite(self, step):
