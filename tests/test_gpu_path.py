@@ -44,22 +44,40 @@ def test_auto_precision_can_be_forced_for_tests(monkeypatch, forced):
         resolve_precision("auto", cpu)
 
 
-def test_pick_device_cuda_enables_tf32(monkeypatch):
-    """Every entry point gets its device from pick_device, which turns TF32 on for CUDA: with the fp32_precision
-    API where torch has it (2.9 and newer), else with the allow_tf32 flags (the torch 2.6 floor)."""
-    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
-    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
-        flags = [(matmul, "fp32_precision", "ieee", "tf32"), (conv, "fp32_precision", "ieee", "tf32")]
-    else:
-        flags = [(matmul, "allow_tf32", False, True), (torch.backends.cudnn, "allow_tf32", False, True)]
-    for obj, name, off, _ in flags:
-        monkeypatch.setattr(obj, name, off)
+@pytest.fixture
+def restore_tf32():
+    """Put the global TF32 settings back through torch's own setters. (monkeypatch.setattr on torch's backend
+    objects cannot be undone on every pytest: pytest 9.2 undoes a setattr on them with delattr, which they refuse.)"""
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def tf32_state():
+    """Every getter that reads the TF32 setting; on torch 2.9+ each raises if the legacy and new APIs were mixed."""
+    state = [torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32]
+    for obj in (torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)):
+        if hasattr(obj, "fp32_precision"):          # torch 2.9 and newer
+            state.append(obj.fp32_precision)
+    return state
+
+
+def test_pick_device_cuda_enables_tf32(monkeypatch, restore_tf32):
+    """Every entry point gets its device from pick_device, which turns TF32 on for CUDA only, and leaves every
+    TF32 getter readable afterwards (inductor reads torch.get_float32_matmul_precision() when it autotunes)."""
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    off = tf32_state()
+    assert off[:3] == ["highest", False, False]
     pick_device("cpu")
-    assert [getattr(obj, name) for obj, name, _, _ in flags] == [off for _, _, off, _ in flags], (
-        "TF32 is a CUDA setting only")
+    assert tf32_state() == off, "TF32 is a CUDA setting only"
     fake_cuda(monkeypatch, (8, 0))
     assert pick_device("cuda").type == "cuda"
-    assert [getattr(obj, name) for obj, name, _, _ in flags] == [on for _, _, _, on in flags]
+    on = tf32_state()                                # raises here if the two APIs were mixed
+    assert on[:3] == ["high", True, True]
+    assert all(v == "tf32" for v in on[3:]), on
 
 
 # --- DDP: backend and wrapping order ------------------------------------------------------------

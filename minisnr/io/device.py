@@ -27,14 +27,13 @@ def pick_device(name="auto"):
 
 def enable_tf32(device):
     """Let fp32 matmuls and convolutions use TF32 tensor cores (Ampere+; a free speed-up for any fp32 work
-    under autocast). Uses the fp32_precision API of newer torch, else the older allow_tf32 flags. Returns device."""
-    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
-    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
-        matmul.fp32_precision = "tf32"
-        conv.fp32_precision = "tf32"
-    else:  # torch < 2.9
-        matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    under autocast). Returns device.
+
+    Uses the legacy setters on purpose: on torch 2.9+ setting the new `fp32_precision` flags and then reading
+    torch.get_float32_matmul_precision() (inductor does, when it autotunes) raises "mix of the legacy and new
+    APIs". torch.set_float32_matmul_precision("high") leaves both APIs consistent on every supported torch."""
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
     return device
 
 
