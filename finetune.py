@@ -5,8 +5,8 @@
     python sample.py runs/pretrain/ckpt.pt --lora runs/style/adapter.pt  # any class, in the style
 
 Only the LoRA layers (minisnr/lora.py) train and are saved: OUT/adapter.pt is 2.3 MB at rank 32 on the cpu preset.
-The method is one line of the loop, t = noise(...). The default draws lam ~ N(mu, sigma) with mu = +2, chosen on
-the dev styles at 32x32 (the paper's -6 is for 1-megapixel latents; README, "Choosing the default").
+The method is one line of the loop, t = noise(...). The default draws lam ~ N(mu, sigma) with mu = -1.55, sigma = 2:
+the paper's mu = -6 for 1-megapixel latents, translated to 32x32 pixels (minisnr/rf.py; README, "The study").
 """
 import os
 import time

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from minisnr.eval import compare, study
+from minisnr.eval import compare, study, study_protocol
 from minisnr.io.cli import UserError
 from minisnr.eval.styles import DEV_STYLES, STYLES, TEST_STYLES
 
@@ -33,99 +33,153 @@ def tiny(tmp_path_factory):
 def argv(tiny, out, *extra):
     return [tiny["ckpt"], "--out", out, "--train-data", tiny["data"], "--test-data", tiny["data"],
             "--judge", str(tiny["root"] / "judge.pt"), "--judge-epochs", "1", "--targets-per-class", "4",
-            "--samples-per-class", "2", "--sample-steps", "3", "--steps", "2", "--seeds", "2",
-            "--styles", "tritone,hatching", "--device", "cpu", *extra]
+            "--samples-per-class", "2", "--sample-steps", "3", "--steps", "3", "--seeds", "1", "--sample-seeds", "2",
+            "--device", "cpu", *extra]
 
 
-def test_dev_and_test_styles_are_disjoint_and_cover_non_colour_styles():
-    """Defaults are chosen on dev styles and reported on test styles: the two never share a style, and the
-    test set has at least 3 styles that are not a global colour map."""
+TWO_EACH = ",".join(DEV_STYLES[:2] + TEST_STYLES[:2])       # two styles per split: the least that has a CI
+
+
+def test_dev_and_test_styles_are_disjoint_and_enough_for_a_ci_over_styles():
+    """Defaults are chosen on dev styles and reported on test styles: the two never share a style, and the test
+    split has at least 6 styles (the CI is over styles) of which at least 3 are not a global colour map."""
     assert not set(DEV_STYLES) & set(TEST_STYLES), "a style in both splits would leak the choice into the report"
-    assert set(DEV_STYLES) | set(TEST_STYLES) == set(STYLES) and len(STYLES) >= 6
+    assert set(DEV_STYLES) | set(TEST_STYLES) == set(STYLES)
+    assert len(TEST_STYLES) >= 6 and len(DEV_STYLES) >= 3
     assert len(set(TEST_STYLES) - {"tritone", "sepia-vignette"}) >= 3, "test needs 3+ styles beyond colour maps"
 
 
-def test_study_main_part_end_to_end_and_resumes(tiny, tmp_path, capsys):
-    """The main part fine-tunes every sampler on every (style, seed) pair, writes a report with the paired
-    columns, the noise-floor row and the decoy rows, and a rerun reuses every adapter and score."""
+def test_the_papers_two_arms_are_translated_by_one_rule():
+    """Both arms move by the same log-SNR offset, ln(128*128*16 / (32*32*3)); the translated mu is the one default
+    mu of the whole code (rf.py, train.py's and finetune.py's flags)."""
+    import math
+    from minisnr.rf import NoiseSampler, STYLE_FRIENDLY_MU, sample_style_friendly
+    from minisnr.train.config import FinetuneConfig, TrainConfig
+    from minisnr.eval import study_protocol as p
+    assert p.LAM_OFFSET == pytest.approx(math.log(262144 / 3072))
+    sd3_there, sd3_here = -2 * math.log(3), -2 * math.log(p.PAPER_SD3_SHIFT)      # shift k moves lam by -2 log k
+    assert sd3_here - sd3_there == pytest.approx(p.LAM_OFFSET)
+    assert p.PAPER_MU_HERE - p.PAPER_MU == pytest.approx(p.LAM_OFFSET, abs=0.005)
+    assert p.SAMPLERS["sf-paper"][2].mu == p.PAPER_MU_HERE == STYLE_FRIENDLY_MU == -1.55
+    assert FinetuneConfig().mu == TrainConfig().mu == NoiseSampler().mu == STYLE_FRIENDLY_MU
+    assert FinetuneConfig().noise_sampler == "style-friendly"
+    import inspect
+    assert inspect.signature(sample_style_friendly).parameters["mu"].default == STYLE_FRIENDLY_MU
+
+
+def test_study_main_and_control_end_to_end_and_resumes(tiny, tmp_path, capsys):
+    """The control and main parts fine-tune each sampler on every (style, seed) at k = 1 (and the paper's pair at
+    k = 2), apply the default rule on dev, write a report with CIs over styles and the per-style plot, and a rerun
+    reuses every adapter and score."""
     out = str(tmp_path / "study")
-    study.main(argv(tiny, out, "--parts", "main"))
+    extra = ("--parts", "control,main", "--styles", TWO_EACH, "--ks", "1,2", "--samplers", "sd3-paper,sf-paper,sd3")
+    study.main(argv(tiny, out, *extra))
     log = capsys.readouterr().out
-    runs = 2 * 2 * len(study.SAMPLERS)                                   # 2 styles x 2 seeds x samplers
+    runs = 4 * (3 + 2)                                         # 4 styles x (3 samplers at k = 1 + the pair at k = 2)
     assert log.count("fine-tuned") == runs, f"expected {runs} fine-tunes, log:\n{log[-1500:]}"
     results = json.load(open(os.path.join(out, "results.json")))
     assert len(results["runs"]) == runs and results["default"] in study.SAMPLERS
-    assert results["default_rule"].startswith("lowest mean per-class KID over 2 dev"), results["default_rule"]
+    assert results["default_rule"].startswith(study_protocol.DEFAULT_RULE), results["default_rule"]
+    control = results["runs"][f"main/k1/{TEST_STYLES[0]}/0/sd3-paper"]
+    assert {"0:1", "scale0.5", "scale0.75"} <= set(control), "the control samples the baseline at planted strengths"
+    assert {"style_acc", "content_acc", "kid", "palette", "hf"} <= set(control["0:1"])
     report = open(os.path.join(out, "report.md")).read()
-    for text in ("## dev styles: tritone", "## test styles: hatching", "Δ KID×1000 vs SD3", "noise floor",
-                 "decoy: copies of the reference", "real test images in the style (ceiling)", "± "):
+    for text in ("## Positive control", "sd3-paper at 0.5x strength", f"## test styles (2): {TEST_STYLES[0]}",
+                 "sf-paper − sd3-paper (the paper's pair, translated) | 1 ", "sf-paper − sd3-paper (the paper's pair, "
+                 "translated) | 2 ", "Means over styles, k = 2",
+                 "## dev styles (2)", "Default chosen on the dev styles", "decoy: copies of the reference",
+                 "real test images in the style (ceiling)", "± ", "palette FD"):
         assert text in report, f"the report should contain {text!r}"
-    study.main(argv(tiny, out, "--parts", "main"))
+    assert os.path.isfile(os.path.join(out, "per_style.png"))
+    study.main(argv(tiny, out, *extra))
     log = capsys.readouterr().out
-    assert log.count("adapter reused") == runs and log.count("scores reused") == runs and "fine-tuned" not in log, \
+    assert log.count("adapter reused") == runs + 2 and "fine-tuned" not in log and "sampled" not in log, \
         "a rerun should reuse every adapter and every score"
 
 
-def test_each_seed_has_its_own_reference_shared_by_all_samplers(tiny, tmp_path):
-    """Pairing: for one (style, seed) every sampler learns from the same reference file; another seed uses
-    another reference image (of another class where the dataset has one)."""
-    s = study.Study(study.build_parser().parse_args(argv(tiny, str(tmp_path / "s"))))
+def test_references_are_shared_by_samplers_differ_by_seed_and_are_never_scored(tiny, tmp_path):
+    """Pairing: for one (style, seed, k) every sampler learns from the same references; another seed uses other
+    images; k = 2 uses 2 images of 2 classes; and no reference is among the target or ceiling images."""
+    s = study.Study(study.build_parser().parse_args(argv(tiny, str(tmp_path / "s"), "--seeds", "2")))
     s.prepare()
-    cfgs = {(seed, name): s.finetune_config("main", "hatching", seed, name)
-            for seed in (0, 1) for name in study.SAMPLERS}
+    style = TEST_STYLES[0]
+    cfgs = {(seed, name): s.finetune_config("main", 1, style, seed, name) for seed in (0, 1) for name in study.SAMPLERS}
     for seed in (0, 1):
         assert len({cfgs[seed, n].style for n in study.SAMPLERS}) == 1, "all samplers should share the reference"
         assert {cfgs[seed, n].seed for n in study.SAMPLERS} == {seed}
     assert cfgs[0, "sd3"].style != cfgs[1, "sd3"].style, "seeds should use different references"
-    assert s.reference("hatching", 0)[1] != s.reference("hatching", 1)[1], "and references of different classes"
     assert cfgs[0, "sf-4"].mu == -4 and cfgs[0, "sd3-paper"].shift == pytest.approx(study.PAPER_SD3_SHIFT)
+    folder, cls, refs = s.references(style, 0, 2)
+    assert os.path.isdir(folder) and len(os.listdir(folder)) == 2 and len(refs) == 2 and cls is None
+    scored = set(torch.cat([s.target_idx, s.ceiling_idx]).tolist())
+    for seed in (0, 1):
+        for k in (1, 2, 3):
+            idx, classes = s.reference_indices(seed, k)
+            assert not set(idx) & scored, "a reference should never be one of the scored images"
+            assert len(set(classes)) == k, "a style set's references show different classes"
+    assert s.reference_indices(0, 2)[0] != s.reference_indices(1, 2)[0], "seeds should use other style sets"
 
 
-def test_default_is_chosen_on_dev_styles_only():
-    """choose_default looks only at dev pairs: a sampler that wins every test style but loses on dev is not
-    chosen."""
+def test_default_rule_needs_a_ci_over_dev_styles_that_excludes_zero():
+    """The rule written before the run: sf-paper stays unless another sampler beats it on dev with a CI over styles
+    that excludes 0. A sampler that wins only on test, or only on average, is not chosen."""
     s = study.Study.__new__(study.Study)
-    s.args = study.build_parser().parse_args(["ckpt", "--seeds", "1"])
-    runs = {}
-    for style in STYLES:
-        for name in study.SAMPLERS:
-            on_dev = style in DEV_STYLES
-            kid = (0.1 if name == "sf-4" else 0.5) if on_dev else (0.0 if name == "sd3" else 0.9)
-            runs[f"main/{style}/0/{name}"] = {"0:1": {"kid": kid}}
-    s.results = {"runs": runs}
-    assert s.choose_default() == "sf-4", "the dev set prefers sf-4; the test set must not change that"
+    s.args = study.build_parser().parse_args(["ckpt", "--seeds", "2"])
+
+    def runs_with(kids):            # kids: sampler -> function(style index, seed) -> KID on dev
+        out = {}
+        for i, style in enumerate(STYLES):
+            for seed in (0, 1):
+                for name in study_protocol.main_samplers(s.args):
+                    kid = kids.get(name, lambda i, sd: 0.5)(i, seed) if style in DEV_STYLES else (
+                        0.0 if name == "sd3" else 0.9)
+                    out[f"main/k1/{style}/{seed}/{name}"] = {"0:1": {"kid": kid}}
+        return out
+    s.results = {"runs": runs_with({"sf-4": lambda i, sd: 0.4 - 0.01 * i})}
+    assert s.choose_default()[0] == "sf-4", "a clear win on every dev style (CI excludes 0) replaces the default"
+    s.results = {"runs": runs_with({"sf-4": lambda i, sd: [0.1, 0.9, 0.2, 0.8, 0.3, 0.7][i % 6] - 0.05})}
+    name, rule = s.choose_default()
+    assert name == "sf-paper" and "sf-4" in rule, "a better mean whose CI covers 0 keeps the default"
+    s.results = {"runs": runs_with({})}
+    assert s.choose_default()[0] == "sf-paper", "test-only wins (sd3 here) must not change the default"
 
 
-def test_windows_ablations_and_lam_parts(tiny, tmp_path):
-    """The other parts run on the test styles with the given default, and the report gets their tables."""
+def test_windows_calibration_convergence_and_ablations(tiny, tmp_path):
+    """The other parts run on the test styles, and the report gets their tables."""
     out = str(tmp_path / "parts")
-    study.main(argv(tiny, out, "--split", "test", "--parts", "main,windows,ablations,lam", "--default", "sf-2",
-                    "--seeds", "1"))
+    study.main(argv(tiny, out, "--split", "test", "--parts", "windows,calibration,convergence,ablations",
+                    "--styles", TEST_STYLES[0], "--samplers", "sd3-paper,sf-paper", "--sample-seeds", "1"))
     results = json.load(open(os.path.join(out, "results.json")))
+    lam = results["runs"][f"main/k1/{TEST_STYLES[0]}/0/sd3-paper"]
+    assert set(study.LAM_WINDOWS) <= set(lam), "every sampler's adapters, not only the default's, get lam windows"
+    assert set(results["runs"][f"main/k1/{TEST_STYLES[0]}/0/sf-paper"]) >= set(study.LAM_WINDOWS)
+    assert set(results["calibration"]) == {TEST_STYLES[0]}
+    assert {"t0.25/cfg1", "t0.75/cfg3"} <= set(results["calibration"][TEST_STYLES[0]])
+    conv = [k for k in results["runs"] if k.endswith(("/steps1", "/steps10"))]
+    assert len(conv) == 2 * len(study_protocol.CONVERGENCE_SAMPLERS), conv
     ablations = {k.split("/")[0] for k in results["runs"]} - {"main"}
     assert ablations == set(study.VARIANTS) - {"main"}, f"every variant should run, got {ablations}"
-    lam = results["runs"]["main/hatching/0/sf-2"]
-    assert set(study.LAM_WINDOWS) <= set(lam), "the default's runs should be scored in every lam window"
     report = open(os.path.join(out, "report.md")).read()
-    for text in ("## Style window at sampling", "## Ablations on hatching (test", "## Where is the style decided?",
-                 "lam <= X"):
+    for text in ("## Where is the style decided?", "sd3-paper: on while <=-2", "## Calibration", "t0.5/cfg3",
+                 "## Convergence", "1 steps | 3 steps | 10 steps", "## Ablations", "old-views"):
         assert text in report, f"the report should contain {text!r}"
-    assert os.path.isfile(os.path.join(out, "windows.png")) and os.path.isfile(os.path.join(out, "lam.png"))
+    assert os.path.isfile(os.path.join(out, "lam.png"))
 
 
-def test_style_vector_off_leaves_only_lora(tiny, tmp_path):
-    """The no-style-vector variant's adapter has LoRA tensors but no style vector, and it loads again."""
-    from minisnr.io.checkpoint import load_pretrained, safe_load
-    from minisnr.io.checkpoint import apply_adapter
-    out = str(tmp_path / "abl")
-    study.main(argv(tiny, out, "--split", "test", "--parts", "ablations", "--default", "sd3", "--seeds", "1",
-                    "--styles", "hatching"))
-    path = os.path.join(out, "runs", "no-style-vector", "hatching", "seed0", "sd3", "adapter.pt")
-    keys = safe_load(path, what="LoRA adapter")["lora"]
-    assert keys and not any("lora_style" in k for k in keys), "no style vector should be saved"
-    model, _ = load_pretrained(tiny["ckpt"])
-    apply_adapter(model, path)
-    assert model.style_embedder is None, "applying it should add no style vector"
+def test_calibration_starts_from_the_noised_image():
+    """euler_sample with t_start < 1 integrates from x_t: a model that predicts v = eps - x0 exactly for a known
+    x0 returns x0 from any starting t (the straight path is followed exactly by Euler steps)."""
+    from minisnr.rf import add_noise, euler_sample
+    x0, eps = torch.rand(2, 3, 4, 4) * 2 - 1, torch.randn(2, 3, 4, 4)
+
+    def oracle(x, t, y):                      # on the straight path, v = eps - x0 whatever t is
+        return eps - x0
+    for t in (0.25, 0.5, 1.0):
+        x_t = add_noise(x0, eps, torch.full((2,), t))
+        out = euler_sample(oracle, x_t, torch.zeros(2, dtype=torch.long), steps=3, t_start=t)
+        assert torch.allclose(out, x0, atol=1e-5), t
+    with pytest.raises(ValueError, match="t_start"):
+        euler_sample(oracle, x0, torch.zeros(2, dtype=torch.long), steps=3, t_start=0.0)
 
 
 def test_compare_on_own_painting(tiny, tmp_path, capsys):
@@ -146,20 +200,19 @@ def test_compare_on_own_painting(tiny, tmp_path, capsys):
 
 def test_study_rejects_bad_flags(tiny, tmp_path):
     """Bad values are one-line errors before any work."""
-    with pytest.raises(UserError, match="--parts"):
-        study.main(argv(tiny, str(tmp_path / "x"), "--parts", "main,everything"))
-    with pytest.raises(UserError, match="--default"):
-        study.main(argv(tiny, str(tmp_path / "x"), "--default", "sf-3"))
-    with pytest.raises(UserError, match="--cfg"):
-        study.main(argv(tiny, str(tmp_path / "x"), "--cfg", "nan"))
+    for flags, match in ((("--parts", "main,everything"), "--parts"), (("--default", "sf-3"), "--default"),
+                         (("--cfg", "nan"), "--cfg"), (("--samplers", "sd3,sf-9"), "--samplers"),
+                         (("--ks", "1,0"), "--ks"), (("--ks", "²"), "--ks"), (("--sample-seeds", "0"), "--sample-seeds")):
+        with pytest.raises(UserError, match=match):
+            study.main(argv(tiny, str(tmp_path / "x"), *flags))
 
 
 def test_dry_run_counts_what_is_left(tiny, tmp_path, capsys):
     """--dry-run prints how many fine-tunes are still to do and a time guess, and writes no run."""
     out = str(tmp_path / "dry")
-    assert study.main(argv(tiny, out, "--parts", "main", "--dry-run")) is None
+    assert study.main(argv(tiny, out, "--parts", "main", "--styles", TWO_EACH, "--dry-run")) is None
     log = capsys.readouterr().out
-    runs = 2 * 2 * len(study.SAMPLERS)
+    runs = 4 * (len(study_protocol.main_samplers(study.build_parser().parse_args(["x"]))) + 2)
     assert f"{runs} fine-tune(s) still to do" in log and "first guess" in log, log
     assert not os.path.exists(os.path.join(out, "runs")), "a dry run should fine-tune nothing"
 

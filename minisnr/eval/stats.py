@@ -8,8 +8,13 @@ share (an easy style, a lucky reference) from the comparison. We report
     95% CI     d_bar +- t_{0.975, n-1} * sd(d) / sqrt(n)        (Student t; the pairs are few)
     win rate   share of pairs where the sampler is better (ties count half)
 
-A CI that covers 0 means the data cannot tell the two apart. The noise floor row (two samplers
-with the same law of lam, drawn differently) shows how wide that "cannot tell" is.
+A CI that covers 0 means the data cannot tell the two apart. The positive control (a difference
+planted by construction) shows what size of difference the same CI can see.
+
+The pairs must be independent units. In the study the unit is the style: seeds of one style share
+the style, so their scores are averaged first (one number per style), and n is the number of styles.
+Counting (style, seed) pairs instead would shrink the CI by sqrt(seeds) without any new information
+about how the samplers behave on a style the study has not seen.
 """
 import math
 from statistics import NormalDist
@@ -50,6 +55,22 @@ def paired(a, b, higher_is_better=True):
     sign = 1 if higher_is_better else -1
     wins = sum(1.0 if sign * d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs)
     return {"n": len(diffs), "mean": mean, "ci": ci, "wins": wins}
+
+
+def effect_size(p):
+    """Standardised mean difference d_z = mean / sd of the paired differences (sd from the CI's half-width):
+    how many standard deviations of the style-to-style spread the difference is. nan with fewer than 2 units."""
+    if p["n"] < 2 or math.isnan(p["ci"]) or p["ci"] == 0:
+        return float("nan")
+    sd = p["ci"] * math.sqrt(p["n"]) / t_quantile(0.975, p["n"] - 1)
+    return p["mean"] / sd
+
+
+def mean_dict(rows):
+    """The key-by-key mean of dicts of numbers with the same keys (e.g. scores over sampling seeds)."""
+    if not rows:
+        raise ValueError("mean_dict needs at least one dict")
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
 
 def fmt_diff(p, scale=1.0, digits=3):

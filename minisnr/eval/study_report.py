@@ -1,244 +1,269 @@
-"""The study's report: markdown tables with paired CIs, results.json and the plots (see study.py).
+"""The study's report: markdown tables with CIs over styles, results.json and the plots (see study.py).
 
-Every comparison is paired on (style, seed) and shows mean ± 95% CI of the difference to SD3 and the win rate
-(stats.py). Numbers come from the judge (probe.py) and are comparable only within minisnr.
+Every comparison is paired: for each style, the mean over its seeds of one sampler minus the same mean of the
+other, then the mean ± 95% CI (Student t, df = styles - 1) of those differences, the share of styles where the
+first is better, and d_z (the mean over the spread between styles). Numbers come from the judge (probe.py) and
+the palette distance (metrics.py); they compare minisnr runs with each other only.
 """
+import math
 import os
 
 from ..io.files import write_json, write_text
 from ..tools.plot import line_plot
-from .stats import fmt_diff, paired
 from . import study_protocol as protocol
-from .study_protocol import LAM_THRESHOLDS, NOISE_FLOOR, SAMPLERS, VARIANTS, WINDOWS
-from .styles import DEV_STYLES
+from .stats import effect_size, fmt_diff, paired
+from .study_protocol import SAMPLERS, VARIANTS
 
+METRICS = (("style_acc", "style acc ↑", True, 1), ("content_acc", "content acc ↑", True, 1),
+           ("kid", "class KID×1000 ↓", False, 1000), ("palette", "palette FD ↓", False, 1))
 FIXED_LABELS = {"base": "base model, no fine-tune (style off)", "ceiling": "real test images in the style (ceiling)",
                 "copy": "decoy: copies of the reference", "shuffled": "decoy: the reference's pixels, shuffled",
                 "colour-matched": "decoy: real images recoloured to the reference's colours"}
-
-
-def _values(study, variant, pairs, sampler, window, metric):
-    """The metric of one sampler on each pair, in pair order (None where a run is missing)."""
-    runs = study.results["runs"]
-    out = [runs.get(f"{variant}/{st}/{sd}/{sampler}", {}).get(window, {}).get(metric) for st, sd in pairs]
-    return None if any(v is None for v in out) else out
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
 def _mean(values):
     return sum(values) / len(values)
 
 
-def sampler_table(study, split, variant="main", window="0:1", samplers=None):
-    """Markdown rows: each sampler's means, and its paired difference to SD3 with CI and win rate."""
-    pairs = protocol.pairs(study.args, split)
-    head = ("| sampler | lam ~ | style acc ↑ | Δ style vs SD3 | content acc ↑ | Δ content vs SD3 | class KID×1000 ↓ | "
-            "Δ KID×1000 vs SD3 | KID wins | class FD ↓ | Gram sim | HF |")
-    lines = [head, "|" + "---|" * 12]
-    sd3 = {m: _values(study, variant, pairs, "sd3", window, m) for m in ("style_acc", "content_acc", "kid")}
-    for name in samplers or SAMPLERS:
-        v = {m: _values(study, variant, pairs, name, window, m)
-             for m in ("style_acc", "content_acc", "kid", "fd", "gram", "hf")}
+def comparison(study, a, b, styles, k, metric, window_a="0:1", window_b="0:1", variant="main"):
+    """paired() over styles of sampler a (in window_a) minus sampler b (in window_b), or None if runs are missing."""
+    va = study.style_values(a, styles, k, window_a, metric, variant)
+    vb = study.style_values(b, styles, k, window_b, metric, variant)
+    if va is None or vb is None:
+        return None
+    higher = dict((m, h) for m, _, h, _ in METRICS).get(metric, True)
+    return dict(paired(va, vb, higher_is_better=higher), a=_mean(va), b=_mean(vb))
+
+
+def _cells(d, scale):
+    """Markdown cells: Δ ± CI, share of styles where the first is better, d_z."""
+    if d is None:
+        return "| | | "
+    dz = effect_size(d)
+    return f"| {fmt_diff(d, scale, 3 if scale == 1 else 1)} | {d['wins']:.0%} | {dz:+.2f} " if not math.isnan(dz) \
+        else f"| {fmt_diff(d, scale, 3 if scale == 1 else 1)} | {d['wins']:.0%} | - "
+
+
+def comparison_table(study, rows, styles):
+    """One row per (label, a, b, k, window_a, window_b): Δ of every metric with its CI over styles."""
+    head = "| comparison | k |" + "".join(f" Δ {label} | better on | d_z |" for _, label, _, _ in METRICS)
+    lines = [head, "|---|---|" + "---|---|---|" * len(METRICS)]
+    for label, a, b, k, wa, wb in rows:
+        cells = [comparison(study, a, b, styles, k, m, wa, wb) for m, _, _, _ in METRICS]
+        if all(c is None for c in cells):
+            continue
+        lines.append(f"| {label} | {k} " + "".join(_cells(c, s) for c, (_, _, _, s) in zip(cells, METRICS)) + "|")
+    return lines
+
+
+def sampler_table(study, styles, k, samplers):
+    """Each sampler's means over styles (no differences): what the comparisons are differences of."""
+    lines = ["| sampler | lam ~ | " + " | ".join(label for _, label, _, _ in METRICS) + " | HF |",
+             "|---|---|" + "---|" * (len(METRICS) + 1)]
+    for name in samplers:
+        v = {m: study.style_values(name, styles, k, "0:1", m) for m in [m for m, *_ in METRICS] + ["hf"]}
         if v["kid"] is None:
             continue
-        label, lam = SAMPLERS[name][0], SAMPLERS[name][1]
-        label += " *(noise floor: the same law as SD3)*" if name == NOISE_FLOOR[0] else ""
-        label = f"**{label} (default)**" if name == getattr(study, "default", None) else label
-        d = {m: paired(v[m], sd3[m], higher_is_better=(m != "kid")) for m in sd3} if sd3["kid"] else None
-        cell = (lambda m, s=1: fmt_diff(d[m], s, 3 if s == 1 else 2)) if d and name != "sd3" else (lambda m, s=1: "-")
-        wins = f"{d['kid']['wins']:.0%}" if d and name != "sd3" else "-"
-        lines.append(f"| {label} | {lam} | {_mean(v['style_acc']):.3f} | {cell('style_acc')} | "
-                     f"{_mean(v['content_acc']):.3f} | {cell('content_acc')} | {1000 * _mean(v['kid']):.2f} | "
-                     f"{cell('kid', 1000)} | {wins} | {_mean(v['fd']):.2f} | {_mean(v['gram']):.3f} | "
-                     f"{_mean(v['hf']):.3f} |")
+        label = f"**{name}** (default)" if name == study.default else name
+        lines.append(f"| {label}: {SAMPLERS[name][0]} | {SAMPLERS[name][1]} | "
+                     + " | ".join(f"{s * _mean(v[m]):.3f}" for m, _, _, s in METRICS) + f" | {_mean(v['hf']):.3f} |")
     for key, label in FIXED_LABELS.items():
-        rows = [study.results["fixed"][f"{st}/{sd}"][key] for st, sd in pairs if f"{st}/{sd}" in study.results["fixed"]]
+        rows = [study.results["fixed"][f"{st}/{sd}"][key] for st in styles for sd in range(study.args.seeds)
+                if f"{st}/{sd}" in study.results["fixed"]]
         if rows:
-            m = {k: _mean([r[k] for r in rows]) for k in rows[0]}
-            lines.append(f"| *{label}* | - | {m['style_acc']:.3f} | | {m['content_acc']:.3f} | | "
-                         f"{1000 * m['kid']:.2f} | | | {m['fd']:.2f} | {m['gram']:.3f} | {m['hf']:.3f} |")
+            lines.append(f"| *{label}* | - | " + " | ".join(f"{s * _mean([r[m] for r in rows]):.3f}"
+                                                           for m, _, _, s in METRICS)
+                         + f" | {_mean([r['hf'] for r in rows]):.3f} |")
     return lines
-
-
-def per_style_table(study, split):
-    """Per style: mean KID×1000 of each sampler over the seeds (where the averages come from)."""
-    styles = protocol.styles_of(study.args, split)
-    lines = ["| sampler | " + " | ".join(styles) + " |", "|" + "---|" * (len(styles) + 1)]
-    for name in SAMPLERS:
-        cells = []
-        for style in styles:
-            v = _values(study, "main", [(style, s) for s in range(study.args.seeds)], name, "0:1", "kid")
-            cells.append(f"{1000 * _mean(v):.2f}" if v else "")
-        if any(cells):
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def ablation_table(study, style):
-    """Each fine-tuning variant with SD3 and the default sampler on one style, against the same sampler in the
-    main variant (paired over the seeds)."""
-    lines = ["| variant | sampler | style acc | content acc | class KID×1000 | Δ KID×1000 vs main |"
-             " Δ KID×1000, default − SD3 |", "|" + "---|" * 7]
-    pairs = [(st, sd) for st, sd in protocol.ablation_pairs(study.args) if st == style]
-    for variant, (_, what) in VARIANTS.items():
-        kid_by = {}
-        for sampler in dict.fromkeys(("sd3", study.default)):
-            v = {m: _values(study, variant, pairs, sampler, "0:1", m) for m in ("style_acc", "content_acc", "kid")}
-            base = _values(study, "main", pairs, sampler, "0:1", "kid")
-            if v["kid"] is None:
-                continue
-            kid_by[sampler] = v["kid"]
-            vs_main = fmt_diff(paired(v["kid"], base, False), 1000, 2) if variant != "main" and base else "-"
-            vs_sd3 = (fmt_diff(paired(v["kid"], kid_by["sd3"], False), 1000, 2)
-                      if sampler != "sd3" and "sd3" in kid_by else "")
-            lines.append(f"| {variant}: {what} | {sampler} | {_mean(v['style_acc']):.3f} | "
-                         f"{_mean(v['content_acc']):.3f} | {1000 * _mean(v['kid']):.2f} | {vs_main} | {vs_sd3} |")
-    return lines
-
-
-def window_rows(study):
-    """(sampler, window, mean style acc, mean content acc, on the front of every test style?) over the test pairs."""
-    pairs, out = protocol.pairs(study.args, "test"), []
-    points = {}
-    for sampler in SAMPLERS:
-        for w in ("0:1", *WINDOWS):
-            s = _values(study, "main", pairs, sampler, w, "style_acc")
-            c = _values(study, "main", pairs, sampler, w, "content_acc")
-            if s and c:
-                points[(sampler, w)] = (s, c)
-    for (sampler, w), (s, c) in points.items():
-        on_every = all(_on_front(points, (sampler, w), [i for i, (st, _) in enumerate(pairs) if st == style])
-                       for style in protocol.styles_of(study.args, "test"))
-        out.append((sampler, w, _mean(s), _mean(c), on_every))
-    return out
-
-
-def _on_front(points, key, idx):
-    """True if no other point has both more style and more content (means over the pairs `idx`)."""
-    def at(k):
-        s, c = points[k]
-        return _mean([s[i] for i in idx]), _mean([c[i] for i in idx])
-    s0, c0 = at(key)
-    return not any(at(k)[0] >= s0 and at(k)[1] >= c0 and at(k) != (s0, c0) for k in points if k != key)
-
-
-def lam_rows(study):
-    """(threshold, style acc with the style on only while lam <= X, and only while lam > X), test pair means."""
-    keep = study.args.lam_styles.split(",") if study.args.lam_styles else None
-    pairs, out = [(st, sd) for st, sd in protocol.pairs(study.args, "test") if keep is None or st in keep], []
-    for x in LAM_THRESHOLDS:
-        early = _values(study, "main", pairs, study.default, f"lam<={x}", "style_acc")
-        late = _values(study, "main", pairs, study.default, f"lam>{x}", "style_acc")
-        content = _values(study, "main", pairs, study.default, f"lam<={x}", "content_acc")
-        if early and late:
-            out.append((x, _mean(early), _mean(late), _mean(content)))
-    return out
 
 
 def write_report(study):
     """Write OUT/results.json, OUT/report.md and the plots; return their paths."""
     a = study.args
     paths = {k: os.path.join(study.out, f) for k, f in (("json", "results.json"), ("report", "report.md"),
-                                                         ("windows", "windows.png"), ("lam", "lam.png"))}
+                                                         ("per_style", "per_style.png"), ("lam", "lam.png"))}
     info = study.judge.info
-    write_json({"settings": vars(a), "default": study.default, "default_rule": getattr(study, "default_rule", None),
+    write_json({"settings": vars(a), "default": study.default, "default_rule": study.default_rule,
                 "judge": {"clean_accuracy": study.judge.test_accuracy, **{k: info.get(k) for k in
                           ("styled_content_accuracy", "style_accuracy")}}, **study.results}, paths["json"])
-    lines = (_intro(study) + _sampler_sections(study) + _window_section(study, paths["windows"])
-             + _ablation_sections(study) + _lam_section(study, paths["lam"]))
+    lines = (_intro(study) + _control_section(study) + _main_sections(study, paths["per_style"])
+             + _lam_section(study, paths["lam"]) + _calibration_section(study) + _convergence_section(study)
+             + _ablation_section(study))
     write_text("\n".join(lines), paths["report"])
     print(f"wrote {paths['report']} and {paths['json']}")
     return paths
 
 
 def _intro(study):
-    """The report's title and the settings every number below depends on."""
+    """The title, what every number depends on, and how to read a row."""
     a, info = study.args, study.judge.info
     n = a.samples_per_class * len(study.classes)
+    base = [study.results["fixed"][key]["base"]["content_acc"] for key in study.results["fixed"]]
+    base_acc = f"{_mean(base):.3f}" if base else "?"
     return ["# minisnr study: does the style-friendly sampler learn a style better than SD3's?", "",
-            f"Base `{a.ckpt}`. {a.seeds} seeds per style (each its own reference image). Every run: finetune.py's "
-            f"settings but the sampler, with the main variant's changes ({VARIANTS['main'][1]}). "
-            f"Scored on {n} samples per run ({a.samples_per_class} per class, "
-            f"{a.sample_steps} Euler steps, CFG {a.cfg:g}, sampling seed {a.sample_seed}); targets: "
-            f"{a.targets_per_class} styled real test images per class. Judge: clean accuracy "
-            f"{study.judge.test_accuracy:.3f}, content accuracy on styled test images "
-            f"{info.get('styled_content_accuracy', float('nan')):.3f}, style accuracy "
-            f"{(info.get('style_accuracy') or {}).get('mean', float('nan')):.3f}.", "",
-            "Δ columns: mean ± 95% CI (Student t) of the paired difference to SD3 over the (style, seed) pairs; "
-            "KID wins: share of pairs where the sampler's class KID is lower than SD3's.", ""]
+            f"Base `{a.ckpt}`: the judge recognises the class of {base_acc} of its samples (style off). "
+            f"{a.seeds} seeds per style, each its own references and training noise; style sets of k = {a.ks} "
+            f"images. Every run is finetune.py with its defaults but the sampler. Scored on {n} samples per sampling "
+            f"seed ({len(study.sample_seeds)} seeds, {a.samples_per_class} per class, {a.sample_steps} Euler steps, "
+            f"CFG {a.cfg:g}); targets: {a.targets_per_class} styled real test images per class, none of them a "
+            f"reference. Judge: clean accuracy {study.judge.test_accuracy:.3f}, content accuracy on styled test "
+            f"images {info.get('styled_content_accuracy', float('nan')):.3f}.", "",
+            "How to read a comparison: Δ is the first sampler minus the second, mean ± 95% CI over styles (each "
+            "style's seeds averaged first: the style is the unit); 'better on' is the share of styles where the "
+            "first is better; d_z is Δ over the style-to-style spread of Δ. A CI that covers 0 cannot tell the two "
+            "apart; the positive control shows what size of Δ these CIs can see.", "",
+            f"Default rule, written before the run: {protocol.DEFAULT_RULE}.", ""]
 
 
-def _sampler_sections(study):
-    """Per split that was run: the sampler table, KID per style and (dev) the default chosen."""
-    lines = []
-    for split in ("dev", "test"):
+def _control_section(study):
+    """The positive control: the baseline's adapters at a planted fraction of their strength."""
+    styles, k = protocol.styles_of(study.args, "test"), protocol.ks(study.args)[0]
+    base = protocol.PAPER_PAIR[0]
+    rows = [(f"{base} at {x:g}x strength − {base} at full strength", base, base, k, f"scale{x:g}", "0:1")
+            for x in protocol.CONTROL_SCALES]
+    table = comparison_table(study, rows, styles)
+    if len(table) <= 2:
+        return []
+    return ["## Positive control: a difference planted by construction (test styles)", "",
+            f"The {base} adapters sampled with their LoRA scaled down: a weaker style by construction. If the "
+            "protocol could not see this, a null result below would mean nothing.", ""] + table + [""]
+
+
+def _main_sections(study, plot_path):
+    """Per split: the paper's frame (k = 1 and k = 8), the untranslated frame, the sampler means, the default."""
+    lines, plot_rows = [], []
+    base, sf = protocol.PAPER_PAIR
+    samplers = protocol.main_samplers(study.args)
+    for split in ("test", "dev"):
         styles = protocol.styles_of(study.args, split)
-        if not styles or not any(k.startswith(f"main/{styles[0]}/") for k in study.results["runs"]):
+        if split not in protocol.splits(study.args) or not styles:
             continue
-        lines += [f"## {split} styles: {', '.join(styles)}", ""] + sampler_table(study, split)
-        lines += ["", "Class KID×1000 per style (mean over seeds):", ""] + per_style_table(study, split) + [""]
-        if split == "dev" and getattr(study, "default_rule", None):
-            lines += [f"Default chosen on these dev styles: **{study.default}**, by the {study.default_rule}.", ""]
+        rows = [(f"{sf} − {base} (the paper's pair, translated)", sf, base, k, "0:1", "0:1")
+                for k in protocol.ks(study.args)]
+        rows += [(f"{name} − sd3 (untranslated)", name, "sd3", protocol.ks(study.args)[0], "0:1", "0:1")
+                 for name in samplers if name not in (base, sf, "sd3")]
+        lines += [f"## {split} styles ({len(styles)}): {', '.join(styles)}", ""] + comparison_table(study, rows, styles)
+        for k in protocol.ks(study.args):
+            table = sampler_table(study, styles, k, samplers if k == protocol.ks(study.args)[0] else [base, sf])
+            if len(table) > 2:
+                lines += ["", f"Means over styles, k = {k}:", ""] + table
+        lines.append("")
+        if split == "dev" and study.default_rule:
+            lines += [f"Default chosen on the dev styles: **{study.default}**. {study.default_rule}.", ""]
+        if split == "test":
+            plot_rows = rows
+    if plot_rows and _plot_per_style(study, plot_rows, plot_path):
+        lines += [f"![per style]({os.path.basename(plot_path)})", "",
+                  "One dot per test style: its Δ class KID×1000 (seeds averaged); below 0 = the first sampler is "
+                  "closer to the style.", ""]
     return lines
 
 
-def _window_section(study, plot_path):
-    """The sampling-window table (and plot) when windows other than 0:1 were run."""
-    rows = window_rows(study)
-    if not any(w != "0:1" for _, w, *_ in rows):
-        return []
-    lines = ["## Style window at sampling (test styles): style on for the first fraction of the steps only", "",
-             "| sampler | style on | style acc | content acc | on the style-content front of every test style |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {s} | {w} | {sa:.3f} | {ca:.3f} | {'yes' if f else ''} |" for s, w, sa, ca, f in rows]
-    _plot_windows(study, rows, plot_path)
-    return lines + [""]
-
-
-def _ablation_sections(study):
-    """One ablation table per --ablation-styles style, when any variant was run."""
-    if not any(not k.startswith("main/") for k in study.results["runs"]):
-        return []
-    lines = []
-    for style in dict.fromkeys(st for st, _ in protocol.ablation_pairs(study.args)):
-        split = "dev: used to choose defaults" if style in DEV_STYLES else "test: reported only"
-        lines += [f"## Ablations on {style} ({split}; {study.args.seeds} seeds)", ""]
-        lines += ablation_table(study, style) + [""]
-    return lines
+def _plot_per_style(study, rows, path):
+    """Δ class KID of every comparison, one series (dot) per style."""
+    styles = protocol.styles_of(study.args, "test")
+    series, labels = [], []
+    for i, (label, a, b, k, wa, wb) in enumerate(rows):
+        va = study.style_values(a, styles, k, wa)
+        vb = study.style_values(b, styles, k, wb)
+        if va is None or vb is None:
+            continue
+        labels.append(f"{a}-{b} k{k}")
+        for j, style in enumerate(styles):
+            if len(series) <= j:
+                series.append({"label": style, "x": [], "y": [], "color": COLOURS[j % len(COLOURS)], "marker": "o"})
+            series[j]["x"].append(len(labels))
+            series[j]["y"].append(1000 * (va[j] - vb[j]))
+    if not labels:
+        return False
+    line_plot(path, series, hlines=[{"label": "no difference", "y": 0.0, "color": (0, 0, 0)}],
+              title="Δ class KID×1000 per test style: " + ", ".join(f"{i + 1} = {x}" for i, x in enumerate(labels)),
+              xlabel="comparison", ylabel="Δ class KID×1000", xticks=list(range(1, len(labels) + 1)))
+    return True
 
 
 def _lam_section(study, plot_path):
-    """Where in log-SNR the style is decided (and its plot), when the lam part was run."""
-    lam = lam_rows(study)
-    if not lam:
+    """The paper's Fig. 4 without circularity: every sampler's adapters with the style on below / above lam = X."""
+    styles, k = protocol.styles_of(study.args, "test"), protocol.ks(study.args)[0]
+    rows = []
+    for name in protocol.main_samplers(study.args):
+        for w in protocol.LAM_WINDOWS:
+            rows.append((f"{name}: on while {w[3:]} − on throughout", name, name, k, w, "0:1"))
+    table = comparison_table(study, rows, styles)
+    if len(table) <= 2:
         return []
-    lines = [f"## Where is the style decided? ({study.default}, test styles "
-             f"{study.args.lam_styles or ', '.join(protocol.styles_of(study.args, 'test'))})", "",
-             "| lam threshold X | style acc, style on while lam <= X | style acc, on while lam > X | "
-             "content acc, on while lam <= X |", "|---|---|---|---|"]
-    lines += [f"| {x:+d} | {e:.3f} | {l_:.3f} | {c:.3f} |" for x, e, l_, c in lam] + [""]
-    _plot_lam(study, lam, plot_path)
-    return lines
-
-
-def _plot_windows(study, rows, path):
-    """Style accuracy against content accuracy, one line per sampler through its windows."""
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-               (227, 119, 194), (127, 127, 127)]
     series = []
-    for i, sampler in enumerate(SAMPLERS):
-        pts = sorted((ca, sa) for s, w, sa, ca, _ in rows if s == sampler)
-        if pts:
-            series.append({"label": sampler, "x": [p[0] for p in pts], "y": [p[1] for p in pts],
-                           "color": colours[i % len(colours)], "marker": "o"})
-    line_plot(path, series, title=f"style on for {', '.join(WINDOWS)} and 0:1 of the steps (test styles)",
-              xlabel="content acc (judge)", ylabel="style acc (judge)")
+    for i, name in enumerate(protocol.main_samplers(study.args)):
+        for early in (True, False):
+            ys = []
+            for x in protocol.LAM_THRESHOLDS:
+                v = study.style_values(name, styles, k, f"lam<={x}" if early else f"lam>{x}")
+                ys.append(1000 * _mean(v) if v else float("nan"))
+            series.append({"label": f"{name}, on while lam {'<=' if early else '>'} X", "x": list(protocol.LAM_THRESHOLDS),
+                           "y": ys, "color": COLOURS[i % len(COLOURS)], "marker": "o" if early else "s",
+                           "dashed": not early})
+    line_plot(plot_path, series, title="class KID×1000 with the style on only in part of log-SNR (test styles)",
+              xlabel="X = log-SNR threshold", ylabel="class KID×1000", xticks=list(protocol.LAM_THRESHOLDS))
+    return ["## Where is the style decided? The style on in part of log-SNR only (test styles)", "",
+            "Every sampler's adapters, so an adapter never trained at a noise level is not the only evidence about "
+            "it. Δ is the window minus the same adapters on throughout: near 0 means that window alone carries the "
+            "style.", ""] + table + ["", f"![lam windows]({os.path.basename(plot_path)})", ""]
 
 
-def _plot_lam(study, lam, path):
-    """Style accuracy with the style on only below / above a log-SNR threshold."""
-    line_plot(path, [{"label": "style on while lam <= X (noisy start)", "x": [r[0] for r in lam],
-                      "y": [r[1] for r in lam], "color": (31, 119, 180), "marker": "o"},
-                     {"label": "style on while lam > X (clean end)", "x": [r[0] for r in lam],
-                      "y": [r[2] for r in lam], "color": (255, 127, 14), "marker": "s"}],
-              title=f"where the style is decided ({study.default}, test styles)", xlabel="X = log-SNR threshold",
-              ylabel="style acc (judge)", xticks=[r[0] for r in lam])
+def _calibration_section(study):
+    """How much of the style the base alone keeps when it finishes a styled image from noise level t."""
+    cal = study.results.get("calibration") or {}
+    if not cal:
+        return []
+    keys = list(next(iter(cal.values())))
+    lines = ["## Calibration: the base alone, from real styled images noised to t (test styles)", "",
+             "No adapter. If the base keeps most of a style from t = 0.75, the style is fixed early by what the image "
+             "already is; if it erases the style even from t = 0.25, a style switched off late is lost for that "
+             "reason, not because the style is decided late.", "",
+             "| start | " + " | ".join(label for _, label, _, _ in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(f"{s * _mean([cal[st][key][m] for st in cal]):.3f}"
+                                                for m, _, _, s in METRICS) + " |")
+    return lines + [""]
+
+
+def _convergence_section(study):
+    """Class KID after 100, 300 and 1000 fine-tuning steps."""
+    styles = protocol.styles_of(study.args, "test")[:protocol.CONVERGENCE_STYLES]
+    k, lines = protocol.ks(study.args)[0], []
+    for name in protocol.CONVERGENCE_SAMPLERS:
+        cells = []
+        for steps in protocol.convergence_steps(study.args, study.default_steps):
+            steps_key = 0 if steps == study.default_steps else steps
+            runs = [study.results["runs"].get(f"main/k{k}/{st}/0/{name}" + (f"/steps{steps_key}" if steps_key else ""),
+                                              {}).get("0:1") for st in styles]
+            cells.append(" / ".join(f"{1000 * r['kid']:.1f}" for r in runs) if all(runs) else "")
+        if any(cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return [f"## Convergence: class KID×1000 after N fine-tuning steps ({' / '.join(styles)}, seed 0)", "",
+            "| sampler | " + " | ".join(f"{s} steps" for s in protocol.convergence_steps(study.args, study.default_steps))
+            + " |", "|---|" + "---|" * len(protocol.CONVERGENCE_FACTORS)] + lines + [""]
+
+
+def _ablation_section(study):
+    """Each fine-tuning variant: the paper's pair's Δ under it."""
+    if not any(not key.startswith("main/") for key in study.results["runs"]):
+        return []
+    styles = list(dict.fromkeys(st for st, _ in protocol.ablation_pairs(study.args)))
+    base, sf = protocol.PAPER_PAIR
+    k = protocol.ks(study.args)[0]
+    lines = [f"## Ablations ({', '.join(styles)}; {len(styles)} styles, so CIs are wide or missing)", "",
+             "| variant | " + " | ".join(f"{name} class KID×1000" for name in (base, sf)) + " | Δ KID×1000 |",
+             "|---|---|---|---|"]
+    for variant, (_, what) in VARIANTS.items():
+        va = study.style_values(base, styles, k, variant=variant)
+        vb = study.style_values(sf, styles, k, variant=variant)
+        if va is None or vb is None:
+            continue
+        lines.append(f"| {variant}: {what} | {1000 * _mean(va):.1f} | {1000 * _mean(vb):.1f} | "
+                     f"{fmt_diff(paired(vb, va, False), 1000, 1)} |")
+    return lines + [""]

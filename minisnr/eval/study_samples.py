@@ -23,8 +23,8 @@ def sample_key(args):
 
 
 def samples_path(run_dir, window):
-    """RUN_DIR/samples/WINDOW.pt, with the window spelled for a file name: 'lam<=-2' -> 'lam_le_-2'."""
-    name = window.replace(":", "_").replace("<=", "_le_").replace(">", "_gt_")
+    """RUN_DIR/samples/WINDOW.pt, with the window spelled for a file name: 'lam<=-2@1' -> 'lam_le_-2_seed1'."""
+    name = window.replace(":", "_").replace("<=", "_le_").replace(">", "_gt_").replace("@", "_seed")
     return os.path.join(run_dir, "samples", name + ".pt")
 
 
@@ -72,8 +72,9 @@ def lam_window_hook(model, lam_max, early=True):
 
 
 def sample_window(model, window, steps, sample):
-    """sample(model, hook) with the style on only in `window`: 'a:b' (fractions of the `steps`, from noise) or
-    'lam<=X' / 'lam>X' (log-SNR of the step). '0:1' merges the LoRA (the style is on throughout)."""
+    """sample(model, hook) with the style on only in `window`: 'a:b' (fractions of the `steps`, from noise),
+    'lam<=X' / 'lam>X' (log-SNR of the step), or 'scaleX' (on throughout at X times its strength: the positive
+    control's planted difference). '0:1' merges the LoRA (the style is on throughout)."""
     if window == "0:1":
         set_style_scale(model, 1.0)
         merge_lora(model)
@@ -81,6 +82,12 @@ def sample_window(model, window, steps, sample):
             return sample(model)
         finally:
             unmerge_lora(model)
+    if window.startswith("scale"):
+        set_style_scale(model, float(window[len("scale"):]))
+        try:
+            return sample(model)
+        finally:
+            set_style_scale(model, 1.0)
     if window.startswith("lam"):
         early = window.startswith("lam<=")
         hook = lam_window_hook(model, float(window.split("=" if early else ">")[-1]), early)

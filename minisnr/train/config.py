@@ -14,7 +14,7 @@ from ..io.files import require_file
 from ..io.safety import check_device, check_seed, guard_run_folder
 from ..lora import DEFAULT_TARGETS
 from ..model import DIT_PRESETS
-from ..rf import NoiseSampler
+from ..rf import NoiseSampler, STYLE_FRIENDLY_MU
 
 
 def noise_sampler(cfg):
@@ -70,7 +70,7 @@ class TrainConfig:
     noise_sampler: str = knob("logit-normal", "how training t is drawn: uniform | logit-normal | style-friendly")
     m: float = knob(0.0, "logit-normal mean of logit(t)")
     s: float = knob(1.0, "logit-normal std of logit(t)")
-    mu: float = knob(-2.0, "style-friendly mean of log-SNR lam")
+    mu: float = knob(STYLE_FRIENDLY_MU, "style-friendly mean of log-SNR lam (with --noise-sampler style-friendly)")
     sigma: float = knob(2.0, "style-friendly std of log-SNR lam")
     shift: float = knob(1.0, "SD3/FLUX shift k of t (1 = none)")
     # logging, sampling and checkpoints
@@ -177,10 +177,9 @@ class FinetuneConfig:
     # which noise levels to train on: the method of the paper
     noise_sampler: str = knob("style-friendly", "uniform | logit-normal (SD3: logit t ~ N(m,s)) | style-friendly "
                                                 "(lam ~ N(mu,sigma))")
-    mu: float = knob(2.0, "style-friendly: mean log-SNR, lower = noisier. +2 was chosen on the dev styles (README, "
-                          "'Choosing the default': lowest class KID of 8 samplers, -49 +- 74 x1e-3 against SD3, within "
-                          "the noise). On the held-out test styles it was worse than SD3 (+85 +- 64), and so were "
-                          "mu -2, -4, -6 (+52, +136, +291; README Results). The paper's -6 is for 1-megapixel latents")
+    mu: float = knob(STYLE_FRIENDLY_MU, "style-friendly: mean log-SNR, lower = noisier; -1.55 is the paper's -6 "
+                                        "translated from 1-megapixel latents to 32x32 pixels (minisnr/rf.py). "
+                                        "What the study found for it: README, 'The study'")
     sigma: float = knob(2.0, "style-friendly: std of the log-SNR, as in the paper (FLUX: 3)")
     m: float = knob(0.0, "logit-normal: mean of logit(t) (SD3 default 0)")
     s: float = knob(1.0, "logit-normal: std of logit(t) (SD3 default 1)")
