@@ -21,8 +21,6 @@ METHOD = {"minisnr.model", "minisnr.rf", "minisnr.lora"}
 # which project layers each layer may import (a layer may always import itself)
 ALLOWED = {"method": {"method"}, "io": {"method"}, "train": {"method", "io"},
            "eval": {"method", "io", "train", "tools"}, "tools": {"method", "io", "train"}}
-READING_PATH = ["minisnr/model.py", "minisnr/rf.py", "minisnr/lora.py", "minisnr/train/step.py",
-                "train.py", "finetune.py", "sample.py"]
 
 
 def module_name(path):
@@ -125,20 +123,11 @@ def test_the_method_files_name_no_flags_in_errors():
                 assert "--" not in text, f"{name}: {text}"
 
 
-def lengths(path):
-    """(qualified function name, length in lines) for every function in `path`."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    return [(f"{path.relative_to(REPO)}:{node.name}", node.end_lineno - node.lineno + 1)
-            for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
-
-
-def test_module_and_function_sizes():
-    """No module under minisnr/ is over 300 lines; the reading path (the method, the step and the three
-    scripts) is at most 1,100 lines, and no function on it is over 60 lines."""
-    big = {str(p.relative_to(REPO)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 300}
-    assert not big, f"modules over 300 lines: {big}"
-    path = [REPO / f for f in READING_PATH]
-    total = sum(len(p.read_text().splitlines()) for p in path)
-    assert total <= 1100, f"the reading path is {total} lines"
-    long = [(n, k) for p in path for n, k in lengths(p) if k > 60]
-    assert not long, f"functions over 60 lines on the reading path: {long}"
+def test_no_line_over_120_characters():
+    """Readable on one screen without wrapping: no line of minisnr/, the scripts or the tests over 120 characters.
+    (Sizes of modules and functions are reported in the README's code map, not tested: readability decides.)"""
+    files = list(PACKAGE.rglob("*.py")) + [REPO / f for f in ("train.py", "finetune.py", "sample.py")] \
+        + list((REPO / "tests").glob("*.py"))
+    long = [f"{p.relative_to(REPO)}:{i}" for p in files
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if len(line) > 120]
+    assert not long, f"lines over 120 characters: {long[:10]}"

@@ -202,7 +202,8 @@ def test_study_rejects_bad_flags(tiny, tmp_path):
     """Bad values are one-line errors before any work."""
     for flags, match in ((("--parts", "main,everything"), "--parts"), (("--default", "sf-3"), "--default"),
                          (("--cfg", "nan"), "--cfg"), (("--samplers", "sd3,sf-9"), "--samplers"),
-                         (("--ks", "1,0"), "--ks"), (("--ks", "²"), "--ks"), (("--sample-seeds", "0"), "--sample-seeds")):
+                         (("--ks", "1,0"), "--ks"), (("--ks", "²"), "--ks"),
+                         (("--sample-seeds", "0"), "--sample-seeds")):
         with pytest.raises(UserError, match=match):
             study.main(argv(tiny, str(tmp_path / "x"), *flags))
 

@@ -201,9 +201,9 @@ def _lam_section(study, plot_path):
             for x in protocol.LAM_THRESHOLDS:
                 v = study.style_values(name, styles, k, f"lam<={x}" if early else f"lam>{x}")
                 ys.append(1000 * _mean(v) if v else float("nan"))
-            series.append({"label": f"{name}, on while lam {'<=' if early else '>'} X", "x": list(protocol.LAM_THRESHOLDS),
-                           "y": ys, "color": COLOURS[i % len(COLOURS)], "marker": "o" if early else "s",
-                           "dashed": not early})
+            series.append({"label": f"{name}, on while lam {'<=' if early else '>'} X",
+                           "x": list(protocol.LAM_THRESHOLDS), "y": ys, "color": COLOURS[i % len(COLOURS)],
+                           "marker": "o" if early else "s", "dashed": not early})
     line_plot(plot_path, series, title="class KID×1000 with the style on only in part of log-SNR (test styles)",
               xlabel="X = log-SNR threshold", ylabel="class KID×1000", xticks=list(protocol.LAM_THRESHOLDS))
     return ["## Where is the style decided? The style on in part of log-SNR only (test styles)", "",
@@ -244,9 +244,10 @@ def _convergence_section(study):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if not lines:
         return []
+    steps = protocol.convergence_steps(study.args, study.default_steps)
     return [f"## Convergence: class KID×1000 after N fine-tuning steps ({' / '.join(styles)}, seed 0)", "",
-            "| sampler | " + " | ".join(f"{s} steps" for s in protocol.convergence_steps(study.args, study.default_steps))
-            + " |", "|---|" + "---|" * len(protocol.CONVERGENCE_FACTORS)] + lines + [""]
+            "| sampler | " + " | ".join(f"{s} steps" for s in steps) + " |",
+            "|---|" + "---|" * len(steps)] + lines + [""]
 
 
 def _ablation_section(study):

@@ -193,8 +193,8 @@ class Study:
         self.done += 1
         out = {w: stats.mean_dict([cached[f"{w}@{s}"] for s in self.sample_seeds]) for w in windows}
         first = out[windows[0]]
-        print(f"[{self.done}] {variant:>10} k{k} {style:>14} seed {seed} {sampler:>9}{f' {steps} steps' if steps else ''}"
-              f" | {f'fine-tuned {ft_s:.0f}s' if ft_s else 'adapter reused'}, "
+        run = f"{variant:>10} k{k} {style:>14} seed {seed} {sampler:>9}" + (f" {steps} steps" if steps else "")
+        print(f"[{self.done}] {run} | {f'fine-tuned {ft_s:.0f}s' if ft_s else 'adapter reused'}, "
               f"{f'sampled {len(todo)} set(s) {time.time() - t0:.0f}s' if todo else 'scores reused'} | {windows[0]}: "
               f"style {first['style_acc']:.2f} content {first['content_acc']:.2f} KID {1000 * first['kid']:.1f} "
               f"palette {first['palette']:.3f} | {(time.time() - self.t0) / 60:.1f} min so far", flush=True)
