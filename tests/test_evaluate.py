@@ -18,7 +18,7 @@ from minisnr.io.data import ImageSet
 from minisnr.eval.probe import get_probe, load_probe
 from minisnr.eval.probe_train import train_probe
 from minisnr.io.cli import UserError
-from minisnr.eval.styles import apply_style, style_pil, STYLES
+from minisnr.eval.styles import apply_style, DEV_STYLES, style_pil, STYLES, TEST_STYLES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,6 +73,40 @@ def test_style_is_deterministic_and_changes_the_image(name):
     assert change > 10, f"style {name} should visibly change the image (mean |diff| > 10 grey levels), got {change:.1f}"
     single = apply_style(name, x[0])
     assert torch.equal(single, a[0]), f"style {name} on one (3, H, W) image should equal its batched result"
+
+
+def test_new_styles_do_what_they_say():
+    """night is a pure colour map (each channel rises with the luma alone, and it is dark); sunset colours the top
+    of a flat grey image orange and its bottom violet (layout); neon turns a flat image all dark purple and draws
+    outlines pink; mosaic makes flat 4x4 panes with dark lead on every block's last row and column."""
+    x = natural_like(2, seed=3)
+    flat = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)
+    night = apply_style("night", x).float()
+    assert night.mean() < 100 and night[:, 2].mean() > night[:, 0].mean(), "night should be dark and blue"
+    lum = (x[0].float() * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0).flatten()
+    by_luma = night[0].flatten(1)[:, lum.argsort()]        # (3, H*W), darkest pixel first
+    assert (by_luma.diff(dim=1) >= -1).all(), "night's colour should follow from the luma alone, brighter with it"
+    sun = apply_style("sunset", flat).float()[0]
+    assert sun[0, 0].mean() > 2 * sun[0, -1].mean() and sun[2, -1].mean() > 2 * sun[1, -1].mean(), \
+        "sunset should be orange at the top and violet at the bottom of a flat image"
+    ground = apply_style("neon", flat)[0]
+    assert (ground == ground[:, :1, :1]).all() and ground[2, 0, 0] > ground[1, 0, 0], "flat -> dark purple ground"
+    edge = flat.clone()
+    edge[..., 16:] = 250
+    lit = apply_style("neon", edge)[0].float()
+    assert lit[0, :, 15:17].mean() > 150 + lit[0, :, :8].mean(), "an edge should glow pink on the ground"
+    m = apply_style("mosaic", x)[0].float()
+    assert m[:, 3::4, :].mean() < 25 and m[:, :, 3::4].mean() < 25, "every block's last row and column is lead"
+    panes = m[:, 0::4, 0::4]
+    assert torch.equal(m[:, 1::4, 1::4], panes) and torch.equal(m[:, 2::4, 0::4], panes), "each pane is flat"
+
+
+def test_test_split_has_seven_styles_of_every_kind():
+    """The study's CI is over styles, so the test split needs many (7) and every kind of style the paper talks about:
+    a pure colour map, colour + layout, edges and texture; the dev split has 4 and shares none of them."""
+    kinds = {STYLES[name].what.split(":")[0] for name in TEST_STYLES}
+    assert len(TEST_STYLES) >= 7 and len(DEV_STYLES) == 4 and not set(DEV_STYLES) & set(TEST_STYLES)
+    assert {"palette", "colour + layout", "edges", "texture"} <= kinds, f"the test split only has {kinds}"
 
 
 def test_style_pil_matches_tensor_version():
