@@ -176,6 +176,38 @@ def test_per_class_distance_punishes_the_wrong_class():
     assert good < bad / 10, f"right classes should be much closer than all-class-0: {good:.4f} vs {bad:.4f}"
 
 
+# --- palette ----------------------------------------------------------------------------------------
+
+def test_palette_fd_sees_colours_and_ignores_where_they_are():
+    """palette_fd is ~0 for a set against itself and against its own pixels shuffled (a palette metric by design),
+    small for other images in the same colour map, and large for the same images recoloured (another colour map, a
+    channel swap); a constant shift c of every channel gives exactly |c|^2."""
+    images = shapes(20, 0, seed=11)
+    tri = STYLES["tritone"](images)
+    shuffled = shuffle_pixels(tri, torch.Generator().manual_seed(0))
+    other = STYLES["tritone"](shapes(20, 1, seed=12))
+    same = metrics.palette_fd(tri, tri)
+    assert same < 1e-9 and metrics.palette_fd(shuffled, tri) < 1e-9, "shuffling pixels keeps the palette exactly"
+    near = metrics.palette_fd(other, tri)
+    for name, far in (("night", STYLES["night"](images)), ("channel swap", tri[:, [2, 1, 0]])):
+        d = metrics.palette_fd(far, tri)
+        assert d > 10 * near, f"{name} should be far from tritone's palette ({d:.4f}) next to other tritone " \
+                              f"images ({near:.4f})"
+    flat = torch.randint(20, 200, (4, 3, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    moved = metrics.palette_fd(flat + torch.tensor([30, 0, 15], dtype=torch.uint8).view(1, 3, 1, 1), flat)
+    assert abs(moved - (30 ** 2 + 15 ** 2) / 255 ** 2) < 1e-9, f"a shift c should give |c|^2, got {moved}"
+
+
+def test_palette_fd_per_class():
+    """per_class(palette_fd, ...) compares each class's images with that class's targets only."""
+    g = torch.Generator().manual_seed(2)
+    dark, light = (torch.randint(lo, lo + 40, (3, 3, 4, 4), generator=g, dtype=torch.uint8) for lo in (0, 215))
+    targets, labels = torch.cat([dark, light]), torch.tensor([0, 0, 0, 1, 1, 1])
+    right = metrics.per_class(metrics.palette_fd, targets, labels, targets, labels)
+    wrong = metrics.per_class(metrics.palette_fd, targets, 1 - labels, targets, labels)
+    assert right < 1e-9 and wrong > 0.9, f"the right classes should match exactly ({right}), swapped ones not ({wrong})"
+
+
 # --- paired statistics ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("df,exact", [(3, 3.182), (5, 2.571), (11, 2.201), (20, 2.086), (1000, 1.962)])
