@@ -44,9 +44,10 @@ def shape_set(n_per_class, seed):
 
 @pytest.fixture(scope="module")
 def judge():
-    """A tiny judge of every style, trained on 600 synthetic images for 16 epochs (a few seconds)."""
+    """A tiny judge of every style, trained on 600 synthetic images for 24 epochs (a few seconds): its flaws blur
+    up to std 1.5, which its class head needs more epochs than 16 to see through (0.34 styled content accuracy)."""
     torch.set_num_threads(1)
-    return train_probe(shape_set(200, seed=0), shape_set(30, seed=1000), epochs=16, batch_size=32, lr=0.05,
+    return train_probe(shape_set(200, seed=0), shape_set(30, seed=1000), epochs=24, batch_size=32, lr=0.05,
                        widths=(8, 16, 32), styles=tuple(STYLES), log=lambda *_: None)
 
 
@@ -128,6 +129,32 @@ def test_degrade_changes_only_the_chosen_share_and_keeps_flat_images_near():
     changed = (out != flat).flatten(1).any(1)
     assert 60 < changed.sum() < 140, f"about half should be degraded, got {changed.sum().item()} of 200"
     assert (out.float() - 120).abs().mean() < 20, "flaws should be small: a slight colour shift and noise"
+
+
+def gaussian_blur(images, sigma):
+    """A plain Gaussian blur of uint8 images (N, 3, H, W) with std `sigma` pixels (5 taps, replicate padding)."""
+    taps = torch.exp(-torch.arange(-2.0, 3.0).pow(2) / (2 * sigma ** 2))
+    k = (taps[:, None] * taps[None]) / taps.sum() ** 2
+    x = F.conv2d(F.pad(images.float(), (2, 2, 2, 2), mode="replicate"), k.expand(3, 1, 5, 5), groups=3)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def test_flaws_span_the_softness_of_real_samples():
+    """For every style, the 10-90% range of the HF energy of flawed targets (flaw_hf_span) holds the same targets
+    under a plain blur (Gaussian std 1 px, and a 3x3 box), and reaches below 60% of the clean targets' HF: real
+    samples sit at 20-55% of their targets' HF (0.09 against 0.16-0.41), so the judge must have seen that softness.
+    The old flaws (3-tap blur of std <= 1, more noise) stayed above the std-1 blur on 9 of 11 styles."""
+    from minisnr.eval.judge_views import flaw_hf_span
+    images = torch.cat([shapes(6, c, seed=20 + c) for c in range(3)])
+    for name, style in STYLES.items():
+        targets = style(images)
+        low, high = flaw_hf_span(targets)
+        clean = metrics.high_frequency_energy(targets).mean().item()
+        box = F.avg_pool2d(F.pad(targets.float(), (1, 1, 1, 1), mode="replicate"), 3, stride=1).round().byte()
+        for what, soft in (("std-1 blur", gaussian_blur(targets, 1.0)), ("3x3 box blur", box)):
+            hf = metrics.high_frequency_energy(soft).mean().item()
+            assert low <= hf <= high, f"{name}: the {what} (HF {hf:.3f}) should be inside the flaws' {low:.3f}-{high:.3f}"
+        assert low < 0.6 * clean, f"{name}: flaws should reach below 60% of the clean HF {clean:.3f}, got {low:.3f}"
 
 
 def test_shuffle_pixels_moves_whole_pixels():
