@@ -203,6 +203,55 @@ def test_probe_round_trip_through_cache(tmp_path, image_folder):
         "a second get_probe should load the cache, not train again"
 
 
+def test_judge_trunks_weigh_equally_in_kid():
+    """A judge's pooled features are its two trunks side by side, each divided by its RMS over a fixed reference set
+    (feature_scale). Making one trunk's features 10x larger (its last BatchNorm's weight and bias, through the ReLU)
+    then changes nothing once the scales are measured again, while without them the KID moves with that scale."""
+    from minisnr.eval.probe_train import trunk_scales
+    data = fake_dataset()
+    judge = train_probe(data, data, epochs=1, batch_size=12, widths=(8, 8, 16), styles=("tritone", "night"),
+                        log=lambda *_: None)
+    assert len(judge.feature_scale) == 2 and all(v > 0 for v in judge.feature_scale)
+    a, b = data.images[:18], apply_style("night", data.images[18:])
+
+    def kid(scaled=True):
+        kept = judge.feature_scale
+        judge.feature_scale = kept if scaled else []
+        fa, fb = judge.run(a)["pooled"], judge.run(b)["pooled"]
+        judge.feature_scale = kept
+        return metrics.kid(fa, fb), fa
+
+    (before, fa), (raw, _) = kid(), kid(scaled=False)
+    assert fa[:, :16].pow(2).mean().sqrt() < 10 and fa[:, 16:].pow(2).mean().sqrt() < 10, "blocks should be O(1)"
+    with torch.no_grad():
+        bn = judge.net.style_net.conv4[1]
+        bn.weight.mul_(10)
+        bn.bias.mul_(10)
+    judge.feature_scale = trunk_scales(judge, data.images, 0, 5000)
+    (after, _), (raw_after, _) = kid(), kid(scaled=False)
+    assert abs(after - before) < 1e-4 * max(1.0, abs(before)), f"scaled KID should not move: {before} -> {after}"
+    assert abs(raw_after - raw) > 10 * abs(after - before) + 1e-6, "unscaled KID should move with the trunk's scale"
+
+
+def test_stale_judge_is_retrained_and_a_current_one_reused(tmp_path, image_folder):
+    """get_probe retrains a cached judge of an older recipe (no judge_version, or another), reuses a current one,
+    and the cache keeps the feature scales."""
+    from minisnr.eval.judge_views import JUDGE_VERSION
+    path, said = str(tmp_path / "judge.pt"), []
+    kw = dict(epochs=1, widths=(8, 8, 16), batch_size=8, styles=("tritone",), log=said.append)
+    judge = get_probe(path, image_folder, image_folder, **kw)
+    assert judge.info["judge_version"] == JUDGE_VERSION and load_probe(path).feature_scale == judge.feature_scale
+    said.clear()
+    get_probe(path, image_folder, image_folder, **kw)
+    assert not said, f"a current judge should be loaded, not retrained: {said}"
+    blob = torch.load(path, weights_only=True)
+    del blob["info"]["judge_version"]
+    torch.save(blob, path)
+    again = get_probe(path, image_folder, image_folder, **kw)
+    assert any("older recipe" in line for line in said), f"a stale judge should be retrained: {said}"
+    assert again.info["judge_version"] == JUDGE_VERSION and load_probe(path).info["judge_version"] == JUDGE_VERSION
+
+
 def test_probe_refuses_other_files(tmp_path):
     bad = tmp_path / "not_a_probe.pt"
     torch.save({"format": "something else"}, bad)
