@@ -200,7 +200,7 @@ class FinetuneConfig:
     lr: float = knob(1e-4, "Adam learning rate, as in the paper")
     grad_clip: float = knob(1.0, "clip the adapter's grad norm (0 = off)")
     crop_min: float = knob(1.0, "1 = crops at the reference's own pixels, never resampled, so views keep its texture; "
-                                "< 1 = the old RandomResizedCrop(crop_min, 1), which kept 20-60% of the HF, for ablations")
+                                "< 1 = the old RandomResizedCrop(crop_min, 1): kept 20-60% of the HF; for ablations")
     ref_size: int = knob(64, "a reference with a longer short side (a painting) is downsampled once to this, so a view "
                              "pixel is a fixed patch of it (64: half its short side); smaller ones keep their pixels")
     use_ema: bool = knob(True, "fine-tune on top of the base checkpoint's EMA weights (what sample.py uses)")
