@@ -18,7 +18,7 @@ from minisnr.io.data import ImageSet
 from minisnr.eval.probe import get_probe, load_probe
 from minisnr.eval.probe_train import train_probe
 from minisnr.io.cli import UserError
-from minisnr.eval.styles import apply_style, style_pil, STYLES
+from minisnr.eval.styles import apply_style, DEV_STYLES, style_pil, STYLES, TEST_STYLES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,6 +73,40 @@ def test_style_is_deterministic_and_changes_the_image(name):
     assert change > 10, f"style {name} should visibly change the image (mean |diff| > 10 grey levels), got {change:.1f}"
     single = apply_style(name, x[0])
     assert torch.equal(single, a[0]), f"style {name} on one (3, H, W) image should equal its batched result"
+
+
+def test_new_styles_do_what_they_say():
+    """night is a pure colour map (each channel rises with the luma alone, and it is dark); sunset colours the top
+    of a flat grey image orange and its bottom violet (layout); neon turns a flat image all dark purple and draws
+    outlines pink; mosaic makes flat 4x4 panes with dark lead on every block's last row and column."""
+    x = natural_like(2, seed=3)
+    flat = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)
+    night = apply_style("night", x).float()
+    assert night.mean() < 100 and night[:, 2].mean() > night[:, 0].mean(), "night should be dark and blue"
+    lum = (x[0].float() * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0).flatten()
+    by_luma = night[0].flatten(1)[:, lum.argsort()]        # (3, H*W), darkest pixel first
+    assert (by_luma.diff(dim=1) >= -1).all(), "night's colour should follow from the luma alone, brighter with it"
+    sun = apply_style("sunset", flat).float()[0]
+    assert sun[0, 0].mean() > 2 * sun[0, -1].mean() and sun[2, -1].mean() > 2 * sun[1, -1].mean(), \
+        "sunset should be orange at the top and violet at the bottom of a flat image"
+    ground = apply_style("neon", flat)[0]
+    assert (ground == ground[:, :1, :1]).all() and ground[2, 0, 0] > ground[1, 0, 0], "flat -> dark purple ground"
+    edge = flat.clone()
+    edge[..., 16:] = 250
+    lit = apply_style("neon", edge)[0].float()
+    assert lit[0, :, 15:17].mean() > 150 + lit[0, :, :8].mean(), "an edge should glow pink on the ground"
+    m = apply_style("mosaic", x)[0].float()
+    assert m[:, 3::4, :].mean() < 25 and m[:, :, 3::4].mean() < 25, "every block's last row and column is lead"
+    panes = m[:, 0::4, 0::4]
+    assert torch.equal(m[:, 1::4, 1::4], panes) and torch.equal(m[:, 2::4, 0::4], panes), "each pane is flat"
+
+
+def test_test_split_has_seven_styles_of_every_kind():
+    """The study's CI is over styles, so the test split needs many (7) and every kind of style the paper talks about:
+    a pure colour map, colour + layout, edges and texture; the dev split has 4 and shares none of them."""
+    kinds = {STYLES[name].what.split(":")[0] for name in TEST_STYLES}
+    assert len(TEST_STYLES) >= 7 and len(DEV_STYLES) == 4 and not set(DEV_STYLES) & set(TEST_STYLES)
+    assert {"palette", "colour + layout", "edges", "texture"} <= kinds, f"the test split only has {kinds}"
 
 
 def test_style_pil_matches_tensor_version():
@@ -167,6 +201,55 @@ def test_probe_round_trip_through_cache(tmp_path, image_folder):
     again = get_probe(path, "does-not-exist", "does-not-exist", log=lambda *_: None)
     assert os.path.getmtime(path) == mtime and again.test_accuracy == loaded.test_accuracy, \
         "a second get_probe should load the cache, not train again"
+
+
+def test_judge_trunks_weigh_equally_in_kid():
+    """A judge's pooled features are its two trunks side by side, each divided by its RMS over a fixed reference set
+    (feature_scale). Making one trunk's features 10x larger (its last BatchNorm's weight and bias, through the ReLU)
+    then changes nothing once the scales are measured again, while without them the KID moves with that scale."""
+    from minisnr.eval.probe_train import trunk_scales
+    data = fake_dataset()
+    judge = train_probe(data, data, epochs=1, batch_size=12, widths=(8, 8, 16), styles=("tritone", "night"),
+                        log=lambda *_: None)
+    assert len(judge.feature_scale) == 2 and all(v > 0 for v in judge.feature_scale)
+    a, b = data.images[:18], apply_style("night", data.images[18:])
+
+    def kid(scaled=True):
+        kept = judge.feature_scale
+        judge.feature_scale = kept if scaled else []
+        fa, fb = judge.run(a)["pooled"], judge.run(b)["pooled"]
+        judge.feature_scale = kept
+        return metrics.kid(fa, fb), fa
+
+    (before, fa), (raw, _) = kid(), kid(scaled=False)
+    assert fa[:, :16].pow(2).mean().sqrt() < 10 and fa[:, 16:].pow(2).mean().sqrt() < 10, "blocks should be O(1)"
+    with torch.no_grad():
+        bn = judge.net.style_net.conv4[1]
+        bn.weight.mul_(10)
+        bn.bias.mul_(10)
+    judge.feature_scale = trunk_scales(judge, data.images, 0, 5000)
+    (after, _), (raw_after, _) = kid(), kid(scaled=False)
+    assert abs(after - before) < 1e-4 * max(1.0, abs(before)), f"scaled KID should not move: {before} -> {after}"
+    assert abs(raw_after - raw) > 10 * abs(after - before) + 1e-6, "unscaled KID should move with the trunk's scale"
+
+
+def test_stale_judge_is_retrained_and_a_current_one_reused(tmp_path, image_folder):
+    """get_probe retrains a cached judge of an older recipe (no judge_version, or another), reuses a current one,
+    and the cache keeps the feature scales."""
+    from minisnr.eval.judge_views import JUDGE_VERSION
+    path, said = str(tmp_path / "judge.pt"), []
+    kw = dict(epochs=1, widths=(8, 8, 16), batch_size=8, styles=("tritone",), log=said.append)
+    judge = get_probe(path, image_folder, image_folder, **kw)
+    assert judge.info["judge_version"] == JUDGE_VERSION and load_probe(path).feature_scale == judge.feature_scale
+    said.clear()
+    get_probe(path, image_folder, image_folder, **kw)
+    assert not said, f"a current judge should be loaded, not retrained: {said}"
+    blob = torch.load(path, weights_only=True)
+    del blob["info"]["judge_version"]
+    torch.save(blob, path)
+    again = get_probe(path, image_folder, image_folder, **kw)
+    assert any("older recipe" in line for line in said), f"a stale judge should be retrained: {said}"
+    assert again.info["judge_version"] == JUDGE_VERSION and load_probe(path).info["judge_version"] == JUDGE_VERSION
 
 
 def test_probe_refuses_other_files(tmp_path):

@@ -44,9 +44,10 @@ def shape_set(n_per_class, seed):
 
 @pytest.fixture(scope="module")
 def judge():
-    """A tiny judge of every style, trained on 600 synthetic images for 16 epochs (a few seconds)."""
+    """A tiny judge of every style, trained on 600 synthetic images for 24 epochs (a few seconds): its flaws blur
+    up to std 1.5, which its class head needs more epochs than 16 to see through (0.34 styled content accuracy)."""
     torch.set_num_threads(1)
-    return train_probe(shape_set(200, seed=0), shape_set(30, seed=1000), epochs=16, batch_size=32, lr=0.05,
+    return train_probe(shape_set(200, seed=0), shape_set(30, seed=1000), epochs=24, batch_size=32, lr=0.05,
                        widths=(8, 16, 32), styles=tuple(STYLES), log=lambda *_: None)
 
 
@@ -130,6 +131,32 @@ def test_degrade_changes_only_the_chosen_share_and_keeps_flat_images_near():
     assert (out.float() - 120).abs().mean() < 20, "flaws should be small: a slight colour shift and noise"
 
 
+def gaussian_blur(images, sigma):
+    """A plain Gaussian blur of uint8 images (N, 3, H, W) with std `sigma` pixels (5 taps, replicate padding)."""
+    taps = torch.exp(-torch.arange(-2.0, 3.0).pow(2) / (2 * sigma ** 2))
+    k = (taps[:, None] * taps[None]) / taps.sum() ** 2
+    x = F.conv2d(F.pad(images.float(), (2, 2, 2, 2), mode="replicate"), k.expand(3, 1, 5, 5), groups=3)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def test_flaws_span_the_softness_of_real_samples():
+    """For every style, the 10-90% range of the HF energy of flawed targets (flaw_hf_span) holds the same targets
+    under a plain blur (Gaussian std 1 px, and a 3x3 box), and reaches below 60% of the clean targets' HF: real
+    samples sit at 20-55% of their targets' HF (0.09 against 0.16-0.41), so the judge must have seen that softness.
+    The old flaws (3-tap blur of std <= 1, more noise) stayed above the std-1 blur on 9 of 11 styles."""
+    from minisnr.eval.judge_views import flaw_hf_span
+    images = torch.cat([shapes(6, c, seed=20 + c) for c in range(3)])
+    for name, style in STYLES.items():
+        targets = style(images)
+        low, high = flaw_hf_span(targets)
+        clean = metrics.high_frequency_energy(targets).mean().item()
+        box = F.avg_pool2d(F.pad(targets.float(), (1, 1, 1, 1), mode="replicate"), 3, stride=1).round().byte()
+        for what, soft in (("std-1 blur", gaussian_blur(targets, 1.0)), ("3x3 box blur", box)):
+            hf = metrics.high_frequency_energy(soft).mean().item()
+            assert low <= hf <= high, f"{name}: the {what} (HF {hf:.3f}) should be inside the flaws' {low:.3f}-{high:.3f}"
+        assert low < 0.6 * clean, f"{name}: flaws should reach below 60% of the clean HF {clean:.3f}, got {low:.3f}"
+
+
 def test_shuffle_pixels_moves_whole_pixels():
     """Shuffling permutes pixel positions and keeps each pixel's RGB triple together."""
     x = shapes(2, 1, seed=3)
@@ -174,6 +201,38 @@ def test_per_class_distance_punishes_the_wrong_class():
     good = metrics.per_class(metrics.kid, right, asked, targets, labels)
     bad = metrics.per_class(metrics.kid, wrong, asked, targets, labels)
     assert good < bad / 10, f"right classes should be much closer than all-class-0: {good:.4f} vs {bad:.4f}"
+
+
+# --- palette ----------------------------------------------------------------------------------------
+
+def test_palette_fd_sees_colours_and_ignores_where_they_are():
+    """palette_fd is ~0 for a set against itself and against its own pixels shuffled (a palette metric by design),
+    small for other images in the same colour map, and large for the same images recoloured (another colour map, a
+    channel swap); a constant shift c of every channel gives exactly |c|^2."""
+    images = shapes(20, 0, seed=11)
+    tri = STYLES["tritone"](images)
+    shuffled = shuffle_pixels(tri, torch.Generator().manual_seed(0))
+    other = STYLES["tritone"](shapes(20, 1, seed=12))
+    same = metrics.palette_fd(tri, tri)
+    assert same < 1e-9 and metrics.palette_fd(shuffled, tri) < 1e-9, "shuffling pixels keeps the palette exactly"
+    near = metrics.palette_fd(other, tri)
+    for name, far in (("night", STYLES["night"](images)), ("channel swap", tri[:, [2, 1, 0]])):
+        d = metrics.palette_fd(far, tri)
+        assert d > 10 * near, f"{name} should be far from tritone's palette ({d:.4f}) next to other tritone " \
+                              f"images ({near:.4f})"
+    flat = torch.randint(20, 200, (4, 3, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    moved = metrics.palette_fd(flat + torch.tensor([30, 0, 15], dtype=torch.uint8).view(1, 3, 1, 1), flat)
+    assert abs(moved - (30 ** 2 + 15 ** 2) / 255 ** 2) < 1e-9, f"a shift c should give |c|^2, got {moved}"
+
+
+def test_palette_fd_per_class():
+    """per_class(palette_fd, ...) compares each class's images with that class's targets only."""
+    g = torch.Generator().manual_seed(2)
+    dark, light = (torch.randint(lo, lo + 40, (3, 3, 4, 4), generator=g, dtype=torch.uint8) for lo in (0, 215))
+    targets, labels = torch.cat([dark, light]), torch.tensor([0, 0, 0, 1, 1, 1])
+    right = metrics.per_class(metrics.palette_fd, targets, labels, targets, labels)
+    wrong = metrics.per_class(metrics.palette_fd, targets, 1 - labels, targets, labels)
+    assert right < 1e-9 and wrong > 0.9, f"the right classes should match exactly ({right}), swapped ones not ({wrong})"
 
 
 # --- paired statistics ---------------------------------------------------------------------------

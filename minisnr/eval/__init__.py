@@ -1,7 +1,8 @@
 """Measuring the method: the judge, the metrics, the ground-truth styles, the study and the evaluate commands.
 
 The yardstick
-    styles.py            seven ground-truth styles as pixel transforms (dev and test splits)
+    styles.py            eleven ground-truth styles as pixel transforms (dev and test splits)
+    style_ops.py         the pixel arithmetic the styles share: luma, contrast, palettes, edges
     probe_net.py         the probe's network: a small CIFAR classifier; the judge adds a trunk that names the style
     probe_train.py       training the probe and the judge
     judge_views.py       the judge's training views: styled images, decoys and generator flaws

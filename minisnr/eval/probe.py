@@ -25,6 +25,7 @@ from ..io.cli import CheckpointError, UserError
 from ..io.data import load_dataset
 from ..io.files import atomic_save
 from .probe_net import DEFAULT_WIDTHS, Probe, ProbeNet, STYLE_LAYERS
+from .judge_views import JUDGE_VERSION
 from .probe_train import train_probe
 
 PROBE_FORMAT = "minisnr-probe-v1"
@@ -38,7 +39,8 @@ def save_probe(probe, path):
                  "num_classes": len(probe.classes), "classes": list(probe.classes),
                  "test_accuracy": float(probe.test_accuracy), "style_layers": list(STYLE_LAYERS),
                  "style_mean": [t.cpu() for t in probe.style_mean], "style_std": [t.cpu() for t in probe.style_std],
-                 "info": dict(probe.info), "styles": list(probe.styles)}, path)
+                 "info": dict(probe.info), "styles": list(probe.styles),
+                 "feature_scale": [float(v) for v in probe.feature_scale]}, path)
 
 
 def check_probe(blob, path):
@@ -67,6 +69,10 @@ def check_probe(blob, path):
          "its weights (state) are not a dict of tensors"),
         (lambda: stats_ok(blob.get("style_mean")) and stats_ok(blob.get("style_std")),
          "its style statistics are not finite tensors, one per style layer"),
+        (lambda: blob.get("feature_scale", []) == [] or (
+            isinstance(blob["feature_scale"], list) and len(blob["feature_scale"]) == 2
+            and all(isinstance(v, float) and 0 < v < float("inf") for v in blob["feature_scale"])),
+         "its feature_scale is not two positive numbers"),
     ]
     problem = next((what for test, what in checks if not test()), None)
     if problem:
@@ -89,15 +95,21 @@ def load_probe(path, device="cpu"):
     except (RuntimeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"probe {path!r} does not match its recorded widths: {str(e).splitlines()[0]}") from None
     return Probe(net.to(device).eval(), list(blob["classes"]), float(blob["test_accuracy"]),
-                 list(blob["style_mean"]), list(blob["style_std"]), dict(blob["info"], path=path), styles)
+                 list(blob["style_mean"]), list(blob["style_std"]), dict(blob["info"], path=path), styles,
+                 list(blob.get("feature_scale", [])))
 
 
 def get_probe(path, train_data, test_data, epochs=3, device="cpu", retrain=False, log=print, styles=(),
               **train_kwargs):
     """Load the cached probe at `path`, or (if it is missing or `retrain`) train one and cache it there.
-    With `styles`, the probe is a judge of those styles (train_probe), and a cached file must judge the same ones."""
+    With `styles`, the probe is a judge of those styles (train_probe), and a cached file must judge the same ones.
+    A cached judge made by an older recipe (its judge_version is not JUDGE_VERSION) is retrained, not reused."""
     if os.path.exists(path) and not retrain:
         probe = load_probe(path, device)
+        made = probe.info.get("judge_version", 1)
+        if styles and probe.styles and made != JUDGE_VERSION:
+            log(f"{path} is a judge of an older recipe (v{made}, now v{JUDGE_VERSION}); retraining it")
+            return get_probe(path, train_data, test_data, epochs, device, True, log, styles, **train_kwargs)
         want = ["none", *styles] if styles else []
         if probe.styles != want:
             raise UserError(f"{path} judges styles {probe.styles or 'none'}, but {want or 'a plain probe'} is needed "

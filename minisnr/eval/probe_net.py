@@ -20,7 +20,9 @@ Probe.logits(x) and Probe.features(x) give the same logits and the pooled featur
 maps for one batch of [-1, 1] tensors, for exploring the probe by hand.
 
 A judge (the study's) is the same network with a second trunk of the same shape, `style_net`, that
-learns which style a view is in; its "pooled" features are both trunks' side by side.
+learns which style a view is in; its "pooled" features are both trunks' side by side, each divided by its own
+RMS over a fixed reference set (Probe.feature_scale), so that the two trunks weigh equally in KID and FD: raw,
+their scales were whatever training left them, and so was their share of the distance.
 """
 from dataclasses import dataclass, field
 
@@ -83,6 +85,8 @@ class Probe:
     style_mean, style_std: per style layer, the mean and floored std of natural images' Gram vectors
     info:          everything else in the cache (epochs, seconds, data specs, ...)
     styles:        the judge's style names, style head index order ("none" first); [] for a plain probe
+    feature_scale: a judge's [class trunk, style trunk] RMS of the pooled features over its reference set
+                   (probe_train.trunk_scales); run() divides each trunk's block by it. [] = unscaled
     """
     net: ProbeNet
     classes: list
@@ -91,6 +95,7 @@ class Probe:
     style_std: list
     info: dict = field(default_factory=dict)
     styles: list = field(default_factory=list)
+    feature_scale: list = field(default_factory=list)
 
     @property
     def device(self):
@@ -117,7 +122,8 @@ class Probe:
     def run(self, images, batch_size=250):
         """Everything the metrics need from uint8 images (N, 3, 32, 32), in batches:
         {"logits": (N, K), "pooled": (N, w2), "grams": [per STYLE_LAYERS (N, C(C+1)/2)]}. A judge also gives
-        "style_logits" (N, len(styles)), and its "pooled" is both trunks' features side by side, (N, 2 w2)."""
+        "style_logits" (N, len(styles)), and its "pooled" is both trunks' features side by side, (N, 2 w2), each
+        block divided by its feature_scale: the two trunks then have RMS 1 on the reference set and equal weight."""
         self.net.eval()
         logits, pooled, styles, grams = [], [], [], [[] for _ in STYLE_LAYERS]
         for i in range(0, len(images), batch_size):
@@ -126,7 +132,10 @@ class Probe:
             if self.net.style_net is not None:   # a judge: features see class and style; Gram maps are the style's
                 st, st_pooled, maps = self.net.style_net.forward_features(x)
                 styles.append(st.float().cpu())
-                pl = torch.cat([pl, st_pooled], dim=1)                                    # (B, 2 w2)
+                blocks = [pl, st_pooled]
+                if self.feature_scale:                                                    # equal weights
+                    blocks = [b / scale for b, scale in zip(blocks, self.feature_scale)]
+                pl = torch.cat(blocks, dim=1)                                             # (B, 2 w2)
             logits.append(lg.float().cpu())
             pooled.append(pl.float().cpu())
             for store, name in zip(grams, STYLE_LAYERS):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..io.cli import UserError
 from ..io.data import to_model_range
-from .judge_views import styled_batch
+from .judge_views import JUDGE_VERSION, styled_batch
 from .probe_net import DEFAULT_WIDTHS, Probe, ProbeNet
 from .styles import apply_style
 
@@ -124,6 +124,9 @@ def train_probe(train_set, test_set, epochs=3, batch_size=128, lr=0.1, widths=DE
                    "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1),
                    "threads": torch.get_num_threads(), "n_train": len(train_set), "n_test": len(test_set)},
                   style_names)
+    if styles:   # each trunk's RMS on a fixed reference set, so that its two feature blocks weigh equally
+        probe.feature_scale = trunk_scales(probe, train_set.images, seed, stats_images)
+        probe.info["judge_version"] = JUDGE_VERSION
     probe.style_mean, probe.style_std = _style_stats(probe, train_set.images, seed, stats_images)
     if styles:
         probe.info.update(judge_accuracy(probe, test_set))
@@ -138,6 +141,24 @@ def _style_stats(probe, images, seed, n):
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 1))[:n]
     grams = probe.run(images[pick])["grams"]
     return [g.mean(0) for g in grams], [_floored_std(g) for g in grams]
+
+
+@torch.no_grad()
+def trunk_scales(probe, images, seed, n):
+    """A judge's [class trunk, style trunk] RMS of the pooled features, over a fixed reference set: up to n of the
+    training `images` (a seeded subset), image i put through style i mod (1 + styles) in the judge's order
+    ("none" first), so that every style the judge scores is in it. Probe.run divides each block by its RMS."""
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 2))[:n]
+    ref = images[pick].clone()
+    for k, name in enumerate(probe.styles[1:], start=1):
+        every = torch.arange(k, len(ref), len(probe.styles))
+        ref[every] = apply_style(name, ref[every])
+    kept, probe.feature_scale = probe.feature_scale, []          # measure the raw features
+    try:
+        pooled = probe.run(ref)["pooled"]
+    finally:
+        probe.feature_scale = kept
+    return [block.pow(2).mean().sqrt().clamp(min=1e-6).item() for block in pooled.chunk(2, dim=1)]
 
 
 @torch.no_grad()

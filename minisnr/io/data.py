@@ -9,7 +9,7 @@ Sources:
   load_cifar10(root)       torchvision's CIFAR-10, downloaded into `root` on first use
   load_image_folder(path)  any ImageFolder layout: path/<class name>/<image files>
   load_images(paths)       a flat list of image files (a style set for finetune.py)
-  StyleViews(images)       random crops and flips of those references, the fine-tuning batches
+  StyleViews(images)       crops and flips of those references, never upsampled: the fine-tuning batches (views.py)
 """
 import os
 import warnings
@@ -19,10 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import v2 as T
-from torchvision.transforms.v2 import functional as TF
 
 from .cli import UserError
+from .views import StyleViews  # noqa: F401 (it lives in views.py; finetune.py and compare.py import it here)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 # The largest image decoded at full size: 64 megapixels (e.g. 9000 x 7000) take 256 MB as RGBA. A larger
@@ -242,27 +241,3 @@ class InMemoryLoader:
         """Restore a position saved by state_dict(), so a resumed run sees the same batches."""
         self.generator.set_state(state["generator"])
         self.perm, self.pos = state["perm"].to(self.device), int(state["pos"])
-
-
-# --- fine-tuning data ----------------------------------------------------------------------------
-
-class StyleViews:
-    """Random resized crops + flips of the reference images, as (B, 3, S, S) floats in [-1, 1].
-    The resized references are kept on the training device and cropped there, so a step copies no
-    images from the host (the crop boxes and flips still come from the CPU RNG, as before)."""
-
-    def __init__(self, images, size, ref_size, crop_min, device):
-        self.refs = []
-        for img in images:  # resize once so the short side is ref_size; crops then cut from that
-            t = TF.pil_to_tensor(img)                                            # (3, H, W) uint8
-            self.refs.append(TF.resize(t, ref_size, antialias=True).to(device))
-        self.size, self.device = size, device
-        self.crop = T.RandomResizedCrop(size, scale=(crop_min, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)
-
-    def next(self, batch_size):
-        """Random crops of the references, flipped half the time: x0 of shape (B, 3, size, size) in [-1, 1]."""
-        views = []
-        for i in torch.randint(len(self.refs), (batch_size,)).tolist():
-            v = self.crop(self.refs[i])                                         # (3, size, size)
-            views.append(v.flip(-1) if torch.rand(()) < 0.5 else v)
-        return to_model_range(torch.stack(views))                              # (B, 3, size, size) on the device

@@ -198,9 +198,10 @@ class FinetuneConfig:
     batch_size: int = knob(4, "views per step, as in the paper")
     lr: float = knob(1e-4, "Adam learning rate, as in the paper")
     grad_clip: float = knob(1.0, "clip the adapter's grad norm (0 = off)")
-    crop_min: float = knob(0.35, "smallest random crop, as a fraction of the reference's area")
-    ref_size: int = knob(64, "the short side of each reference is resized to this before cropping (2x the model "
-                             "size)")
+    crop_min: float = knob(1.0, "1 = crops at the reference's own pixels, never resampled, so views keep its texture; "
+                                "< 1 = the old RandomResizedCrop(crop_min, 1): kept 20-60% of the HF; for ablations")
+    ref_size: int = knob(64, "a reference with a longer short side (a painting) is downsampled once to this, so a view "
+                             "pixel is a fixed patch of it (64: half its short side); smaller ones keep their pixels")
     use_ema: bool = knob(True, "fine-tune on top of the base checkpoint's EMA weights (what sample.py uses)")
     # logging and output
     log_every: int = knob(25, "steps between log lines")
