@@ -30,6 +30,7 @@ from ..io.images import save_image_grid
 from ..lora import merge_lora, set_style_scale
 from ..rf import generate, NoiseSampler, to_uint8
 from . import metrics
+from ..train.config import FinetuneConfig
 from .finetune_run import finetune
 from .probe import get_probe
 from .study_protocol import JUDGE_EPOCHS, JUDGE_LR
@@ -97,10 +98,11 @@ def sample_blocks(base, adapters, draw, device):
 
 
 def painting_crops(style, size, n=64, seed=0):
-    """n random resized crops (and flips) of the painting(s), uint8 (n, 3, size, size): the views a fine-tune
-    learns from (finetune.py's StyleViews at its default sizes), to measure the painting's statistics.
+    """n random crops (and flips) of the painting(s), uint8 (n, 3, size, size): the views a fine-tune learns from
+    (finetune.py's StyleViews with finetune.py's defaults), to measure the painting's statistics.
     Seeded, and the global RNG is left as it was."""
-    views = StyleViews(load_images(style.split(","), max_side=256), size, 64, 0.35, "cpu")
+    d = FinetuneConfig()
+    views = StyleViews(load_images(style.split(","), max_side=4 * d.ref_size), size, d.ref_size, d.crop_min, "cpu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return to_uint8(views.next(n))

@@ -94,16 +94,6 @@ def frechet_distance(features_a, features_b):
     return frechet_from_stats(*gaussian_stats(features_a), *gaussian_stats(features_b))
 
 
-def palette_fd(images, target_images):
-    """The palette distance: FD between Gaussians fitted to the RGB colours of every pixel of two uint8 image sets
-    (N, 3, H, W), colours in [0, 1]. It sees the colour scheme only (mean colour and how colours spread and
-    co-vary), no layout and no texture: shuffling an image's pixels leaves it unchanged, by design. It needs no
-    judge, so nothing a judge was taught can hide a palette from it."""
-    a = images.permute(0, 2, 3, 1).reshape(-1, 3).double() / 255
-    b = target_images.permute(0, 2, 3, 1).reshape(-1, 3).double() / 255
-    return frechet_distance(a, b)
-
-
 # --- kernel distance (KID), per class ----------------------------------------------------------
 
 def kid(features_a, features_b, degree=3):
