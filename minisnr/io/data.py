@@ -199,6 +199,13 @@ def to_model_range(x_uint8):
     return x_uint8.float().div_(127.5).sub_(1.0)
 
 
+def order_device(device):
+    """Where InMemoryLoader draws each epoch's order for data on `device`: on a CUDA device itself, since
+    copying an order from pageable host memory is a host-device sync; elsewhere on the CPU, as always."""
+    device = torch.device(device)
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
 class InMemoryLoader:
     """Endless shuffled batches from an ImageSet, sharded across `world_size` processes.
 
@@ -206,18 +213,27 @@ class InMemoryLoader:
     rank); rank r takes positions r, r + world, ... of each global batch. The state is
     (generator state, epoch permutation, position), so a checkpoint can resume the exact
     data order, even with a different number of processes.
+
+    On CUDA the generator lives on the GPU and draws each epoch's order there: copying an
+    order drawn on the CPU from pageable host memory would be a host-device sync at every
+    epoch. Elsewhere it is the CPU generator, and the CPU order, of before.
     """
 
     def __init__(self, data: ImageSet, batch_size, device, seed=0, rank=0, world_size=1, flip=True):
         self.images = data.images.to(device)   # uint8 on the device: a batch is an index lookup
         self.labels = data.labels.to(device)
-        self.batch_size, self.device, self.flip = batch_size, device, flip
+        self.device = self.images.device
+        self.batch_size, self.flip = batch_size, flip
         self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=order_device(self.device)).manual_seed(seed)
         self.perm, self.pos = self._new_epoch(), 0
 
-    def _new_epoch(self):  # drawn on the CPU (the generator lives there), then kept on the device
-        return torch.randperm(len(self.labels), generator=self.generator).to(self.device)
+    def _new_epoch(self):
+        """The next epoch's order, on the device, without a host-device sync."""
+        perm = torch.randperm(len(self.labels), generator=self.generator, device=self.generator.device)
+        if perm.device.type == "cpu" and self.device.type == "cuda":  # a CPU generator from an older state
+            perm = perm.pin_memory()                                    # a copy from pinned memory does not sync
+        return perm.to(self.device, non_blocking=True)
 
     def next(self):
         """Return (x0 in [-1, 1] of shape (B, C, H, W), labels (B,)) for this rank."""
@@ -235,12 +251,27 @@ class InMemoryLoader:
         return x, self.labels[idx]
 
     def state_dict(self):
-        """The loader's position: RNG state, this epoch's permutation and the index into it."""
-        return {"generator": self.generator.get_state(), "perm": self.perm.cpu(), "pos": self.pos}
+        """The loader's position: RNG state (and the device it draws on), this epoch's permutation and the index
+        into it; also the processes and batch it ran with, so a resume can say when the global batch changes."""
+        return {"generator": self.generator.get_state(), "generator_device": self.generator.device.type,
+                "perm": self.perm.cpu(), "pos": self.pos, "world_size": self.world_size, "batch_size": self.batch_size}
 
     def load_state_dict(self, state):
-        """Restore a position saved by state_dict(), so a resumed run sees the same batches."""
-        self.generator.set_state(state["generator"])
+        """Restore a position saved by state_dict(), so a resumed run sees the same batches.
+
+        A state drawn on another kind of device (older states: always the CPU) keeps drawing on that kind where
+        it can, so the order stays exact; a CUDA generator's state cannot go on without CUDA, so there the later
+        epochs are drawn by a CPU generator seeded from it (a warning says so)."""
+        kind = state.get("generator_device", "cpu")
+        if kind == self.generator.device.type:
+            self.generator.set_state(state["generator"])
+        elif kind == "cpu":
+            self.generator = torch.Generator().set_state(state["generator"])
+        else:
+            warnings.warn(f"the saved data order was drawn on {kind}, which this run does not have: epochs after "
+                          f"this one are drawn in another order than the original run's")
+            seed = int.from_bytes(bytes(state["generator"].tolist()), "little") % 2 ** 63
+            self.generator = torch.Generator(device=order_device(self.device)).manual_seed(seed)
         self.perm, self.pos = state["perm"].to(self.device), int(state["pos"])
 
 
