@@ -102,9 +102,9 @@ def test_ddp_backend_follows_the_resolved_device(monkeypatch, device, backend):
 class FakeDDP(torch.nn.Module):
     """Stands in for DistributedDataParallel (no process group needed): records that it wrapped, then delegates."""
 
-    def __init__(self, module, device_ids=None, calls=None):
+    def __init__(self, module, device_ids=None, calls=None, **options):
         super().__init__()
-        self.module = module
+        self.module, self.options = module, options
         calls.append(("ddp", type(module).__name__))
 
     def forward(self, *args, **kwargs):
@@ -119,7 +119,7 @@ def test_train_compiles_the_ddp_wrapped_model(monkeypatch, image_folder, tmp_pat
     calls = []
     monkeypatch.setattr(train, "setup_distributed", lambda device: (0, 0, 2))
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
-                        lambda module, device_ids=None: FakeDDP(module, device_ids, calls))
+                        lambda module, device_ids=None, **options: FakeDDP(module, device_ids, calls, **options))
 
     def fake_compile(module, **kwargs):
         calls.append(("compile", type(module).__name__))
@@ -128,6 +128,19 @@ def test_train_compiles_the_ddp_wrapped_model(monkeypatch, image_folder, tmp_pat
     train.main(["--preset", "tiny", "--device", "cpu", "--data", image_folder, "--out", str(tmp_path / "run"),
                 "--max-steps", "1", "--batch-size", "4", "--compile", "true"])
     assert calls == [("ddp", "DiT"), ("compile", "FakeDDP")]
+
+
+def test_ddp_skips_the_buffer_broadcast_and_the_gradient_copy(monkeypatch):
+    """DDP is built with broadcast_buffers=False (the DiT's only buffer, the positional embedding, never changes)
+    and gradient_as_bucket_view=True (gradients live in the all-reduce buckets: no copy in and out of them)."""
+    from minisnr.train.ddp import wrap_for_training
+    calls = []
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        lambda module, device_ids=None, **options: FakeDDP(module, device_ids, calls, **options))
+    model = build_tiny()
+    assert [name for name, _ in model.named_buffers()] == ["pos_embed"]
+    wrapped = wrap_for_training(model, False, 2, torch.device("cpu"))
+    assert wrapped.options == dict(broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 def test_compile_is_the_cifar_presets_default_on_cuda_only():

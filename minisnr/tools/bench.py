@@ -80,6 +80,8 @@ class BenchConfig:
     precision: str = knob("bf16", "with --estimate-memory: fp32 | bf16 | fp16 activations")
     fit_gib: str = knob("", "with --estimate-memory: comma-separated card sizes in GiB, e.g. 8,12,24; also print "
                             "the largest micro-batch that fits each")
+    data_images: int = knob(50_000, "with --fit-gib: images train.py keeps on the GPU (CIFAR-10's training set: "
+                                     "50000)")
     seed: int = knob(0, "seed for the model init, data and noise")
     roofline: bool = knob(False, "also time one large square matmul per precision: the most img/s this device allows")
 
@@ -264,7 +266,7 @@ def validate(cfg: BenchConfig):
     for name in ("batch_size", "sample_steps"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("threads", "sample_images", "grad_clip"):
+    for name in ("threads", "sample_images", "grad_clip", "data_images"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:

@@ -40,7 +40,15 @@ FREQ_DIM = 256  # TimestepEmbedder's sinusoidal feature size (minisnr.model.Time
 # with fp32 accumulation, as PyTorch uses). Matched in order as substrings of
 # torch.cuda.get_device_name(), so more specific names come first. V100 and T4 have no bf16:
 # their fp16 peak is listed. Cards not here get no MFU unless --peak-tflops is given.
+# RTX 4080: "Peak BF16 Tensor TFLOPS with FP32 Accumulate" 97.5 (dense) in NVIDIA's Ada GPU architecture
+# whitepaper. The RTX 3060 and 4070 are in no whitepaper table; theirs is that table's per-SM rate, 512 dense
+# FLOPs a clock with fp32 accumulation on GA10x and AD10x (RTX 3070: 40.6 at 46 SMs and 1.725 GHz in the
+# Ampere GA102 whitepaper; RTX 4090: 165.2 at 128 SMs and 2.52 GHz), times NVIDIA's spec-page SMs and boost
+# clock: 3060, 28 SMs (3584 CUDA cores) at 1.777 GHz = 25.5; 4070, 46 SMs (5888) at 2.475 GHz = 58.3, which is
+# its spec page's 466 "AI TOPS" (fp8 with sparsity) / 8. Variants with other SM counts or clocks (Ti, SUPER,
+# laptop parts) get None: pass --peak-tflops rather than borrow a wrong peak.
 PEAK_BF16_TFLOPS = [
+    ("Laptop", None),       # mobile clocks depend on the laptop's power limit
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
     ("H100", 989.4),        # SXM, e.g. "NVIDIA H100 80GB HBM3"
@@ -56,7 +64,14 @@ PEAK_BF16_TFLOPS = [
     ("A10", 125.0),
     ("RTX A6000", 154.8),
     ("RTX 4090", 165.2),
+    ("RTX 4080 SUPER", None),
+    ("RTX 4080", 97.5),
+    ("RTX 4070 Ti", None),  # also the "RTX 4070 Ti SUPER"
+    ("RTX 4070 SUPER", None),
+    ("RTX 4070", 58.3),
     ("RTX 3090", 71.0),
+    ("RTX 3060 Ti", None),
+    ("RTX 3060", 25.5),
     ("V100", 125.0),        # fp16
     ("T4", 65.0),           # fp16
 ]
