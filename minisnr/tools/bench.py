@@ -131,16 +131,18 @@ def random_images(c: DiTConfig, n, seed):
     return ImageSet(images, labels, [str(i) for i in range(c.num_classes)])
 
 
-def make_train_step(cfg: BenchConfig, device, precision, compiled):
-    """A fresh, seeded setup of train.py's step for cfg's model and batch on random images already on the
-    device. Returns (step, model): step() runs train_step + ema_update once and returns the loss tensor."""
+def make_train_step(cfg: BenchConfig, device, precision, compiled, data_batches=4):
+    """A fresh, seeded setup of train.py's step for cfg's model and batch on `data_batches` batches of random
+    images already on the device. Returns (step, model): step() runs train_step + ema_update once and returns
+    the loss tensor."""
     c = model_config(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(c).to(device)
     ema = build_model(c).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    loader = InMemoryLoader(random_images(c, 4 * cfg.batch_size, cfg.seed), cfg.batch_size, device, seed=cfg.seed)
+    images = random_images(c, data_batches * cfg.batch_size, cfg.seed)
+    loader = InMemoryLoader(images, cfg.batch_size, device, seed=cfg.seed)
     optimizer = make_optimizer(params, lr=1e-4, weight_decay=0.0, device=device)
     scaler = make_grad_scaler(device, precision)
     ctx = autocast_context(device, precision)
