@@ -143,17 +143,21 @@ def test_ddp_skips_the_buffer_broadcast_and_the_gradient_copy(monkeypatch):
     assert wrapped.options == dict(broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
-def test_compile_is_the_cifar_presets_default_on_cuda_only():
-    """--preset cifar compiles on CUDA unless --compile false; on a CPU, and for other presets, it stays eager."""
+def test_compile_default_follows_the_device_and_the_model_size_not_the_preset():
+    """On CUDA every model of 1M+ parameters compiles unless --compile false, whatever preset (or none) named it:
+    --model cifar without --preset cifar too. The tiny test model and every CPU run stay eager."""
     import train
     from minisnr.io.cli import parse_config
-    cfg = lambda *argv: parse_config(train.TrainConfig, train.PRESETS, ["--preset", "cifar", *argv])[0]
+    cfg = lambda *argv: parse_config(train.TrainConfig, train.PRESETS, list(argv))[0]
     cpu = torch.device("cpu")
-    assert train.use_compile(cfg(), "cifar", CUDA) is True
-    assert train.use_compile(cfg(), "cifar", cpu) is False
-    assert train.use_compile(cfg("--compile", "false"), "cifar", CUDA) is False
-    assert train.use_compile(cfg("--compile", "true"), "cifar", cpu) is True
-    assert train.use_compile(cfg(), "cpu", CUDA) is False
+    assert train.use_compile(cfg("--preset", "cifar"), "cifar", CUDA) is True
+    assert train.use_compile(cfg("--model", "cifar"), None, CUDA) is True
+    assert train.use_compile(cfg("--preset", "cpu"), "cpu", CUDA) is True
+    assert train.use_compile(cfg("--preset", "cifar"), "cifar", cpu) is False
+    assert train.use_compile(cfg("--preset", "tiny"), "tiny", CUDA) is False
+    assert train.use_compile(cfg("--preset", "tiny", "--dim", "256", "--heads", "4"), "tiny", CUDA) is True
+    assert train.use_compile(cfg("--preset", "cifar", "--compile", "false"), "cifar", CUDA) is False
+    assert train.use_compile(cfg("--preset", "cifar", "--compile", "true"), "cifar", cpu) is True
 
 
 # --- gradient accumulation ----------------------------------------------------------------------
