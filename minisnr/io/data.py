@@ -142,14 +142,34 @@ def load_image_folder(root, size=32, flag="--data") -> ImageSet:
     return ImageSet(_stack(images), torch.tensor(labels, dtype=torch.long), classes)
 
 
-def load_cifar10(root="data", train=True, size=32, flag="--data") -> ImageSet:
-    """CIFAR-10 through torchvision, downloaded into `root` on first use (about 170 MB)."""
+def _cifar10(root, train, download, flag):
+    """torchvision's CIFAR-10 split in `root`, downloaded first if `download`; a DataError naming the fix if not."""
     import torchvision
     try:
-        ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
-    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a corrupt download
+        return torchvision.datasets.CIFAR10(root, train=train, download=download)
+    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a corrupt or missing download
         raise DataError(f"could not get CIFAR-10 into {root!r} ({e}); check the internet connection, "
                         f"or point {flag} at an ImageFolder copy") from None
+
+
+def load_cifar10(root="data", train=True, size=32, flag="--data") -> ImageSet:
+    """CIFAR-10 through torchvision, downloaded into `root` on first use (about 170 MB).
+
+    Under DDP only rank 0 downloads, while the others wait at a barrier and then read what it wrote: ranks
+    downloading into one folder at once would write over each other's archive. Rank 0 reaches the barrier
+    even when its download fails, so the others then fail to read the data (one line each) instead of waiting.
+    """
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        ds = _cifar10(root, train, True, flag)
+    else:
+        try:
+            if dist.get_rank() == 0:
+                ds = _cifar10(root, train, True, flag)
+        finally:
+            dist.barrier()
+        if dist.get_rank() != 0:
+            ds = _cifar10(root, train, False, flag)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()           # (N, 3, 32, 32) uint8
     if size != 32:
         images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,

@@ -55,6 +55,18 @@ def any_rank(flag: bool, device) -> bool:
     return bool(vote.item())
 
 
+def any_rank_tensor(flag):
+    """`flag` (a bool tensor on the device) OR-ed over the ranks under DDP, still on the device, so it costs no
+    host sync of its own: one tiny MAX all-reduce. Without DDP, `flag` itself. Used for the non-finite check,
+    which must stop every rank at once: a rank that stopped alone would leave the others waiting in their next
+    gradient all-reduce forever."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    vote = flag.reshape(1).float()       # gloo and NCCL both reduce float32
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return vote[0] > 0
+
+
 def rank_device(device, local_rank, world):
     """This process's device: under DDP on CUDA, the GPU torchrun gave it (LOCAL_RANK); else `device` itself."""
     return torch.device("cuda", local_rank) if device.type == "cuda" and world > 1 else device
