@@ -204,3 +204,18 @@ def test_sampler_timing_gets_a_static_graph(monkeypatch):
         torch._dynamo.reset()
     assert runs == [1, 0], f"graphs compiled by the warm-up and the timed sampler run: {runs}"
     assert graphs[-1] == [], f"the sampler's graph has symbolic inputs {graphs[-1]}: it was compiled for dynamic shapes"
+
+
+def test_traffic_measures_the_bytes_the_fp32_residual_stream_moves(capsys):
+    """--traffic true: the non-matmul ops' bytes per image, by dtype. In fp32 they are all fp32; under bf16
+    autocast the matmul outputs are bf16 but the residual stream (LayerNorm, modulate, gates, adds) is still
+    fp32, so fp32 bytes remain, which is the question a bf16 stream would answer. The model is not changed."""
+    results = bench.main(["--preset", "tiny", "--modes", "eager-fp32,eager-bf16", "--warmup", "0", "--steps", "1",
+                          "--batch-size", "2", "--device", "cpu", "--threads", "1", "--traffic", "true"])
+    fp32, bf16 = (r["elementwise_bytes_per_image"] for r in results)
+    assert fp32["float32"] > 0 and "bfloat16" not in fp32
+    assert bf16["bfloat16"] > 0 and bf16["float32"] > 0
+    # a (1, 16, 64) fp32 token tensor is 4 KiB; each block's stream is read and written many times per image
+    assert bf16["float32"] > 2 * 16 * 64 * 4 * 2
+    printed = capsys.readouterr().out
+    assert "non-matmul ops in bf16:" in printed and "fp32 share" in printed

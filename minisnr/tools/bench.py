@@ -26,7 +26,8 @@ On the CPU the table also shows the process CPU time per step (time.process_time
 on a machine shared with other jobs, wall time depends on what else runs, while CPU time at
 --threads 1 hardly does, so it is the steadier number for comparing modes there.
 
-The FLOP count, MFU and the roofline are explained in minisnr.tools.flops; the training-memory
+The FLOP count, MFU, the roofline and --traffic (the bytes the fp32 residual stream moves) are explained
+in minisnr.tools.flops; the training-memory
 estimate (--estimate-memory true), derived from the model's own saved tensors, in minisnr.tools.memory.
 """
 import gc
@@ -44,7 +45,7 @@ from ..io.safety import check_output, check_seed
 from ..model import build_config, build_model, DIT_PRESETS, DiTConfig
 from ..rf import euler_sample, NoiseSampler
 from ..train.step import ema_update, make_optimizer, train_step
-from .flops import add_roofline, peak_tflops, train_flops_per_image
+from .flops import add_roofline, elementwise_bytes, peak_tflops, train_flops_per_image
 from .memory import gib, parse_gib_list, print_memory_estimate
 from .report import format_table, header_line, run_meta
 
@@ -84,6 +85,8 @@ class BenchConfig:
                                      "50000)")
     seed: int = knob(0, "seed for the model init, data and noise")
     roofline: bool = knob(False, "also time one large square matmul per precision: the most img/s this device allows")
+    traffic: bool = knob(False, "also measure (on the CPU) the bytes per image the non-matmul ops move, by dtype: "
+                                "what the fp32 residual stream costs under autocast")
 
     def model_overrides(self):
         """The DiT fields these flags set explicitly; they override the preset's shape."""
@@ -255,9 +258,23 @@ def run(cfg: BenchConfig):
             print(f"  {mode}: {r['ms_per_step']:.1f} ms/step, {r['img_per_s']:.2f} img/s", flush=True)
         if cfg.roofline:
             add_roofline(results, device)
+        if cfg.traffic:
+            moved = {p: elementwise_bytes(c, p) for p in dict.fromkeys(r["precision"] for r in results)}
+            for r in results:
+                r["elementwise_bytes_per_image"] = moved[r["precision"]]
     finally:
         torch.set_num_threads(threads)
     return results, meta, device
+
+
+def traffic_lines(results):
+    """One line per precision: MiB per image that the non-matmul ops move, and the fp32 share of it."""
+    lines = []
+    for precision, moved in {r["precision"]: r["elementwise_bytes_per_image"] for r in results}.items():
+        total = sum(moved.values())
+        lines.append(f"non-matmul ops in {precision}: {total / 2 ** 20:.1f} MiB moved per image, "
+                     f"fp32 share {moved.get('float32', 0) / max(total, 1):.0%} (measured on the CPU)")
+    return "\n".join(lines)
 
 
 def validate(cfg: BenchConfig):
@@ -292,6 +309,8 @@ def main(argv=None):
     results, meta, device = run(cfg)
     print()
     print(format_table(results, device))
+    if cfg.traffic:
+        print(traffic_lines(results))
     if cfg.json:
         write_json({"meta": meta, "results": results}, cfg.json)
     return results

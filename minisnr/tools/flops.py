@@ -26,13 +26,22 @@ compare on one scale.
 
 The roofline (bench --roofline true; see matmul_tflops) times one large square matmul per
 precision: img/s cannot exceed that rate divided by the FLOPs per image.
+
+The bytes the rest moves (bench --traffic true; see elementwise_bytes): under autocast the residual stream
+stays fp32 (the fp32 positional embedding is added to the tokens), so every LayerNorm, modulate, gate and
+residual add reads and writes fp32. Those ops are bound by memory bandwidth, not FLOPs, so their bytes per
+image, by dtype, say how much a bf16 stream could save; whether it is faster at equal loss needs a GPU run.
+The model's numerics are not changed by measuring it.
 """
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from ..io.device import sync
-from ..model import DiTConfig
+from ..io.device import autocast_context, sync
+from ..model import build_model, DiTConfig
+from ..rf import rf_loss
 
 FREQ_DIM = 256  # TimestepEmbedder's sinusoidal feature size (minisnr.model.TimestepEmbedder default)
 
@@ -148,3 +157,56 @@ def add_roofline(results, device):
     for r in results:
         r["matmul_tflops"] = rates[r["precision"]]
         r["roofline_img_s"] = r["matmul_tflops"] * 1e12 / r["flops_per_image"]
+
+
+# --- the bytes the non-matmul ops move ----------------------------------------------------------
+
+_aten = torch.ops.aten
+# compute-bound ops, counted as FLOPs above; everything else is elementwise, a reduction or a copy
+MATMUL_OPS = {_aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm, _aten._scaled_dot_product_flash_attention_for_cpu,
+              _aten._scaled_dot_product_flash_attention_for_cpu_backward, _aten._scaled_dot_product_flash_attention,
+              _aten._scaled_dot_product_flash_attention_backward, _aten._scaled_dot_product_efficient_attention,
+              _aten._scaled_dot_product_efficient_attention_backward}
+
+
+class _CountBytes(TorchDispatchMode):
+    """Adds up, by dtype, the bytes of every tensor each non-matmul, non-view aten op reads or writes."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and func.overloadpacket not in MATMUL_OPS:
+            for t in tree_leaves((args, kwargs, out)):
+                if isinstance(t, torch.Tensor):
+                    name = str(t.dtype).replace("torch.", "")
+                    self.bytes[name] = self.bytes.get(name, 0) + t.numel() * t.element_size()
+        return out
+
+
+def _step_bytes(model, batch_size, precision):
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(batch_size, c.in_channels, c.img_size, c.img_size, generator=g) * 2 - 1
+    y, t = torch.randint(0, c.num_classes, (batch_size,), generator=g), torch.rand(batch_size, generator=g)
+    counter = _CountBytes()
+    with counter:
+        with autocast_context(torch.device("cpu"), precision):
+            loss = rf_loss(model, x0, y, t).mean()
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.bytes
+
+
+def elementwise_bytes(c: DiTConfig, precision):
+    """Bytes per image that the non-matmul ops of one eager training forward + backward read and write, by dtype
+    ({'float32': n, 'bfloat16': m, ...}), measured on the CPU under its autocast as what batch 2 moves beyond
+    batch 1 (what does not grow with the batch, such as the weights' casts, is left out). An upper bound on the
+    memory traffic: each op's inputs and outputs count as if none stayed in cache."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(c).train()
+        one, two = (_step_bytes(model, b, precision) for b in (1, 2))
+    return {k: two.get(k, 0) - one.get(k, 0) for k in sorted(set(one) | set(two))}
