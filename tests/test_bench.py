@@ -147,8 +147,8 @@ def test_estimate_memory_cli_fit_table(tmp_path, capsys):
     --fit-gib is a one-line UserError."""
     out = tmp_path / "mem.json"
     est = bench.main(["--preset", "tiny", "--estimate-memory", "true", "--precision", "fp32", "--batch-size", "8",
-                      "--fit-gib", "0.5,1", "--data-images", "1000", "--json", str(out)])
-    on_card = dict(data_images=1000, context_bytes=memory.CUDA_CONTEXT_BYTES)
+                      "--fit-gib", "0.5,1", "--json", str(out)])
+    on_card = dict(data_images=50_000, context_bytes=memory.CUDA_CONTEXT_BYTES)
     assert est["largest_batch"] == {"0.5": 0,                  # the CUDA context alone fills half a GiB
                                     "1": memory.largest_batch("tiny", 2 ** 30, "fp32", **on_card)}
     assert est["largest_batch"]["1"] > 0

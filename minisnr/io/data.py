@@ -143,7 +143,6 @@ def load_image_folder(root, size=32, flag="--data") -> ImageSet:
 
 
 def _cifar10(root, train, download, flag):
-    """torchvision's CIFAR-10 split in `root`, downloaded first if `download`; a DataError naming the fix if not."""
     import torchvision
     try:
         return torchvision.datasets.CIFAR10(root, train=train, download=download)
@@ -153,23 +152,16 @@ def _cifar10(root, train, download, flag):
 
 
 def load_cifar10(root="data", train=True, size=32, flag="--data") -> ImageSet:
-    """CIFAR-10 through torchvision, downloaded into `root` on first use (about 170 MB).
-
-    Under DDP only rank 0 downloads, while the others wait at a barrier and then read what it wrote: ranks
-    downloading into one folder at once would write over each other's archive. Rank 0 reaches the barrier
-    even when its download fails, so the others then fail to read the data (one line each) instead of waiting.
-    """
+    """CIFAR-10 through torchvision, downloaded into `root` on first use (about 170 MB). Under DDP rank 0 downloads
+    while the others wait at a barrier, which it reaches even if it fails: ranks would write over each other."""
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        ds = _cifar10(root, train, True, flag)
-    else:
-        try:
-            if dist.get_rank() == 0:
-                ds = _cifar10(root, train, True, flag)
-        finally:
+    ddp = dist.is_available() and dist.is_initialized()
+    try:
+        ds = _cifar10(root, train, True, flag) if not ddp or dist.get_rank() == 0 else None
+    finally:
+        if ddp:
             dist.barrier()
-        if dist.get_rank() != 0:
-            ds = _cifar10(root, train, False, flag)
+    ds = _cifar10(root, train, False, flag) if ds is None else ds
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()           # (N, 3, 32, 32) uint8
     if size != 32:
         images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
@@ -220,10 +212,8 @@ def to_model_range(x_uint8):
 
 
 def order_device(device):
-    """Where InMemoryLoader draws each epoch's order for data on `device`: on a CUDA device itself, since
-    copying an order from pageable host memory is a host-device sync; elsewhere on the CPU, as always."""
-    device = torch.device(device)
-    return device if device.type == "cuda" else torch.device("cpu")
+    """Where InMemoryLoader draws the order for data on `device`: on a CUDA device itself, else on the CPU."""
+    return torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
 
 
 class InMemoryLoader:
@@ -233,23 +223,19 @@ class InMemoryLoader:
     rank); rank r takes positions r, r + world, ... of each global batch. The state is
     (generator state, epoch permutation, position), so a checkpoint can resume the exact
     data order, even with a different number of processes.
-
-    On CUDA the generator lives on the GPU and draws each epoch's order there: copying an
-    order drawn on the CPU from pageable host memory would be a host-device sync at every
-    epoch. Elsewhere it is the CPU generator, and the CPU order, of before.
+    On CUDA the order is drawn on the GPU (copying one from pageable host memory would
+    sync host and device every epoch); elsewhere by the CPU generator, as before.
     """
 
     def __init__(self, data: ImageSet, batch_size, device, seed=0, rank=0, world_size=1, flip=True):
         self.images = data.images.to(device)   # uint8 on the device: a batch is an index lookup
         self.labels = data.labels.to(device)
         self.device = self.images.device
-        self.batch_size, self.flip = batch_size, flip
-        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.flip, self.rank, self.world_size = batch_size, flip, rank, world_size
         self.generator = torch.Generator(device=order_device(self.device)).manual_seed(seed)
         self.perm, self.pos = self._new_epoch(), 0
 
-    def _new_epoch(self):
-        """The next epoch's order, on the device, without a host-device sync."""
+    def _new_epoch(self):  # the next epoch's order, on the device, without a host-device sync
         perm = torch.randperm(len(self.labels), generator=self.generator, device=self.generator.device)
         if perm.device.type == "cpu" and self.device.type == "cuda":  # a CPU generator from an older state
             perm = perm.pin_memory()                                    # a copy from pinned memory does not sync
@@ -271,27 +257,22 @@ class InMemoryLoader:
         return x, self.labels[idx]
 
     def state_dict(self):
-        """The loader's position: RNG state (and the device it draws on), this epoch's permutation and the index
-        into it; also the processes and batch it ran with, so a resume can say when the global batch changes."""
+        """The position (RNG state and device, epoch permutation, index into it), the processes and the batch."""
         return {"generator": self.generator.get_state(), "generator_device": self.generator.device.type,
                 "perm": self.perm.cpu(), "pos": self.pos, "world_size": self.world_size, "batch_size": self.batch_size}
 
     def load_state_dict(self, state):
-        """Restore a position saved by state_dict(), so a resumed run sees the same batches.
-
-        A state drawn on another kind of device (older states: always the CPU) keeps drawing on that kind where
-        it can, so the order stays exact; a CUDA generator's state cannot go on without CUDA, so there the later
-        epochs are drawn by a CPU generator seeded from it (a warning says so)."""
+        """Restore a position saved by state_dict(), so a resumed run sees the same batches. A CPU generator (all
+        older states) stays on the CPU, so the order stays exact; a CUDA one without CUDA is reseeded (a warning)."""
         kind = state.get("generator_device", "cpu")
-        if kind == self.generator.device.type:
+        if kind in ("cpu", self.generator.device.type):
+            self.generator = torch.Generator(device=self.device if kind == "cuda" else "cpu")
             self.generator.set_state(state["generator"])
-        elif kind == "cpu":
-            self.generator = torch.Generator().set_state(state["generator"])
         else:
             warnings.warn(f"the saved data order was drawn on {kind}, which this run does not have: epochs after "
                           f"this one are drawn in another order than the original run's")
             seed = int.from_bytes(bytes(state["generator"].tolist()), "little") % 2 ** 63
-            self.generator = torch.Generator(device=order_device(self.device)).manual_seed(seed)
+            self.generator = torch.Generator().manual_seed(seed)        # no CUDA here: the CPU draws
         self.perm, self.pos = state["perm"].to(self.device), int(state["pos"])
 
 

@@ -26,9 +26,8 @@ On the CPU the table also shows the process CPU time per step (time.process_time
 on a machine shared with other jobs, wall time depends on what else runs, while CPU time at
 --threads 1 hardly does, so it is the steadier number for comparing modes there.
 
-The FLOP count, MFU, the roofline and --traffic (the bytes the fp32 residual stream moves) are explained
-in minisnr.tools.flops; the training-memory
-estimate (--estimate-memory true), derived from the model's own saved tensors, in minisnr.tools.memory.
+The FLOP count, MFU, the roofline and --traffic (the bytes the fp32 residual stream moves) are explained in
+minisnr.tools.flops; the memory estimate (--estimate-memory true), from the model's saved tensors, in .memory.
 """
 import gc
 import time
@@ -45,7 +44,7 @@ from ..io.safety import check_output, check_seed
 from ..model import build_config, build_model, DIT_PRESETS, DiTConfig
 from ..rf import euler_sample, NoiseSampler
 from ..train.step import ema_update, make_optimizer, train_step
-from .flops import add_roofline, elementwise_bytes, peak_tflops, train_flops_per_image
+from .flops import add_roofline, add_traffic, peak_tflops, train_flops_per_image
 from .memory import gib, parse_gib_list, print_memory_estimate
 from .report import format_table, header_line, run_meta
 
@@ -81,12 +80,9 @@ class BenchConfig:
     precision: str = knob("bf16", "with --estimate-memory: fp32 | bf16 | fp16 activations")
     fit_gib: str = knob("", "with --estimate-memory: comma-separated card sizes in GiB, e.g. 8,12,24; also print "
                             "the largest micro-batch that fits each")
-    data_images: int = knob(50_000, "with --fit-gib: images train.py keeps on the GPU (CIFAR-10's training set: "
-                                     "50000)")
     seed: int = knob(0, "seed for the model init, data and noise")
     roofline: bool = knob(False, "also time one large square matmul per precision: the most img/s this device allows")
-    traffic: bool = knob(False, "also measure (on the CPU) the bytes per image the non-matmul ops move, by dtype: "
-                                "what the fp32 residual stream costs under autocast")
+    traffic: bool = knob(False, "also measure on the CPU the bytes per image non-matmul ops move, by dtype")
 
     def model_overrides(self):
         """The DiT fields these flags set explicitly; they override the preset's shape."""
@@ -135,17 +131,15 @@ def random_images(c: DiTConfig, n, seed):
 
 
 def make_train_step(cfg: BenchConfig, device, precision, compiled, data_batches=4):
-    """A fresh, seeded setup of train.py's step for cfg's model and batch on `data_batches` batches of random
-    images already on the device. Returns (step, model): step() runs train_step + ema_update once and returns
-    the loss tensor."""
+    """A fresh, seeded setup of train.py's step for cfg's model and batch on `data_batches` batches of random images
+    on the device. Returns (step, model): step() runs train_step + ema_update once and returns the loss tensor."""
     c = model_config(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(c).to(device)
     ema = build_model(c).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    images = random_images(c, data_batches * cfg.batch_size, cfg.seed)
-    loader = InMemoryLoader(images, cfg.batch_size, device, seed=cfg.seed)
+    loader = InMemoryLoader(random_images(c, data_batches * cfg.batch_size, cfg.seed), cfg.batch_size, device, cfg.seed)
     optimizer = make_optimizer(params, lr=1e-4, weight_decay=0.0, device=device)
     scaler = make_grad_scaler(device, precision)
     ctx = autocast_context(device, precision)
@@ -259,22 +253,10 @@ def run(cfg: BenchConfig):
         if cfg.roofline:
             add_roofline(results, device)
         if cfg.traffic:
-            moved = {p: elementwise_bytes(c, p) for p in dict.fromkeys(r["precision"] for r in results)}
-            for r in results:
-                r["elementwise_bytes_per_image"] = moved[r["precision"]]
+            print(add_traffic(results, c))
     finally:
         torch.set_num_threads(threads)
     return results, meta, device
-
-
-def traffic_lines(results):
-    """One line per precision: MiB per image that the non-matmul ops move, and the fp32 share of it."""
-    lines = []
-    for precision, moved in {r["precision"]: r["elementwise_bytes_per_image"] for r in results}.items():
-        total = sum(moved.values())
-        lines.append(f"non-matmul ops in {precision}: {total / 2 ** 20:.1f} MiB moved per image, "
-                     f"fp32 share {moved.get('float32', 0) / max(total, 1):.0%} (measured on the CPU)")
-    return "\n".join(lines)
 
 
 def validate(cfg: BenchConfig):
@@ -285,7 +267,7 @@ def validate(cfg: BenchConfig):
     for name in ("batch_size", "sample_steps"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("threads", "sample_images", "grad_clip", "data_images"):
+    for name in ("threads", "sample_images", "grad_clip"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
@@ -309,8 +291,6 @@ def main(argv=None):
     results, meta, device = run(cfg)
     print()
     print(format_table(results, device))
-    if cfg.traffic:
-        print(traffic_lines(results))
     if cfg.json:
         write_json({"meta": meta, "results": results}, cfg.json)
     return results

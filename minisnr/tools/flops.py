@@ -210,3 +210,21 @@ def elementwise_bytes(c: DiTConfig, precision):
         model = build_model(c).train()
         one, two = (_step_bytes(model, b, precision) for b in (1, 2))
     return {k: two.get(k, 0) - one.get(k, 0) for k in sorted(set(one) | set(two))}
+
+
+def add_traffic(results, c: DiTConfig):
+    """Add elementwise_bytes_per_image to each bench row (one measurement per precision); returns traffic_lines."""
+    moved = {p: elementwise_bytes(c, p) for p in dict.fromkeys(r["precision"] for r in results)}
+    for r in results:
+        r["elementwise_bytes_per_image"] = moved[r["precision"]]
+    return traffic_lines(results)
+
+
+def traffic_lines(results):
+    """One line per precision: MiB per image that the non-matmul ops move, and the fp32 share of it."""
+    lines = []
+    for precision, moved in {r["precision"]: r["elementwise_bytes_per_image"] for r in results}.items():
+        total = sum(moved.values())
+        lines.append(f"non-matmul ops in {precision}: {total / 2 ** 20:.1f} MiB moved per image, "
+                     f"fp32 share {moved.get('float32', 0) / max(total, 1):.0%} (measured on the CPU)")
+    return "\n".join(lines)

@@ -201,7 +201,7 @@ def print_memory_estimate(cfg, c, device):
                        ("activations", "activations saved for backward"), ("total", "total")]:
         print(f"| {label} | {est[key] / 2 ** 20:.1f} | {gib(est[key]):.3f} |")
     # what a card holds besides, at --fit-gib: the data kept on it and the CUDA context (DDP's buckets add nothing)
-    n_data = cfg.data_images
+    n_data = CIFAR10_TRAIN_IMAGES
     if cfg.measure_activations:
         torch.manual_seed(cfg.seed)
         model = build_model(c).to(device)
@@ -215,7 +215,8 @@ def print_memory_estimate(cfg, c, device):
         est["largest_batch"] = {f"{s:g}": largest_batch(c, s * 2 ** 30, cfg.precision, n_data,
                                                          context_bytes=CUDA_CONTEXT_BYTES) for s in sizes}
         print(f"\ncard sizes: the estimate plus {n_data} images kept on the GPU "
-              f"({data_bytes(c, n_data) / 2 ** 20:.0f} MiB, --data-images) and {gib(CUDA_CONTEXT_BYTES):.1f} GiB "
+              f"({data_bytes(c, n_data) / 2 ** 20:.0f} MiB: CIFAR-10's training set) and "
+              f"{gib(CUDA_CONTEXT_BYTES):.1f} GiB "
               f"assumed for the CUDA context")
         print(f"| card GiB | largest micro-batch ({cfg.precision}) | on the card at it, GiB |\n|---:|---:|---:|")
         for size, batch in est["largest_batch"].items():

@@ -8,12 +8,14 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from ..io.checkpoint import model_shape_problem
 from ..io.cli import UserError, knob
 from ..io.files import require_file
 from ..io.safety import check_device, check_seed, guard_run_folder
 from ..lora import DEFAULT_TARGETS
-from ..model import build_config, DIT_PRESETS
+from ..model import build_model, DIT_PRESETS
 from ..rf import NoiseSampler
 
 
@@ -163,8 +165,9 @@ def use_compile(cfg: TrainConfig, preset, device):
         return cfg.compile
     if device.type != "cuda":
         return False
-    from ..tools.memory import count_params
-    return count_params(build_config(cfg.model, **cfg.model_overrides())) >= COMPILE_MIN_PARAMS
+    with torch.device("meta"):       # the parameter count without memory or init cost
+        n_params = build_model(cfg.model, **cfg.model_overrides()).num_params()
+    return n_params >= COMPILE_MIN_PARAMS
 
 
 # --- finetune.py ---------------------------------------------------------------------------------
