@@ -89,6 +89,48 @@ def test_largest_batch_is_the_largest_that_fits():
     assert memory.largest_batch("tiny", 1, "bf16") == 0
 
 
+def test_card_fit_counts_the_cuda_context_the_data_on_the_gpu_and_ddp_buckets(monkeypatch):
+    """What a card holds besides the training state: the data set train.py keeps on it (uint8 pixels and an int64
+    label per image), the CUDA context (an assumed CUDA_CONTEXT_BYTES) and, under DDP, gradient buckets, which
+    add nothing while the gradients are views into them and a copy of the gradients when they are not."""
+    from minisnr.train import ddp
+    plain = memory.estimate_memory("tiny", 4, "bf16")
+    est = memory.estimate_memory("tiny", 4, "bf16", data_images=1000, ddp=True)
+    assert est["data"] == 1000 * (3 * 32 * 32 + 8) and est["ddp_buckets"] == 0
+    assert est["total"] == plain["total"] + est["data"]
+    monkeypatch.setitem(ddp.DDP_OPTIONS, "gradient_as_bucket_view", False)
+    assert memory.estimate_memory("tiny", 4, "bf16", ddp=True)["ddp_buckets"] == plain["grads"]
+    monkeypatch.undo()
+    budget, context = 2 ** 30, memory.CUDA_CONTEXT_BYTES
+    b = memory.largest_batch("tiny", budget, "bf16", data_images=1000, context_bytes=context)
+    totals = [memory.estimate_memory("tiny", n, "bf16", data_images=1000)["total"] + context for n in (b, b + 1)]
+    assert b > 0 and totals[0] <= budget < totals[1]
+    assert b < memory.largest_batch("tiny", budget, "bf16")
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA GeForce RTX 3060", 25.5), ("NVIDIA GeForce RTX 4070", 58.3), ("NVIDIA GeForce RTX 4080", 97.5),
+    ("NVIDIA GeForce RTX 4090", 165.2), ("NVIDIA GeForce RTX 3060 Ti", None), ("NVIDIA GeForce RTX 4070 Ti", None),
+    ("NVIDIA GeForce RTX 4070 Ti SUPER", None), ("NVIDIA GeForce RTX 4080 SUPER", None),
+    ("NVIDIA GeForce RTX 3060 Laptop GPU", None)])
+def test_mfu_peak_of_common_consumer_cards(monkeypatch, name, peak):
+    """The 8-16 GB cards have their dense bf16 peak; a variant with other SMs or clocks (Ti, SUPER, laptop) gets
+    none rather than the base card's, since a substring of its name would otherwise match."""
+    import torch
+    from minisnr.tools import flops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert flops.peak_tflops(torch.device("cuda")) == peak
+
+
+@pytest.mark.parametrize("card, sms, ghz", [("RTX 4090", 128, 2.52), ("RTX 4080", 76, 2.505), ("RTX 3090", 82, 1.695),
+                                            ("RTX 3060", 28, 1.777), ("RTX 4070", 46, 2.475)])
+def test_listed_geforce_peaks_are_512_flops_a_clock_per_sm(card, sms, ghz):
+    """The whitepapers' RTX 4090, 4080 and 3090 entries are 512 dense FLOPs a clock per SM (fp32 accumulation)
+    times SMs and boost clock (the 3090 is listed rounded, 71); the 3060 and 4070, derived that way, must agree."""
+    from minisnr.tools import flops
+    assert dict(flops.PEAK_BF16_TFLOPS)[card] == pytest.approx(sms * ghz * 512 / 1000, abs=0.2)
+
+
 def test_estimate_leaves_the_global_random_state_alone():
     """The estimate's forwards (model init, noise, label dropout) draw from a forked RNG, not the caller's."""
     import torch
@@ -106,8 +148,10 @@ def test_estimate_memory_cli_fit_table(tmp_path, capsys):
     out = tmp_path / "mem.json"
     est = bench.main(["--preset", "tiny", "--estimate-memory", "true", "--precision", "fp32", "--batch-size", "8",
                       "--fit-gib", "0.5,1", "--json", str(out)])
-    assert est["largest_batch"] == {"0.5": memory.largest_batch("tiny", 2 ** 29, "fp32"),
-                                    "1": memory.largest_batch("tiny", 2 ** 30, "fp32")}
+    on_card = dict(data_images=50_000, context_bytes=memory.CUDA_CONTEXT_BYTES)
+    assert est["largest_batch"] == {"0.5": 0,                  # the CUDA context alone fills half a GiB
+                                    "1": memory.largest_batch("tiny", 2 ** 30, "fp32", **on_card)}
+    assert est["largest_batch"]["1"] > 0
     printed = capsys.readouterr().out
     assert "| activations saved for backward |" in printed and f"| 1 | {est['largest_batch']['1']} |" in printed
     assert json.loads(out.read_text())["memory_estimate"]["largest_batch"] == est["largest_batch"]
@@ -160,3 +204,18 @@ def test_sampler_timing_gets_a_static_graph(monkeypatch):
         torch._dynamo.reset()
     assert runs == [1, 0], f"graphs compiled by the warm-up and the timed sampler run: {runs}"
     assert graphs[-1] == [], f"the sampler's graph has symbolic inputs {graphs[-1]}: it was compiled for dynamic shapes"
+
+
+def test_traffic_measures_the_bytes_the_fp32_residual_stream_moves(capsys):
+    """--traffic true: the non-matmul ops' bytes per image, by dtype. In fp32 they are all fp32; under bf16
+    autocast the matmul outputs are bf16 but the residual stream (LayerNorm, modulate, gates, adds) is still
+    fp32, so fp32 bytes remain, which is the question a bf16 stream would answer. The model is not changed."""
+    results = bench.main(["--preset", "tiny", "--modes", "eager-fp32,eager-bf16", "--warmup", "0", "--steps", "1",
+                          "--batch-size", "2", "--device", "cpu", "--threads", "1", "--traffic", "true"])
+    fp32, bf16 = (r["elementwise_bytes_per_image"] for r in results)
+    assert fp32["float32"] > 0 and "bfloat16" not in fp32
+    assert bf16["bfloat16"] > 0 and bf16["float32"] > 0
+    # a (1, 16, 64) fp32 token tensor is 4 KiB; each block's stream is read and written many times per image
+    assert bf16["float32"] > 2 * 16 * 64 * 4 * 2
+    printed = capsys.readouterr().out
+    assert "non-matmul ops in bf16:" in printed and "fp32 share" in printed

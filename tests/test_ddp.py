@@ -144,3 +144,100 @@ def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(image_folder, tmp_
         f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     assert load(out / "ckpt.pt")["step"] == 3, (
         "both ranks must stop at the first log step after the Ctrl-C (--log-every 3)")
+
+
+DOWNLOAD_RUNNER = """
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch.distributed as dist
+import torchvision
+
+from minisnr.io.data import load_dataset
+
+root, rank = sys.argv[1], os.environ["RANK"]
+calls = []
+
+
+class FakeCIFAR10:
+    # Stands in for torchvision's CIFAR10 (no network): a download takes a second and leaves a marker, and a
+    # read without download fails unless the marker is there, as the real one fails on a missing archive.
+    def __init__(self, root, train=True, download=False):
+        marker = os.path.join(root, "downloaded")
+        calls.append({"download": download, "marker_there": os.path.exists(marker)})
+        if download:
+            time.sleep(1.0)
+            os.makedirs(root, exist_ok=True)
+            open(marker, "w").close()
+        elif not os.path.exists(marker):
+            raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+        self.data = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+        self.targets, self.classes = [0, 1, 0, 1], ["a", "b"]
+
+
+torchvision.datasets.CIFAR10 = FakeCIFAR10
+dist.init_process_group("gloo")
+data = load_dataset("cifar10:" + root)
+with open(os.path.join(root, "..", "rank%s.json" % rank), "w") as f:
+    json.dump({"calls": calls, "images": len(data)}, f)
+dist.destroy_process_group()
+"""
+
+
+def test_cifar10_is_downloaded_by_rank_0_while_the_others_wait(tmp_path):
+    """--data cifar10 under DDP: rank 0 downloads; rank 1 waits at a barrier and then reads what rank 0 wrote,
+    never downloading into the same folder at the same time (a fake CIFAR10 stands in for the network)."""
+    import json
+    runner = tmp_path / "download_runner.py"
+    runner.write_text(DOWNLOAD_RUNNER)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(runner),
+         str(tmp_path / "data")], cwd=REPO_ROOT)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["calls"] == [{"download": True, "marker_there": False}]
+    assert rank1["calls"] == [{"download": False, "marker_there": True}], "rank 1 must read after rank 0's download"
+    assert rank0["images"] == rank1["images"] == 4
+
+
+NAN_RUNNER = """
+import os
+import sys
+
+import train
+
+# rank 1's loss turns NaN at its 2nd step; rank 0's stays finite and the weights (all-reduced) stay finite too
+_train_step = train.train_step
+calls = [0]
+
+
+def train_step_nan_on_rank1(*args, **kwargs):
+    loss, sums, counts = _train_step(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == 2 and os.environ["RANK"] == "1":
+        loss = loss * float("nan")
+    return loss, sums, counts
+
+
+train.train_step = train_step_nan_on_rank1
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank(image_folder, tmp_path):
+    """The non-finite check is combined across ranks: when one rank's loss is NaN, every rank stops at the same
+    log step with the one-line error, and no rank is left waiting in an all-reduce (or killed by torchrun)."""
+    runner = tmp_path / "nan_runner.py"
+    runner.write_text(NAN_RUNNER)
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(runner),
+           "--data", image_folder, "--out", str(tmp_path / "run"), "--max-steps", "30"] + TRAIN_FLAGS
+    try:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a NaN loss on rank 1 alone hung the 2-process run")
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "became non-finite by step 3" in line]
+    assert len(errors) == 2, (f"each rank must stop with the error at step 3:\n"
+                              f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")

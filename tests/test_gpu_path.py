@@ -102,9 +102,9 @@ def test_ddp_backend_follows_the_resolved_device(monkeypatch, device, backend):
 class FakeDDP(torch.nn.Module):
     """Stands in for DistributedDataParallel (no process group needed): records that it wrapped, then delegates."""
 
-    def __init__(self, module, device_ids=None, calls=None):
+    def __init__(self, module, device_ids=None, calls=None, **options):
         super().__init__()
-        self.module = module
+        self.module, self.options = module, options
         calls.append(("ddp", type(module).__name__))
 
     def forward(self, *args, **kwargs):
@@ -119,7 +119,7 @@ def test_train_compiles_the_ddp_wrapped_model(monkeypatch, image_folder, tmp_pat
     calls = []
     monkeypatch.setattr(train, "setup_distributed", lambda device: (0, 0, 2))
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
-                        lambda module, device_ids=None: FakeDDP(module, device_ids, calls))
+                        lambda module, device_ids=None, **options: FakeDDP(module, device_ids, calls, **options))
 
     def fake_compile(module, **kwargs):
         calls.append(("compile", type(module).__name__))
@@ -130,17 +130,34 @@ def test_train_compiles_the_ddp_wrapped_model(monkeypatch, image_folder, tmp_pat
     assert calls == [("ddp", "DiT"), ("compile", "FakeDDP")]
 
 
-def test_compile_is_the_cifar_presets_default_on_cuda_only():
-    """--preset cifar compiles on CUDA unless --compile false; on a CPU, and for other presets, it stays eager."""
+def test_ddp_skips_the_buffer_broadcast_and_the_gradient_copy(monkeypatch):
+    """DDP is built with broadcast_buffers=False (the DiT's only buffer, the positional embedding, never changes)
+    and gradient_as_bucket_view=True (gradients live in the all-reduce buckets: no copy in and out of them)."""
+    from minisnr.train.ddp import wrap_for_training
+    calls = []
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        lambda module, device_ids=None, **options: FakeDDP(module, device_ids, calls, **options))
+    model = build_tiny()
+    assert [name for name, _ in model.named_buffers()] == ["pos_embed"]
+    wrapped = wrap_for_training(model, False, 2, torch.device("cpu"))
+    assert wrapped.options == dict(broadcast_buffers=False, gradient_as_bucket_view=True)
+
+
+def test_compile_default_follows_the_device_and_the_model_size_not_the_preset():
+    """On CUDA every model of 1M+ parameters compiles unless --compile false, whatever preset (or none) named it:
+    --model cifar without --preset cifar too. The tiny test model and every CPU run stay eager."""
     import train
     from minisnr.io.cli import parse_config
-    cfg = lambda *argv: parse_config(train.TrainConfig, train.PRESETS, ["--preset", "cifar", *argv])[0]
+    cfg = lambda *argv: parse_config(train.TrainConfig, train.PRESETS, list(argv))[0]
     cpu = torch.device("cpu")
-    assert train.use_compile(cfg(), "cifar", CUDA) is True
-    assert train.use_compile(cfg(), "cifar", cpu) is False
-    assert train.use_compile(cfg("--compile", "false"), "cifar", CUDA) is False
-    assert train.use_compile(cfg("--compile", "true"), "cifar", cpu) is True
-    assert train.use_compile(cfg(), "cpu", CUDA) is False
+    assert train.use_compile(cfg("--preset", "cifar"), "cifar", CUDA) is True
+    assert train.use_compile(cfg("--model", "cifar"), None, CUDA) is True
+    assert train.use_compile(cfg("--preset", "cpu"), "cpu", CUDA) is True
+    assert train.use_compile(cfg("--preset", "cifar"), "cifar", cpu) is False
+    assert train.use_compile(cfg("--preset", "tiny"), "tiny", CUDA) is False
+    assert train.use_compile(cfg("--preset", "tiny", "--dim", "256", "--heads", "4"), "tiny", CUDA) is True
+    assert train.use_compile(cfg("--preset", "cifar", "--compile", "false"), "cifar", CUDA) is False
+    assert train.use_compile(cfg("--preset", "cifar", "--compile", "true"), "cifar", cpu) is True
 
 
 # --- gradient accumulation ----------------------------------------------------------------------
@@ -248,3 +265,95 @@ def test_style_views_are_cropped_on_the_training_device():
     assert [r.device for r in views.refs] == [meta, meta]
     batch = views.next(3)
     assert batch.device == meta and batch.shape == (3, 3, 32, 32) and batch.dtype == torch.float32
+
+
+# --- the data order and resuming on another card ------------------------------------------------
+
+def test_epoch_order_is_drawn_on_the_cuda_device():
+    """On CUDA the loader's generator (and each epoch's order) lives on the GPU: an order drawn on the CPU and
+    copied from pageable memory is a host-device sync per epoch. Elsewhere it stays the CPU generator."""
+    from minisnr.io.data import order_device
+    assert order_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert order_device("cpu") == order_device(torch.device("mps")) == torch.device("cpu")
+
+
+def test_cpu_epoch_order_is_the_seeded_cpu_permutation_and_old_states_resume(image_folder):
+    """On the CPU the order for a seed is torch.randperm's with a CPU generator of that seed, as before; a
+    state saved in the older format (no generator_device, world_size, batch_size) resumes the same batches."""
+    from minisnr.io.data import ImageSet, InMemoryLoader
+    data = ImageSet(torch.arange(12, dtype=torch.uint8).view(12, 1, 1, 1).expand(12, 3, 2, 2).contiguous(),
+                    torch.arange(12), [str(i) for i in range(12)])
+    loader = InMemoryLoader(data, batch_size=4, device="cpu", seed=5, flip=False)
+    g = torch.Generator().manual_seed(5)
+    first, second = torch.randperm(12, generator=g), torch.randperm(12, generator=g)
+    assert torch.equal(torch.cat([loader.next()[1] for _ in range(6)]), torch.cat([first, second]))
+    loader.next()
+    old = {k: v for k, v in loader.state_dict().items() if k in ("generator", "perm", "pos")}
+    expected = [loader.next()[1] for _ in range(5)]          # crosses into a new epoch
+    resumed = InMemoryLoader(data, batch_size=4, device="cpu", seed=0, flip=False)
+    resumed.load_state_dict(old)
+    assert all(torch.equal(a, resumed.next()[1]) for a in expected)
+
+
+def test_a_cuda_drawn_order_resumes_on_a_cpu_with_a_warning(tmp_path):
+    """A state whose order a CUDA generator drew (16 bytes: seed and offset) passes the resume check and goes
+    on on a machine without CUDA: this epoch exactly, later ones in another order, which a warning says."""
+    from minisnr.io.data import ImageSet, InMemoryLoader
+    from minisnr.train.resume import check_loader_state
+    data = ImageSet(torch.zeros(8, 3, 2, 2, dtype=torch.uint8), torch.arange(8), ["a"])
+    state = {"generator": torch.arange(16, dtype=torch.uint8), "generator_device": "cuda",
+             "perm": torch.arange(8).flip(0), "pos": 4, "world_size": 1, "batch_size": 4}
+    check_loader_state(state, "ckpt.pt", 8)
+    loader = InMemoryLoader(data, batch_size=4, device="cpu", flip=False)
+    with pytest.warns(UserWarning, match="drawn on cuda"):
+        loader.load_state_dict(state)
+    assert loader.next()[1].tolist() == [3, 2, 1, 0]
+    assert sorted(loader.next()[1].tolist() + loader.next()[1].tolist()) == list(range(8))
+    with pytest.raises(Exception, match="loader generator"):
+        check_loader_state(dict(state, generator_device="tpu"), "ckpt.pt", 8)
+
+
+def tiny_optimizer():
+    param = torch.nn.Parameter(torch.ones(3))
+    return torch.optim.AdamW([param], lr=1e-3)
+
+
+@pytest.mark.parametrize("saved_precision", ["bf16", "fp32"])
+def test_fp16_resumes_a_state_saved_without_loss_scaling(saved_precision, capsys):
+    """A bf16/fp32 run saves its disabled GradScaler as {}; resumed in fp16 (--precision auto on a T4 or V100),
+    the enabled scaler starts afresh instead of raising 'The source state dict is empty'. The other way, an
+    fp16 scaler state given to a disabled scaler, is ignored."""
+    from minisnr.io.device import make_grad_scaler
+    from minisnr.train.resume import restore, rng_state
+    cpu = torch.device("cpu")
+    saved = {"optimizer": tiny_optimizer().state_dict(), "scaler": make_grad_scaler(cpu, saved_precision).state_dict(),
+             "rng": rng_state(cpu), "step": 7}
+    assert saved["scaler"] == {}
+    scaler = make_grad_scaler(cpu, "fp16")
+    assert restore(saved, tiny_optimizer(), scaler, cpu) == 7
+    assert scaler.is_enabled() and scaler.get_scale() == 2.0 ** 16
+    assert "fresh GradScaler" in capsys.readouterr().out
+    fp16_state = dict(saved, scaler=scaler.state_dict())
+    assert restore(fp16_state, tiny_optimizer(), make_grad_scaler(cpu, "bf16"), cpu) == 7
+
+
+def test_resume_on_another_number_of_processes_says_the_global_batch_changes(image_folder, tmp_path, capsys):
+    """A run saved by 2 processes and resumed by 1 trains on half the global batch from then on: allowed (the
+    data order and schedule go on exactly), but said in one line naming both batches."""
+    import train
+    from minisnr.io.checkpoint import safe_load
+    common = ["--preset", "tiny", "--device", "cpu", "--data", image_folder, "--out", str(tmp_path / "run"),
+              "--batch-size", "4", "--max-steps", "3", "--sample-every", "0"]
+    train.main(common + ["--stop-after", "1"])
+    path = tmp_path / "run" / "ckpt.pt"
+    ckpt = safe_load(str(path))
+    assert ckpt["loader"]["world_size"] == 1 and ckpt["loader"]["batch_size"] == 4
+    capsys.readouterr()
+    train.main(common + ["--stop-after", "2", "--resume", "true"])
+    assert "note:" not in capsys.readouterr().out             # the same world: nothing to say
+    ckpt = safe_load(str(path))
+    ckpt["loader"]["world_size"] = 2
+    torch.save(ckpt, path)
+    train.main(common + ["--resume", "true"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "2 process(es) x --batch-size 4 = 8 images" in notes[0] and "takes 4" in notes[0]

@@ -7,6 +7,7 @@ import json
 import subprocess
 
 import pytest
+import torch
 
 from minisnr.tools import gpucheck
 from minisnr.io.cli import UserError
@@ -61,3 +62,73 @@ def test_bad_flags_are_one_line_user_errors(image_folder, tmp_path):
     with pytest.raises(UserError, match="ImageFolder"):
         gpucheck.main(DRY_RUN + ["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "b")])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_second_check_into_the_same_out_passes(image_folder, tmp_path):
+    """The train and fine-tune parts pass --overwrite true, so re-running the check into the same --out starts
+    those runs afresh instead of being refused by the run guard (and skipping every later part)."""
+    argv = DRY_RUN + ["--data", image_folder, "--out", str(tmp_path / "check"), "--skip", "tests,bench,memory"]
+    for _ in range(2):
+        results = gpucheck.main(argv)
+        assert [results[p]["status"] for p in ("train", "finetune", "sample")] == ["ok"] * 3, results
+        assert results["train"]["step"] == 4
+
+
+def test_a_bench_row_out_of_memory_is_skipped_not_failed(monkeypatch, image_folder, tmp_path):
+    """A batch that does not fit the card is reported as a skipped row (a faked torch.OutOfMemoryError here);
+    the bench part stays ok, says so, and the memory part compares only the rows that ran."""
+    real = gpucheck.bench_one
+
+    def bench_one(cfg, device, batch_size, mode):
+        if batch_size == 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(cfg, device, batch_size, mode)
+    monkeypatch.setattr(gpucheck, "bench_one", bench_one)
+    results = gpucheck.main(DRY_RUN + ["--data", image_folder, "--out", str(tmp_path / "c"), "--bench-batches", "4,8",
+                                       "--skip", "tests,train,finetune,sample"])
+    bench = results["bench"]
+    assert bench["status"] == "ok (1 row(s) skipped: out of memory)", bench
+    assert [(r["batch_size"], r["status"]) for r in bench["rows"]] == [(4, "ok"), (8, "skipped (out of memory)")]
+    assert [r["batch_size"] for r in results["memory"]["rows"]] == [4]
+
+
+@pytest.mark.parametrize("free_gib", [8, 24, 80])
+def test_auto_bench_batches_fit_the_cards_free_memory(monkeypatch, free_gib):
+    """--bench-batches auto: 128 and 512, each cut to the largest micro-batch the memory estimate fits in 85% of
+    the card's free memory (a faked torch.cuda.mem_get_info), so no 8-24 GB card runs a row it cannot hold."""
+    from minisnr.io.cli import parse_config
+    from minisnr.tools.memory import estimate_memory
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_gib * 2 ** 30, free_gib * 2 ** 30))
+    cfg, _ = parse_config(gpucheck.CheckConfig, gpucheck.PRESETS, [])
+    batches = gpucheck.bench_batches(cfg, torch.device("cuda"), ["eager-bf16", "compiled-bf16"])
+    assert batches and max(batches) <= 512 and len(set(batches)) == len(batches)
+    for b in batches:
+        assert estimate_memory("cifar", b, "bf16", data_images=4 * 512)["total"] <= 0.85 * free_gib * 2 ** 30
+    if free_gib == 80:
+        assert batches == [128, 512]
+    else:
+        fit = batches[-1]
+        assert fit < 512 and estimate_memory("cifar", fit + 1, "bf16", data_images=4 * 512)["total"] > \
+            0.85 * free_gib * 2 ** 30
+    assert gpucheck.bench_batches(cfg, torch.device("cpu"), ["eager-fp32"]) == [128]
+
+
+@pytest.mark.parametrize("capability, kernel", [((7, 0), "memory-efficient"), ((7, 5), "memory-efficient"),
+                                                ((8, 0), "flash"), ((8, 9), "flash"), ((9, 0), "flash")])
+def test_attention_part_checks_the_kernel_the_card_has(capability, kernel):
+    """Flash kernels exist from compute capability 8.0; a T4 (7.5) or V100 (7.0) trains with the memory-efficient
+    kernel, so that is the one to check there, and the part says which."""
+    from torch.nn.attention import SDPBackend
+    backend, name = gpucheck.attention_kernel(capability)
+    assert name == kernel
+    assert backend == (SDPBackend.FLASH_ATTENTION if kernel == "flash" else SDPBackend.EFFICIENT_ATTENTION)
+
+
+def test_every_part_starts_with_dynamo_reset(monkeypatch, image_folder, tmp_path):
+    """Each part resets dynamo first, so the train part does not recompile the bench's graphs for its own batch
+    and report a compile-laden img/s."""
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    gpucheck.main(DRY_RUN + ["--data", image_folder, "--out", str(tmp_path / "c"),
+                             "--skip", "tests,bench,memory,train,finetune,sample"])
+    assert len(resets) == 2                                   # syncs and flash ran (as skipped on a CPU)

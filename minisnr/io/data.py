@@ -141,14 +141,26 @@ def load_image_folder(root, size=32, flag="--data") -> ImageSet:
     return ImageSet(_stack(images), torch.tensor(labels, dtype=torch.long), classes)
 
 
-def load_cifar10(root="data", train=True, size=32, flag="--data") -> ImageSet:
-    """CIFAR-10 through torchvision, downloaded into `root` on first use (about 170 MB)."""
+def _cifar10(root, train, download, flag):
     import torchvision
     try:
-        ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
-    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a corrupt download
+        return torchvision.datasets.CIFAR10(root, train=train, download=download)
+    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a corrupt or missing download
         raise DataError(f"could not get CIFAR-10 into {root!r} ({e}); check the internet connection, "
                         f"or point {flag} at an ImageFolder copy") from None
+
+
+def load_cifar10(root="data", train=True, size=32, flag="--data") -> ImageSet:
+    """CIFAR-10 through torchvision, downloaded into `root` on first use (about 170 MB). Under DDP rank 0 downloads
+    while the others wait at a barrier, which it reaches even if it fails: ranks would write over each other."""
+    import torch.distributed as dist
+    ddp = dist.is_available() and dist.is_initialized()
+    try:
+        ds = _cifar10(root, train, True, flag) if not ddp or dist.get_rank() == 0 else None
+    finally:
+        if ddp:
+            dist.barrier()
+    ds = _cifar10(root, train, False, flag) if ds is None else ds
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()           # (N, 3, 32, 32) uint8
     if size != 32:
         images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
@@ -198,6 +210,11 @@ def to_model_range(x_uint8):
     return x_uint8.float().div_(127.5).sub_(1.0)
 
 
+def order_device(device):
+    """Where InMemoryLoader draws the order for data on `device`: on a CUDA device itself, else on the CPU."""
+    return torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
+
+
 class InMemoryLoader:
     """Endless shuffled batches from an ImageSet, sharded across `world_size` processes.
 
@@ -205,18 +222,23 @@ class InMemoryLoader:
     rank); rank r takes positions r, r + world, ... of each global batch. The state is
     (generator state, epoch permutation, position), so a checkpoint can resume the exact
     data order, even with a different number of processes.
+    On CUDA the order is drawn on the GPU (copying one from pageable host memory would
+    sync host and device every epoch); elsewhere by the CPU generator, as before.
     """
 
     def __init__(self, data: ImageSet, batch_size, device, seed=0, rank=0, world_size=1, flip=True):
         self.images = data.images.to(device)   # uint8 on the device: a batch is an index lookup
         self.labels = data.labels.to(device)
-        self.batch_size, self.device, self.flip = batch_size, device, flip
-        self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.device = self.images.device
+        self.batch_size, self.flip, self.rank, self.world_size = batch_size, flip, rank, world_size
+        self.generator = torch.Generator(device=order_device(self.device)).manual_seed(seed)
         self.perm, self.pos = self._new_epoch(), 0
 
-    def _new_epoch(self):  # drawn on the CPU (the generator lives there), then kept on the device
-        return torch.randperm(len(self.labels), generator=self.generator).to(self.device)
+    def _new_epoch(self):  # the next epoch's order, on the device, without a host-device sync
+        perm = torch.randperm(len(self.labels), generator=self.generator, device=self.generator.device)
+        if perm.device.type == "cpu" and self.device.type == "cuda":  # a CPU generator from an older state
+            perm = perm.pin_memory()                                    # a copy from pinned memory does not sync
+        return perm.to(self.device, non_blocking=True)
 
     def next(self):
         """Return (x0 in [-1, 1] of shape (B, C, H, W), labels (B,)) for this rank."""
@@ -234,10 +256,20 @@ class InMemoryLoader:
         return x, self.labels[idx]
 
     def state_dict(self):
-        """The loader's position: RNG state, this epoch's permutation and the index into it."""
-        return {"generator": self.generator.get_state(), "perm": self.perm.cpu(), "pos": self.pos}
+        """The position (RNG state and device, epoch permutation, index into it), the processes and the batch."""
+        return {"generator": self.generator.get_state(), "generator_device": self.generator.device.type,
+                "perm": self.perm.cpu(), "pos": self.pos, "world_size": self.world_size, "batch_size": self.batch_size}
 
     def load_state_dict(self, state):
-        """Restore a position saved by state_dict(), so a resumed run sees the same batches."""
-        self.generator.set_state(state["generator"])
+        """Restore a position saved by state_dict(), so a resumed run sees the same batches. A CPU generator (all
+        older states) stays on the CPU, so the order stays exact; a CUDA one without CUDA is reseeded (a warning)."""
+        kind = state.get("generator_device", "cpu")
+        if kind in ("cpu", self.generator.device.type):
+            self.generator = torch.Generator(device=self.device if kind == "cuda" else "cpu")
+            self.generator.set_state(state["generator"])
+        else:
+            warnings.warn(f"the saved data order was drawn on {kind}, which this run does not have: epochs after "
+                          f"this one are drawn in another order than the original run's")
+            seed = int.from_bytes(bytes(state["generator"].tolist()), "little") % 2 ** 63
+            self.generator = torch.Generator().manual_seed(seed)        # no CUDA here: the CPU draws
         self.perm, self.pos = state["perm"].to(self.device), int(state["pos"])

@@ -26,8 +26,8 @@ On the CPU the table also shows the process CPU time per step (time.process_time
 on a machine shared with other jobs, wall time depends on what else runs, while CPU time at
 --threads 1 hardly does, so it is the steadier number for comparing modes there.
 
-The FLOP count, MFU and the roofline are explained in minisnr.tools.flops; the training-memory
-estimate (--estimate-memory true), derived from the model's own saved tensors, in minisnr.tools.memory.
+The FLOP count, MFU, the roofline and --traffic (the bytes the fp32 residual stream moves) are explained in
+minisnr.tools.flops; the memory estimate (--estimate-memory true), from the model's saved tensors, in .memory.
 """
 import gc
 import time
@@ -44,7 +44,7 @@ from ..io.safety import check_output, check_seed
 from ..model import build_config, build_model, DIT_PRESETS, DiTConfig
 from ..rf import euler_sample, NoiseSampler
 from ..train.step import ema_update, make_optimizer, train_step
-from .flops import add_roofline, peak_tflops, train_flops_per_image
+from .flops import add_roofline, add_traffic, peak_tflops, train_flops_per_image
 from .memory import gib, parse_gib_list, print_memory_estimate
 from .report import format_table, header_line, run_meta
 
@@ -82,6 +82,7 @@ class BenchConfig:
                             "the largest micro-batch that fits each")
     seed: int = knob(0, "seed for the model init, data and noise")
     roofline: bool = knob(False, "also time one large square matmul per precision: the most img/s this device allows")
+    traffic: bool = knob(False, "also measure on the CPU the bytes per image non-matmul ops move, by dtype")
 
     def model_overrides(self):
         """The DiT fields these flags set explicitly; they override the preset's shape."""
@@ -129,16 +130,16 @@ def random_images(c: DiTConfig, n, seed):
     return ImageSet(images, labels, [str(i) for i in range(c.num_classes)])
 
 
-def make_train_step(cfg: BenchConfig, device, precision, compiled):
-    """A fresh, seeded setup of train.py's step for cfg's model and batch on random images already on the
-    device. Returns (step, model): step() runs train_step + ema_update once and returns the loss tensor."""
+def make_train_step(cfg: BenchConfig, device, precision, compiled, data_batches=4):
+    """A fresh, seeded setup of train.py's step for cfg's model and batch on `data_batches` batches of random images
+    on the device. Returns (step, model): step() runs train_step + ema_update once and returns the loss tensor."""
     c = model_config(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(c).to(device)
     ema = build_model(c).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    loader = InMemoryLoader(random_images(c, 4 * cfg.batch_size, cfg.seed), cfg.batch_size, device, seed=cfg.seed)
+    loader = InMemoryLoader(random_images(c, data_batches * cfg.batch_size, cfg.seed), cfg.batch_size, device, cfg.seed)
     optimizer = make_optimizer(params, lr=1e-4, weight_decay=0.0, device=device)
     scaler = make_grad_scaler(device, precision)
     ctx = autocast_context(device, precision)
@@ -251,6 +252,8 @@ def run(cfg: BenchConfig):
             print(f"  {mode}: {r['ms_per_step']:.1f} ms/step, {r['img_per_s']:.2f} img/s", flush=True)
         if cfg.roofline:
             add_roofline(results, device)
+        if cfg.traffic:
+            print(add_traffic(results, c))
     finally:
         torch.set_num_threads(threads)
     return results, meta, device

@@ -26,13 +26,22 @@ compare on one scale.
 
 The roofline (bench --roofline true; see matmul_tflops) times one large square matmul per
 precision: img/s cannot exceed that rate divided by the FLOPs per image.
+
+The bytes the rest moves (bench --traffic true; see elementwise_bytes): under autocast the residual stream
+stays fp32 (the fp32 positional embedding is added to the tokens), so every LayerNorm, modulate, gate and
+residual add reads and writes fp32. Those ops are bound by memory bandwidth, not FLOPs, so their bytes per
+image, by dtype, say how much a bf16 stream could save; whether it is faster at equal loss needs a GPU run.
+The model's numerics are not changed by measuring it.
 """
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from ..io.device import sync
-from ..model import DiTConfig
+from ..io.device import autocast_context, sync
+from ..model import build_model, DiTConfig
+from ..rf import rf_loss
 
 FREQ_DIM = 256  # TimestepEmbedder's sinusoidal feature size (minisnr.model.TimestepEmbedder default)
 
@@ -40,7 +49,15 @@ FREQ_DIM = 256  # TimestepEmbedder's sinusoidal feature size (minisnr.model.Time
 # with fp32 accumulation, as PyTorch uses). Matched in order as substrings of
 # torch.cuda.get_device_name(), so more specific names come first. V100 and T4 have no bf16:
 # their fp16 peak is listed. Cards not here get no MFU unless --peak-tflops is given.
+# RTX 4080: "Peak BF16 Tensor TFLOPS with FP32 Accumulate" 97.5 (dense) in NVIDIA's Ada GPU architecture
+# whitepaper. The RTX 3060 and 4070 are in no whitepaper table; theirs is that table's per-SM rate, 512 dense
+# FLOPs a clock with fp32 accumulation on GA10x and AD10x (RTX 3070: 40.6 at 46 SMs and 1.725 GHz in the
+# Ampere GA102 whitepaper; RTX 4090: 165.2 at 128 SMs and 2.52 GHz), times NVIDIA's spec-page SMs and boost
+# clock: 3060, 28 SMs (3584 CUDA cores) at 1.777 GHz = 25.5; 4070, 46 SMs (5888) at 2.475 GHz = 58.3, which is
+# its spec page's 466 "AI TOPS" (fp8 with sparsity) / 8. Variants with other SM counts or clocks (Ti, SUPER,
+# laptop parts) get None: pass --peak-tflops rather than borrow a wrong peak.
 PEAK_BF16_TFLOPS = [
+    ("Laptop", None),       # mobile clocks depend on the laptop's power limit
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
     ("H100", 989.4),        # SXM, e.g. "NVIDIA H100 80GB HBM3"
@@ -56,7 +73,14 @@ PEAK_BF16_TFLOPS = [
     ("A10", 125.0),
     ("RTX A6000", 154.8),
     ("RTX 4090", 165.2),
+    ("RTX 4080 SUPER", None),
+    ("RTX 4080", 97.5),
+    ("RTX 4070 Ti", None),  # also the "RTX 4070 Ti SUPER"
+    ("RTX 4070 SUPER", None),
+    ("RTX 4070", 58.3),
     ("RTX 3090", 71.0),
+    ("RTX 3060 Ti", None),
+    ("RTX 3060", 25.5),
     ("V100", 125.0),        # fp16
     ("T4", 65.0),           # fp16
 ]
@@ -133,3 +157,74 @@ def add_roofline(results, device):
     for r in results:
         r["matmul_tflops"] = rates[r["precision"]]
         r["roofline_img_s"] = r["matmul_tflops"] * 1e12 / r["flops_per_image"]
+
+
+# --- the bytes the non-matmul ops move ----------------------------------------------------------
+
+_aten = torch.ops.aten
+# compute-bound ops, counted as FLOPs above; everything else is elementwise, a reduction or a copy
+MATMUL_OPS = {_aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm, _aten._scaled_dot_product_flash_attention_for_cpu,
+              _aten._scaled_dot_product_flash_attention_for_cpu_backward, _aten._scaled_dot_product_flash_attention,
+              _aten._scaled_dot_product_flash_attention_backward, _aten._scaled_dot_product_efficient_attention,
+              _aten._scaled_dot_product_efficient_attention_backward}
+
+
+class _CountBytes(TorchDispatchMode):
+    """Adds up, by dtype, the bytes of every tensor each non-matmul, non-view aten op reads or writes."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and func.overloadpacket not in MATMUL_OPS:
+            for t in tree_leaves((args, kwargs, out)):
+                if isinstance(t, torch.Tensor):
+                    name = str(t.dtype).replace("torch.", "")
+                    self.bytes[name] = self.bytes.get(name, 0) + t.numel() * t.element_size()
+        return out
+
+
+def _step_bytes(model, batch_size, precision):
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(batch_size, c.in_channels, c.img_size, c.img_size, generator=g) * 2 - 1
+    y, t = torch.randint(0, c.num_classes, (batch_size,), generator=g), torch.rand(batch_size, generator=g)
+    counter = _CountBytes()
+    with counter:
+        with autocast_context(torch.device("cpu"), precision):
+            loss = rf_loss(model, x0, y, t).mean()
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.bytes
+
+
+def elementwise_bytes(c: DiTConfig, precision):
+    """Bytes per image that the non-matmul ops of one eager training forward + backward read and write, by dtype
+    ({'float32': n, 'bfloat16': m, ...}), measured on the CPU under its autocast as what batch 2 moves beyond
+    batch 1 (what does not grow with the batch, such as the weights' casts, is left out). An upper bound on the
+    memory traffic: each op's inputs and outputs count as if none stayed in cache."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(c).train()
+        one, two = (_step_bytes(model, b, precision) for b in (1, 2))
+    return {k: two.get(k, 0) - one.get(k, 0) for k in sorted(set(one) | set(two))}
+
+
+def add_traffic(results, c: DiTConfig):
+    """Add elementwise_bytes_per_image to each bench row (one measurement per precision); returns traffic_lines."""
+    moved = {p: elementwise_bytes(c, p) for p in dict.fromkeys(r["precision"] for r in results)}
+    for r in results:
+        r["elementwise_bytes_per_image"] = moved[r["precision"]]
+    return traffic_lines(results)
+
+
+def traffic_lines(results):
+    """One line per precision: MiB per image that the non-matmul ops move, and the fp32 share of it."""
+    lines = []
+    for precision, moved in {r["precision"]: r["elementwise_bytes_per_image"] for r in results}.items():
+        total = sum(moved.values())
+        lines.append(f"non-matmul ops in {precision}: {total / 2 ** 20:.1f} MiB moved per image, "
+                     f"fp32 share {moved.get('float32', 0) / max(total, 1):.0%} (measured on the CPU)")
+    return "\n".join(lines)

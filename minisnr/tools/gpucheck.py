@@ -6,26 +6,32 @@
 Each part reports ok, FAILED (why) or skipped (why); the command exits 1 if any part failed.
 
     tests     pytest tests/test_cuda.py tests/test_compile.py tests/test_ddp.py (a subprocess)
-    syncs     5 training steps under torch.cuda.set_sync_debug_mode("warn"), in bf16 and in fp16 + GradScaler:
-              every host-device sync is one warning; the loop should have none
-    flash     the flash SDPA kernel alone (sdpa_kernel(FLASH_ATTENTION)) runs forward + backward at the
-              preset's attention shapes, in the precision auto picks
+    syncs     5 training steps under torch.cuda.set_sync_debug_mode("warn"), in bf16 and in fp16 + GradScaler,
+              on data that lasts beyond them (steady state), then the draw of a new epoch's data order: every
+              host-device sync is one warning; the loop should have none
+    flash     the attention kernel the card trains with, alone (sdpa_kernel), forward + backward at the preset's
+              attention shapes, in the precision auto picks: flash from compute capability 8.0 (Ampere) on,
+              memory-efficient before (T4, V100), where flash kernels do not exist
     bench     minisnr.tools.bench's training step at each --bench-batches for each --bench-modes: img/s, MFU,
-              peak memory and, for compiled modes, graphs, graph breaks and recompiles (dynamo's counters)
+              peak memory and, for compiled modes, graphs, graph breaks and recompiles (dynamo's counters);
+              auto batches are 128 and 512 where the memory estimate fits them in the card's free memory, else
+              the largest it fits; a row that still runs out of memory is skipped, not failed
     memory    bench's memory estimate next to torch.cuda.max_memory_allocated for each eager row
     train     train.py --preset P --max-steps 2N: stop after N = --train-steps steps, then --resume true to 2N
     finetune  finetune.py on the first image of --data for --finetune-steps steps
     sample    sample.py without and with --lora, and with --style-steps 0:0.5; then how far merged-LoRA
               sampling (what sample.py does) is from unmerged, in uint8 levels, in the precision auto picks
 
-The scripts run in this process (their main(argv)), as a user's command line would run them. CIFAR-10
-is passed as an ImageFolder (--data), so no part needs the internet.
+The scripts run in this process (their main(argv)), as a user's command line would run them, with
+--overwrite true so that a second check into the same --out starts afresh. Dynamo is reset before each part,
+so no part runs on graphs (or recompiles of them) that an earlier part compiled. CIFAR-10 is passed as an
+ImageFolder (--data), so no part needs the internet.
 """
+import gc
 import os
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -33,15 +39,14 @@ import torch
 from ..io.cli import knob, parse_config, run_main, UserError
 from ..io.device import pick_device, resolve_precision
 from ..io.files import write_json
-from ..model import build_config
-from .bench import bench_mode, BenchConfig, make_train_step, parse_modes
-from .memory import estimate_memory, gib
+from .bench import bench_mode, BenchConfig, parse_modes
+from .cudacheck import attention_kernel, check_flash, check_syncs, NO_CUDA  # noqa: F401 (attention_kernel: tests)
+from .memory import estimate_memory, gib, largest_batch
 from .report import describe_device
 from .scriptcheck import check_finetune, check_sample, check_train, REPO_ROOT
 
 TEST_FILES = ["tests/test_cuda.py", "tests/test_compile.py", "tests/test_ddp.py"]
 PARTS = ["tests", "syncs", "flash", "bench", "memory", "train", "finetune", "sample"]
-NO_CUDA = "skipped (no CUDA)"
 
 
 @dataclass
@@ -53,7 +58,8 @@ class CheckConfig:
     model: str = knob("cifar", "train.py preset and DiT size to check")
     train_steps: int = knob(200, "train this many steps, stop, then resume to twice as many")
     finetune_steps: int = knob(100, "fine-tuning steps")
-    bench_batches: str = knob("128,512", "comma-separated batch sizes for the bench part")
+    bench_batches: str = knob("auto", "comma-separated batch sizes for the bench part; auto = 128 and 512, each "
+                                      "cut to the largest the memory estimate fits in the card's free memory")
     bench_modes: str = knob("auto", "comma-separated bench modes; auto = eager-P,compiled-P, P = what --precision "
                                     "auto picks")
     bench_steps: int = knob(20, "timed bench steps per mode (after 5 warm-up steps)")
@@ -78,51 +84,6 @@ def check_tests(cfg, device):
                           capture_output=True, text=True)
     last = (proc.stdout.strip().splitlines() or ["no output"])[-1]
     return dict(status="ok" if proc.returncode == 0 else f"FAILED (pytest exit {proc.returncode})", result=last)
-
-
-def count_syncs(cfg, device, precision, steps=5):
-    """Host-device syncs in `steps` eager training steps (after one untimed step), counted as the warnings
-    of torch.cuda.set_sync_debug_mode('warn')."""
-    step, _ = make_train_step(bench_config(cfg, 16), device, precision, compiled=False)
-    step()
-    torch.cuda.synchronize(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for _ in range(steps):
-                step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
-def check_syncs(cfg, device):
-    """0 host-device syncs in 5 training steps, for bf16 and for fp16 + GradScaler."""
-    if device.type != "cuda":
-        return dict(status=NO_CUDA)
-    counts = {p: count_syncs(cfg, device, p) for p in ("bf16", "fp16")}
-    return dict(status="ok" if not any(counts.values()) else "FAILED (the step syncs)", syncs_in_5_steps=counts)
-
-
-def check_flash(cfg, device):
-    """Run the flash SDPA kernel alone at the model's attention shapes; ok if it accepts them."""
-    if device.type != "cuda":
-        return dict(status=NO_CUDA)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    c = build_config(cfg.model)
-    tokens = (c.img_size // c.patch_size) ** 2
-    precision = resolve_precision("auto", device)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    q, k, v = (torch.randn(8, c.heads, tokens, c.dim // c.heads, device=device, dtype=dtype, requires_grad=True)
-               for _ in range(3))                                              # (N, H, T, D/H) each
-    shape = dict(heads=c.heads, tokens=tokens, head_dim=c.dim // c.heads, dtype=precision)
-    try:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
-    except RuntimeError as e:
-        return dict(status=f"FAILED (flash SDPA not eligible: {str(e).splitlines()[0]})", **shape)
-    return dict(status="ok", **shape)
 
 
 # --- bench and memory --------------------------------------------------------------------------
@@ -152,25 +113,63 @@ def bench_one(cfg, device, batch_size, mode):
     return row
 
 
+def bench_batches(cfg, device, modes):
+    """--bench-batches as a list of ints. auto: 128 and 512, each cut to the largest micro-batch the memory
+    estimate fits in 85% of the card's free memory (the rest for the allocator's slack and the backward's
+    transient buffers, which the estimate leaves out); 128 off CUDA, where there is no card to size for."""
+    if cfg.bench_batches != "auto":
+        return [int(b) for b in cfg.bench_batches.split(",")]
+    if device.type != "cuda":
+        return [128]
+    gc.collect()
+    torch.cuda.empty_cache()                      # what earlier parts left in torch's cache is free for the bench
+    free, _ = torch.cuda.mem_get_info(device)
+    fit = min(largest_batch(cfg.model, 0.85 * free, m.split("-")[1], data_images=4 * 512) for m in modes)
+    return sorted({min(b, fit) for b in (128, 512)} - {0})
+
+
+def bench_row_or_skip(cfg, device, batch_size, mode):
+    """bench_one, or a row with status 'skipped (out of memory)' if the batch does not fit after all: a card
+    too small for a batch is a fact about the card, not a failure of the code."""
+    try:
+        return dict(bench_one(cfg, device, batch_size, mode), status="ok")
+    except RuntimeError as e:   # torch.OutOfMemoryError, or dynamo's wrap of one raised while it compiles
+        if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
+            raise
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return dict(mode=mode, batch_size=batch_size, compiled=mode.startswith("compiled"),
+                    status="skipped (out of memory)")
+
+
 def check_bench(cfg, device):
-    """Bench each mode at each batch size; ok if every compiled mode is one graph that never recompiles."""
+    """Bench each mode at each batch size; ok if every compiled mode that ran is one graph that never recompiles."""
     modes = bench_modes(cfg, device)
-    rows = [bench_one(cfg, device, int(b), mode) for b in cfg.bench_batches.split(",") for mode in modes]
-    bad = [r["mode"] for r in rows if r["compiled"] and (r["graph_breaks"] or r["recompiles"])]
-    keep = ("mode", "batch_size", "img_per_s", "mfu", "peak_mem_gib", "compile_s", "graphs", "graph_breaks",
+    batches = bench_batches(cfg, device, modes)
+    if not batches:
+        return dict(status="skipped (the memory estimate fits no batch in the card's free memory)", rows=[])
+    rows = [bench_row_or_skip(cfg, device, b, mode) for b in batches for mode in modes]
+    ran = [r for r in rows if r["status"] == "ok"]
+    bad = [r["mode"] for r in ran if r["compiled"] and (r["graph_breaks"] or r["recompiles"])]
+    skipped = len(rows) - len(ran)
+    keep = ("mode", "batch_size", "status", "img_per_s", "mfu", "peak_mem_gib", "compile_s", "graphs", "graph_breaks",
             "recompiles")
-    return dict(status="ok" if not bad else f"FAILED (graph breaks or recompiles in {', '.join(bad)})",
-                rows=[{k: r.get(k) for k in keep} for r in rows])
+    status = "ok" if not bad else f"FAILED (graph breaks or recompiles in {', '.join(bad)})"
+    if skipped and not bad:
+        status = f"ok ({skipped} row(s) skipped: out of memory)" if ran else "skipped (every row ran out of memory)"
+    return dict(status=status, rows=[{k: r.get(k) for k in keep} for r in rows])
 
 
 def check_memory(cfg, device, bench_rows):
     """The bench's memory estimate next to the measured peak of each eager bench row (CUDA only)."""
     rows = []
     for r in bench_rows:
-        if not r["mode"].startswith("eager"):
+        if not r["mode"].startswith("eager") or r.get("status", "ok") != "ok":
             continue
         precision = r["mode"].split("-")[1]
-        est = gib(estimate_memory(cfg.model, r["batch_size"], precision)["total"])
+        # bench keeps 4 batches of images on the device, as train.py keeps its data set
+        est = gib(estimate_memory(cfg.model, r["batch_size"], precision, data_images=4 * r["batch_size"])["total"])
         rows.append(dict(mode=r["mode"], batch_size=r["batch_size"], estimate_gib=round(est, 3),
                          measured_gib=None if r["peak_mem_gib"] is None else round(r["peak_mem_gib"], 3)))
     if device.type != "cuda":
@@ -185,6 +184,7 @@ def check_memory(cfg, device, bench_rows):
 def run_part(name, fn, results):
     """Run one part; an exception becomes a FAILED status with its first line, and the next part still runs."""
     t0 = time.perf_counter()
+    torch._dynamo.reset()   # a part compiles from scratch: no recompile of an earlier part's graph for other shapes
     try:
         res = fn()
     except (Exception, SystemExit) as e:

@@ -22,9 +22,15 @@ Why the CPU: any machine can run it, in about a second for the cifar preset, wit
 attention saves what CUDA's flash and memory-efficient kernels save (q, k, v, the output and a logsumexp,
 never the T x T weights). bench --measure-activations true takes the same sum on the chosen device at the
 full batch, and the GPU check (minisnr.tools.gpucheck) compares the total with CUDA's measured peak. The
-estimate leaves out the CUDA context, the allocator's slack, temporaries freed during the forward and the
-backward's transient buffers; torch.compile's partitioner usually saves less than eager (it recomputes cheap
-elementwise ops in the backward).
+estimate leaves out the allocator's slack, temporaries freed during the forward and the backward's transient
+buffers; torch.compile's partitioner usually saves less than eager (it recomputes cheap elementwise ops in the
+backward).
+
+What a card must hold besides (largest_batch, --fit-gib): the data set, which train.py keeps on the GPU as
+uint8 images and int64 labels (CIFAR-10: 147 MiB); under DDP the gradient buckets, which add nothing while DDP
+is built with gradient_as_bucket_view=True (minisnr.train.ddp: the gradients are views into the buckets) and a
+second copy of the gradients without it; and the CUDA context, which max_memory_allocated does not see, taken
+to be CUDA_CONTEXT_BYTES.
 
 This derivation replaced a hand-kept formula that listed the DiT's saved tensors one by one. On torch 2.14
 the two agree to the byte for the tiny, cpu, cifar and anchor presets in fp32 and in bf16 (cifar: 91.45 MiB
@@ -42,6 +48,11 @@ from ..model import build_config, build_model
 from ..rf import rf_loss
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# The CUDA context (the driver's state and the loaded kernels) takes card memory that torch's allocator never
+# reports. 0.5 GiB is an assumption, typical of recent drivers with lazily loaded kernels; the first GPU run
+# (minisnr.tools.gpucheck) measures it.
+CUDA_CONTEXT_BYTES = 2 ** 29
+CIFAR10_TRAIN_IMAGES = 50_000
 
 
 # --- what autograd saves ---------------------------------------------------------------------
@@ -118,26 +129,43 @@ def param_bytes(c):
     return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
 
 
-def estimate_memory(config, batch_size, precision="bf16"):
-    """Estimated training memory in bytes, as a dict: n_params, params, grads, adamw, ema, activations, total.
+def data_bytes(config, n_images):
+    """Bytes of n_images kept on the device as InMemoryLoader keeps them: uint8 pixels and an int64 label each."""
+    c = build_config(config)
+    return n_images * (c.in_channels * c.img_size * c.img_size + 8)
+
+
+def ddp_bucket_bytes(grad_bytes):
+    """What DDP's gradient buckets add to the gradients: nothing when the gradients are views into them
+    (gradient_as_bucket_view=True, as minisnr.train.ddp builds it), a copy of them otherwise."""
+    from ..train.ddp import DDP_OPTIONS
+    return 0 if DDP_OPTIONS["gradient_as_bucket_view"] else grad_bytes
+
+
+def estimate_memory(config, batch_size, precision="bf16", data_images=0, ddp=False):
+    """Estimated training memory in bytes (what torch's allocator holds, so not the CUDA context), as a dict:
+    n_params, params, grads, adamw, ema, activations, data, ddp_buckets, total.
 
     config: a DiTConfig, a preset name or a config dict. Gradients and the EMA copy take what the weights
-    take and AdamW twice that (exp_avg and exp_avg_sq), all in the weights' fp32. The total is the sum: an
-    upper-bound-like steady state that ignores the allocator's slack and the backward's transient buffers,
+    take and AdamW twice that (exp_avg and exp_avg_sq), all in the weights' fp32. `data_images` images are
+    kept on the device (train.py: the whole data set); `ddp` adds DDP's gradient buckets. The total is the sum:
+    an upper-bound-like steady state that ignores the allocator's slack and the backward's transient buffers,
     and counts the gradients as if they coexisted with all the activations (in reality activations are freed
     as the gradients appear).
     """
     config = build_config(config)
     n, weights = param_bytes(config)
     out = dict(n_params=n, params=weights, grads=weights, adamw=2 * weights, ema=weights,
-               activations=activation_bytes(config, batch_size, precision))
-    out["total"] = out["params"] + out["grads"] + out["adamw"] + out["ema"] + out["activations"]
+               activations=activation_bytes(config, batch_size, precision), data=data_bytes(config, data_images),
+               ddp_buckets=ddp_bucket_bytes(weights) if ddp else 0)
+    out["total"] = sum(out[k] for k in ("params", "grads", "adamw", "ema", "activations", "data", "ddp_buckets"))
     return out
 
 
-def largest_batch(config, budget_bytes, precision="bf16"):
-    """The largest micro-batch whose estimate_memory total fits in budget_bytes (0 if none does)."""
-    fixed = estimate_memory(config, 0, precision)["total"]
+def largest_batch(config, budget_bytes, precision="bf16", data_images=0, ddp=False, context_bytes=0):
+    """The largest micro-batch whose estimate_memory total, plus `context_bytes` (the CUDA context, for a card's
+    whole memory), fits in budget_bytes (0 if none does)."""
+    fixed = estimate_memory(config, 0, precision, data_images, ddp)["total"] + context_bytes
     per_image = activation_line(config, precision)[1]
     return max(0, int((budget_bytes - fixed) // per_image))
 
@@ -172,6 +200,8 @@ def print_memory_estimate(cfg, c, device):
                        ("adamw", "AdamW exp_avg + exp_avg_sq (fp32)"), ("ema", "EMA copy (fp32)"),
                        ("activations", "activations saved for backward"), ("total", "total")]:
         print(f"| {label} | {est[key] / 2 ** 20:.1f} | {gib(est[key]):.3f} |")
+    # what a card holds besides, at --fit-gib: the data kept on it and the CUDA context (DDP's buckets add nothing)
+    n_data = CIFAR10_TRAIN_IMAGES
     if cfg.measure_activations:
         torch.manual_seed(cfg.seed)
         model = build_model(c).to(device)
@@ -182,8 +212,14 @@ def print_memory_estimate(cfg, c, device):
         est["measured_activations"] = measured
     sizes = parse_gib_list(cfg.fit_gib)
     if sizes:
-        est["largest_batch"] = {f"{s:g}": largest_batch(c, s * 2 ** 30, cfg.precision) for s in sizes}
-        print(f"\n| card GiB | largest micro-batch ({cfg.precision}) | estimate at it, GiB |\n|---:|---:|---:|")
+        est["largest_batch"] = {f"{s:g}": largest_batch(c, s * 2 ** 30, cfg.precision, n_data,
+                                                         context_bytes=CUDA_CONTEXT_BYTES) for s in sizes}
+        print(f"\ncard sizes: the estimate plus {n_data} images kept on the GPU "
+              f"({data_bytes(c, n_data) / 2 ** 20:.0f} MiB: CIFAR-10's training set) and "
+              f"{gib(CUDA_CONTEXT_BYTES):.1f} GiB "
+              f"assumed for the CUDA context")
+        print(f"| card GiB | largest micro-batch ({cfg.precision}) | on the card at it, GiB |\n|---:|---:|---:|")
         for size, batch in est["largest_batch"].items():
-            print(f"| {size} | {batch} | {gib(estimate_memory(c, batch, cfg.precision)['total']):.2f} |")
+            on_card = estimate_memory(c, batch, cfg.precision, n_data)["total"] + CUDA_CONTEXT_BYTES
+            print(f"| {size} | {batch} | {gib(on_card):.2f} |")
     return est

@@ -45,7 +45,7 @@ def check_train(cfg, device, out):
     run = os.path.join(out, "train")
     common = ["--preset", cfg.model, "--data", cfg.data, "--out", run, "--device", cfg.device,
               "--max-steps", str(2 * cfg.train_steps)]                   # the LR schedule spans both halves
-    train.main(common + ["--stop-after", str(cfg.train_steps)])
+    train.main(common + ["--stop-after", str(cfg.train_steps), "--overwrite", "true"])   # a re-run starts afresh
     train.main(common + ["--stop-after", str(2 * cfg.train_steps), "--resume", "true"])
     ckpt = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=True)
     log = last_log(os.path.join(run, "log.jsonl"))
@@ -69,7 +69,7 @@ def check_finetune(cfg, device, out):
     style = first_image(cfg.data)
     script("finetune").main(["--base", os.path.join(out, "train", "ckpt.pt"), "--style", style, "--out",
                              os.path.join(out, "finetune"), "--steps", str(cfg.finetune_steps), "--device", cfg.device,
-                             "--sample-per-class", "1", "--sample-steps", str(cfg.sample_steps)])
+                             "--sample-per-class", "1", "--sample-steps", str(cfg.sample_steps), "--overwrite", "true"])
     log = last_log(os.path.join(out, "finetune", "log.jsonl"))
     return dict(status="ok", style=style, last_log={k: log.get(k) for k in ("step", "loss")})
 

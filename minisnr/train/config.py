@@ -8,12 +8,14 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from ..io.checkpoint import model_shape_problem
 from ..io.cli import UserError, knob
 from ..io.files import require_file
 from ..io.safety import check_device, check_seed, guard_run_folder
 from ..lora import DEFAULT_TARGETS
-from ..model import DIT_PRESETS
+from ..model import build_model, DIT_PRESETS
 from ..rf import NoiseSampler, STYLE_FRIENDLY_MU
 
 
@@ -86,7 +88,8 @@ class TrainConfig:
     precision: str = knob("auto", "auto | bf16 | fp16 | fp32; auto = bf16 where fast, fp16+GradScaler on older "
                                   "GPUs, else fp32")
     compile: bool = knob(None, "torch.compile the model: faster on GPU after a one-off compile of a minute or two "
-                               "(default: true for the cifar preset on CUDA, else false; false for debugging)")
+                               "(default: true on CUDA for models of 1M+ parameters, every size but tiny; false "
+                               "on CPU/MPS; false for debugging)")
 
     # the files a run writes in --out: their presence means "a run is here" (guard_run_folder)
     RUN_FILES: ClassVar = ("ckpt.pt", "log.jsonl", os.path.join("samples", "step_*.png"))
@@ -147,17 +150,24 @@ PRESETS = {
                  ckpt_every=10, sample_steps=4, sample_per_class=2),
 }
 
-# Presets that torch.compile by default on CUDA: long runs, where the compile pays for itself within minutes.
-# Eager under autocast runs LayerNorm, modulate, the gates and the residual adds in fp32, as ~1,500 small kernels
-# a step; compiled, they fuse. On a CPU or MPS the compile costs more than it saves, so those stay eager.
-COMPILE_ON_CUDA = {"cifar"}
+# torch.compile by default on CUDA, for every model of at least COMPILE_MIN_PARAMS parameters, whatever preset
+# named it. Eager under autocast runs LayerNorm, modulate, the gates and the residual adds in fp32, as ~1,500 small
+# kernels a step; compiled, they fuse, and the minute of compiling pays for itself within the first thousand steps
+# or so. Below that size (the test-sized tiny model, ~0.2M) runs are short checks, where the compile would be most
+# of the time. On a CPU or MPS the compile costs more than it saves, so those stay eager.
+COMPILE_MIN_PARAMS = 1_000_000
 
 
 def use_compile(cfg: TrainConfig, preset, device):
-    """--compile if given, else the preset's default: compile on CUDA for the presets in COMPILE_ON_CUDA."""
+    """--compile if given, else compile on CUDA for models of COMPILE_MIN_PARAMS parameters or more (`preset` is
+    no longer consulted: --model cifar without --preset cifar compiles too)."""
     if cfg.compile is not None:
         return cfg.compile
-    return preset in COMPILE_ON_CUDA and device.type == "cuda"
+    if device.type != "cuda":
+        return False
+    with torch.device("meta"):       # the parameter count without memory or init cost
+        n_params = build_model(cfg.model, **cfg.model_overrides()).num_params()
+    return n_params >= COMPILE_MIN_PARAMS
 
 
 # --- finetune.py ---------------------------------------------------------------------------------

@@ -5,6 +5,12 @@ import torch
 import torch.distributed as dist
 
 
+# broadcast_buffers=False: the DiT's buffers (the fixed positional embedding) never change, so broadcasting them
+# from rank 0 before every forward is wasted work. gradient_as_bucket_view=True: the gradients are views into
+# DDP's all-reduce buckets, which saves a copy of them into the buckets and back, and their memory.
+DDP_OPTIONS = dict(broadcast_buffers=False, gradient_as_bucket_view=True)
+
+
 def setup_distributed(device):
     """Initialise DDP when launched by torchrun (RANK/WORLD_SIZE set). Returns (rank, local_rank, world_size).
     The backend follows the resolved device: NCCL for CUDA tensors, gloo for CPU ones (NCCL cannot
@@ -26,7 +32,7 @@ def wrap_for_training(model, compile, world, device, ema=None):
     DDP broadcasts rank 0's initial weights into every rank's model; a new run's `ema` is then reset to them."""
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **DDP_OPTIONS)
         if ema is not None:
             ema.load_state_dict(model.module.state_dict())
     return torch.compile(model) if compile else model
@@ -47,6 +53,18 @@ def any_rank(flag: bool, device) -> bool:
     vote = torch.tensor([float(flag)], device=device)
     dist.all_reduce(vote, op=dist.ReduceOp.MAX)
     return bool(vote.item())
+
+
+def any_rank_tensor(flag):
+    """`flag` (a bool tensor on the device) OR-ed over the ranks under DDP, still on the device, so it costs no
+    host sync of its own: one tiny MAX all-reduce. Without DDP, `flag` itself. Used for the non-finite check,
+    which must stop every rank at once: a rank that stopped alone would leave the others waiting in their next
+    gradient all-reduce forever."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    vote = flag.reshape(1).float()       # gloo and NCCL both reduce float32
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return vote[0] > 0
 
 
 def rank_device(device, local_rank, world):

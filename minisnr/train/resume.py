@@ -60,8 +60,10 @@ def check_loader_state(loader, path, n_images):
     """InMemoryLoader.state_dict(): a generator state, a permutation of the n_images indices, a position in it."""
     perm, pos = (loader.get("perm"), loader.get("pos")) if isinstance(loader, dict) else (None, None)
     gen = loader.get("generator") if isinstance(loader, dict) else None
-    size = torch.get_rng_state().numel()
-    if not (isinstance(gen, torch.Tensor) and gen.dtype == torch.uint8 and gen.numel() == size):
+    kind = loader.get("generator_device", "cpu") if isinstance(loader, dict) else None   # older states: the CPU
+    size = torch.get_rng_state().numel()     # a CUDA generator's state is its seed and offset, a few bytes
+    if not (kind in ("cpu", "cuda") and isinstance(gen, torch.Tensor) and gen.dtype == torch.uint8
+            and gen.dim() == 1 and (gen.numel() == size if kind == "cpu" else gen.numel() > 0)):
         raise _damaged(path, "its data order (loader generator) is not a torch RNG state")
     if not (isinstance(perm, torch.Tensor) and perm.dtype == torch.long and perm.dim() == 1):
         raise _damaged(path, "its data order (loader perm) is not a 1-D tensor of indices")
@@ -115,10 +117,17 @@ def check_flags(saved, cfg, path):
         refuse_changed_flags(saved, asdict(cfg), cfg.RESUME_FREE, path)
 
 
-def restore(state, optimizer, scaler, device):
-    """Load the optimizer, grad-scaler and RNG states (checked by then); returns the step to continue from."""
+def restore(state, optimizer, scaler, device, master=True):
+    """Load the optimizer, grad-scaler and RNG states (checked by then); returns the step to continue from.
+
+    A bf16 or fp32 run saves its disabled GradScaler as {}; resumed in fp16 (--precision auto on an older
+    GPU), the enabled scaler starts from its initial loss scale, which it adapts within a few steps."""
     optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"] or not scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])          # a disabled scaler ignores what it is given
+    elif master:
+        print("note: the run was saved without fp16 loss scaling (bf16 or fp32); it goes on in fp16 with a "
+              "fresh GradScaler")
     set_rng_state(state["rng"], device)
     return state["step"]
 
@@ -148,12 +157,24 @@ def resume_pretrain(path, cfg, model, ema, optimizer, scaler, loader, device, ra
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     loader.load_state_dict(ckpt["loader"])
-    step = restore(ckpt, optimizer, scaler, device)
+    step = restore(ckpt, optimizer, scaler, device, master=rank == 0)
+    say_world_change(ckpt["loader"], loader, path, step, rank)
     if rank > 0:  # other ranks' RNG streams were not saved; derive fresh ones from the step
         torch.manual_seed(cfg.seed + rank + 1_000_003 * step)
     else:
         print(f"resumed from {path} at step {step}")
     return step
+
+
+def say_world_change(saved, loader, path, step, rank):
+    """Say (on rank 0) that a run resumed on another number of processes trains on another global batch from
+    here on. The data order and the LR schedule go on exactly, so it is allowed, but it is no longer the run it
+    was. Older states do not record their number of processes, so nothing is said for them."""
+    world, batch = saved.get("world_size"), loader.batch_size
+    if rank == 0 and isinstance(world, int) and world != loader.world_size:
+        print(f"note: {path} was trained on {world} process(es) x --batch-size {batch} = {world * batch} images a "
+              f"step; from step {step} this run takes {loader.world_size * batch}. Resume with {world} process(es) "
+              f"to keep the run's global batch")
 
 
 def resume_finetune(path, cfg, model, optimizer, scaler, device, base):

@@ -27,7 +27,7 @@ from ..io.cli import UserError
 from ..io.device import autocast_context, pick_device, resolve_precision, sync
 from ..io.files import check_writable, open_log, remove_stale_tmp
 from ..io.safety import run_files
-from .ddp import any_rank, rank_device
+from .ddp import any_rank, any_rank_tensor, rank_device
 
 
 # --- pieces: img/s and the Ctrl-C flag --------------------------------------------------------------
@@ -176,7 +176,7 @@ class Run:
         """Stop with one line if a loss or a weight became NaN/inf: a step can leave NaN weights behind a
         finite loss (an overflowing gradient), so both are checked. Nothing is saved after that."""
         weights_ok = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
-        if (self.nonfinite | ~weights_ok).item():
+        if any_rank_tensor(self.nonfinite | ~weights_ok).item():      # under DDP every rank stops, or none
             kept = (f"so {self.state_path} keeps the last good state" if os.path.exists(self.state_path)
                     else "and no state was saved yet")
             raise UserError(f"loss or weights became non-finite by step {step}; stopping without saving, {kept}. "
