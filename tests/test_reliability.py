@@ -565,12 +565,12 @@ def test_sample_grids_do_not_touch_the_global_rng(random_tiny_dit):
 # --- divergence --------------------------------------------------------------------------------------
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, bases, data_dir, style_png):
-    """An absurd LR (1e6, no clipping, fp32) makes the loss or the weights non-finite within a few steps (in
+    """An absurd LR (1000, the bound; no clipping, fp32) makes the loss or the weights non-finite within a few steps (in
     finetune.py a step leaves NaN weights behind a finite loss). With a checkpoint every step but a log line
     only every 10, both scripts stop with one clear line naming --lr, and the checkpoint on disk is the one
     from the step before, loadable and finite everywhere."""
     train_out, ft_out = tmp_path / "train", tmp_path / "ft"
-    blowup = ["--lr", 1e6, "--grad-clip", 0, "--precision", "fp32", "--ckpt-every", 1, "--log-every", 10]
+    blowup = ["--lr", 1000, "--grad-clip", 0, "--precision", "fp32", "--ckpt-every", 1, "--log-every", 10]
     r_train, r_ft = run_scripts(
         tmp_path / "runs",
         (TRAIN, ["--preset", "tiny", "--device", "cpu", "--data", data_dir, "--out", train_out, "--max-steps", 30]
