@@ -365,7 +365,8 @@ def test_atomic_save_keeps_the_old_file_when_a_write_dies(tmp_path):
 def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path, data_dir):
     """train.py (tiny, a checkpoint every step) is SIGKILLed 5 times at random moments, resuming each time.
     After every kill OUT/ckpt.pt loads, has a step that never goes back, and the only other files are
-    ckpt.pt.*.tmp leftovers of an interrupted write, which no tool takes for a checkpoint."""
+    ckpt.pt.*.tmp leftovers of an interrupted write, which no tool takes for a checkpoint, the run's manifest and
+    its lock: a killed process cannot remove it, so the next start names the rm command that clears it."""
     out = tmp_path / "run"
     ckpt, log = out / "ckpt.pt", out / "log.jsonl"
     argv = [sys.executable, TRAIN, "--preset", "tiny", "--device", "cpu", "--data", data_dir, "--out", out,
@@ -390,8 +391,12 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
         state = safe_load(str(ckpt))            # raises CheckpointError if the kill left a torn checkpoint
         assert isinstance(state.get("step"), int) and state["step"] >= 1
         steps.append(state["step"])
-        stray = sorted(set(os.listdir(out)) - {"ckpt.pt", "log.jsonl", "samples"})
+        stray = sorted(set(os.listdir(out)) - {"ckpt.pt", "log.jsonl", "samples", ".minisnr-run.json", ".minisnr.lock"})
         assert all(TMP_FILE.match(f) for f in stray), f"unexpected files after SIGKILL: {stray}"
+        if kill == 0:
+            r = run_real(*argv[1:], "--resume", "true")
+            assert r.rc == 1 and f"rm {out / '.minisnr.lock'}" in error_line(r.err), r.err[-2000:]
+        os.remove(out / ".minisnr.lock")       # what that line tells the user to do
         assert not earlier_tmp & set(stray), f"a resumed run must delete the .tmp files of the previous kill: {stray}"
         earlier_tmp |= set(stray)
         logged = log_steps(log)
