@@ -21,6 +21,7 @@ from minisnr.io.data import StyleViews, load_images
 from minisnr.io.device import make_grad_scaler
 from minisnr.io.files import atomic_save
 from minisnr.io.images import save_style_off_on
+from minisnr.io.safety import hold_run_folder
 from minisnr.lora import count_parameters, inject_lora, lora_parameters, lora_state_dict
 from minisnr.rf import generate
 from minisnr.train.config import FinetuneConfig
@@ -34,7 +35,8 @@ def main(argv=None):
     cfg, _ = parse_config(FinetuneConfig, None, argv, description=__doc__.splitlines()[0],
                           aliases={"style_class": ["--class"]})
     cfg.validate()
-    return finetune(cfg)
+    with hold_run_folder(cfg.out, cfg.SCRIPT):   # one run per --out at a time
+        return finetune(cfg)
 
 
 def build(cfg: FinetuneConfig, device, precision):
@@ -91,7 +93,8 @@ def finetune(cfg: FinetuneConfig):
     run.finish(step, save)
     run.exit_if_interrupted(step)
     adapter_path = os.path.join(cfg.out, "adapter.pt")
-    save_adapter(model, adapter_path, dict(
+    run.claim("adapter.pt")
+    run.write(save_adapter, model, adapter_path, dict(
         base_ckpt=cfg.base, base_config=model.config.to_dict(), **base, targets=list(targets), rank=rank, alpha=alpha,
         lora_dropout=cfg.lora_dropout, noise_sampler=noise.to_dict(), style_files=files, style_class=label,
         style_name=os.path.splitext(os.path.basename(files[0]))[0], finetune_config=asdict(cfg), classes=classes,
@@ -99,7 +102,8 @@ def finetune(cfg: FinetuneConfig):
     print(f"saved {adapter_path} ({os.path.getsize(adapter_path) / 1024:.0f} KB) after {step} steps in "
           f"{time.time() - start:.0f}s")
     if cfg.sample_per_class > 0:
-        save_compare(model, cfg, len(classes), ctx, adapter_path)
+        run.claim("samples_compare.png")
+        run.write(save_compare, model, cfg, len(classes), ctx, adapter_path)
     return adapter_path
 
 

@@ -20,8 +20,14 @@ from minisnr.io.safety import check_device, check_output, check_seed
 from minisnr.lora import merge_lora, set_style_scale, style_window_hook, unmerge_lora
 from minisnr.rf import generate
 
-# One PNG grid holds at most this many images: a bigger one is more than any viewer opens (--png-dir has no limit).
+# One PNG grid holds at most this many images: a bigger one is more than any viewer opens.
 MAX_GRID_IMAGES = 10_000
+# --png-dir writes one file per sample, resumably: 100,000 per class is twice FID's 50,000 over 10 classes per class
+MAX_FOLDER_PER_CLASS = 100_000
+# Euler steps: quality stops changing long before this; checked before the step times are allocated
+MAX_STEPS = 10_000
+MAX_CFG = 100.0          # guidance above ~20 only saturates; 1e308 would give inf
+MAX_LORA_SCALE = 100.0   # style strength; 1 is as trained
 
 
 def build_parser():
@@ -49,6 +55,13 @@ def check_args(args):
     for name, low in (("n", 1), ("steps", 1), ("cfg", 0)):
         if getattr(args, name) < low:
             raise UserError(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    n_max = MAX_FOLDER_PER_CLASS if args.png_dir is not None else MAX_GRID_IMAGES
+    for name, high in (("n", n_max), ("steps", MAX_STEPS), ("cfg", MAX_CFG)):  # before anything is allocated
+        if getattr(args, name) > high:
+            note = " (one grid)" if name == "n" and args.png_dir is None else ""
+            raise UserError(f"--{name} must be <= {high:,g}{note}, got {getattr(args, name):,}")
+    if abs(args.lora_scale) > MAX_LORA_SCALE:
+        raise UserError(f"--lora-scale must be in [-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}], got {args.lora_scale}")
     check_seed(args.seed)
     if args.png_dir is not None and args.lora is not None:
         raise UserError("--png-dir writes the base model's samples (for FID); leave out --lora")
@@ -71,10 +84,10 @@ def main(argv=None):
     if args.png_dir is not None:  # every sample its own PNG, in batches, resumable (minisnr/eval/fid.py)
         return sample_to_folder(model, args.png_dir, classes, ids, args.n, steps=args.steps, cfg=args.cfg,
                                 seed=args.seed, ema=not args.raw, device=device, precision=precision, source=args.ckpt)
-    labels = [c for c in ids for _ in range(args.n)]
-    if len(labels) > MAX_GRID_IMAGES:
-        raise UserError(f"--n {args.n} x {len(ids)} classes = {len(labels)} images, more than one grid holds "
+    if args.n * len(ids) > MAX_GRID_IMAGES:   # checked before the labels are built
+        raise UserError(f"--n {args.n} x {len(ids)} classes = {args.n * len(ids)} images, more than one grid holds "
                         f"({MAX_GRID_IMAGES}); lower --n, or pass fewer --classes and run it again")
+    labels = [c for c in ids for _ in range(args.n)]
     meta = {"ckpt": args.ckpt, "classes": args.classes, "n": args.n, "cfg": args.cfg, "steps": args.steps,
             "seed": args.seed, "ema": not args.raw}
     draw = partial(generate, model, labels, steps=args.steps, cfg=args.cfg, seed=args.seed,

@@ -10,11 +10,12 @@ of t) and OUT/samples/step_NNNNNN.png. Ctrl-C saves and exits; --resume true con
 import os
 from dataclasses import asdict
 
-from minisnr.io.cli import parse_config, run_main
+from minisnr.io.cli import CheckpointError, parse_config, run_main
 from minisnr.io.data import InMemoryLoader, load_dataset
 from minisnr.io.device import make_grad_scaler, pick_device
 from minisnr.io.files import atomic_save
 from minisnr.io.images import save_image_grid
+from minisnr.io.safety import hold_run_folder
 from minisnr.model import build_model
 from minisnr.rf import generate
 from minisnr.train.config import PRESETS, TrainConfig, use_compile
@@ -30,7 +31,8 @@ def main(argv=None):
     cfg.validate()
     rank, local_rank, world = setup_distributed(pick_device(cfg.device))
     try:
-        train(cfg, args.preset, rank, local_rank, world)
+        with hold_run_folder(cfg.out, cfg.SCRIPT, enabled=rank == 0):   # one run per --out at a time
+            train(cfg, args.preset, rank, local_rank, world)
     finally:
         cleanup_distributed()
 
@@ -46,14 +48,28 @@ def build(cfg: TrainConfig, device, precision, rank, world):
     return data, model, ema, loader, optimizer, make_grad_scaler(device, precision)
 
 
-def save_samples(ema, cfg: TrainConfig, step, num_classes, ctx):
+def save_samples(ema, cfg: TrainConfig, step, num_classes, ctx, run):
     """A grid of every class drawn from the EMA weights, in OUT/samples/step_NNNNNN.png; returns its path."""
     labels = [c for c in range(num_classes) for _ in range(cfg.sample_per_class)]
     images = generate(ema, labels, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.seed, autocast_ctx=ctx)
-    path = os.path.join(cfg.out, "samples", f"step_{step:06d}.png")
+    name = f"samples/step_{step:06d}.png"
     meta = {"step": step, "seed": cfg.seed, "steps": cfg.sample_steps, "cfg": cfg.sample_cfg, "ema": True}
-    save_image_grid(images, path, nrow=cfg.sample_per_class, meta=meta)
-    return path
+    run.claim(name)
+    run.write(save_image_grid, images, os.path.join(cfg.out, name), nrow=cfg.sample_per_class, meta=meta)
+    return os.path.join(cfg.out, name)
+
+
+def resume(ckpt_path, cfg, *state, rank):
+    """resume_pretrain, with a checkpoint whose weights have other names or shapes than this model's (it passed
+    every other check) refused in one line instead of load_state_dict's traceback."""
+    try:
+        return resume_pretrain(ckpt_path, cfg, *state, rank)
+    except RuntimeError as e:
+        if "state_dict" not in str(e):
+            raise
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{ckpt_path} does not fit the model these flags build ({detail}); pass the --out of a "
+                              f"train.py run made with the same flags") from None
 
 
 def train(cfg: TrainConfig, preset, rank, local_rank, world):
@@ -63,7 +79,7 @@ def train(cfg: TrainConfig, preset, rank, local_rank, world):
     data, model, ema, loader, optimizer, scaler = build(cfg, device, precision, rank, world)
     noise = cfg.noise()                           # p(t): where the training noise levels come from
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
-    step = resume_pretrain(ckpt_path, cfg, model, ema, optimizer, scaler, loader, device, rank) if cfg.resume else 0
+    step = resume(ckpt_path, cfg, model, ema, optimizer, scaler, loader, device, rank=rank) if cfg.resume else 0
     compiled = use_compile(cfg, preset, device)
     train_model = wrap_for_training(model, compiled, world, device, None if cfg.resume else ema)  # DDP, compile
     model.train()                                 # `model` itself stays the plain module we save
@@ -95,13 +111,13 @@ def train(cfg: TrainConfig, preset, rank, local_rank, world):
             step += 1
             run.step(step, loss, sums, counts, lr=lr)
             if master and cfg.sample_every and step % cfg.sample_every == 0:
-                save_samples(ema, cfg, step, len(data.classes), ctx)
+                save_samples(ema, cfg, step, len(data.classes), ctx, run)
             if step % cfg.ckpt_every == 0:
                 run.save(step, save)
 
     # --- save: the final checkpoint and sample grid
     run.finish(step, save)
-    grid = save_samples(ema, cfg, step, len(data.classes), ctx) if master else None
+    grid = save_samples(ema, cfg, step, len(data.classes), ctx, run) if master else None
     run.exit_if_interrupted(step)
     if master:
         print(f"stopped at step {step} (--stop-after): saved {ckpt_path}. Continue with the same flags plus "

@@ -365,7 +365,8 @@ def test_atomic_save_keeps_the_old_file_when_a_write_dies(tmp_path):
 def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path, data_dir):
     """train.py (tiny, a checkpoint every step) is SIGKILLed 5 times at random moments, resuming each time.
     After every kill OUT/ckpt.pt loads, has a step that never goes back, and the only other files are
-    ckpt.pt.*.tmp leftovers of an interrupted write, which no tool takes for a checkpoint."""
+    ckpt.pt.*.tmp leftovers of an interrupted write, which no tool takes for a checkpoint, the run's manifest and
+    its lock: a killed process cannot remove it, so the next start names the rm command that clears it."""
     out = tmp_path / "run"
     ckpt, log = out / "ckpt.pt", out / "log.jsonl"
     argv = [sys.executable, TRAIN, "--preset", "tiny", "--device", "cpu", "--data", data_dir, "--out", out,
@@ -390,8 +391,12 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
         state = safe_load(str(ckpt))            # raises CheckpointError if the kill left a torn checkpoint
         assert isinstance(state.get("step"), int) and state["step"] >= 1
         steps.append(state["step"])
-        stray = sorted(set(os.listdir(out)) - {"ckpt.pt", "log.jsonl", "samples"})
+        stray = sorted(set(os.listdir(out)) - {"ckpt.pt", "log.jsonl", "samples", ".minisnr-run.json", ".minisnr.lock"})
         assert all(TMP_FILE.match(f) for f in stray), f"unexpected files after SIGKILL: {stray}"
+        if kill == 0:
+            r = run_real(*argv[1:], "--resume", "true")
+            assert r.rc == 1 and f"rm {out / '.minisnr.lock'}" in error_line(r.err), r.err[-2000:]
+        os.remove(out / ".minisnr.lock")       # what that line tells the user to do
         assert not earlier_tmp & set(stray), f"a resumed run must delete the .tmp files of the previous kill: {stray}"
         earlier_tmp |= set(stray)
         logged = log_steps(log)
@@ -565,12 +570,12 @@ def test_sample_grids_do_not_touch_the_global_rng(random_tiny_dit):
 # --- divergence --------------------------------------------------------------------------------------
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, bases, data_dir, style_png):
-    """An absurd LR (1e6, no clipping, fp32) makes the loss or the weights non-finite within a few steps (in
+    """An absurd LR (1000, the bound; no clipping, fp32) makes the loss or the weights non-finite within a few steps (in
     finetune.py a step leaves NaN weights behind a finite loss). With a checkpoint every step but a log line
     only every 10, both scripts stop with one clear line naming --lr, and the checkpoint on disk is the one
     from the step before, loadable and finite everywhere."""
     train_out, ft_out = tmp_path / "train", tmp_path / "ft"
-    blowup = ["--lr", 1e6, "--grad-clip", 0, "--precision", "fp32", "--ckpt-every", 1, "--log-every", 10]
+    blowup = ["--lr", 1000, "--grad-clip", 0, "--precision", "fp32", "--ckpt-every", 1, "--log-every", 10]
     r_train, r_ft = run_scripts(
         tmp_path / "runs",
         (TRAIN, ["--preset", "tiny", "--device", "cpu", "--data", data_dir, "--out", train_out, "--max-steps", 30]

@@ -101,7 +101,7 @@ def again(runs):
         "t_resume": (TRAIN, t + ["--out", dirs["t_resume"], "--resume", "true", "--max-steps", 3, "--log-every", 1]),
         "sample_over_ckpt": (SAMPLE, [ckpt, "--out", ckpt, "--device", "cpu"]),
         "sample_over_adapter": (SAMPLE, [ckpt, "--lora", adapter, "--out", adapter, "--device", "cpu"]),
-        "f_diverge": (FINETUNE, f + ["--out", root / "f_diverge", "--lr", 1e6, "--grad-clip", 0, "--precision", "fp32",
+        "f_diverge": (FINETUNE, f + ["--out", root / "f_diverge", "--lr", 1000, "--grad-clip", 0, "--precision", "fp32",
                                      "--steps", 50, "--log-every", 1, "--ckpt-every", 1000]),
     }
     results = dict(zip(cases, run_scripts(root / "runs", *cases.values())))
@@ -343,11 +343,17 @@ def make_bad_files(runs, d):
         ("state_step", state, setitem(["step"], "ten")),
         ("state_rng", state, setitem(["rng", "cpu"], torch.zeros(3, dtype=torch.uint8))),
         ("state_optimizer", state, lambda o: o["optimizer"]["state"][0].update(exp_avg=torch.zeros(2))),
+        ("depth_1e7", ckpt, setitem(["model_config", "depth"], 10 ** 7)),                # issue #23 case 14
+        ("dim_2^20", ckpt, lambda o: o["model_config"].update(dim=2 ** 20, heads=1)),     # issue #23 case 14
     ]:
         f[name] = damaged(src, os.path.join(d, name + ".pt"), edit)
     for name, edit in [("loader", setitem(["loader", "perm"], torch.zeros(24, dtype=torch.long))),
                        ("step", setitem(["step"], -3)), ("rng", setitem(["rng"], "seed 0")),
-                       ("optimizer", setitem(["optimizer", "param_groups"], []))]:
+                       ("optimizer", setitem(["optimizer", "param_groups"], [])),
+                       # issue #23 case 9: weights of other names or shapes than the model's
+                       ("keys", lambda o: o["model"].update(extra=o["model"].pop("final_layer.linear.weight"))),
+                       ("shapes", lambda o: o["ema"].update({k: v[:1].clone() for k, v in o["ema"].items()
+                                                             if k == "final_layer.linear.weight"}))]:
         os.makedirs(os.path.join(d, "run_" + name))
         damaged(ckpt, os.path.join(d, "run_" + name, "ckpt.pt"), edit)
         f["run_" + name] = os.path.join(d, "run_" + name)
@@ -412,11 +418,31 @@ def bad_cli_cases(runs, f, out):
         *[(f"train-resume-bad-{name}", TRAIN, TRAIN_ARGS + ["--data", runs["data"], "--out", f["run_" + name],
                                                             "--resume", "true"], hint)
           for name, hint in [("loader", "loader"), ("step", "step"), ("rng", "RNG"), ("optimizer", "optimizer"),
-                             ("logdir", "log file")]],
+                             ("logdir", "log file"), ("keys", "does not fit"), ("shapes", "does not fit")]],
         *[(f"finetune-resume-bad-{name}", FINETUNE, FT_ARGS + ["--base", runs["ckpt"], "--style", runs["style"],
                                                                "--out", f["ft_" + name], "--resume", "true"], hint)
           for name, hint in [("state_step", "step"), ("state_optimizer", "optimizer")]],
         ("finetune-style-20000x20000-png", FINETUNE, F[:-4] + ["--style", f["huge"], "--out", out], "--style"),
+        # issue #23 case 8: '²'.isdigit() is true, but int('²') is a traceback
+        ("sample-classes-superscript-2", SAMPLE, [runs["ckpt"]] + S + ["--classes", "²"], "unknown class"),
+        ("finetune-class-superscript-2", FINETUNE, F + ["--class", "²"], "--class"),
+        # issue #23 case 10: allocations sized by a flag
+        *[(f"finetune-{flag}-99999999999", FINETUNE, F + [f"--{flag}", 99999999999], f"--{flag} must be <=")
+          for flag in ("rank", "batch-size", "ref-size", "sample-steps", "sample-per-class", "steps")],
+        # issue #23 case 13: counts that grew memory without end before their bound was checked
+        ("sample-n-99999999999", SAMPLE, [runs["ckpt"]] + S + ["--n", 99999999999], "--n must be <="),
+        ("sample-steps-99999999999", SAMPLE, [runs["ckpt"]] + S + ["--steps", 99999999999], "--steps must be <="),
+        *[(f"train-{flag}-99999999999", TRAIN, T + [f"--{flag}", 99999999999], hint) for flag, hint in [
+            ("sample-steps", "--sample-steps must be <="), ("sample-per-class", "--sample-per-class must be <="),
+            ("depth", "depth 99999999999 is above the bound"), ("dim", "dim 99999999999 is above the bound"),
+            ("batch-size", "--batch-size must be <="), ("max-steps", "--max-steps must be <=")]],
+        ("train-model-too-big-for-memory", TRAIN, T + ["--dim", 8192, "--depth", 256, "--heads", 64], "GiB"),
+        # issue #23 case 14: a checkpoint whose config asks for a model that cannot be built here
+        ("sample-ckpt-depth-10^7", SAMPLE, [f["depth_1e7"]] + S, "depth 10000000 is above the bound 256"),
+        ("sample-ckpt-dim-2^20", SAMPLE, [f["dim_2^20"]] + S, "dim 1048576 is above the bound 8192"),
+        # issue #23 case 7: --lr 1e308 is refused before anything is written
+        ("train-lr-1e308", TRAIN, T + ["--lr", 1e308], "--lr must be in (0, 1000]"),
+        ("finetune-lr-1e308", FINETUNE, F + ["--lr", 1e308], "--lr must be in (0, 1000]"),
     ]
 
 
@@ -502,3 +528,235 @@ def test_every_bad_module_value_is_one_line(runs, bad_results, tmp_path, capsys)
         except AssertionError as e:
             failures.append(f"{name}: {str(e).splitlines()[0]}")
     assert not failures, f"{len(failures)} cases failed:\n" + "\n".join(failures)
+
+
+# --- issue #23: outputs never inside inputs, --overwrite never beyond the run, nothing left by a failed start ---
+
+def copy_run(src, dst):
+    import shutil
+    return str(shutil.copytree(src, dst, symlinks=True))
+
+
+def data_loss_cases(runs, root):
+    """(id, script, argv, expected: 0 or the text of the one error line, folders whose bytes must not change).
+    Each row is one of issue #23's numbered cases; rows run in order, so a row may rerun an earlier row's --out."""
+    os.makedirs(root)
+    t, f = runs["train"], runs["finetune"] + ["--style", runs["style"]]
+    data = copy_run(runs["data"], root / "data")                                        # case 1
+    style_dir = root / "style_dir"                                                      # case 2
+    style_dir.mkdir()
+    Image.new("RGB", (40, 30), (9, 90, 200)).save(style_dir / "ref.png")
+    base_run = copy_run(runs["base"], root / "base_run")                                # case 3
+    mine = root / "mine"                                                                # case 4
+    mine.mkdir()
+    (mine / "log.jsonl").write_bytes(b'{"my": "own log"}\n')
+    (mine / "ckpt.pt").write_bytes(b"my own model, not minisnr's")
+    pictures = root / "pictures"                                                        # case 5
+    pictures.mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(pictures / "step_000002.png")
+    linked = copy_run(runs["base"], root / "linked")
+    import shutil
+    shutil.rmtree(os.path.join(linked, "samples"))
+    os.symlink(pictures, os.path.join(linked, "samples"))
+    ft_in_base = copy_run(runs["ft"], root / "ft_in_base")                              # another script's run
+    user_samples = root / "user_samples"                                                # case 12
+    user_samples.mkdir()
+    (user_samples / "samples").write_bytes(b"a user's file named samples")
+    fresh = root / "fresh"                                                              # case 7: stays empty
+    unlisted = copy_run(runs["base"], root / "unlisted")                                # a grid the run never wrote
+    (root / "unlisted" / "samples" / "step_000099.png").write_bytes(b"the user put this here")
+    return [
+        ("1-train-out-is-data", TRAIN, t[:-2] + ["--data", data, "--out", data], "--data", [data]),
+        ("1-train-out-inside-data", TRAIN, t[:-2] + ["--data", data, "--out", os.path.join(data, "run")], "--data",
+         [data]),
+        ("2-finetune-out-is-style-folder", FINETUNE, runs["finetune"] + ["--style", style_dir, "--out", style_dir],
+         "--style", [style_dir]),
+        ("2-finetune-out-contains-style-file", FINETUNE,
+         runs["finetune"] + ["--style", style_dir / "ref.png", "--out", style_dir], "--style", [style_dir]),
+        ("3-finetune-out-is-base-folder", FINETUNE,
+         FT_ARGS + ["--base", os.path.join(base_run, "ckpt.pt"), "--style", runs["style"], "--out", base_run,
+                    "--overwrite", "true"], "--base", [base_run]),
+        ("3-finetune-overwrite-a-train-run", FINETUNE,
+         f + ["--out", copy_run(runs["base"], root / "train_run"), "--overwrite", "true"], "holds a train.py run",
+         [root / "train_run"]),
+        ("3-train-overwrite-a-finetune-run", TRAIN, t + ["--out", ft_in_base, "--overwrite", "true"],
+         "holds a finetune.py run", [ft_in_base]),
+        ("4-train-overwrite-user-files", TRAIN, t + ["--out", mine, "--overwrite", "true"], "no minisnr run recorded",
+         [mine]),
+        ("4-train-overwrite-an-unlisted-grid", TRAIN, t + ["--out", unlisted, "--overwrite", "true"],
+         "samples/step_000099.png", [unlisted]),
+        ("5-train-overwrite-samples-symlink", TRAIN, t + ["--out", linked, "--overwrite", "true"], "symbolic link",
+         [linked, pictures]),
+        ("7-train-lr-1e308", TRAIN, t + ["--out", fresh, "--lr", 1e308], "--lr", [fresh]),
+        ("7-train-batch-size-99999999999", TRAIN, t + ["--out", fresh, "--batch-size", 99999999999],
+         "--batch-size", [fresh]),
+        ("7-train-diverges-before-its-first-save", TRAIN, t + ["--out", fresh, "--lr", 1000, "--grad-clip", 0,
+                                                               "--precision", "fp32", "--max-steps", 30,
+                                                               "--log-every", 10], "non-finite", [fresh]),
+        ("7-the-corrected-command-runs", TRAIN, t + ["--out", fresh], 0, []),
+        ("12-train-user-file-named-samples", TRAIN, t + ["--out", user_samples], "samples", [user_samples]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def data_loss(runs):
+    """Every data_loss_cases row, in order, in one fork runner: {id: (row, Result, bytes before, bytes after)}.
+    The bytes are taken of each row's protected folders just before and after that row runs."""
+    root = runs["root"] / "data_loss"
+    rows = data_loss_cases(runs, root)
+    out = {}
+    for i, row in enumerate(rows):    # one runner per row, so each row's before/after is its own
+        before = [snapshot(d) for d in row[4]]
+        [r] = run_scripts(root / f"runs{i}", (row[1], row[2]))
+        out[row[0]] = (row, r, before, [snapshot(d) for d in row[4]])
+    return out
+
+
+def test_no_output_lands_in_an_input_or_deletes_what_the_run_did_not_write(data_loss):
+    """Issue #23 cases 1-5, 7 and 12 through the real scripts: --out equal to or inside --data, equal to or
+    around --style, the --base's folder, another script's run, a user's own log.jsonl/ckpt.pt, a grid the run
+    never wrote, a samples link to a folder outside --out, a failed start followed by the corrected command,
+    and a user's file named samples. Each refusal is one line, and every byte of the protected folders (inside
+    --out and outside it) is unchanged."""
+    failures = []
+    for name, ((_, _, argv, expected, _), r, before, after) in data_loss.items():
+        try:
+            if expected == 0:
+                assert r.rc == 0, f"expected success, got {r.rc}: {r.err[-800:]}"
+            else:
+                assert r.rc == 1, f"expected exit code 1, got {r.rc}: {r.err[-800:]}"
+                line = error_line(r.err)
+                assert expected in line, f"the error should mention {expected!r}: {line}"
+            assert before == after, "bytes changed in a protected folder"
+        except AssertionError as e:
+            failures.append(f"{name}: {str(e).splitlines()[0]}")
+    assert not failures, f"{len(failures)} of {len(data_loss)} rows failed:\n" + "\n".join(failures)
+
+
+def test_a_failed_start_leaves_no_file(data_loss, runs):
+    """Issue #23 case 7: after a refused value and a run that diverged before its first save, --out holds no file
+    (so the corrected command is not refused as 'already holds a run'); that command then runs from step 0."""
+    fresh = runs["root"] / "data_loss" / "fresh"
+    assert data_loss["7-the-corrected-command-runs"][1].rc == 0
+    assert log_steps(fresh / "log.jsonl") == [2] and safe_load(str(fresh / "ckpt.pt"))["step"] == 2
+
+
+def test_overwrite_deletes_exactly_the_files_its_manifest_lists(tmp_path):
+    """RunManifest.remove_files deletes the listed regular files inside --out and nothing else: not a listed
+    link (nor its target), not a file reached through a linked folder, '..' or an absolute path, not a file the
+    manifest does not list."""
+    from minisnr.io.safety import MANIFEST, RunManifest
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    (out / "samples").mkdir(parents=True)
+    outside.mkdir()
+    for name in ("ckpt.pt", "log.jsonl", "samples/step_000001.png", "notes.txt"):
+        (out / name).write_bytes(b"x")
+    (outside / "precious.png").write_bytes(b"keep me")
+    os.symlink(outside / "precious.png", out / "link.png")
+    os.symlink(outside, out / "linked")
+    listed = ["ckpt.pt", "log.jsonl", "samples/step_000001.png", "link.png", "linked/precious.png",
+              "../outside/precious.png", str(outside / "precious.png"), "missing.pt"]
+    (out / MANIFEST).write_text(json.dumps({"format": "minisnr-run-v1", "script": "train.py", "files": listed}))
+    removed = RunManifest(str(out), "train.py").remove_files()
+    assert sorted(removed) == ["ckpt.pt", "log.jsonl", "samples/step_000001.png"]
+    assert (outside / "precious.png").read_bytes() == b"keep me" and os.path.islink(out / "link.png")
+    assert (out / "notes.txt").exists()
+    assert RunManifest(str(out), "finetune.py").files == [], "another script's manifest is not this run's"
+
+
+# --- one run per folder ---------------------------------------------------------------------------------------
+
+def test_a_second_run_into_a_folder_in_use_is_refused(runs, tmp_path):
+    """Issue #23 case 6: while train.py runs in --out, a second train.py there (even with --overwrite true, which
+    used to delete the first run's files under it) is refused in one line naming the process, and writes
+    nothing; the first run then saves and resumes normally, and its lock is gone when it ends."""
+    out = tmp_path / "run"
+    argv = [sys.executable, TRAIN, "--preset", "tiny", "--device", "cpu", "--data", runs["data"], "--out", out,
+            "--max-steps", 100000, "--ckpt-every", 100000, "--log-every", 1, "--batch-size", 4]
+    import subprocess
+    from test_reliability import ENV, REPO_ROOT, wait_until
+    with open(tmp_path / "o.txt", "w") as o, open(tmp_path / "e.txt", "w") as e:
+        first = subprocess.Popen([str(a) for a in argv], cwd=REPO_ROOT, env=ENV, stdout=o, stderr=e)
+        try:
+            wait_until(lambda: len(log_steps(out / "log.jsonl")) >= 2, timeout=300, what="the first run's log")
+            [second] = run_scripts(tmp_path / "second", (TRAIN, [str(a) for a in argv[2:]] + ["--overwrite", "true"]))
+            steps = log_steps(out / "log.jsonl")
+        finally:
+            first.send_signal(signal.SIGTERM)
+            first.wait(timeout=300)
+    line = error_line(second.err)
+    assert second.rc == 1 and "in use by another run" in line and f"process {first.pid}" in line, line
+    assert first.returncode == 143, open(tmp_path / "e.txt").read()[-2000:]
+    final = log_steps(out / "log.jsonl")
+    assert final[:len(steps)] == steps and final == list(range(1, len(final) + 1)), "the logs interleaved"
+    assert safe_load(str(out / "ckpt.pt"))["step"] == final[-1]
+    assert not os.path.exists(out / ".minisnr.lock"), "the lock must go when the run ends"
+
+
+def test_a_stale_lock_is_reported_with_the_command_that_clears_it(tmp_path):
+    """A lock left by a process that is gone (SIGKILL) is refused with the rm command that clears it; a lock of a
+    live process says the folder is in use; hold_run_folder takes a free folder's lock with O_EXCL and removes it
+    (and the folders it created) at exit, also when the body fails."""
+    import subprocess
+    from minisnr.io.cli import UserError
+    from minisnr.io.safety import LOCK, check_lock, hold_run_folder
+    out = tmp_path / "a" / "out"
+    with pytest.raises(UserError, match="boom"):
+        with hold_run_folder(str(out), "train.py"):
+            assert json.loads((out / LOCK).read_text())["pid"] == os.getpid()
+            with pytest.raises(UserError, match="in use by another run"):
+                with hold_run_folder(str(out), "train.py"):
+                    pass
+            raise UserError("boom")
+    assert not (tmp_path / "a").exists(), "the folders it created must go with the lock"
+    out.mkdir(parents=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    import socket
+    (out / LOCK).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    with pytest.raises(UserError, match=f"stale lock from process {gone.pid}.*rm {out / LOCK}"):
+        check_lock(str(out))
+
+
+# --- disk full ------------------------------------------------------------------------------------------------
+
+def can_mount_tmpfs():
+    import shutil
+    import subprocess
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                            "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs a private tmpfs (unshare --user --mount)")
+def test_a_full_disk_is_one_line_naming_the_last_good_checkpoint(runs, tmp_path):
+    """Issue #23 case 11, on a real full disk (a 5 MB tmpfs: room for one 3 MB checkpoint, not for the temporary
+    file of the next one beside it): train.py saving every step stops with one line 'no space left on OUT; the
+    last good checkpoint is step 1', and that checkpoint loads; --resume true then stops the same way."""
+    import subprocess
+    from test_reliability import ENV, REPO_ROOT
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    out = mnt / "run"
+    train = [sys.executable, TRAIN] + [str(a) for a in TRAIN_ARGS] + ["--data", runs["data"], "--out", str(out),
+                                                                    "--ckpt-every", "1", "--max-steps", "4"]
+    script = (f"mount -t tmpfs -o size=5m tmpfs {mnt} && "
+              f"{' '.join(map(shlex_quote, train))} 2>{tmp_path}/e1.txt; echo $? > {tmp_path}/rc1; "
+              f"python -c 'import torch; print(torch.load(\"{out}/ckpt.pt\", weights_only=True)[\"step\"])' "
+              f"> {tmp_path}/step.txt; "
+              f"{' '.join(map(shlex_quote, train + ['--resume', 'true']))} 2>{tmp_path}/e2.txt; "
+              f"echo $? > {tmp_path}/rc2")
+    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=REPO_ROOT, env=ENV,
+                   timeout=600, check=True)
+    for i in (1, 2):
+        line = error_line((tmp_path / f"e{i}.txt").read_text())
+        assert (tmp_path / f"rc{i}").read_text().strip() == "1", line
+        assert line == f"error: no space left on {out}; the last good checkpoint is step 1 ({out}/ckpt.pt)", line
+    assert (tmp_path / "step.txt").read_text().strip() == "1"
+
+
+def shlex_quote(text):
+    import shlex
+    return shlex.quote(str(text))

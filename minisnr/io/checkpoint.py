@@ -7,6 +7,7 @@ stranger cannot run code when minisnr opens it, unlike a plain pickle.
 import hashlib
 import json
 import math
+import os
 import pickle
 import sys
 import warnings
@@ -77,20 +78,66 @@ def _finite(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# Upper bounds on a model's shape, checked before anything is built: far above any model minisnr trains (the cifar
+# preset is dim 384, depth 12, 256 tokens), and low enough that a typo or a hand-edited file cannot make minisnr
+# allocate without end (a checkpoint asking for depth 10**7 used to hang sample.py building its blocks).
+MODEL_BOUNDS = {"img_size": 1024, "patch_size": 1024, "dim": 8192, "depth": 256, "heads": 1024}
+MAX_TOKENS = 4096            # (img_size / patch_size)^2: attention is quadratic in it
+MAX_MLP_RATIO = 64
+MAX_IN_CHANNELS = 64
+MAX_NUM_CLASSES = 100_000
+
+
 def model_shape_problem(arch):
     """Why a DiT of this shape (img_size, patch_size, dim, depth, heads) cannot be built, or None if it can."""
     bad = [k for k in ("img_size", "patch_size", "dim", "depth", "heads") if not _whole(arch.get(k)) or arch[k] < 1]
     if bad:
         return f"{', '.join(bad)} must be whole numbers >= 1"
+    big = [k for k, limit in MODEL_BOUNDS.items() if arch[k] > limit]
+    if big:
+        return ", ".join(f"{k} {arch[k]} is above the bound {MODEL_BOUNDS[k]}" for k in big)
     if arch["img_size"] % arch["patch_size"]:
         return f"img_size {arch['img_size']} is not a multiple of patch_size {arch['patch_size']}"
     if arch["dim"] % 4 or arch["dim"] % arch["heads"]:
         return f"dim {arch['dim']} is not a multiple of 4 and of heads {arch['heads']}"
+    if (arch["img_size"] // arch["patch_size"]) ** 2 > MAX_TOKENS:
+        return f"(img_size / patch_size)^2 = {(arch['img_size'] // arch['patch_size']) ** 2} tokens, above the bound " \
+               f"{MAX_TOKENS}"
+    return None
+
+
+def estimate_params(arch):
+    """The parameter count of a DiT of this shape, from its layer sizes (model.py), without building it: a
+    shape from a file is checked against the memory before any tensor is made."""
+    d, p, c = arch["dim"], arch["patch_size"], arch.get("in_channels", 3)
+    hidden = int(d * arch.get("mlp_ratio", 4.0))
+    block = (3 * d * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d) + (6 * d * d + 6 * d)
+    embed = (p * p * c * d + d) + (256 * d + d + d * d + d) + (arch.get("num_classes", 10) + 1) * d
+    final = (d * p * p * c + p * p * c) + (2 * d * d + 2 * d)
+    return embed + arch["depth"] * block + final
+
+
+def memory_bytes():
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def model_memory_problem(arch, bytes_per_param, what):
+    """Why a DiT of this shape would not fit in this machine's memory at `bytes_per_param` (the weights and what
+    `what` keeps per weight), or None."""
+    need, have = estimate_params(arch) * bytes_per_param, memory_bytes()
+    if have is not None and need > have:
+        return (f"{estimate_params(arch) / 1e6:,.0f}M parameters need about {need / 2 ** 30:,.1f} GiB for {what}, "
+                f"more than this machine's {have / 2 ** 30:,.1f} GiB")
     return None
 
 
 def check_model_config(config, path):
-    """One-line CheckpointError unless `config` (a file's model_config) describes a DiT that can be built."""
+    """One-line CheckpointError unless `config` (a file's model_config) describes a DiT that can be built and
+    that fits in memory (checked from its shape, before anything is built)."""
     known = DiTConfig().to_dict()
     if not isinstance(config, dict) or set(config) - set(known):
         raise CheckpointError(f"{path!r} has a damaged model_config (not a dict of DiT fields); use a checkpoint "
@@ -98,11 +145,15 @@ def check_model_config(config, path):
     arch = dict(known, **config)
     problem = model_shape_problem(arch)
     if problem is None and not (_whole(arch["in_channels"]) and _whole(arch["num_classes"])
-                                and min(arch["in_channels"], arch["num_classes"]) >= 1):
-        problem = "in_channels and num_classes must be whole numbers >= 1"
-    if problem is None and not (_finite(arch["mlp_ratio"]) and arch["mlp_ratio"] > 0
+                                and 1 <= arch["in_channels"] <= MAX_IN_CHANNELS
+                                and 1 <= arch["num_classes"] <= MAX_NUM_CLASSES):
+        problem = (f"in_channels and num_classes must be whole numbers >= 1 (bounds: in_channels <= {MAX_IN_CHANNELS}, "
+                   f"num_classes <= {MAX_NUM_CLASSES})")
+    if problem is None and not (_finite(arch["mlp_ratio"]) and 0 < arch["mlp_ratio"] <= MAX_MLP_RATIO
                                 and _finite(arch["class_dropout"]) and 0 <= arch["class_dropout"] < 1):
-        problem = "mlp_ratio must be > 0 and class_dropout in [0, 1)"
+        problem = f"mlp_ratio must be in (0, {MAX_MLP_RATIO}] and class_dropout in [0, 1)"
+    if problem is None:  # the file's tensors and the model built from them: 8 bytes per fp32 weight
+        problem = model_memory_problem(arch, 8, "loading")
     if problem:
         raise CheckpointError(f"{path!r} has an impossible model_config ({problem}); use a train.py checkpoint")
 

@@ -5,6 +5,7 @@ parse_config turns a dataclass of knob(default, reason) fields into flags whose 
 """
 import argparse
 import dataclasses
+import errno
 import math
 import sys
 import warnings
@@ -18,6 +19,10 @@ class CheckpointError(UserError):
     """Raised for a file that cannot be used as a minisnr checkpoint or adapter."""
 
 
+class DiskFullError(UserError):
+    """A write failed because the disk (or the quota) is full; the message names the folder."""
+
+
 def run_main(main):
     """Run main(); a UserError becomes a one-line message on stderr and exit code 1, not a traceback.
     A Ctrl-C that no training loop caught (during start-up, or a second one) exits with code 130 and
@@ -29,6 +34,13 @@ def run_main(main):
     except UserError as e:
         _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):  # a bug or a system fault: the traceback helps
+            raise
+        _close_progress_bars()  # a write outside atomic_write (the log, a PNG folder) found the disk full
+        print(f"error: no space left on the device ({e.filename or 'a write'}); free some space and run again",
+              file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         _close_progress_bars()
@@ -142,7 +154,7 @@ def parse_style_window(text, flag="--style-steps"):
 
 def class_id(name, classes):
     """A class given by name ('cat') or by id ('3') -> its label id; None if it is neither."""
-    if name.isdigit() and int(name) < len(classes):
+    if name.isascii() and name.isdigit() and int(name) < len(classes):  # '²'.isdigit() is true, int('²') fails
         return int(name)
     return classes.index(name) if name in classes else None
 

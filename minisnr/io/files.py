@@ -4,6 +4,7 @@ Writes are atomic: the data goes to a temporary file in the same folder, is flus
 disk, and is then renamed over the target. A crash (even SIGKILL or a power cut) leaves
 either the old file or the new one, never half of one.
 """
+import errno
 import json
 import os
 import re
@@ -12,7 +13,7 @@ import tempfile
 
 import torch
 
-from .cli import CheckpointError
+from .cli import CheckpointError, DiskFullError
 
 
 # atomic_write's temporary files are NAME.<8 random characters of mkstemp>.minisnr.tmp: a pattern no user
@@ -35,9 +36,11 @@ def atomic_write(path, write_fn):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if disk_full(e, folder):
+            raise DiskFullError(f"no space left on {folder}") from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(folder, os.O_RDONLY)
@@ -45,6 +48,24 @@ def atomic_write(path, write_fn):
         os.close(dir_fd)
     except OSError:
         pass
+
+
+# below this many free bytes a failed write is taken for a full disk: torch.save reports ENOSPC as a RuntimeError
+# ("unexpected pos ..."), which names no cause
+DISK_FULL_BYTES = 1 << 20
+
+
+def disk_full(error, folder):
+    """True if `error`, raised while writing in `folder`, came from a full disk (or an exhausted quota)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(error, (OSError, RuntimeError)):
+        return False
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < DISK_FULL_BYTES
 
 
 def remove_stale_tmp(folder):

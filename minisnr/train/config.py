@@ -10,10 +10,10 @@ from typing import ClassVar
 
 import torch
 
-from ..io.checkpoint import model_shape_problem
+from ..io.checkpoint import model_memory_problem, model_shape_problem
 from ..io.cli import UserError, knob
 from ..io.files import require_file
-from ..io.safety import check_device, check_seed, guard_run_folder
+from ..io.safety import check_device, check_out_not_input, check_seed, guard_run_folder
 from ..lora import DEFAULT_TARGETS
 from ..model import build_model, DIT_PRESETS
 from ..rf import NoiseSampler, STYLE_FRIENDLY_MU
@@ -34,6 +34,27 @@ def check_at_least(cfg, minimum, names, note=""):
     for name in names:
         if getattr(cfg, name) < minimum:
             raise UserError(f"--{name.replace('_', '-')} must be >= {minimum}{note}, got {getattr(cfg, name)}")
+
+
+# Upper bounds, checked before anything is allocated: far above what any run here needs, low enough that a typo
+# (an extra 0, 99999999999) is one line instead of an allocation that grows until the machine stalls.
+MAX_STEPS = 10 ** 9          # steps and step intervals: nothing is allocated per step, but 10^9 is ~30 years
+MAX_SAMPLE_STEPS = 10_000    # Euler steps of a sample grid
+MAX_SAMPLE_PER_CLASS = 100   # images per class in a sample grid
+MAX_BATCH = {"train.py": 65_536, "finetune.py": 4_096}   # images (views) per step, allocated every step
+MAX_RANK = 1_024             # LoRA rank: above the width of any layer minisnr has
+MAX_REF_SIZE = 1_024         # the short side references are resized to (they load at up to 4x that)
+MAX_LR = 1_000.0             # Adam(W) moves each weight by about lr per step (useful: 1e-5 to 1e-2); the bound
+                             # stops a typo like 1e308, while an lr that diverges is still caught by the NaN guard
+MAX_CFG = 100.0              # guidance scale of the sample grids: above ~20 images saturate; 1e308 gives inf
+TRAIN_BYTES_PER_PARAM = 20   # fp32 weights, gradients, AdamW's two moments and the EMA copy
+
+
+def check_at_most(cfg, maximum, names, why=""):
+    """One-line UserError, naming the bound, unless every named flag is <= maximum."""
+    for name in names:
+        if getattr(cfg, name) > maximum:
+            raise UserError(f"--{name.replace('_', '-')} must be <= {maximum:,}{why}, got {getattr(cfg, name):,}")
 
 
 # --- train.py ------------------------------------------------------------------------------------
@@ -91,6 +112,8 @@ class TrainConfig:
                                "(default: true on CUDA for models of 1M+ parameters, every size but tiny; false "
                                "on CPU/MPS; false for debugging)")
 
+    # the script, recorded in the run's manifest: another script's run is not this one's to replace
+    SCRIPT: ClassVar = "train.py"
     # the files a run writes in --out: their presence means "a run is here" (guard_run_folder)
     RUN_FILES: ClassVar = ("ckpt.pt", "log.jsonl", os.path.join("samples", "step_*.png"))
     # flags a resumed run may change: they do not change what is trained (--max-steps extends the schedule)
@@ -113,20 +136,31 @@ class TrainConfig:
         check_at_least(self, 1, ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "sample_steps",
                                  "sample_per_class"))
         check_at_least(self, 0, ("sample_every", "stop_after"), " (0 = off)")
+        check_at_most(self, MAX_STEPS, ("max_steps", "stop_after", "warmup", "log_every", "sample_every",
+                                        "ckpt_every"))
+        check_at_most(self, MAX_BATCH["train.py"], ("batch_size",), " (images per step; see --grad-accum)")
+        check_at_most(self, MAX_SAMPLE_STEPS, ("sample_steps",))
+        check_at_most(self, MAX_SAMPLE_PER_CLASS, ("sample_per_class",))
         if self.batch_size % self.grad_accum:
             raise UserError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}, "
                             f"so every micro-batch has the same size")
         if self.model not in DIT_PRESETS:
             raise UserError(f"unknown --model {self.model!r}; choose one of {', '.join(sorted(DIT_PRESETS))}")
         arch = dict(DIT_PRESETS[self.model], **self.model_overrides())  # what build_model gets; not its asserts
-        if model_shape_problem(arch):
+        problem = model_shape_problem(arch)
+        if problem:
             raise UserError(f"impossible model shape (img_size {arch['img_size']}, patch_size {arch['patch_size']}, "
-                            f"dim {arch['dim']}, heads {arch['heads']}, depth {arch['depth']}): all must be >= 1, "
-                            f"--img-size a multiple of --patch-size, and --dim a multiple of 4 and of --heads")
+                            f"dim {arch['dim']}, heads {arch['heads']}, depth {arch['depth']}): {problem}; all must be "
+                            f">= 1, --img-size a multiple of --patch-size, and --dim a multiple of 4 and of --heads")
+        problem = model_memory_problem(arch, TRAIN_BYTES_PER_PARAM, "training")  # 10 classes: the data is not read yet
+        if problem:
+            raise UserError(f"--model {self.model} with --dim/--depth/--patch-size as given: {problem}; pass a "
+                            f"smaller --dim or --depth")
         if not 0 <= self.class_dropout < 1:
             raise UserError(f"--class-dropout must be in [0, 1), got {self.class_dropout}")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be > 0, got {self.lr}")
+        if not 0 < self.lr <= MAX_LR:
+            raise UserError(f"--lr must be in (0, {MAX_LR:g}], got {self.lr}")
+        check_at_most(self, MAX_CFG, ("sample_cfg",))
         for name in ("weight_decay", "grad_clip", "warmup", "sample_cfg"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -135,7 +169,15 @@ class TrainConfig:
         self.noise()
         check_seed(self.seed)
         check_device(self.device)
-        guard_run_folder(self.out, self.RUN_FILES, self.resume, self.overwrite)
+        check_out_not_input(self.out, [("--data", data_folder(self.data))])
+        guard_run_folder(self.out, self.SCRIPT, self.RUN_FILES, self.resume, self.overwrite)
+
+
+def data_folder(spec):
+    """The folder that --data reads: 'cifar10' downloads into ./data, 'cifar10:DIR' into DIR."""
+    if spec == "cifar10" or spec.startswith("cifar10:"):
+        return spec.split(":", 1)[1] if ":" in spec else "data"
+    return spec
 
 
 # Named groups of defaults; --preset picks one and single flags override it.
@@ -224,6 +266,7 @@ class FinetuneConfig:
     precision: str = knob("auto", "auto | bf16 | fp16 | fp32")
     compile: bool = knob(False, "torch.compile the model (after LoRA injection)")
 
+    SCRIPT: ClassVar = "finetune.py"
     # the files a fine-tune writes in --out: their presence means "a fine-tune is here" (guard_run_folder)
     RUN_FILES: ClassVar = ("state.pt", "adapter.pt", "log.jsonl", "samples_compare.png")
     # flags a resumed fine-tune may change: they do not change what is trained (the LR is constant, so --steps
@@ -246,8 +289,16 @@ class FinetuneConfig:
         require_file(self.base, "--base", "pass the ckpt.pt written by train.py (OUT/ckpt.pt)")
         check_at_least(self, 1, ("steps", "batch_size", "rank", "log_every", "ckpt_every", "sample_steps",
                                  "ref_size"))
-        if self.lr <= 0:
-            raise UserError(f"--lr must be > 0, got {self.lr}")
+        check_at_least(self, 0, ("sample_per_class",), " (0 = no grid)")
+        check_at_most(self, MAX_STEPS, ("steps", "log_every", "ckpt_every"))
+        check_at_most(self, MAX_BATCH["finetune.py"], ("batch_size",), " (views per step)")
+        check_at_most(self, MAX_RANK, ("rank",))
+        check_at_most(self, MAX_REF_SIZE, ("ref_size",), " pixels")
+        check_at_most(self, MAX_SAMPLE_STEPS, ("sample_steps",))
+        check_at_most(self, MAX_SAMPLE_PER_CLASS, ("sample_per_class",))
+        if not 0 < self.lr <= MAX_LR:
+            raise UserError(f"--lr must be in (0, {MAX_LR:g}], got {self.lr}")
+        check_at_most(self, MAX_CFG, ("sample_cfg",))
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 < self.crop_min <= 1:
@@ -261,4 +312,5 @@ class FinetuneConfig:
         self.noise()
         check_seed(self.seed)
         check_device(self.device)
-        guard_run_folder(self.out, self.RUN_FILES, self.resume, self.overwrite)
+        check_out_not_input(self.out, [("--style", p) for p in self.style.split(",") if p], base=self.base)
+        guard_run_folder(self.out, self.SCRIPT, self.RUN_FILES, self.resume, self.overwrite)

@@ -23,10 +23,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from ..io.cli import UserError
+from ..io.cli import DiskFullError, UserError
 from ..io.device import autocast_context, pick_device, resolve_precision, sync
-from ..io.files import check_writable, open_log, remove_stale_tmp
-from ..io.safety import run_files
+from ..io.files import check_writable, disk_full, open_log, remove_stale_tmp
+from ..io.safety import MANIFEST, RunManifest
 from .ddp import any_rank, any_rank_tensor, rank_device
 
 
@@ -112,7 +112,10 @@ class Run:
         self.state_path = os.path.join(cfg.out, state_name)
         self.params, self.device, self.log_every = list(params), device, cfg.log_every
         self.master, self.world, self.end, self.stopped = master, world, end, False
-        self.log_file = self._open(cfg, start if cfg.resume else None) if master else None
+        # the step of the last state known to be on disk, named when a save finds the disk full
+        self.saved_step = start if cfg.resume and os.path.isfile(self.state_path) else None
+        self.manifest, self.fresh = None, not cfg.resume
+        self.log_file = self._open(cfg, state_name, start if cfg.resume else None) if master else None
         self.loss_sum, self.n = torch.zeros((), device=device), 0    # summed on the device, read at log steps
         self.bin_sums, self.bin_counts = torch.zeros(nbins, device=device), torch.zeros(nbins, device=device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -120,14 +123,37 @@ class Run:
         self.bar = tqdm(total=total or end, initial=start, disable=not master, dynamic_ncols=True)
         self.interrupt = InterruptFlag()
 
-    def _open(self, cfg, resume_step):
-        """Delete a replaced run's files (--overwrite true) and a killed save's NAME.<random>.minisnr.tmp, then
-        open the log; a resumed run's log keeps only the steps up to its state (they are trained again)."""
-        for old in run_files(cfg.out, cfg.RUN_FILES) if cfg.overwrite else ():
-            os.remove(old)
+    def _open(self, cfg, state_name, resume_step):
+        """Training starts: delete a replaced run's files (--overwrite true: exactly those its manifest lists) and
+        a killed save's NAME.<random>.minisnr.tmp, record this run's files in the manifest, then open the log; a
+        resumed run's log keeps only the steps up to its state (they are trained again)."""
+        self.manifest = RunManifest(cfg.out, cfg.SCRIPT)
+        if cfg.overwrite:
+            self.manifest.remove_files()
+        elif cfg.resume:  # a run from before manifests: the state it resumes from proved it a run
+            self.manifest.adopt(cfg.RUN_FILES)
+        self.claim("log.jsonl", state_name)     # the manifest is written before the files it lists
         for folder in (cfg.out, os.path.join(cfg.out, "samples")):
             remove_stale_tmp(folder)
         return open_log(os.path.join(cfg.out, "log.jsonl"), resume_step)
+
+    def claim(self, *names):
+        """Record files (paths relative to --out) as this run's before they are first written (master only)."""
+        if self.master:
+            self.manifest.claim(*names)
+
+    def last_good(self):
+        """Where the run can continue from, for a message about a failed write."""
+        if self.saved_step is None:
+            return "no checkpoint was saved yet"
+        return f"the last good checkpoint is step {self.saved_step} ({self.state_path})"
+
+    def write(self, write_fn, *args, **kwargs):
+        """write_fn(*args, **kwargs); a full disk becomes one line that says which state survives."""
+        try:
+            return write_fn(*args, **kwargs)
+        except DiskFullError as e:
+            raise DiskFullError(f"{e}; {self.last_good()}") from None
 
     def __enter__(self):
         self.interrupt.__enter__()
@@ -135,7 +161,20 @@ class Run:
 
     def __exit__(self, *exc):
         self.bar.close()
+        if isinstance(exc[1], UserError):
+            self.abandon()
         return self.interrupt.__exit__(*exc)
+
+    def abandon(self):
+        """A new run that failed before its first save has nothing to resume: the files it wrote (its log, early
+        sample grids, its manifest) go, so the corrected command starts in a clean --out. A resumed run's stay."""
+        if not (self.master and self.fresh and self.saved_step is None and self.manifest):
+            return
+        self.log_file.close()
+        self.manifest.remove_files()
+        path = os.path.join(self.manifest.out, MANIFEST)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
 
     def step(self, step, loss, sums, counts, **extra):
         """Count one finished step (device tensors, no sync); at log steps check for NaN and write a log line."""
@@ -166,8 +205,14 @@ class Run:
             bins = [round(v, 5) if c > 0 else None for v, c in zip(per_bin, self.bin_counts.tolist())]
             record = {"step": step, "loss": round(mean_loss, 5), **extra, "loss_by_t_bin": bins,
                       "time": round(time.time(), 1)}
-            self.log_file.write(json.dumps(record) + "\n")
-            self.log_file.flush()
+            try:
+                self.log_file.write(json.dumps(record) + "\n")
+                self.log_file.flush()
+            except OSError as e:
+                folder = os.path.dirname(os.path.abspath(self.log_file.name))
+                if disk_full(e, folder):
+                    raise DiskFullError(f"no space left on {folder}; {self.last_good()}") from None
+                raise
         for total in (self.loss_sum, self.bin_sums, self.bin_counts):
             total.zero_()
         self.n = 0
@@ -195,11 +240,16 @@ class Run:
         """Check for NaN, then let the master call save_fn() (which writes the resumable state atomically)."""
         self.check_finite(step)
         if self.master:
-            save_fn()
+            self.write(save_fn)
+            self.saved_step = step
 
     def finish(self, step, save_fn):
         """After the loop: the NaN check, the final save and the end of the log."""
-        self.save(step, save_fn)
+        try:
+            self.save(step, save_fn)
+        except UserError:
+            self.abandon()
+            raise
         if self.master:
             self.log_file.close()
 
