@@ -826,3 +826,18 @@ def test_read_only_out_folder(tmp_path, bases):
     finally:
         locked.chmod(0o700)
     assert r.rc == 1 and "--out" in error_line(r.err)
+
+
+def test_resume_ignores_the_flags_of_a_noise_sampler_the_run_does_not_use():
+    """A pretraining run with the logit-normal sampler resumes after the default --mu moved (it draws no mu);
+    a style-friendly run whose --mu changed is still refused."""
+    from minisnr.io.cli import UserError
+    from minisnr.train.resume import refuse_changed_flags
+    saved = {"noise_sampler": "logit-normal", "m": 0.0, "s": 1.0, "mu": -2.0, "sigma": 2.0, "lr": 1e-3}
+    refuse_changed_flags(saved, dict(saved, mu=-1.55), set(), "ckpt.pt")
+    with pytest.raises(UserError, match="--s 1.0"):
+        refuse_changed_flags(saved, dict(saved, s=2.0), set(), "ckpt.pt")
+    sf = dict(saved, noise_sampler="style-friendly")
+    refuse_changed_flags(sf, dict(sf, m=3.0), set(), "ckpt.pt")
+    with pytest.raises(UserError, match="--mu -2.0"):
+        refuse_changed_flags(sf, dict(sf, mu=-1.55), set(), "ckpt.pt")

@@ -30,11 +30,23 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+# The flags each noise sampler reads; the others change nothing that is drawn, so a resume may differ in them
+# (a default that moved between versions, like mu, must not stop an old run from resuming).
+NOISE_FLAGS = {"uniform": set(), "logit-normal": {"m", "s"}, "style-friendly": {"mu", "sigma"}}
+
+
+def unused_noise_flags(flags):
+    """The noise-sampler flags that the run's --noise-sampler does not read (shift is read by every one)."""
+    used = NOISE_FLAGS.get(flags.get("noise_sampler"))
+    return set().union(*NOISE_FLAGS.values()) - used if used is not None else set()
+
+
 def refuse_changed_flags(saved, current, free, path):
     """Resuming under other flags would mix two runs and record the wrong one: name every flag that differs
     from the run's own (`saved`), except the `free` ones, which do not change the result."""
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path} does not record the flags of its run; the file is damaged or not minisnr's")
+    free = set(free) | unused_noise_flags(current)       # e.g. --mu under logit-normal changes nothing drawn
     changed = [k for k in current if k not in free and k in saved and saved[k] != current[k]]
     if changed:
         diff = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {current[k]})" for k in changed)
