@@ -1,6 +1,7 @@
 """Fine-tune a pretrained minisnr DiT on a style with LoRA and the style-friendly noise sampler.
 
-    python finetune.py --base runs/pretrain/ckpt.pt --style ../shared/data/styles/starry_night.jpg
+    python finetune.py --style minisnr/assets/starry_night.jpg             # on the base that ships with minisnr
+    python finetune.py --base runs/pretrain/ckpt.pt --style my_painting.jpg
     python finetune.py ... --noise-sampler logit-normal --m 0 --s 1      # the SD3 baseline
     python sample.py runs/pretrain/ckpt.pt --lora runs/style/adapter.pt  # any class, in the style
 

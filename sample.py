@@ -1,5 +1,6 @@
 """Draw images from a trained minisnr checkpoint, optionally in a learned style.
 
+    python sample.py --classes cat,dog --n 8 --out cats_dogs.png           # the base that ships with minisnr
     python sample.py runs/pretrain/ckpt.pt --classes cat,dog --n 8 --cfg 3 --out cats_dogs.png
     python sample.py runs/pretrain/ckpt.pt --lora runs/style/adapter.pt --out styled.png
     python sample.py runs/pretrain/ckpt.pt --lora runs/style/adapter.pt --style-steps 0:0.3
@@ -11,8 +12,8 @@ style off (left half) and on (right half). Each PNG's 'minisnr' text chunk holds
 import os
 from functools import partial
 
-from minisnr.eval.fid import sample_to_folder
-from minisnr.io.checkpoint import apply_adapter, load_pretrained, require_file
+from minisnr.io.sample_folder import sample_to_folder
+from minisnr.io.checkpoint import apply_adapter, load_pretrained, require_file, SHIPPED_BASE
 from minisnr.io.cli import OneLineErrorParser, UserError, finite_float, parse_classes, parse_style_window, run_main
 from minisnr.io.device import autocast_context, resolve_precision
 from minisnr.io.images import save_image_grid, save_style_off_on
@@ -33,7 +34,8 @@ MAX_LORA_SCALE = 100.0   # style strength; 1 is as trained
 def build_parser():
     """The sample.py command line."""
     p = OneLineErrorParser(description=__doc__.splitlines()[0])
-    p.add_argument("ckpt", help="checkpoint written by train.py (OUT/ckpt.pt)")
+    p.add_argument("ckpt", nargs="?", default=SHIPPED_BASE,
+                   help="checkpoint written by train.py (OUT/ckpt.pt); default: the base that ships with minisnr")
     p.add_argument("--classes", default="all", help="comma-separated class names or ids, or 'all'")
     p.add_argument("--n", type=int, default=8, help="samples per class (one row per class)")
     p.add_argument("--cfg", type=finite_float, default=3.0, help="guidance; 1 = none, more = more class-typical")
@@ -81,7 +83,7 @@ def main(argv=None):
     model, ckpt = load_pretrained(args.ckpt, use_ema=not args.raw, device=device)
     classes = ckpt.get("classes") or [str(i) for i in range(model.config.num_classes)]
     ids = parse_classes(args.classes, classes)
-    if args.png_dir is not None:  # every sample its own PNG, in batches, resumable (minisnr/eval/fid.py)
+    if args.png_dir is not None:  # every sample its own PNG, in batches, resumable (minisnr/io/sample_folder.py)
         return sample_to_folder(model, args.png_dir, classes, ids, args.n, steps=args.steps, cfg=args.cfg,
                                 seed=args.seed, ema=not args.raw, device=device, precision=precision, source=args.ckpt)
     if args.n * len(ids) > MAX_GRID_IMAGES:   # checked before the labels are built

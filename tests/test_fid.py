@@ -19,6 +19,7 @@ from PIL import Image
 from conftest import randomize_
 from minisnr.eval import evaluate, fid
 from minisnr.io.checkpoint import load_pretrained
+from minisnr.io import sample_folder              # the PNG folder writer (io layer)
 from minisnr.rf import generate
 from minisnr.model import build_model
 from minisnr.io.cli import run_main, UserError
@@ -84,7 +85,7 @@ def write_ckpt(path, classes):
 @pytest.fixture(autouse=True)
 def small_batches(monkeypatch):
     """Batches of 8, so 20 samples take three generate() calls (8, 8, 4) and resuming is per batch."""
-    monkeypatch.setattr(fid, "BATCH", 8)
+    monkeypatch.setattr(sample_folder, "BATCH", 8)
 
 
 @pytest.fixture
@@ -104,7 +105,7 @@ def expected_images(ckpt, n, steps=2, cfg=3.0, seed=0, class_ids=range(10)):
     model, _ = load_pretrained(ckpt)
     ids = list(class_ids)
     labels = [ids[i % len(ids)] for i in range(n)]
-    out = [generate(model, labels[s:s + 8], steps=steps, cfg=cfg, seed=seed * fid.SEED_STRIDE + k)
+    out = [generate(model, labels[s:s + 8], steps=steps, cfg=cfg, seed=seed * sample_folder.SEED_STRIDE + k)
            for k, s in enumerate(range(0, n, 8))]
     return torch.cat(out).permute(0, 2, 3, 1).numpy()
 
@@ -153,8 +154,8 @@ def test_resume_keeps_existing_files_and_redraws_only_missing_ones(cifar_ckpt, t
     os.remove(folder / names[9])                                            # batch 1 (files 8-15) lost a file
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / names[3])  # an existing file is kept as is
     seeds = []
-    real_generate = fid.generate
-    monkeypatch.setattr(fid, "generate", lambda *a, **k: seeds.append(k["seed"]) or real_generate(*a, **k))
+    real_generate = sample_folder.generate
+    monkeypatch.setattr(sample_folder, "generate", lambda *a, **k: seeds.append(k["seed"]) or real_generate(*a, **k))
     evaluate.main(fid_argv(cifar_ckpt, folder))
     assert seeds == [1], "only batch 1 should be drawn again"
     assert pngs(folder) == names
@@ -225,7 +226,7 @@ def test_sample_py_png_dir_writes_resumable_folder_that_fid_reuses(cifar_ckpt, t
     assert "20/20" in out.err and "20 PNGs (20 drawn now" in out.out
     assert np.array_equal(np.stack([read(folder / n) for n in pngs(folder)]), expected_images(cifar_ckpt, 20))
     install(monkeypatch, FakeCleanFid(tmp_path))
-    monkeypatch.setattr(fid, "generate", lambda *a, **k: pytest.fail("a complete folder was sampled again"))
+    monkeypatch.setattr(sample_folder, "generate", lambda *a, **k: pytest.fail("a complete folder was sampled again"))
     evaluate.main(fid_argv(cifar_ckpt, folder))
     assert "20 PNGs (0 drawn now, 20 kept" in capsys.readouterr().out
 

@@ -113,6 +113,13 @@ def test_each_layer_imports_only_the_layers_below_it(name):
     assert not bad, f"{name} ({own}) imports {bad}"
 
 
+@pytest.mark.parametrize("script", ["train.py", "finetune.py", "sample.py"])
+def test_the_scripts_stand_on_the_method_io_and_train_layers_only(script):
+    """The scripts are the lesson: they import the method, io/ and train/, never the evaluation or the tools."""
+    bad = sorted(m for m in project_imports(REPO / script) if layer(m) in ("eval", "tools"))
+    assert not bad, f"{script} imports {bad}"
+
+
 def test_the_method_files_name_no_flags_in_errors():
     """Error messages in the method files name arguments, not command-line flags: those belong to the scripts."""
     for name in sorted(METHOD):

@@ -153,7 +153,8 @@ def test_flaws_span_the_softness_of_real_samples():
         box = F.avg_pool2d(F.pad(targets.float(), (1, 1, 1, 1), mode="replicate"), 3, stride=1).round().byte()
         for what, soft in (("std-1 blur", gaussian_blur(targets, 1.0)), ("3x3 box blur", box)):
             hf = metrics.high_frequency_energy(soft).mean().item()
-            assert low <= hf <= high, f"{name}: the {what} (HF {hf:.3f}) should be inside the flaws' {low:.3f}-{high:.3f}"
+            assert low <= hf <= high, \
+                f"{name}: the {what} (HF {hf:.3f}) should be inside the flaws' {low:.3f}-{high:.3f}"
         assert low < 0.6 * clean, f"{name}: flaws should reach below 60% of the clean HF {clean:.3f}, got {low:.3f}"
 
 

@@ -261,6 +261,13 @@ def test_finetune_resumes_an_interrupted_run_and_restarts_a_killed_one(tiny, tmp
         os.remove(out / name)
     finetune(flags, log_path=log)
     assert os.path.isfile(adapter), "a run killed before its first state starts again"
+    os.remove(adapter)                                                 # killed by SIGKILL: its lock stays behind
+    from minisnr.io.safety import LOCK
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+    (out / LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    finetune(flags, log_path=log)
+    assert os.path.isfile(adapter) and not (out / LOCK).exists(), "a dead process's lock should not stop the study"
 
 
 def test_the_package_does_not_import_the_scripts():

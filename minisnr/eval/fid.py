@@ -3,13 +3,7 @@
     python sample.py runs/pretrain/ckpt.pt --png-dir runs/fid/samples --n 5000   # 50,000 PNGs; rerun to resume
     python -m minisnr.eval.evaluate fid runs/pretrain/ckpt.pt --png-dir runs/fid/samples  # sample (or reuse) + FID
 
-The sample folder. File i is INDEX_CLASS.png (e.g. 000123_ship.png) and has class class_ids[i % K],
-so any prefix of the folder is class-balanced. Samples are drawn in batches of BATCH; batch k starts
-from the noise of seed `seed * SEED_STRIDE + k`, so a batch's images depend only on the settings and
-k, never on which batches ran before. That is what makes a run resumable: files that exist are
-skipped, and a missing one is drawn again, identical to what the first run would have written. The
-settings live in the folder's minisnr_samples.json; a rerun with other settings is refused, because
-one folder must hold samples of one model and one sampler.
+The sample folder itself (file names, seeds, resuming) is minisnr/io/sample_folder.py.
 
 Why clean-fid, in its "legacy_tensorflow" mode. The CIFAR-10 FIDs that generative-model papers
 report (DDPM, score SDE, Rectified Flow, EDM, ...) come from the original TensorFlow Inception
@@ -26,101 +20,19 @@ use it downloads the Inception weights (~100 MB) and the CIFAR-10 statistics; wi
 or the network, `fid` stops with one line saying which is missing and how to get it, before any
 sampling. The probe FD (python -m minisnr.eval.evaluate base) needs neither.
 """
-import json
 import os
 import platform
 
-
-from ..io.files import check_writable, remove_stale_tmp, require_file, write_json
-from ..io.checkpoint import load_pretrained, weights_hash
-from ..rf import generate
+from ..io.files import require_file, write_json
+from ..io.checkpoint import load_pretrained
 from ..io.cli import UserError
-from ..io.device import autocast_context, pick_device, resolve_precision
-from ..io.images import save_png
+from ..io.device import pick_device, resolve_precision
+from ..io.sample_folder import SETTINGS_FILE, sample_to_folder  # noqa: F401 (fid.SETTINGS_FILE, as before)
 
-SETTINGS_FILE = "minisnr_samples.json"
-BATCH = 256                  # images per generate() call (a setting of the folder: it fixes each batch's seed)
-SEED_STRIDE = 1_000_000      # batch k of seed s uses seed s * SEED_STRIDE + k: distinct for up to 1e6 batches
 MODE = "legacy_tensorflow"   # clean-fid's mode that reproduces the TensorFlow Inception FID of the papers
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/cifar10_legacy_tensorflow_train_32.npz"
-
-
-# --- the sample folder ---------------------------------------------------------------------------
-
-def sample_settings(model, classes, class_ids, per_class, *, steps, cfg, seed, ema, precision):
-    """Everything that decides a folder's pixels, as a JSON-able dict (compared on resume).
-    The weights are named by their hash, so a moved or renamed checkpoint still matches."""
-    return {"weights": weights_hash(model.state_dict()), "ema": ema, "classes": [classes[c] for c in class_ids],
-            "class_ids": list(class_ids), "per_class": per_class, "steps": steps, "cfg": cfg, "seed": seed,
-            "precision": precision, "batch": BATCH}
-
-
-def file_names(settings):
-    """The folder's file names, in sample order: INDEX_CLASS.png, classes cycling so any prefix is balanced."""
-    names, n = settings["classes"], settings["per_class"] * len(settings["classes"])
-    width = max(6, len(str(n - 1)))
-    safe = ["".join(ch if ch.isalnum() or ch == "-" else "-" for ch in name) for name in names]
-    return [f"{i:0{width}d}_{safe[i % len(names)]}.png" for i in range(n)]
-
-
-def claim_folder(folder, settings, source):
-    """Make `folder` ours for these settings: a new or empty folder gets the settings file; a folder with
-    the same settings is resumed; anything else is refused in one line (before any sampling)."""
-    path = os.path.join(folder, SETTINGS_FILE)
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                old = json.load(f)["settings"]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path} is not a minisnr settings file; pass a new or empty folder") from None
-        changed = [k for k in settings if old.get(k) != settings[k]]
-        if changed:
-            k = changed[0]
-            raise UserError(f"{folder!r} holds samples made with {k}={old.get(k)!r}, not {settings[k]!r}; "
-                            f"rerun with the same settings to resume, or pass a new folder")
-        return
-    if os.path.isdir(folder) and any(f.lower().endswith(".png") for f in os.listdir(folder)):
-        raise UserError(f"{folder!r} already holds PNG files but no {SETTINGS_FILE}; pass a new or empty folder")
-    check_writable(folder, "--png-dir")
-    write_json({"settings": settings, "ckpt": source, "files": len(file_names(settings)),
-                "names": "INDEX_CLASS.png; sample i has class class_ids[i % len(class_ids)]",
-                "noise": f"batch k (files k*batch ...) starts from seed seed*{SEED_STRIDE}+k"}, path)
-
-
-def write_sample_folder(model, folder, settings, autocast_ctx, source=""):
-    """Draw every sample of `settings` into `folder`, one PNG each, BATCH at a time with a progress bar.
-    Existing files are kept; returns (number of files, number written now)."""
-    from PIL import Image
-    from tqdm import tqdm
-    claim_folder(folder, settings, source)
-    remove_stale_tmp(folder)  # a killed run's half-written NAME.<random>.tmp files
-    names, have = file_names(settings), set(os.listdir(folder))
-    labels = [settings["class_ids"][i % len(settings["class_ids"])] for i in range(len(names))]
-    todo = sum(name not in have for name in names)
-    bar = tqdm(total=len(names), initial=len(names) - todo, unit="img", desc="samples")
-    for k, start in enumerate(range(0, len(names), BATCH)):
-        missing = [i for i in range(start, min(start + BATCH, len(names))) if names[i] not in have]
-        if not missing:
-            continue
-        images = generate(model, labels[start:start + BATCH], steps=settings["steps"], cfg=settings["cfg"],
-                          seed=settings["seed"] * SEED_STRIDE + k, autocast_ctx=autocast_ctx, batch_size=BATCH)
-        for i in missing:  # (3, H, W) uint8 -> PNG, each written atomically
-            save_png(Image.fromarray(images[i - start].permute(1, 2, 0).numpy()), os.path.join(folder, names[i]))
-        bar.update(len(missing))
-    bar.close()
-    return len(names), todo
-
-
-def sample_to_folder(model, folder, classes, class_ids, per_class, *, steps, cfg, seed, ema, device, precision,
-                     source=""):
-    """sample.py --png-dir and `evaluate fid` in one call: settings, then the (resumed) folder."""
-    settings = sample_settings(model, classes, class_ids, per_class, steps=steps, cfg=cfg, seed=seed, ema=ema,
-                               precision=precision)
-    total, written = write_sample_folder(model, folder, settings, autocast_context(device, precision), source)
-    print(f"{folder}: {total} PNGs ({written} drawn now, {total - written} kept from before)")
-    return total
 
 
 # --- clean-fid ---------------------------------------------------------------------------------

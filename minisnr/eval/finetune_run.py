@@ -17,6 +17,7 @@ import sys
 import time
 
 from ..io.cli import UserError
+from ..io.safety import clear_stale_lock
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FINETUNE_SCRIPT = os.path.join(REPO_ROOT, "finetune.py")
@@ -46,6 +47,7 @@ def finetune(flags, log_path=None):
     if os.path.exists(adapter):
         return adapter, 0.0
     os.makedirs(out, exist_ok=True)
+    clear_stale_lock(out)                 # the study owns these folders: a killed fine-tune must not stop the next
     resume = os.path.exists(os.path.join(out, "state.pt"))      # an interrupted fine-tune continues
     flags = dict(flags, resume=resume, overwrite=not resume)   # one killed before its first state starts again
     t0 = time.time()

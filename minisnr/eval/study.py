@@ -31,7 +31,9 @@ study_report.py.
 import argparse
 import math
 
+from ..io.checkpoint import SHIPPED_BASE
 from ..io.cli import run_main, UserError
+from ..io.files import require_file
 from .study_runner import Study
 # the protocol's names and the scores cache, also importable from here (study.SAMPLERS, study.read_cached_scores)
 from .study_protocol import (DEFAULT, JUDGE_EPOCHS, LAM_WINDOWS, PAPER_MU_HERE, PAPER_SD3_SHIFT,  # noqa: F401
@@ -45,8 +47,8 @@ def build_parser():
     """The study's flags, each with its reason."""
     p = argparse.ArgumentParser(prog="python -m minisnr.eval.study", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("ckpt", nargs="?", default=None, help="base checkpoint written by train.py (default: the shipped "
-                   "base, minisnr/assets/base.pt, once it exists)")
+    p.add_argument("ckpt", nargs="?", default=SHIPPED_BASE,
+                   help="base checkpoint written by train.py (default: the base that ships with minisnr)")
     p.add_argument("--out", default="runs/study", help="folder for runs/, references/, report.md, results.json")
     p.add_argument("--parts", default=",".join(PARTS), help="which parts to run (comma-separated)")
     p.add_argument("--split", default="both", choices=["dev", "test", "both"], help="which styles to run")
@@ -84,8 +86,7 @@ def check_args(args):
     """One-line errors for flags that no study could use, before any work."""
     if args.steps < 0:
         raise UserError(f"--steps must be >= 0 (0 = finetune.py's default), got {args.steps}")
-    if args.ckpt is None:
-        raise UserError("give the base checkpoint: python -m minisnr.eval.study runs/pretrain/ckpt.pt ...")
+    require_file(args.ckpt, "checkpoint", "pass the ckpt.pt written by train.py as the first argument")
     for name in ("seeds", "samples_per_class", "sample_seeds", "targets_per_class", "sample_steps", "judge_epochs"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

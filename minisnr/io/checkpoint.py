@@ -179,10 +179,16 @@ def check_class_names(classes, num_classes, path):
                               f"of its model); use a checkpoint written by train.py")
 
 
+# The base that ships with minisnr: the EMA weights of one long CPU run on CIFAR-10, in fp16 (README, "The base
+# model"; minisnr/tools/ship_base.py writes it). finetune.py, sample.py and the study use it unless given another.
+SHIPPED_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "base.pt")
+
+
 def load_pretrained(path, use_ema=True, device="cpu"):
     """Load a train.py checkpoint as a DiT in eval mode. Returns (model, checkpoint dict).
 
-    use_ema picks the EMA weights (smoother samples); False picks the raw trained weights.
+    use_ema picks the EMA weights (smoother samples); False picks the raw trained weights. The shipped base
+    (SHIPPED_BASE) holds only its EMA weights, in fp16, under "model"; they load into the fp32 model exactly.
     """
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:

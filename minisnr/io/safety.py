@@ -236,6 +236,17 @@ def check_lock(out):
                     f"(if no run uses this folder, clear the lock with: {clear})")
 
 
+def clear_stale_lock(out):
+    """Remove OUT's lock if the process that wrote it on this machine is gone; True if one was removed.
+    For a caller that owns the folder (the study's own fine-tunes), so a killed run does not stop the next."""
+    path = os.path.join(out, LOCK)
+    pid, host = _lock_holder(path) if os.path.isfile(path) and not os.path.islink(path) else (None, None)
+    if pid is not None and host == socket.gethostname() and not _alive(pid):
+        os.remove(path)
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def hold_run_folder(out, script, enabled=True):
     """Hold OUT's lock while the body runs: created with O_EXCL (so of two runs started at once exactly one gets

@@ -3,8 +3,8 @@
 finetune.py trains on a handful of references (often one), so every batch is views of them. The views must
 carry the style as the reference does: the model is scored against the reference's exact pixels, and a view
 that was zoomed and resampled teaches it a blurred version (the old views kept 20-60% of a 32x32 reference's
-high-frequency energy, depending on the style). `tests/test_data.py` checks, for every ground-truth style, that the views' HF energy
-and mean colour stay within 10% of the reference's.
+high-frequency energy, depending on the style). `tests/test_views.py` checks, for every ground-truth style,
+that the views' HF energy and mean colour stay within 10% of the reference's.
 """
 import torch
 import torch.nn.functional as F

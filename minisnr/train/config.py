@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import torch
 
-from ..io.checkpoint import model_memory_problem, model_shape_problem
+from ..io.checkpoint import SHIPPED_BASE, model_memory_problem, model_shape_problem
 from ..io.cli import UserError, knob
 from ..io.files import require_file
 from ..io.safety import check_device, check_out_not_input, check_seed, guard_run_folder
@@ -217,8 +217,8 @@ def use_compile(cfg: TrainConfig, preset, device):
 @dataclass
 class FinetuneConfig:
     """Every finetune.py flag, its default and its one-line reason (shown by --help)."""
-    base: str = knob("runs/pretrain/ckpt.pt", "pretrained checkpoint from train.py; its EMA weights are the "
-                                              "frozen base")
+    base: str = knob(SHIPPED_BASE, "pretrained checkpoint (train.py's ckpt.pt); its EMA weights are the frozen "
+                                   "base. Default: the base that ships with minisnr")
     style: str = knob(None, "style reference: an image file, a folder of images, or a comma-separated list")
     out: str = knob("runs/style", "folder for adapter.pt, log.jsonl, samples and the resumable state.pt")
     resume: bool = knob(False, "continue from OUT/state.pt with the exact same data order and noise")
@@ -286,7 +286,8 @@ class FinetuneConfig:
         """Check the flags before any work starts; raise UserError with a one-line fix for bad input."""
         if not self.style:
             raise UserError("--style is required: an image, a folder of images, or a comma-separated list")
-        require_file(self.base, "--base", "pass the ckpt.pt written by train.py (OUT/ckpt.pt)")
+        require_file(self.base, "--base", "pass the ckpt.pt written by train.py (OUT/ckpt.pt)"
+                     + ("; the shipped base is missing from this copy of minisnr" if self.base == SHIPPED_BASE else ""))
         check_at_least(self, 1, ("steps", "batch_size", "rank", "log_every", "ckpt_every", "sample_steps",
                                  "ref_size"))
         check_at_least(self, 0, ("sample_per_class",), " (0 = no grid)")
