@@ -7,6 +7,7 @@ the models train.py builds (the first is the trained model, the second its EMA c
 unmodified train.main(argv), and then saves its own rank's weights as rank<R>.pt.
 """
 import os
+import signal
 import subprocess
 import sys
 
@@ -233,11 +234,16 @@ def test_a_nan_loss_on_one_rank_stops_every_rank(image_folder, tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(runner),
            "--data", image_folder, "--out", str(tmp_path / "run"), "--max-steps", "30"] + TRAIN_FLAGS
+    # its own process group, so a hang is ended whole: torchrun and both ranks, none left orphaned
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+        out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         pytest.fail("a NaN loss on rank 1 alone hung the 2-process run")
     assert proc.returncode != 0
-    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "became non-finite by step 3" in line]
+    errors = [line for line in (out + err).splitlines() if "became non-finite by step 3" in line]
     assert len(errors) == 2, (f"each rank must stop with the error at step 3:\n"
-                              f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+                              f"{out[-2000:]}\n{err[-3000:]}")
