@@ -41,6 +41,7 @@ def ship(ckpt_path, out_path=SHIPPED_BASE, note=""):
 
 
 def main(argv=None):
+    """Command line: write the shipped base from a checkpoint and print its size and hashes."""
     p = argparse.ArgumentParser(prog="python -m minisnr.tools.ship_base", description=__doc__.splitlines()[0])
     p.add_argument("ckpt", help="checkpoint written by train.py")
     p.add_argument("--out", default=SHIPPED_BASE, help="where to write the fp16 EMA weights")
