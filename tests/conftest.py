@@ -154,3 +154,13 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = (f"{os.path.relpath(str(where.path), REPO_ROOT)}:{where.lineno + 1} is not implemented yet "
                            f"(NotImplementedError).\nThis test checks: {doc}\n"
                            f"The formulas are listed in README.md, 'The method in formulas'.")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny tensors and models gain nothing from threads, and on a busy 2-core CPU
+    extra threads only slow them down. Modules opt in with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

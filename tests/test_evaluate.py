@@ -23,13 +23,7 @@ from minisnr.eval.styles import apply_style, DEV_STYLES, style_pil, STYLES, TEST
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core CPU extra threads only slow them down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models: threads only slow them (conftest.py)
 
 
 def natural_like(n, seed=0, size=32):

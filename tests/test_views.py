@@ -19,13 +19,7 @@ from minisnr.io.data import StyleViews
 from minisnr.rf import to_uint8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core CPU extra threads only slow them down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny tensors: threads only slow them (conftest.py)
 
 
 def photos(n, seed, size=32):
