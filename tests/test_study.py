@@ -166,6 +166,22 @@ def test_windows_calibration_convergence_and_ablations(tiny, tmp_path):
     assert os.path.isfile(os.path.join(out, "lam.png"))
 
 
+def test_window_flags_pick_the_lam_part_samplers_and_thresholds():
+    """--window-samplers and --lam-thresholds narrow the lam part only; bad entries are one-line errors."""
+    args = study.build_parser().parse_args(["--parts", "windows", "--split", "test", "--window-samplers",
+                                            "sf-paper,sd3", "--lam-thresholds", "0,1.5"])
+    runs = study_protocol.plan(args, {"windows"})
+    assert {r[4] for r in runs} == {"sf-paper", "sd3"}
+    assert {r[6] for r in runs} == {("0:1", "lam<=0", "lam<=1.5", "lam>0", "lam>1.5")}
+    assert len(runs) == 2 * len(study_protocol.pairs(args, "test"))
+    default = study_protocol.plan(study.build_parser().parse_args(["--parts", "windows"]), {"windows"})
+    assert {r[4] for r in default} == set(study_protocol.main_samplers(args))
+    assert {r[6] for r in default} == {("0:1",) + study.LAM_WINDOWS}
+    for bad in (["--window-samplers", "sd4"], ["--lam-thresholds", "0,x"], ["--lam-thresholds", "nan"]):
+        with pytest.raises(UserError, match="--window-samplers|--lam-thresholds"):
+            study.check_args(study.build_parser().parse_args(bad))
+
+
 def test_calibration_starts_from_the_noised_image():
     """euler_sample with t_start < 1 integrates from x_t: a model that predicts v = eps - x0 exactly for a known
     x0 returns x0 from any starting t (the straight path is followed exactly by Euler steps)."""

@@ -36,8 +36,8 @@ from ..io.cli import run_main, UserError
 from ..io.files import require_file
 from .study_runner import Study
 # the protocol's names and the scores cache, also importable from here (study.SAMPLERS, study.read_cached_scores)
-from .study_protocol import (DEFAULT, JUDGE_EPOCHS, LAM_WINDOWS, PAPER_MU_HERE, PAPER_SD3_SHIFT,  # noqa: F401
-                             PARTS, SAMPLERS, VARIANTS)
+from .study_protocol import (DEFAULT, JUDGE_EPOCHS, LAM_THRESHOLDS, LAM_WINDOWS, PAPER_MU_HERE,  # noqa: F401
+                             PAPER_SD3_SHIFT, PARTS, SAMPLERS, VARIANTS)
 from .study_samples import read_cached_scores  # noqa: F401
 
 
@@ -54,6 +54,10 @@ def build_parser():
     p.add_argument("--split", default="both", choices=["dev", "test", "both"], help="which styles to run")
     p.add_argument("--styles", default="", help="keep only these styles of each split ('' = all)")
     p.add_argument("--samplers", default="", help="the main table's samplers ('' = the paper's pair and the sweep)")
+    p.add_argument("--window-samplers", default="", help="samplers whose adapters get the lam windows ('' = every "
+                   "sampler of the main table)")
+    p.add_argument("--lam-thresholds", default=",".join(map(str, LAM_THRESHOLDS)),
+                   help="log-SNR thresholds X: the style on only while lam <= X, then only while lam > X")
     p.add_argument("--ks", default="1,8", help="style-set sizes: 1 reference as in the paper, 8 as a style set")
     p.add_argument("--ablation-styles", default="", help="styles for the ablations ('' = the first two test styles)")
     p.add_argument("--seeds", type=int, default=2, help="(references, training noise) seeds per style")
@@ -95,9 +99,17 @@ def check_args(args):
     for part in args.parts.split(","):
         if part not in PARTS:
             raise UserError(f"unknown --parts entry {part!r}; use {', '.join(PARTS)}")
-    for name in filter(None, args.samplers.split(",")):
-        if name not in SAMPLERS:
-            raise UserError(f"unknown --samplers entry {name!r}; use {', '.join(SAMPLERS)}")
+    for flag, value in (("--samplers", args.samplers), ("--window-samplers", args.window_samplers)):
+        for name in filter(None, value.split(",")):
+            if name not in SAMPLERS:
+                raise UserError(f"unknown {flag} entry {name!r}; use {', '.join(SAMPLERS)}")
+    for x in filter(None, args.lam_thresholds.split(",")):
+        try:
+            if not math.isfinite(float(x)):
+                raise ValueError
+        except ValueError:
+            raise UserError(f"--lam-thresholds must be comma-separated finite numbers, got {args.lam_thresholds!r}") \
+                from None
     ks = args.ks.split(",")
     if not all(k.isascii() and k.isdigit() and 1 <= int(k) <= 64 for k in ks):
         raise UserError(f"--ks must be comma-separated style-set sizes from 1 to 64, got {args.ks!r}")

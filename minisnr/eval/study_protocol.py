@@ -104,6 +104,24 @@ def main_samplers(args):
     return args.samplers.split(",") if args.samplers else list(dict.fromkeys(PAPER_PAIR + SWEEP))
 
 
+def thresholds(args):
+    """The log-SNR thresholds X of the lam windows: --lam-thresholds (default LAM_THRESHOLDS)."""
+    text = getattr(args, "lam_thresholds", "")
+    return [float(x) if "." in x else int(x) for x in text.split(",")] if text else list(LAM_THRESHOLDS)
+
+
+def lam_windows(args):
+    """The sampling windows of the lam part: the style on only while lam <= X, then only while lam > X."""
+    xs = thresholds(args)
+    return tuple(f"lam<={x}" for x in xs) + tuple(f"lam>{x}" for x in xs)
+
+
+def window_samplers(args):
+    """The samplers whose adapters the lam windows run on: --window-samplers, else every main-table sampler."""
+    chosen = getattr(args, "window_samplers", "")
+    return chosen.split(",") if chosen else main_samplers(args)
+
+
 def plan(args, parts, default_steps=300):
     """Every fine-tune the parts ask for, in order, as (variant, k, style, seed, sampler, steps, windows).
     steps 0 means finetune.py's default; windows are the sampling windows scored for that adapter."""
@@ -120,7 +138,8 @@ def plan(args, parts, default_steps=300):
         out += [("main", first_k, st, sd, PAPER_PAIR[0], 0, tuple(f"scale{x:g}" for x in CONTROL_SCALES))
                 for st, sd in test]
     if "windows" in parts:
-        out += [("main", first_k, st, sd, name, 0, ("0:1",) + LAM_WINDOWS) for st, sd in test for name in main]
+        out += [("main", first_k, st, sd, name, 0, ("0:1",) + lam_windows(args)) for st, sd in test
+                for name in window_samplers(args)]
     if "convergence" in parts:
         styles = styles_of(args, "test")[:CONVERGENCE_STYLES]
         out += [("main", first_k, st, 0, name, steps, ("0:1",)) for st in styles for name in CONVERGENCE_SAMPLERS

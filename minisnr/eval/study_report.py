@@ -188,24 +188,25 @@ def _lam_section(study, plot_path):
     """The paper's Fig. 4 without circularity: every sampler's adapters with the style on below / above lam = X."""
     styles, k = protocol.styles_of(study.args, "test"), protocol.ks(study.args)[0]
     rows = []
-    for name in protocol.main_samplers(study.args):
-        for w in protocol.LAM_WINDOWS:
+    for name in protocol.window_samplers(study.args):
+        for w in protocol.lam_windows(study.args):
             rows.append((f"{name}: on while {w[3:]} − on throughout", name, name, k, w, "0:1"))
     table = comparison_table(study, rows, styles)
     if len(table) <= 2:
         return []
     series = []
-    for i, name in enumerate(protocol.main_samplers(study.args)):
+    xs = protocol.thresholds(study.args)
+    for i, name in enumerate(protocol.window_samplers(study.args)):
         for early in (True, False):
             ys = []
-            for x in protocol.LAM_THRESHOLDS:
+            for x in xs:
                 v = study.style_values(name, styles, k, f"lam<={x}" if early else f"lam>{x}")
                 ys.append(1000 * _mean(v) if v else float("nan"))
             series.append({"label": f"{name}, on while lam {'<=' if early else '>'} X",
-                           "x": list(protocol.LAM_THRESHOLDS), "y": ys, "color": COLOURS[i % len(COLOURS)],
+                           "x": xs, "y": ys, "color": COLOURS[i % len(COLOURS)],
                            "marker": "o" if early else "s", "dashed": not early})
     line_plot(plot_path, series, title="class KID×1000 with the style on only in part of log-SNR (test styles)",
-              xlabel="X = log-SNR threshold", ylabel="class KID×1000", xticks=list(protocol.LAM_THRESHOLDS))
+              xlabel="X = log-SNR threshold", ylabel="class KID×1000", xticks=xs)
     return ["## Where is the style decided? The style on in part of log-SNR only (test styles)", "",
             "Every sampler's adapters, so an adapter never trained at a noise level is not the only evidence about "
             "it. Δ is the window minus the same adapters on throughout: near 0 means that window alone carries the "
