@@ -82,8 +82,7 @@ class LoRALinear(nn.Module):
             self.base.weight.copy_(self._weight_before_merge)
             self._weight_before_merge = None
 
-    def extra_repr(self):
-        """Rank, alpha, scale and merge state, shown by print(model)."""
+    def extra_repr(self):                                      # shown by print(model)
         return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, merged={self.merged}"
 
 

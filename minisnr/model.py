@@ -250,7 +250,6 @@ class DiT(nn.Module):
         return self.unpatchify(h)                                          # (N, C, H, W)
 
     def num_params(self):
-        """Total number of parameters."""
         return sum(p.numel() for p in self.parameters())
 
 

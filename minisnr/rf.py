@@ -84,6 +84,14 @@ def sample_style_friendly(n, mu=STYLE_FRIENDLY_MU, sigma=2.0, device="cpu", gene
 SAMPLERS = ("uniform", "logit-normal", "style-friendly")
 
 
+class BadArgument(ValueError):
+    """A ValueError that names its argument (.arg), so a script can point at the flag that set it."""
+
+    def __init__(self, arg, problem):
+        super().__init__(f"{arg} {problem}")
+        self.arg, self.problem = arg, problem
+
+
 @dataclass
 class NoiseSampler:
     """Draws training noise levels t from one of the named distributions in SAMPLERS.
@@ -101,13 +109,13 @@ class NoiseSampler:
     def __post_init__(self):
         """Refuse settings that define no distribution; each message starts with the argument's name."""
         if self.kind not in SAMPLERS:
-            raise ValueError(f"kind {self.kind!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+            raise BadArgument("kind", f"{self.kind!r} is unknown; choose one of {', '.join(SAMPLERS)}")
         for name in ("m", "s", "mu", "sigma", "shift"):
             value = getattr(self, name)
             if not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value}")
+                raise BadArgument(name, f"must be a finite number, got {value}")
             if name in ("s", "sigma", "shift") and value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}" + ("; 1 means no shift" if name == "shift" else ""))
+                raise BadArgument(name, f"must be > 0, got {value}" + ("; 1 means no shift" if name == "shift" else ""))
 
     def __call__(self, n, device="cpu", generator=None):
         """Return n noise levels t in [0, 1], shape (n,)."""
@@ -235,11 +243,11 @@ def generate(model, labels, *, steps=50, cfg=3.0, seed=0, autocast_ctx=None, ste
     Noise is drawn on the CPU from a generator seeded with `seed`, so a seed means the
     same starting noise on every device. Returns (N, C, H, W) uint8 on the CPU.
     """
-    cfg_model = model.config
+    config = model.config                                # `cfg` is the guidance scale here, as in the CFG papers
     device = next(model.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
-    size = (len(labels), cfg_model.in_channels, cfg_model.img_size, cfg_model.img_size)
+    size = (len(labels), config.in_channels, config.img_size, config.img_size)
     noise = torch.randn(size, generator=generator)                           # (N, C, H, W), on the CPU
     was_training = model.training
     model.eval()
@@ -249,7 +257,7 @@ def generate(model, labels, *, steps=50, cfg=3.0, seed=0, autocast_ctx=None, ste
             x1 = noise[i:i + batch_size].to(device)
             y = labels[i:i + batch_size].to(device)
             with (autocast_ctx if autocast_ctx is not None else torch.autocast(device.type, enabled=False)):
-                x0 = euler_sample(model, x1, y, steps, cfg, cfg_model.num_classes, step_hook)
+                x0 = euler_sample(model, x1, y, steps, cfg, config.num_classes, step_hook)
             out.append(to_uint8(x0).cpu())
     finally:
         model.train(was_training)

@@ -9,7 +9,6 @@ import torch
 
 from minisnr.tools import bench
 from minisnr.rf import generate
-from minisnr.train.step import make_optimizer, train_step
 from minisnr.model import build_model
 from minisnr.io.device import autocast_context, make_grad_scaler, resolve_precision
 
@@ -26,10 +25,12 @@ def one_step(precision, compiled=False, seed=0):
     y = torch.randint(0, 4, (8,), device=device, generator=g)
     t = torch.rand(8, device=device, generator=g)
     initial = [p.detach().clone() for p in model.parameters()]
-    optimizer = make_optimizer(model.parameters(), 1e-3, 0.0, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
     step_model = torch.compile(model) if compiled else model
-    loss, _, _ = train_step(step_model, optimizer, make_grad_scaler(device, precision), x0, y, t,
-                            autocast_context(device, precision), grad_clip=1.0)
+    params = list(model.parameters())
+    ema = [p.detach().clone() for p in params]
+    scaler, ctx = make_grad_scaler(device, precision), autocast_context(device, precision)
+    loss = bench.train_step(step_model, optimizer, scaler, ctx, x0, y, t, 1.0, params, ema)
     changed = sum(not torch.equal(a, p) for a, p in zip(initial, model.parameters()))
     return loss.item(), [p.detach().clone() for p in model.parameters()], changed
 

@@ -108,20 +108,20 @@ import sys
 
 import train
 
-# Ctrl-C reaches rank 1 only, after step 2: rank 0, the one that saves, never sees it.
-_train_step = train.train_step
+# Ctrl-C reaches rank 1 only, in step 2: rank 0, the one that saves, never sees it.
+_rf_loss = train.rf_loss
 calls = [0]
 
 
-def train_step_then_interrupt_rank0(*args, **kwargs):
-    out = _train_step(*args, **kwargs)
+def rf_loss_then_interrupt_rank1(*args, **kwargs):
+    out = _rf_loss(*args, **kwargs)
     calls[0] += 1
     if calls[0] == 2 and os.environ["RANK"] == "1":
         os.kill(os.getpid(), signal.SIGINT)
     return out
 
 
-train.train_step = train_step_then_interrupt_rank0
+train.rf_loss = rf_loss_then_interrupt_rank1
 train.main(sys.argv[1:])
 """
 
@@ -209,19 +209,19 @@ import sys
 import train
 
 # rank 1's loss turns NaN at its 2nd step; rank 0's stays finite and the weights (all-reduced) stay finite too
-_train_step = train.train_step
+_rf_loss = train.rf_loss
 calls = [0]
 
 
-def train_step_nan_on_rank1(*args, **kwargs):
-    loss, sums, counts = _train_step(*args, **kwargs)
+def rf_loss_nan_on_rank1(*args, **kwargs):
+    loss = _rf_loss(*args, **kwargs)
     calls[0] += 1
     if calls[0] == 2 and os.environ["RANK"] == "1":
-        loss = loss * float("nan")
-    return loss, sums, counts
+        loss = loss + loss.detach() * float("nan")   # the value NaN, the gradient (so the weights) untouched
+    return loss
 
 
-train.train_step = train_step_nan_on_rank1
+train.rf_loss = rf_loss_nan_on_rank1
 train.main(sys.argv[1:])
 """
 

@@ -86,7 +86,7 @@ def find_cycle(graph):
 def test_the_scan_sees_the_layers():
     """The graph covers every layer and real edges (guards against a scan that finds nothing and passes)."""
     assert {layer(n) for n in MODULES} >= {"method", "io", "train", "eval", "tools"}
-    assert "minisnr.model" in GRAPH["minisnr.io.checkpoint"] and "minisnr.rf" in GRAPH["minisnr.train.step"]
+    assert "minisnr.model" in GRAPH["minisnr.io.checkpoint"] and "minisnr.rf" in GRAPH["minisnr.train.run"]
 
 
 def test_no_import_cycles():

@@ -70,7 +70,7 @@ def run_real(*argv, env=ENV):
 _FORK_RUNNER = r'''
 import json, os, runpy, sys, traceback
 import PIL.Image, torch, torchvision, tqdm                        # the slow imports, once for all cases
-import minisnr.io.checkpoint, minisnr.io.data, minisnr.lora, minisnr.model, minisnr.rf, minisnr.train.step
+import minisnr.io.checkpoint, minisnr.io.data, minisnr.lora, minisnr.model, minisnr.rf, minisnr.train.run
 codes = []
 for case in json.load(open(sys.argv[1])):
     pid = os.fork()

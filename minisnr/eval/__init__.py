@@ -20,10 +20,9 @@ The study (python -m minisnr.eval.study) and compare (python -m minisnr.eval.com
     compare.py           SD3 against the default on your own painting
 
 python -m minisnr.eval.evaluate probe|base|fig4|fid
-    evaluate.py          the command line: parses the flags and dispatches to one module per command
+    evaluate.py          the command line, and probe (train or load the probe) and base (class accuracy and FD
+                         of the base model's samples)
     evaluate_context.py  what probe, base and fig4 share: their probe flags and set-up
-    evaluate_probe.py    probe: train or load the probe
-    evaluate_base.py     base: class accuracy and FD of the base model
     evaluate_fig4.py     fig4: where an adapter's style acts along the sampling trajectory
     fid.py               fid: sample folders and the optional clean-fid FID
 """

@@ -5,8 +5,8 @@
     python -m minisnr.eval.evaluate fig4 runs/pretrain/ckpt.pt runs/style/adapter.pt   # style on for part of the steps
     python -m minisnr.eval.evaluate fid runs/pretrain/ckpt.pt          # standard FID, optional clean-fid (fid.py)
 
-Each command lives in its own module (evaluate_probe.py, evaluate_base.py, evaluate_fig4.py, fid.py); this one
-parses the flags and dispatches. The comparison of noise samplers (the paper's Table 2) is study.py, with seeds,
+probe and base are here; fig4 and fid, each with more to it, are evaluate_fig4.py and fid.py; this module parses
+the flags and dispatches. The comparison of noise samplers (the paper's Table 2) is study.py, with seeds,
 paired CIs and held-out styles. Images here are judged through a small CNN probe trained on the base dataset
 (probe.py); all scores are defined in metrics.py:
 
@@ -20,14 +20,85 @@ they are not FID, DINO or CLIP scores and must not be set beside published value
 """
 import argparse
 import os
+import time
 
 from ..io.cli import OneLineErrorParser, run_main, UserError
-from ..io.files import check_writable
+from ..io.device import pick_device
+from ..io.files import check_writable, write_json
 from ..io.safety import check_output
-from . import evaluate_base, evaluate_fig4, evaluate_probe, fid
+from . import evaluate_fig4, fid, metrics
+from .evaluate_context import add_common_flags, Context
+from .probe import describe, get_probe
 
-COMMANDS = {"probe": evaluate_probe.cmd_probe, "base": evaluate_base.cmd_base, "fig4": evaluate_fig4.cmd_fig4,
-            "fid": fid.cmd_fid}
+
+# --- probe: train or load the cached probe ------------------------------------------------------------------
+
+def add_probe_parser(sub, formatter_class):
+    """The `probe` subcommand's flags."""
+    q = sub.add_parser("probe", formatter_class=formatter_class,
+                       help="train or load the cached probe and print its test accuracy")
+    add_common_flags(q, sampling=False)
+    q.add_argument("--retrain", action="store_true", help="train a new probe even if the cache exists")
+    return q
+
+
+def cmd_probe(args):
+    """Train or load the cached probe and print its test accuracy."""
+    device = pick_device(args.device)
+    probe = get_probe(args.probe, args.train_data, args.test_data, epochs=args.probe_epochs, device=device,
+                      retrain=args.retrain)
+    print(describe(probe))
+    print(f"test accuracy: {probe.test_accuracy:.4f}")
+    return probe
+
+
+# --- base: how good the pretrained model's samples are -------------------------------------------------------
+
+def add_base_parser(sub, formatter_class):
+    """The `base` subcommand's flags."""
+    q = sub.add_parser("base", formatter_class=formatter_class,
+                       help="class accuracy and FD of the base model's samples")
+    q.add_argument("ckpt", help="checkpoint written by train.py")
+    add_common_flags(q)
+    q.add_argument("--samples-per-class", type=int, default=100, help="samples per class (N = this x classes)")
+    q.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    return q
+
+
+def cmd_base(args):
+    """Class accuracy and FD (probe features) of the base model's class-conditional samples."""
+    if args.samples_per_class < 1:
+        raise UserError(f"--samples-per-class must be >= 1, got {args.samples_per_class}")
+    c = Context(args)
+    test = c.test_set
+    t0 = time.time()
+    images, labels = c.sample(c.model, args.samples_per_class)
+    gen_s = time.time() - t0
+    got, real = metrics.measure(c.probe, images), metrics.measure(c.probe, test.images)
+    result = {
+        "ckpt": args.ckpt, "n_samples": len(images), "samples_per_class": args.samples_per_class,
+        "sample_steps": args.sample_steps, "cfg": args.cfg, "seed": args.seed,
+        "class_accuracy": metrics.class_accuracy(got["logits"], labels),
+        "fd": metrics.frechet_distance(got["pooled"], real["pooled"]), "n_test": len(test),
+        "hf_samples": got["hf"].mean().item(), "hf_real": real["hf"].mean().item(),
+        "probe": args.probe, "probe_test_accuracy": c.probe.test_accuracy, "generate_seconds": round(gen_s, 1),
+    }
+    print(f"base model {args.ckpt}: {len(images)} samples ({args.samples_per_class}/class), {args.sample_steps} "
+          f"Euler steps, CFG {args.cfg:g}, seed {args.seed} ({gen_s:.0f}s)")
+    print(f"  class accuracy {result['class_accuracy']:.4f}  (the probe's own accuracy on real test images: "
+          f"{c.probe.test_accuracy:.4f})")
+    print(f"  FD {result['fd']:.2f} vs {len(test)} real test images (probe features; biased upwards at small N)")
+    print(f"  HF energy {result['hf_samples']:.4f} (real test images {result['hf_real']:.4f})")
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return result
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+
+COMMANDS = {"probe": cmd_probe, "base": cmd_base, "fig4": evaluate_fig4.cmd_fig4, "fid": fid.cmd_fid}
+PARSERS = (add_probe_parser, add_base_parser, evaluate_fig4.add_parser, fid.add_parser)
 
 
 def build_parser():
@@ -35,8 +106,8 @@ def build_parser():
     p = OneLineErrorParser(prog="python -m minisnr.eval.evaluate", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", metavar="{probe,base,fig4,fid}")
     sub.required = True
-    for module in (evaluate_probe, evaluate_base, evaluate_fig4, fid):
-        module.add_parser(sub, argparse.ArgumentDefaultsHelpFormatter)
+    for add_parser in PARSERS:
+        add_parser(sub, argparse.ArgumentDefaultsHelpFormatter)
     return p
 
 

@@ -13,8 +13,8 @@ step that train.py runs, timed. Each mode gets a fresh, identically seeded setup
     data                  an InMemoryLoader over random uint8 images already on the device, so every
                           step includes the on-device uint8 -> [-1, 1] scale and the random flip
     noise levels          a NoiseSampler (logit-normal, train.py's default)
-    step                  minisnr.train.step.train_step (autocast forward, backward, grad clip, AdamW,
-                          zero_grad) followed by minisnr.train.step.ema_update, exactly as train.py calls them
+    step                  train.py's loop body at --grad-accum 1, written out again below (train_step): autocast
+                          forward, backward, grad clip, fused/foreach AdamW, zero_grad and the foreach EMA update
 
 A mode is "<eager|compiled>-<fp32|bf16|fp16>": compiled wraps the model in torch.compile as
 train.py --compile does; bf16/fp16 are autocast as train.py --precision does (fp16 adds the
@@ -42,8 +42,7 @@ from ..io.device import autocast_context, cpu_has_fast_bf16, cuda_has_fast_bf16,
 from ..io.files import write_json
 from ..io.safety import check_output, check_seed
 from ..model import build_config, build_model, DIT_PRESETS, DiTConfig
-from ..rf import euler_sample, NoiseSampler
-from ..train.step import ema_update, make_optimizer, train_step
+from ..rf import euler_sample, NoiseSampler, rf_loss
 from .flops import add_roofline, add_traffic, peak_tflops, train_flops_per_image
 from .memory import gib, parse_gib_list, print_memory_estimate
 from .report import format_table, header_line, run_meta
@@ -130,6 +129,23 @@ def random_images(c: DiTConfig, n, seed):
     return ImageSet(images, labels, [str(i) for i in range(c.num_classes)])
 
 
+def train_step(model, optimizer, scaler, ctx, x0, y, t, grad_clip, params, ema_params, ema_decay=0.999):
+    """The body of train.py's loop at --grad-accum 1 (train.py is the one to read; this copy is what bench times
+    and what the CUDA checks run). Returns the mean loss, a device tensor."""
+    with ctx:
+        loss = rf_loss(model, x0, y, t)                            # (B,)
+    scaler.scale(loss.mean()).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, params, 1 - ema_decay)
+    return loss.detach().mean()
+
+
 def make_train_step(cfg: BenchConfig, device, precision, compiled, data_batches=4):
     """A fresh, seeded setup of train.py's step for cfg's model and batch on `data_batches` batches of random images
     on the device. Returns (step, model): step() runs train_step + ema_update once and returns the loss tensor."""
@@ -140,7 +156,9 @@ def make_train_step(cfg: BenchConfig, device, precision, compiled, data_batches=
     ema.load_state_dict(model.state_dict())
     params, ema_params = list(model.parameters()), list(ema.parameters())
     loader = InMemoryLoader(random_images(c, data_batches * cfg.batch_size, cfg.seed), cfg.batch_size, device, cfg.seed)
-    optimizer = make_optimizer(params, lr=1e-4, weight_decay=0.0, device=device)
+    fused = device.type == "cuda"                              # as train.py builds it
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, fused=fused,
+                                  foreach=None if fused else True)
     scaler = make_grad_scaler(device, precision)
     ctx = autocast_context(device, precision)
     noise = NoiseSampler()
@@ -151,10 +169,8 @@ def make_train_step(cfg: BenchConfig, device, precision, compiled, data_batches=
 
     def step():
         x0, y = loader.next()
-        t = noise(len(y), device=device)
-        loss, _, _ = train_step(train_model, optimizer, scaler, x0, y, t, ctx, cfg.grad_clip)
-        ema_update(ema_params, params, 0.999)
-        return loss
+        return train_step(train_model, optimizer, scaler, ctx, x0, y, noise(len(y), device=device), cfg.grad_clip,
+                          params, ema_params)
 
     return step, model
 
@@ -175,7 +191,7 @@ def time_steps(step, warmup, steps, device):
 
 
 def bench_mode(mode, cfg: BenchConfig, device):
-    """Time train_step + ema_update for one mode. Returns a dict of results."""
+    """Time train_step (with its EMA update) for one mode. Returns a dict of results."""
     compiled, precision = mode.split("-")[0] == "compiled", mode.split("-")[1]
     c = model_config(cfg)
     warmup = cfg.warmup if cfg.warmup is not None else (1 if device.type == "cpu" else 5)

@@ -16,24 +16,27 @@ from ..io.files import require_file
 from ..io.safety import check_device, check_out_not_input, check_seed, guard_run_folder
 from ..lora import DEFAULT_TARGETS
 from ..model import build_model, DIT_PRESETS
-from ..rf import NoiseSampler, STYLE_FRIENDLY_MU
+from ..rf import BadArgument, NoiseSampler, STYLE_FRIENDLY_MU
 
 
-def noise_sampler(cfg):
-    """The NoiseSampler that cfg's --noise-sampler/--m/--s/--mu/--sigma/--shift describe. A bad value is a
-    one-line UserError naming its flag (NoiseSampler's messages start with the argument's name)."""
+NOISE_FLAGS = {"kind": "--noise-sampler", "m": "--m", "s": "--s", "mu": "--mu", "sigma": "--sigma", "shift": "--shift"}
+
+
+def noise_sampler(config):
+    """p(t), the NoiseSampler that --noise-sampler, --m, --s, --mu, --sigma and --shift describe: the one place a
+    script's flags become the method's sampler. A bad value is a one-line UserError naming its flag."""
     try:
-        return NoiseSampler(cfg.noise_sampler, cfg.m, cfg.s, cfg.mu, cfg.sigma, cfg.shift)
-    except ValueError as e:
-        name, _, rest = str(e).partition(" ")
-        raise UserError(f"--{'noise-sampler' if name == 'kind' else name} {rest}") from None
+        return NoiseSampler(kind=config.noise_sampler, m=config.m, s=config.s, mu=config.mu, sigma=config.sigma,
+                            shift=config.shift)
+    except BadArgument as e:
+        raise UserError(f"{NOISE_FLAGS[e.arg]} {e.problem}") from None
 
 
-def check_at_least(cfg, minimum, names, note=""):
+def check_at_least(config, minimum, names, note=""):
     """One-line UserError unless every named int flag is >= minimum."""
     for name in names:
-        if getattr(cfg, name) < minimum:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {minimum}{note}, got {getattr(cfg, name)}")
+        if getattr(config, name) < minimum:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {minimum}{note}, got {getattr(config, name)}")
 
 
 # Upper bounds, checked before anything is allocated: far above what any run here needs, low enough that a typo
@@ -50,11 +53,11 @@ MAX_CFG = 100.0              # guidance scale of the sample grids: above ~20 ima
 TRAIN_BYTES_PER_PARAM = 20   # fp32 weights, gradients, AdamW's two moments and the EMA copy
 
 
-def check_at_most(cfg, maximum, names, why=""):
+def check_at_most(config, maximum, names, why=""):
     """One-line UserError, naming the bound, unless every named flag is <= maximum."""
     for name in names:
-        if getattr(cfg, name) > maximum:
-            raise UserError(f"--{name.replace('_', '-')} must be <= {maximum:,}{why}, got {getattr(cfg, name):,}")
+        if getattr(config, name) > maximum:
+            raise UserError(f"--{name.replace('_', '-')} must be <= {maximum:,}{why}, got {getattr(config, name):,}")
 
 
 # --- train.py ------------------------------------------------------------------------------------
@@ -127,10 +130,6 @@ class TrainConfig:
         out = {k: v for k, v in fields.items() if v is not None}
         return dict(out, img_size=self.img_size, class_dropout=self.class_dropout)
 
-    def noise(self):
-        """The NoiseSampler these flags describe: the p(t) that pretraining draws t from."""
-        return noise_sampler(self)
-
     def validate(self):
         """Check the flags before any work starts; raise UserError with a one-line fix for bad input."""
         check_at_least(self, 1, ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "sample_steps",
@@ -166,7 +165,7 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        self.noise()
+        noise_sampler(self)
         check_seed(self.seed)
         check_device(self.device)
         check_out_not_input(self.out, [("--data", data_folder(self.data))])
@@ -200,15 +199,15 @@ PRESETS = {
 COMPILE_MIN_PARAMS = 1_000_000
 
 
-def use_compile(cfg: TrainConfig, preset, device):
-    """--compile if given, else compile on CUDA for models of COMPILE_MIN_PARAMS parameters or more (`preset` is
-    no longer consulted: --model cifar without --preset cifar compiles too)."""
-    if cfg.compile is not None:
-        return cfg.compile
+def use_compile(config: TrainConfig, device):
+    """--compile if given, else compile on CUDA for models of COMPILE_MIN_PARAMS parameters or more (whatever
+    --preset named the model: --model cifar without --preset cifar compiles too)."""
+    if config.compile is not None:
+        return config.compile
     if device.type != "cuda":
         return False
     with torch.device("meta"):       # the parameter count without memory or init cost
-        n_params = build_model(cfg.model, **cfg.model_overrides()).num_params()
+        n_params = build_model(config.model, **config.model_overrides()).num_params()
     return n_params >= COMPILE_MIN_PARAMS
 
 
@@ -274,10 +273,6 @@ class FinetuneConfig:
     RESUME_FREE: ClassVar = {"resume", "overwrite", "out", "base", "steps", "log_every", "ckpt_every", "sample_steps",
                              "sample_cfg", "sample_per_class", "device", "precision", "compile"}
 
-    def noise(self):
-        """The NoiseSampler these flags describe: the p(t) that fine-tuning draws t from."""
-        return noise_sampler(self)
-
     def lora(self):
         """(targets, rank, alpha) of the LoRA layers: alpha defaults to the rank (scale 1), as in the paper."""
         return tuple(t for t in self.targets.split(",") if t), self.rank, self.alpha or self.rank
@@ -305,12 +300,12 @@ class FinetuneConfig:
         if not 0 < self.crop_min <= 1:
             raise UserError(f"--crop-min must be in (0, 1], got {self.crop_min}")
         if self.sample_cfg < 0:
-            raise UserError(f"--sample-cfg must be >= 0, got {self.sample_cfg}")
+            raise UserError(f"--sample-config must be >= 0, got {self.sample_cfg}")
         if self.grad_clip < 0:
             raise UserError(f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.alpha is not None and self.alpha <= 0:
             raise UserError(f"--alpha must be > 0 (the LoRA update is scaled by alpha/rank), got {self.alpha}")
-        self.noise()
+        noise_sampler(self)
         check_seed(self.seed)
         check_device(self.device)
         check_out_not_input(self.out, [("--style", p) for p in self.style.split(",") if p], base=self.base)

@@ -123,10 +123,10 @@ def load_state(path, what, script, keys):
     return state
 
 
-def check_flags(saved, cfg, path):
-    """The flags a state was run with must be today's, apart from cfg.RESUME_FREE (older files record none)."""
+def check_flags(saved, config, path):
+    """The flags a state was run with must be today's, apart from config.RESUME_FREE (older files record none)."""
     if saved is not None:
-        refuse_changed_flags(saved, asdict(cfg), cfg.RESUME_FREE, path)
+        refuse_changed_flags(saved, asdict(config), config.RESUME_FREE, path)
 
 
 def restore(state, optimizer, scaler, device, master=True):
@@ -144,7 +144,7 @@ def restore(state, optimizer, scaler, device, master=True):
     return state["step"]
 
 
-def resume_pretrain(path, cfg, model, ema, optimizer, scaler, loader, device, rank=0):
+def resume_pretrain(path, config, model, ema, optimizer, scaler, loader, device, rank=0):
     """Continue a train.py run from its ckpt.pt; returns the step."""
     ckpt = load_state(path, "checkpoint", "train.py",
                       ("model", "ema", "optimizer", "scaler", "loader", "rng", "step", "model_config"))
@@ -152,7 +152,7 @@ def resume_pretrain(path, cfg, model, ema, optimizer, scaler, loader, device, ra
     if not isinstance(have, dict):
         raise CheckpointError(f"{path} is not a checkpoint written by train.py; pass the --out folder of a "
                               f"train.py run")
-    check_flags(ckpt.get("train_config"), cfg, path)
+    check_flags(ckpt.get("train_config"), config, path)
     if have != want:
         diff = ", ".join(f"{k}={have.get(k)} (these flags give {v})" for k, v in want.items() if have.get(k) != v)
         raise CheckpointError(f"{path} was trained with {diff}; pass the same --preset/--model/--dim/--depth/"
@@ -172,7 +172,7 @@ def resume_pretrain(path, cfg, model, ema, optimizer, scaler, loader, device, ra
     step = restore(ckpt, optimizer, scaler, device, master=rank == 0)
     say_world_change(ckpt["loader"], loader, path, step, rank)
     if rank > 0:  # other ranks' RNG streams were not saved; derive fresh ones from the step
-        torch.manual_seed(cfg.seed + rank + 1_000_003 * step)
+        torch.manual_seed(config.seed + rank + 1_000_003 * step)
     else:
         print(f"resumed from {path} at step {step}")
     return step
@@ -189,7 +189,7 @@ def say_world_change(saved, loader, path, step, rank):
               f"to keep the run's global batch")
 
 
-def resume_finetune(path, cfg, model, optimizer, scaler, device, base):
+def resume_finetune(path, config, model, optimizer, scaler, device, base):
     """Continue a finetune.py run from its state.pt, on the same base weights (`base`: the hashes of its config
     and weights); returns the step."""
     state = load_state(path, "fine-tuning state", "finetune.py", ("lora", "optimizer", "scaler", "rng", "step"))
@@ -198,7 +198,7 @@ def resume_finetune(path, cfg, model, optimizer, scaler, device, base):
     if state.get("base_weights_hash", base["base_weights_hash"]) != base["base_weights_hash"]:
         raise CheckpointError(f"{path} was started from other base weights (another checkpoint, or --use-ema "
                               f"changed); pass the --base and --use-ema it was started with")
-    check_flags(state.get("finetune_config"), cfg, path)
+    check_flags(state.get("finetune_config"), config, path)
     check_tensors(state["lora"], path, "adapter tensors")
     check_optimizer_state(state["optimizer"], lora_parameters(model), path)
     load_lora_state_dict(model, state["lora"])

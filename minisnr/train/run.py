@@ -1,18 +1,18 @@
 """The run harness shared by train.py and finetune.py: everything around the loop that is not the method.
 
-    device, precision, ctx = start_run(cfg)     # device, precision, writable --out, seeds
-    run = Run(cfg, "ckpt.pt", params, device, start=step, end=end)   # clears a replaced run, opens the log
+    run = Run(config, "ckpt.pt", params, device, start=step, end=end)   # clears a replaced run, opens the log
     with run:                                   # Ctrl-C / SIGTERM set a flag instead of killing the loop
         while step < end and not run.stop(step):
-            loss, sums, counts = train_step(...)
+            ...                                 # the step itself is written out in the script
             step += 1
-            run.step(step, loss, sums, counts)  # device tensors: no sync; a log line every log_every steps
+            run.step(step, losses, t)           # device tensors: no sync; a log line every log_every steps
             if step % ckpt_every == 0:
                 run.save(step, save)            # checks for NaN first, so a saved state is a good one
     run.finish(step, save)                      # NaN check, final save, log closed
     run.exit_if_interrupted(step)               # 130 (Ctrl-C) or 143 (SIGTERM): the run is not finished
 
-The loss is summed on the device and read back only at log steps, so a step never waits for the GPU.
+The loss is summed on the device and read back only at log steps, so a step never waits for the GPU. A reader
+learning the method can skip this file: it changes nothing that is trained.
 """
 import json
 import os
@@ -24,10 +24,11 @@ import torch
 from tqdm import tqdm
 
 from ..io.cli import DiskFullError, UserError
-from ..io.device import autocast_context, pick_device, resolve_precision, sync
-from ..io.files import check_writable, disk_full, open_log, remove_stale_tmp
+from ..io.device import sync
+from ..rf import bin_losses
+from ..io.files import disk_full, open_log, remove_stale_tmp
 from ..io.safety import MANIFEST, RunManifest
-from .ddp import any_rank, any_rank_tensor, rank_device
+from .ddp import any_rank, any_rank_tensor
 
 
 # --- pieces: img/s and the Ctrl-C flag --------------------------------------------------------------
@@ -92,30 +93,19 @@ class InterruptFlag:
 
 # --- the harness -------------------------------------------------------------------------------
 
-def start_run(cfg, rank=0, local_rank=0, world=1):
-    """Where this process runs and in what precision: (device, precision, autocast context). Also checks that
-    --out is writable (on rank 0) and seeds the RNG: per-rank seeds give each rank its own noise, t and dropout."""
-    device = rank_device(pick_device(cfg.device), local_rank, world)
-    precision = resolve_precision(cfg.precision, device)
-    if rank == 0:
-        check_writable(cfg.out)
-    torch.manual_seed(cfg.seed + rank)
-    return device, precision, autocast_context(device, precision)
-
-
 class Run:
     """One run's bookkeeping: its folder, the log with the loss per noise-level bin, the NaN guard, the
     progress bar and the Ctrl-C flag. Only the master process (rank 0) writes; every rank keeps the sums."""
 
-    def __init__(self, cfg, state_name, params, device, *, start, end, total=None, master=True, world=1,
+    def __init__(self, config, state_name, params, device, *, start, end, total=None, master=True, world=1,
                  images_per_step=None, nbins=10):
-        self.state_path = os.path.join(cfg.out, state_name)
-        self.params, self.device, self.log_every = list(params), device, cfg.log_every
+        self.state_path = os.path.join(config.out, state_name)
+        self.params, self.device, self.log_every = list(params), device, config.log_every
         self.master, self.world, self.end, self.stopped = master, world, end, False
         # the step of the last state known to be on disk, named when a save finds the disk full
-        self.saved_step = start if cfg.resume and os.path.isfile(self.state_path) else None
-        self.manifest, self.fresh = None, not cfg.resume
-        self.log_file = self._open(cfg, state_name, start if cfg.resume else None) if master else None
+        self.saved_step = start if config.resume and os.path.isfile(self.state_path) else None
+        self.manifest, self.fresh = None, not config.resume
+        self.log_file = self._open(config, state_name, start if config.resume else None) if master else None
         self.loss_sum, self.n = torch.zeros((), device=device), 0    # summed on the device, read at log steps
         self.bin_sums, self.bin_counts = torch.zeros(nbins, device=device), torch.zeros(nbins, device=device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -123,19 +113,19 @@ class Run:
         self.bar = tqdm(total=total or end, initial=start, disable=not master, dynamic_ncols=True)
         self.interrupt = InterruptFlag()
 
-    def _open(self, cfg, state_name, resume_step):
+    def _open(self, config, state_name, resume_step):
         """Training starts: delete a replaced run's files (--overwrite true: exactly those its manifest lists) and
         a killed save's NAME.<random>.minisnr.tmp, record this run's files in the manifest, then open the log; a
         resumed run's log keeps only the steps up to its state (they are trained again)."""
-        self.manifest = RunManifest(cfg.out, cfg.SCRIPT)
-        if cfg.overwrite:
+        self.manifest = RunManifest(config.out, config.SCRIPT)
+        if config.overwrite:
             self.manifest.remove_files()
-        elif cfg.resume:  # a run from before manifests: the state it resumes from proved it a run
-            self.manifest.adopt(cfg.RUN_FILES)
+        elif config.resume:  # a run from before manifests: the state it resumes from proved it a run
+            self.manifest.adopt(config.RUN_FILES)
         self.claim("log.jsonl", state_name)     # the manifest is written before the files it lists
-        for folder in (cfg.out, os.path.join(cfg.out, "samples")):
+        for folder in (config.out, os.path.join(config.out, "samples")):
             remove_stale_tmp(folder)
-        return open_log(os.path.join(cfg.out, "log.jsonl"), resume_step)
+        return open_log(os.path.join(config.out, "log.jsonl"), resume_step)
 
     def claim(self, *names):
         """Record files (paths relative to --out) as this run's before they are first written (master only)."""
@@ -176,8 +166,11 @@ class Run:
         if os.path.isfile(path) and not os.path.islink(path):
             os.remove(path)
 
-    def step(self, step, loss, sums, counts, **extra):
-        """Count one finished step (device tensors, no sync); at log steps check for NaN and write a log line."""
+    def step(self, step, losses, t, **extra):
+        """Count one finished step from its per-image losses (B,) and noise levels t (B,): device tensors, no sync.
+        The loss is also kept per bin of t (as minRF logs it). At log steps: the NaN check and a log line."""
+        loss = losses.mean()
+        sums, counts = bin_losses(losses, t, len(self.bin_sums))
         self.loss_sum += loss
         self.nonfinite |= ~torch.isfinite(loss)
         self.bin_sums += sums
