@@ -126,7 +126,7 @@ def save_compare(model, config: FinetuneConfig, num_classes, ctx, adapter_path):
     """OUT/samples_compare.png: each class with the style off (left) and on (right), from the same seeds."""
     ids = [c for c in range(num_classes) for _ in range(config.sample_per_class)]
     draw = partial(generate, model, ids, steps=config.sample_steps, cfg=config.sample_cfg, seed=config.seed,
-                   autocast_ctx=ctx)
+                   ctx=ctx)
     grid, n = os.path.join(config.out, "samples_compare.png"), config.sample_per_class
     save_style_off_on(model, draw, draw(), grid, n, {"seed": config.seed, "steps": config.sample_steps,
                                                       "cfg": config.sample_cfg, "adapter": adapter_path})

@@ -93,7 +93,7 @@ def main(argv=None):
     meta = {"ckpt": args.ckpt, "classes": args.classes, "n": args.n, "cfg": args.cfg, "steps": args.steps,
             "seed": args.seed, "ema": not args.raw}
     draw = partial(generate, model, labels, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                   autocast_ctx=autocast_context(device, precision))
+                   ctx=autocast_context(device, precision))
 
     if args.lora is None:
         save_image_grid(draw(), args.out, nrow=args.n, meta=meta)

@@ -53,7 +53,7 @@ def save_samples(ema, config: TrainConfig, step, num_classes, ctx, run):
     """A grid of every class drawn from the EMA weights, in OUT/samples/step_NNNNNN.png; returns its path."""
     labels = [c for c in range(num_classes) for _ in range(config.sample_per_class)]
     images = generate(ema, labels, steps=config.sample_steps, cfg=config.sample_cfg, seed=config.seed,
-                      autocast_ctx=ctx)
+                      ctx=ctx)
     name = f"samples/step_{step:06d}.png"
     meta = {"step": step, "seed": config.seed, "steps": config.sample_steps, "cfg": config.sample_cfg, "ema": True}
     run.claim(name)

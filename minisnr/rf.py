@@ -237,11 +237,12 @@ def to_uint8(x):
 
 
 @torch.no_grad()
-def generate(model, labels, *, steps=50, cfg=3.0, seed=0, autocast_ctx=None, step_hook=None, batch_size=256):
+def generate(model, labels, *, steps=50, cfg=3.0, seed=0, ctx=None, step_hook=None, batch_size=256):
     """Sample one image per label. Same seed, labels and model give the same images.
 
     Noise is drawn on the CPU from a generator seeded with `seed`, so a seed means the
-    same starting noise on every device. Returns (N, C, H, W) uint8 on the CPU.
+    same starting noise on every device. ctx is the run's precision context (the scripts' `ctx`:
+    autocast or a no-op); none means full precision. Returns (N, C, H, W) uint8 on the CPU.
     """
     config = model.config                                # `cfg` is the guidance scale here, as in the CFG papers
     device = next(model.parameters()).device
@@ -256,7 +257,7 @@ def generate(model, labels, *, steps=50, cfg=3.0, seed=0, autocast_ctx=None, ste
         for i in range(0, len(labels), batch_size):  # chunks bound memory; the noise was drawn up front
             x1 = noise[i:i + batch_size].to(device)
             y = labels[i:i + batch_size].to(device)
-            with (autocast_ctx if autocast_ctx is not None else torch.autocast(device.type, enabled=False)):
+            with (ctx if ctx is not None else torch.autocast(device.type, enabled=False)):
                 x0 = euler_sample(model, x1, y, steps, cfg, config.num_classes, step_hook)
             out.append(to_uint8(x0).cpu())
     finally:

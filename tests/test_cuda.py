@@ -74,8 +74,8 @@ def test_generate_on_cuda_is_seeded():
         for p in model.parameters():
             p.normal_(0, 0.05)
     ctx = autocast_context(torch.device("cuda"), resolve_precision("auto", torch.device("cuda")))
-    a = generate(model, [0, 1, 2, 3], steps=4, cfg=2.0, seed=7, autocast_ctx=ctx)
-    b = generate(model, [0, 1, 2, 3], steps=4, cfg=2.0, seed=7, autocast_ctx=ctx)
+    a = generate(model, [0, 1, 2, 3], steps=4, cfg=2.0, seed=7, ctx=ctx)
+    b = generate(model, [0, 1, 2, 3], steps=4, cfg=2.0, seed=7, ctx=ctx)
     assert a.dtype == torch.uint8 and a.shape == (4, 3, 32, 32) and torch.equal(a, b)
 
 

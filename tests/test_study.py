@@ -1,6 +1,7 @@
 """The evaluation protocol (minisnr/study.py) and the own-painting comparison (minisnr/compare.py), tiny and offline:
 a tiny DiT trained for 20 steps, conftest's 3-class image folder as train and test data, 2 fine-tuning steps a run."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -52,7 +53,6 @@ def test_dev_and_test_styles_are_disjoint_and_enough_for_a_ci_over_styles():
 def test_the_papers_two_arms_are_translated_by_one_rule():
     """Both arms move by the same log-SNR offset, ln(128*128*16 / (32*32*3)); the translated mu is the one default
     mu of the whole code (rf.py, train.py's and finetune.py's flags)."""
-    import math
     from minisnr.rf import NoiseSampler, STYLE_FRIENDLY_MU, sample_style_friendly
     from minisnr.train.config import FinetuneConfig, TrainConfig
     from minisnr.eval import study_protocol as p
@@ -88,9 +88,13 @@ def test_study_main_and_control_end_to_end_and_resumes(tiny, tmp_path, capsys):
                  "sf-paper − sd3-paper (the paper's pair, translated) | 1 ", "sf-paper − sd3-paper (the paper's pair, "
                  "translated) | 2 ", "Means over styles, k = 2",
                  "## dev styles (2)", "Default chosen on the dev styles", "decoy: copies of the reference",
-                 "real test images in the style (ceiling)", "± ", "palette FD"):
+                 "real test images in the style (ceiling)", "± ", "palette FD",
+                 "## The training data against what is scored"):
         assert text in report, f"the report should contain {text!r}"
     assert os.path.isfile(os.path.join(out, "per_style.png"))
+    views = results["views"][TEST_STYLES[0]]      # the tiny data's images are near-flat: test_views.py checks values
+    assert {"hf_over_reference", "hf_over_targets", "colour_error"} <= set(views["views"]) == set(views["old_views"])
+    assert all(math.isfinite(v) for part in ("views", "old_views") for v in views[part].values()), views
     study.main(argv(tiny, out, *extra))
     log = capsys.readouterr().out
     assert log.count("adapter reused") == runs + 2 and "fine-tuned" not in log and "sampled" not in log, \
@@ -160,7 +164,7 @@ def test_windows_calibration_convergence_and_ablations(tiny, tmp_path):
     ablations = {k.split("/")[0] for k in results["runs"]} - {"main"}
     assert ablations == set(study.VARIANTS) - {"main"}, f"every variant should run, got {ablations}"
     report = open(os.path.join(out, "report.md")).read()
-    for text in ("## Where is the style decided?", "sd3-paper: on while <=-2", "## Calibration", "t0.5/cfg3",
+    for text in ("## Where is the style decided?", "sd3-paper: on while <=0", "## Calibration", "t0.5/cfg3",
                  "## Convergence", "1 steps | 3 steps | 10 steps", "## Ablations", "old-views"):
         assert text in report, f"the report should contain {text!r}"
     assert os.path.isfile(os.path.join(out, "lam.png"))
@@ -175,8 +179,10 @@ def test_window_flags_pick_the_lam_part_samplers_and_thresholds():
     assert {r[6] for r in runs} == {("0:1", "lam<=0", "lam<=1.5", "lam>0", "lam>1.5")}
     assert len(runs) == 2 * len(study_protocol.pairs(args, "test"))
     default = study_protocol.plan(study.build_parser().parse_args(["--parts", "windows"]), {"windows"})
-    assert {r[4] for r in default} == set(study_protocol.main_samplers(args))
-    assert {r[6] for r in default} == {("0:1",) + study.LAM_WINDOWS}
+    assert {r[4] for r in default} == set(study_protocol.WINDOW_SAMPLERS) < set(study_protocol.main_samplers(args))
+    assert {r[6] for r in default} == {("0:1",) + study.LAM_WINDOWS} == {("0:1", "lam<=0", "lam>0")}
+    narrowed = study.build_parser().parse_args(["--parts", "windows", "--samplers", "sd3-paper,sf-paper,sd3"])
+    assert {r[4] for r in study_protocol.plan(narrowed, {"windows"})} == {"sd3-paper", "sf-paper"}
     for bad in (["--window-samplers", "sd4"], ["--lam-thresholds", "0,x"], ["--lam-thresholds", "nan"]):
         with pytest.raises(UserError, match="--window-samplers|--lam-thresholds"):
             study.check_args(study.build_parser().parse_args(bad))

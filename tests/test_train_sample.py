@@ -230,7 +230,7 @@ def test_sample_with_lora_styles_and_compares(trained, tmp_path, capsys):
     cpu = torch.device("cpu")
     precision = resolve_precision("auto", cpu)                                          # what sample.py uses
     ctx = autocast_context(cpu, precision)
-    expected = generate(styled_model, [0, 0, 1, 1], steps=3, cfg=3.0, seed=0, autocast_ctx=ctx)  # unmerged LoRA
+    expected = generate(styled_model, [0, 0, 1, 1], steps=3, cfg=3.0, seed=0, ctx=ctx)  # unmerged LoRA
     got = torch.from_numpy(pixels(out))
     tiles = torch.stack([got[1 + r * 33:33 + r * 33, 1 + c * 33:33 + c * 33].permute(2, 0, 1)
                          for r in range(2) for c in range(2)])
@@ -238,7 +238,7 @@ def test_sample_with_lora_styles_and_compares(trained, tmp_path, capsys):
     most, mean = MERGED_LORA_LEVELS[precision]
     assert gap.max() <= most and gap.mean() <= mean, \
         f"merged sampling must match the unmerged adapter's images in {precision}: max {gap.max()}, mean {gap.mean()}"
-    plain = generate(base, [0, 0, 1, 1], steps=3, cfg=3.0, seed=0, autocast_ctx=ctx)
+    plain = generate(base, [0, 0, 1, 1], steps=3, cfg=3.0, seed=0, ctx=ctx)
     assert (expected.int() - plain.int()).abs().max() > 10, "the test adapter must visibly change the images"
     compare = pixels(os.path.splitext(out)[0] + "_compare.png")
     assert compare.shape[:2] == grid_size(4, 2)[::-1], "the compare grid has 2n columns: n style off, then n style on"

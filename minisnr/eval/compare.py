@@ -125,7 +125,7 @@ def main(argv=None):
     base, ckpt = load_pretrained(args.ckpt, use_ema=True, device=device)
     classes = ckpt.get("classes") or [str(i) for i in range(base.config.num_classes)]
     labels = torch.tensor([c for c in range(len(classes)) for _ in range(args.n)])
-    draw = lambda m: generate(m, labels, steps=args.steps, cfg=args.cfg, seed=args.seed, autocast_ctx=ctx)  # noqa
+    draw = lambda m: generate(m, labels, steps=args.steps, cfg=args.cfg, seed=args.seed, ctx=ctx)  # noqa
     blocks = sample_blocks(base, adapters, draw, device)
     scores = score_blocks(judge, blocks, labels, painting_crops(args.style, base.config.img_size, seed=args.seed))
     write_grid(args, blocks, classes)

@@ -72,5 +72,5 @@ class Context:
         """Class-conditional samples with the fixed seed: uint8 (K*per_class, 3, H, W) and labels (K*per_class,)."""
         labels = class_labels(len(self.classes), per_class)
         images = generate(model, labels, steps=self.args.sample_steps, cfg=self.args.cfg, seed=self.args.seed,
-                          autocast_ctx=self.ctx, step_hook=hook)
+                          ctx=self.ctx, step_hook=hook)
         return images, torch.tensor(labels)

@@ -37,7 +37,7 @@ from ..io.files import require_file
 from .study_runner import Study
 # the protocol's names and the scores cache, also importable from here (study.SAMPLERS, study.read_cached_scores)
 from .study_protocol import (DEFAULT, JUDGE_EPOCHS, LAM_THRESHOLDS, LAM_WINDOWS, PAPER_MU_HERE,  # noqa: F401
-                             PAPER_SD3_SHIFT, PARTS, SAMPLERS, VARIANTS)
+                             PAPER_SD3_SHIFT, PARTS, SAMPLERS, VARIANTS, WINDOW_SAMPLERS)
 from .study_samples import read_cached_scores  # noqa: F401
 
 
@@ -54,16 +54,17 @@ def build_parser():
     p.add_argument("--split", default="both", choices=["dev", "test", "both"], help="which styles to run")
     p.add_argument("--styles", default="", help="keep only these styles of each split ('' = all)")
     p.add_argument("--samplers", default="", help="the main table's samplers ('' = the paper's pair and the sweep)")
-    p.add_argument("--window-samplers", default="", help="samplers whose adapters get the lam windows ('' = every "
-                   "sampler of the main table)")
+    p.add_argument("--window-samplers", default="", help="samplers whose adapters get the lam windows ('' = "
+                   f"{', '.join(WINDOW_SAMPLERS)}: trained from the least noise to the most)")
     p.add_argument("--lam-thresholds", default=",".join(map(str, LAM_THRESHOLDS)),
                    help="log-SNR thresholds X: the style on only while lam <= X, then only while lam > X")
     p.add_argument("--ks", default="1,8", help="style-set sizes: 1 reference as in the paper, 8 as a style set")
     p.add_argument("--ablation-styles", default="", help="styles for the ablations ('' = the first two test styles)")
-    p.add_argument("--seeds", type=int, default=2, help="(references, training noise) seeds per style")
+    p.add_argument("--seeds", type=int, default=1, help="(references, training noise) seeds per style; the CIs are "
+                   "over styles, so more styles buy more than more seeds")
     p.add_argument("--steps", type=int, default=0, help="fine-tuning steps per run (0 = finetune.py's default)")
     p.add_argument("--default", default=DEFAULT, help="the default sampler when the dev split is not run")
-    p.add_argument("--samples-per-class", type=int, default=10, help="scored samples per class per sampling seed")
+    p.add_argument("--samples-per-class", type=int, default=5, help="scored samples per class per sampling seed")
     p.add_argument("--sample-seeds", type=int, default=2, help="sampling-noise seeds, averaged within a run")
     p.add_argument("--targets-per-class", type=int, default=100, help="styled real test images per class (KID)")
     p.add_argument("--sample-steps", type=int, default=20, help="Euler steps per sample")

@@ -54,7 +54,12 @@ PRINCIPAL = "kid"                # the metric of the rule and the headline: per-
 CONTROL_SCALES = (0.5, 0.75)     # the paper-frame baseline's adapters, sampled at this fraction of their LoRA
 
 # --- the lam windows (the paper's Fig. 4) and the base-only calibration ---------------------------------
-LAM_THRESHOLDS = (-2, 0, 2)                   # the style on only while lam <= X (noisy start) or lam > X (clean end)
+# The style on only while lam <= X (the noisy start of sampling) or only while lam > X (the clean end). lam = 0 is
+# t = 0.5, the middle; --lam-thresholds -2,0,2 adds a curve at three times the sampling.
+LAM_THRESHOLDS = (0,)
+# Adapters trained from the least noise to the most, so no adapter is the only evidence about a noise level it was
+# never trained at (the old Fig. 4 looked only at adapters trained at little noise).
+WINDOW_SAMPLERS = ("sd3-paper", "sf+2", "sf-paper", "sf-6")
 LAM_WINDOWS = tuple(f"lam<={x}" for x in LAM_THRESHOLDS) + tuple(f"lam>{x}" for x in LAM_THRESHOLDS)
 CALIBRATION_T = (0.25, 0.5, 0.75)             # real styled images noised to t, integrated back by the base alone
 CALIBRATION_CFG = (1.0, 3.0)
@@ -117,9 +122,10 @@ def lam_windows(args):
 
 
 def window_samplers(args):
-    """The samplers whose adapters the lam windows run on: --window-samplers, else every main-table sampler."""
+    """The samplers whose adapters the lam windows run on: --window-samplers, else those of WINDOW_SAMPLERS that
+    the main table trains (all of them, unless --samplers narrows it)."""
     chosen = getattr(args, "window_samplers", "")
-    return chosen.split(",") if chosen else main_samplers(args)
+    return chosen.split(",") if chosen else [s for s in WINDOW_SAMPLERS if s in main_samplers(args)]
 
 
 def plan(args, parts, default_steps=300):

@@ -8,6 +8,7 @@ the palette distance (metrics.py); they compare minisnr runs with each other onl
 import math
 import os
 
+from ..io.checkpoint import SHIPPED_BASE
 from ..io.files import write_json, write_text
 from ..tools.plot import line_plot
 from . import study_protocol as protocol
@@ -88,7 +89,7 @@ def write_report(study):
     write_json({"settings": vars(a), "default": study.default, "default_rule": study.default_rule,
                 "judge": {"clean_accuracy": study.judge.test_accuracy, **{k: info.get(k) for k in
                           ("styled_content_accuracy", "style_accuracy")}}, **study.results}, paths["json"])
-    lines = (_intro(study) + _control_section(study) + _main_sections(study, paths["per_style"])
+    lines = (_intro(study) + _views_section(study) + _control_section(study) + _main_sections(study, paths["per_style"])
              + _lam_section(study, paths["lam"]) + _calibration_section(study) + _convergence_section(study)
              + _ablation_section(study))
     write_text("\n".join(lines), paths["report"])
@@ -102,9 +103,11 @@ def _intro(study):
     n = a.samples_per_class * len(study.classes)
     base = [study.results["fixed"][key]["base"]["content_acc"] for key in study.results["fixed"]]
     base_acc = f"{_mean(base):.3f}" if base else "?"
+    shipped = os.path.abspath(a.ckpt) == os.path.abspath(SHIPPED_BASE)
+    base_name = "the shipped base, `minisnr/assets/base.pt`" if shipped else f"`{a.ckpt}`"
     return ["# minisnr study: does the style-friendly sampler learn a style better than SD3's?", "",
-            f"Base `{a.ckpt}`: the judge recognises the class of {base_acc} of its samples (style off). "
-            f"{a.seeds} seeds per style, each its own references and training noise; style sets of k = {a.ks} "
+            f"Base {base_name}: the judge recognises the class of {base_acc} of its samples (style off). "
+            f"{a.seeds} seed(s) per style, each its own references and training noise; style sets of k = {a.ks} "
             f"images. Every run is finetune.py with its defaults but the sampler. Scored on {n} samples per sampling "
             f"seed ({len(study.sample_seeds)} seeds, {a.samples_per_class} per class, {a.sample_steps} Euler steps, "
             f"CFG {a.cfg:g}); targets: {a.targets_per_class} styled real test images per class, none of them a "
@@ -115,6 +118,25 @@ def _intro(study):
             "first is better; d_z is Δ over the style-to-style spread of Δ. A CI that covers 0 cannot tell the two "
             "apart; the positive control shows what size of Δ these CIs can see.", "",
             f"Default rule, written before the run: {protocol.DEFAULT_RULE}.", ""]
+
+
+def _views_section(study):
+    """Do the fine-tuning views look like what is scored? One row per style (its k = 1 reference, seed 0)."""
+    views = study.results.get("views") or {}
+    if not views:
+        return []
+    lines = ["## The training data against what is scored", "",
+             "finetune.py's views of each style's reference (the default, at the reference's own pixels) and the "
+             "old views (a 2x upsample cut into random resized crops of 35-100%): their high-frequency energy over "
+             "the reference's and over the scored targets' (S(real test images)), and how far their mean colour is "
+             "from the reference's. 1.00, 1.00 and 0.00 would be views that look exactly like what is scored.", "",
+             "| style | HF views / reference | HF views / targets | colour error | old views: HF / reference | "
+             "old views: HF / targets |", "|---|---|---|---|---|---|"]
+    for style, v in views.items():
+        new, old = v["views"], v["old_views"]
+        lines.append(f"| {style} | {new['hf_over_reference']:.2f} | {new['hf_over_targets']:.2f} | "
+                     f"{new['colour_error']:.3f} | {old['hf_over_reference']:.2f} | {old['hf_over_targets']:.2f} |")
+    return lines + [""]
 
 
 def _control_section(study):
@@ -154,15 +176,18 @@ def _main_sections(study, plot_path):
             lines += [f"Default chosen on the dev styles: **{study.default}**. {study.default_rule}.", ""]
         if split == "test":
             plot_rows = rows
-    if plot_rows and _plot_per_style(study, plot_rows, plot_path):
+    labels = _plot_per_style(study, plot_rows, plot_path) if plot_rows else None
+    if labels:
         lines += [f"![per style]({os.path.basename(plot_path)})", "",
-                  "One dot per test style: its Δ class KID×1000 (seeds averaged); below 0 = the first sampler is "
-                  "closer to the style.", ""]
+                  "One line per test style: its Δ class KID×1000 (seeds averaged) in each comparison, "
+                  + ", ".join(f"{i + 1} = {x}" for i, x in enumerate(labels))
+                  + "; below 0 = the first sampler is closer to the style.", ""]
     return lines
 
 
 def _plot_per_style(study, rows, path):
-    """Δ class KID of every comparison, one series (dot) per style."""
+    """Δ class KID of every comparison, one series per style; returns the comparisons' labels (None: no data).
+    Plot text is ASCII: the PIL font has no Δ or ×."""
     styles = protocol.styles_of(study.args, "test")
     series, labels = [], []
     for i, (label, a, b, k, wa, wb) in enumerate(rows):
@@ -177,11 +202,12 @@ def _plot_per_style(study, rows, path):
             series[j]["x"].append(len(labels))
             series[j]["y"].append(1000 * (va[j] - vb[j]))
     if not labels:
-        return False
+        return None
     line_plot(path, series, hlines=[{"label": "no difference", "y": 0.0, "color": (0, 0, 0)}],
-              title="Δ class KID×1000 per test style: " + ", ".join(f"{i + 1} = {x}" for i, x in enumerate(labels)),
-              xlabel="comparison", ylabel="Δ class KID×1000", xticks=list(range(1, len(labels) + 1)))
-    return True
+              title="difference in class KID x1000 per test style (below 0: the first sampler is closer)",
+              xlabel="comparison: " + ", ".join(f"{i + 1} = {x}" for i, x in enumerate(labels[:2])) + ", ... (report)",
+              ylabel="delta class KID x1000", xticks=list(range(1, len(labels) + 1)))
+    return labels
 
 
 def _lam_section(study, plot_path):
@@ -194,19 +220,20 @@ def _lam_section(study, plot_path):
     table = comparison_table(study, rows, styles)
     if len(table) <= 2:
         return []
+    # x: 1 = on throughout, then per threshold X: on only while lam <= X, on only while lam > X; y: palette FD,
+    # what the lam table shows the noisy half deciding for every adapter
+    windows = ["0:1"] + list(protocol.lam_windows(study.args))
+    order = [windows[0]] + [w for pair in zip(windows[1:len(windows) // 2 + 1], windows[len(windows) // 2 + 1:])
+                            for w in pair]
     series = []
-    xs = protocol.thresholds(study.args)
     for i, name in enumerate(protocol.window_samplers(study.args)):
-        for early in (True, False):
-            ys = []
-            for x in xs:
-                v = study.style_values(name, styles, k, f"lam<={x}" if early else f"lam>{x}")
-                ys.append(1000 * _mean(v) if v else float("nan"))
-            series.append({"label": f"{name}, on while lam {'<=' if early else '>'} X",
-                           "x": xs, "y": ys, "color": COLOURS[i % len(COLOURS)],
-                           "marker": "o" if early else "s", "dashed": not early})
-    line_plot(plot_path, series, title="class KID×1000 with the style on only in part of log-SNR (test styles)",
-              xlabel="X = log-SNR threshold", ylabel="class KID×1000", xticks=xs)
+        ys = [study.style_values(name, styles, k, w, metric="palette") for w in order]
+        series.append({"label": name, "x": list(range(1, len(order) + 1)), "color": COLOURS[i % len(COLOURS)],
+                       "y": [_mean(v) if v else float("nan") for v in ys], "marker": "o"})
+    line_plot(plot_path, series, title="palette FD with the style on throughout or in part of log-SNR (test styles)",
+              xlabel=", ".join(f"{j + 1} = {'on throughout' if w == '0:1' else 'only ' + w}"
+                               for j, w in enumerate(order)),
+              ylabel="palette FD (lower = closer)", xticks=list(range(1, len(order) + 1)))
     return ["## Where is the style decided? The style on in part of log-SNR only (test styles)", "",
             "Every sampler's adapters, so an adapter never trained at a noise level is not the only evidence about "
             "it. Δ is the window minus the same adapters on throughout: near 0 means that window alone carries the "

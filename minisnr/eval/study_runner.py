@@ -12,7 +12,8 @@ import torch
 
 from ..io.checkpoint import apply_adapter, load_pretrained
 from ..io.cli import UserError
-from ..io.data import load_dataset
+from ..io.data import load_dataset, load_images
+from ..io.views import StyleViews
 from ..io.device import autocast_context, pick_device, resolve_precision, sync
 from ..io.files import check_writable, write_json
 from ..io.images import save_png
@@ -147,7 +148,7 @@ class Study:
         """samples_per_class images of every class from sampling seed `seed`: uint8 (N, 3, H, W), labels (N,)."""
         labels = [c for c in range(len(self.classes)) for _ in range(self.args.samples_per_class)]
         images = generate(model, labels, steps=self.args.sample_steps, cfg=self.args.cfg, seed=seed,
-                          autocast_ctx=self.ctx, step_hook=hook)
+                          ctx=self.ctx, step_hook=hook)
         return images, torch.tensor(labels)
 
     def score(self, images, labels, style):
@@ -220,6 +221,26 @@ class Study:
                 "shuffled": (shuffled, labels), "colour-matched": (match_colours(real, many_refs), labels)}
         return {"base": base, **{name: self.score(*imgs, style) for name, imgs in sets.items()}}
 
+    def views_check(self, style, n=256):
+        """Do the fine-tuning views look like what is scored? For the k = 1 reference of seed 0, as finetune.py
+        loads it: the views' HF energy over the reference's and over the targets' (S(real test images)), and
+        their mean colour's distance from the reference's (relative), for the default views and the old ones."""
+        path, _, ref = self.references(style, 0, 1)
+        defaults = FinetuneConfig()                          # finetune.py's view flags
+        hf_ref = metrics.high_frequency_energy(ref)[0].item()
+        hf_targets = metrics.high_frequency_energy(self.target(style)[2]).mean().item()
+        out = {"hf_reference": hf_ref, "hf_targets": hf_targets}
+        for name, crop_min in (("views", defaults.crop_min), ("old_views", 0.35)):
+            torch.manual_seed(0)
+            views = StyleViews(load_images([path], max_side=4 * defaults.ref_size), size=self.base.config.img_size,
+                               ref_size=defaults.ref_size, crop_min=crop_min, device="cpu")
+            v = to_uint8(views.next(n))
+            mean_v, mean_r = v.float().mean(dim=(0, 2, 3)), ref[0].float().mean(dim=(1, 2))
+            out[name] = {"hf_over_reference": metrics.high_frequency_energy(v).mean().item() / max(hf_ref, 1e-12),
+                         "hf_over_targets": metrics.high_frequency_energy(v).mean().item() / max(hf_targets, 1e-12),
+                         "colour_error": ((mean_v - mean_r).norm() / mean_r.norm().clamp(min=1e-6)).item()}
+        return out
+
     def calibration(self, style):
         """How much of a style the base alone keeps: real styled test images (the ceiling set) noised to t and
         integrated back to t = 0 by the base model (no adapter). {'tT/cfgC': scores}."""
@@ -246,10 +267,12 @@ class Study:
         plan = protocol.plan(a, parts, self.default_steps)
         if a.dry_run:
             return self.dry_run(plan)
-        self.results = {"fixed": {}, "runs": {}, "calibration": {}}
+        self.results = {"fixed": {}, "runs": {}, "calibration": {}, "views": {}}
         for split in protocol.splits(a):
             for style, seed in protocol.pairs(a, split):
                 self.results["fixed"][f"{style}/{seed}"] = self.fixed_rows(style, seed)
+            for style in protocol.styles_of(a, split):
+                self.results["views"][style] = self.views_check(style)
         self.default, self.default_rule = a.default, None
         for run in plan:
             if "dev" in protocol.splits(a) and self.default_rule is None and run[2] not in protocol.styles_of(a, "dev"):

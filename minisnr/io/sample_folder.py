@@ -65,7 +65,7 @@ def claim_folder(folder, settings, source):
                 "noise": f"batch k (files k*batch ...) starts from seed seed*{SEED_STRIDE}+k"}, path)
 
 
-def write_sample_folder(model, folder, settings, autocast_ctx, source=""):
+def write_sample_folder(model, folder, settings, ctx, source=""):
     """Draw every sample of `settings` into `folder`, one PNG each, BATCH at a time with a progress bar.
     Existing files are kept; returns (number of files, number written now)."""
     from PIL import Image
@@ -81,7 +81,7 @@ def write_sample_folder(model, folder, settings, autocast_ctx, source=""):
         if not missing:
             continue
         images = generate(model, labels[start:start + BATCH], steps=settings["steps"], cfg=settings["cfg"],
-                          seed=settings["seed"] * SEED_STRIDE + k, autocast_ctx=autocast_ctx, batch_size=BATCH)
+                          seed=settings["seed"] * SEED_STRIDE + k, ctx=ctx, batch_size=BATCH)
         for i in missing:  # (3, H, W) uint8 -> PNG, each written atomically
             save_png(Image.fromarray(images[i - start].permute(1, 2, 0).numpy()), os.path.join(folder, names[i]))
         bar.update(len(missing))

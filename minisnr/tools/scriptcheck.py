@@ -83,9 +83,9 @@ def merged_gap(cfg, device, out):
     precision = resolve_precision("auto", device)
     ctx = autocast_context(device, precision)
     labels = [c for c in range(model.config.num_classes) for _ in range(cfg.sample_n)]
-    unmerged = generate(model, labels, steps=cfg.sample_steps, seed=0, autocast_ctx=ctx).int()
+    unmerged = generate(model, labels, steps=cfg.sample_steps, seed=0, ctx=ctx).int()
     merge_lora(model)
-    gap = (generate(model, labels, steps=cfg.sample_steps, seed=0, autocast_ctx=ctx).int() - unmerged).abs().float()
+    gap = (generate(model, labels, steps=cfg.sample_steps, seed=0, ctx=ctx).int() - unmerged).abs().float()
     return dict(precision=precision, max_levels=gap.max().item(), mean_levels=round(gap.mean().item(), 3))
 
 

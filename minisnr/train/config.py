@@ -229,8 +229,8 @@ class FinetuneConfig:
     noise_sampler: str = knob("style-friendly", "uniform | logit-normal (SD3: logit t ~ N(m,s)) | style-friendly "
                                                 "(lam ~ N(mu,sigma))")
     mu: float = knob(STYLE_FRIENDLY_MU, "style-friendly: mean log-SNR, lower = noisier; -1.55 is the paper's -6 "
-                                        "translated from 1-megapixel latents to 32x32 pixels (minisnr/rf.py). "
-                                        "What the study found for it: README, 'The study'")
+                                        "moved to 32x32, kept by the study's dev-style rule (no sampler beat it on "
+                                        "class KID; README, 'The study')")
     sigma: float = knob(2.0, "style-friendly: std of the log-SNR, as in the paper (FLUX: 3)")
     m: float = knob(0.0, "logit-normal: mean of logit(t) (SD3 default 0)")
     s: float = knob(1.0, "logit-normal: std of logit(t) (SD3 default 1)")
@@ -242,8 +242,7 @@ class FinetuneConfig:
     targets: str = knob(",".join(DEFAULT_TARGETS), "comma-separated names of the Linear layers to adapt "
                                                     "(attention and MLP)")
     style_vector: bool = knob(False, "also learn a style vector added to the conditioning (minisnr's own addition; "
-                                     "the paper has none). Off, as in the paper: the study measured no difference "
-                                     "(README ablations: -0.01 +- 4 x1e-3 class KID on a dev style)")
+                                     "the paper has none, so it is off)")
     # optimisation
     steps: int = knob(300, "optimisation steps, as in the paper")
     batch_size: int = knob(4, "views per step, as in the paper")
