@@ -19,8 +19,8 @@ What it does, and why each piece is there:
 - The judge (probe.py with styles): style accuracy, content accuracy and per-class KID from its features, plus a
   palette distance (the colour scheme, which the paper says high noise decides) that needs no judge at all.
 - Where is the style decided (the paper's Fig. 4): the style switched on only below or above a log-SNR threshold,
-  on the adapters of every sampler (not only those trained where the window looks), beside a calibration that needs
-  no fine-tune: real styled images noised to t and integrated back by the base alone.
+  on adapters trained from the least noise to the most (not only those trained where the window looks), beside a
+  calibration that needs no fine-tune: real styled images noised to t and integrated back by the base alone.
 - Convergence: class KID after 100, 300 and 1000 fine-tuning steps, so no sampler is judged before it has learned.
 - Fine-tuning is finetune.py, run as a user runs it (finetune_run.py): the adapters are the ones a user gets.
 

@@ -57,10 +57,18 @@ CONTROL_SCALES = (0.5, 0.75)     # the paper-frame baseline's adapters, sampled 
 # The style on only while lam <= X (the noisy start of sampling) or only while lam > X (the clean end). lam = 0 is
 # t = 0.5, the middle; --lam-thresholds -2,0,2 adds a curve at three times the sampling.
 LAM_THRESHOLDS = (0,)
+
+
+def windows_at(xs):
+    """The sampling windows of thresholds xs: the style on only while lam <= X, then only while lam > X."""
+    return tuple(f"lam<={x}" for x in xs) + tuple(f"lam>{x}" for x in xs)
+
+
+
 # Adapters trained from the least noise to the most, so no adapter is the only evidence about a noise level it was
 # never trained at (the old Fig. 4 looked only at adapters trained at little noise).
 WINDOW_SAMPLERS = ("sd3-paper", "sf+2", "sf-paper", "sf-6")
-LAM_WINDOWS = tuple(f"lam<={x}" for x in LAM_THRESHOLDS) + tuple(f"lam>{x}" for x in LAM_THRESHOLDS)
+LAM_WINDOWS = windows_at(LAM_THRESHOLDS)
 CALIBRATION_T = (0.25, 0.5, 0.75)             # real styled images noised to t, integrated back by the base alone
 CALIBRATION_CFG = (1.0, 3.0)
 
@@ -116,9 +124,8 @@ def thresholds(args):
 
 
 def lam_windows(args):
-    """The sampling windows of the lam part: the style on only while lam <= X, then only while lam > X."""
-    xs = thresholds(args)
-    return tuple(f"lam<={x}" for x in xs) + tuple(f"lam>{x}" for x in xs)
+    """The sampling windows of the lam part, at --lam-thresholds."""
+    return windows_at(thresholds(args))
 
 
 def window_samplers(args):

@@ -211,7 +211,8 @@ def _plot_per_style(study, rows, path):
 
 
 def _lam_section(study, plot_path):
-    """The paper's Fig. 4 without circularity: every sampler's adapters with the style on below / above lam = X."""
+    """The paper's Fig. 4 without circularity: adapters trained from the least noise to the most, with the style
+    on only below / above lam = X."""
     styles, k = protocol.styles_of(study.args, "test"), protocol.ks(study.args)[0]
     rows = []
     for name in protocol.window_samplers(study.args):
@@ -222,9 +223,7 @@ def _lam_section(study, plot_path):
         return []
     # x: 1 = on throughout, then per threshold X: on only while lam <= X, on only while lam > X; y: palette FD,
     # what the lam table shows the noisy half deciding for every adapter
-    windows = ["0:1"] + list(protocol.lam_windows(study.args))
-    order = [windows[0]] + [w for pair in zip(windows[1:len(windows) // 2 + 1], windows[len(windows) // 2 + 1:])
-                            for w in pair]
+    order = ["0:1"] + [w for x in protocol.thresholds(study.args) for w in protocol.windows_at([x])]
     series = []
     for i, name in enumerate(protocol.window_samplers(study.args)):
         ys = [study.style_values(name, styles, k, w, metric="palette") for w in order]
@@ -235,9 +234,9 @@ def _lam_section(study, plot_path):
                                for j, w in enumerate(order)),
               ylabel="palette FD (lower = closer)", xticks=list(range(1, len(order) + 1)))
     return ["## Where is the style decided? The style on in part of log-SNR only (test styles)", "",
-            "Every sampler's adapters, so an adapter never trained at a noise level is not the only evidence about "
-            "it. Δ is the window minus the same adapters on throughout: near 0 means that window alone carries the "
-            "style.", ""] + table + ["", f"![lam windows]({os.path.basename(plot_path)})", ""]
+            "Adapters trained from the least noise to the most, so an adapter never trained at a noise level is not "
+            "the only evidence about it. Δ is the window minus the same adapters on throughout: near 0 means that "
+            "window alone carries the style.", ""] + table + ["", f"![lam windows]({os.path.basename(plot_path)})", ""]
 
 
 def _calibration_section(study):

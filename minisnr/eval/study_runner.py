@@ -236,8 +236,9 @@ class Study:
                                ref_size=defaults.ref_size, crop_min=crop_min, device="cpu")
             v = to_uint8(views.next(n))
             mean_v, mean_r = v.float().mean(dim=(0, 2, 3)), ref[0].float().mean(dim=(1, 2))
-            out[name] = {"hf_over_reference": metrics.high_frequency_energy(v).mean().item() / max(hf_ref, 1e-12),
-                         "hf_over_targets": metrics.high_frequency_energy(v).mean().item() / max(hf_targets, 1e-12),
+            hf_views = metrics.high_frequency_energy(v).mean().item()
+            out[name] = {"hf_over_reference": hf_views / max(hf_ref, 1e-12),
+                         "hf_over_targets": hf_views / max(hf_targets, 1e-12),
                          "colour_error": ((mean_v - mean_r).norm() / mean_r.norm().clamp(min=1e-6)).item()}
         return out
 
