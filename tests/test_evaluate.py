@@ -270,22 +270,10 @@ def tiny_base(tmp_path_factory):
     return {"ckpt": str(out / "ckpt.pt"), "data": data, "root": root}
 
 
-def test_fig4_end_to_end(tiny_base, tmp_path, monkeypatch):
-    """fig4 scores every requested window of an adapter and writes its table and plot."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("finetune_script", os.path.join(REPO_ROOT, "finetune.py"))
-    finetune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finetune)
-    style = tmp_path / "style.png"
-    Image.fromarray(apply_style("tritone", natural_like(1, seed=7))[0].permute(1, 2, 0).numpy()).save(style)
-    adapter = finetune.main(["--base", tiny_base["ckpt"], "--style", str(style), "--out", str(tmp_path / "ft"),
-                             "--steps", "2", "--sample-per-class", "0", "--device", "cpu"])
-    fig_out, probe = str(tmp_path / "fig4"), str(tmp_path / "probe.pt")
-    evaluate.main(["fig4", tiny_base["ckpt"], adapter, "--out", fig_out, "--probe", probe, "--windows",
-                   "0:0,0:0.5,0.5:1,0:1", "--samples-per-class", "2", "--sample-steps", "2", "--train-data",
-                   tiny_base["data"], "--test-data", tiny_base["data"], "--probe-epochs", "1", "--device", "cpu"])
-    rows = json.load(open(os.path.join(fig_out, "fig4.json")))["rows"]
-    assert [r["window"] for r in rows] == ["0:0", "0:0.5", "0.5:1", "0:1"], "fig4 should score every requested window"
-    assert all(-1 <= r["style_sim"] <= 1 and 0 <= r["content_acc"] <= 1 for r in rows), f"scores in range: {rows}"
-    assert os.path.isfile(os.path.join(fig_out, "fig4.png")) and os.path.isfile(os.path.join(fig_out, "fig4.md")), \
-        "fig4 should write its plot and table"
+def test_removed_fig4_is_refused_in_one_line_naming_its_replacement(capsys):
+    """`evaluate fig4` is gone: the command says in one line what replaces it (the study's lam part)."""
+    from minisnr.io.cli import run_main
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: evaluate.main(["fig4", "ckpt.pt", "adapter.pt"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and "--parts windows" in err[0], err

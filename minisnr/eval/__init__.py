@@ -19,10 +19,9 @@ The study (python -m minisnr.eval.study) and compare (python -m minisnr.eval.com
     finetune_run.py      runs finetune.py as a user does, for the study and compare
     compare.py           SD3 against the default on your own painting
 
-python -m minisnr.eval.evaluate probe|base|fig4|fid
+python -m minisnr.eval.evaluate probe|base|fid
     evaluate.py          the command line, and probe (train or load the probe) and base (class accuracy and FD
                          of the base model's samples)
-    evaluate_context.py  what probe, base and fig4 share: their probe flags and set-up
-    evaluate_fig4.py     fig4: where an adapter's style acts along the sampling trajectory
+    evaluate_context.py  what probe and base share: their probe flags and set-up
     fid.py               fid: sample folders and the optional clean-fid FID
 """

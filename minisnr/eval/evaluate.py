@@ -1,11 +1,10 @@
-"""Evaluate one minisnr model or adapter through the probe: base quality, and where an adapter's style acts (Fig. 4).
+"""Evaluate one minisnr model through the probe: its class accuracy and FD, and the standard FID.
 
     python -m minisnr.eval.evaluate probe                              # train (or load) the probe; print its accuracy
     python -m minisnr.eval.evaluate base runs/pretrain/ckpt.pt         # class accuracy and FD of the base model
-    python -m minisnr.eval.evaluate fig4 runs/pretrain/ckpt.pt runs/style/adapter.pt   # style on for part of the steps
     python -m minisnr.eval.evaluate fid runs/pretrain/ckpt.pt          # standard FID, optional clean-fid (fid.py)
 
-probe and base are here; fig4 and fid, each with more to it, are evaluate_fig4.py and fid.py; this module parses
+probe and base are here; fid, with more to it, is fid.py; this module parses
 the flags and dispatches. The comparison of noise samplers (the paper's Table 2) is study.py, with seeds,
 paired CIs and held-out styles. Images here are judged through a small CNN probe trained on the base dataset
 (probe.py); all scores are defined in metrics.py:
@@ -20,13 +19,14 @@ they are not FID, DINO or CLIP scores and must not be set beside published value
 """
 import argparse
 import os
+import sys
 import time
 
 from ..io.cli import OneLineErrorParser, run_main, UserError
 from ..io.device import pick_device
 from ..io.files import check_writable, write_json
 from ..io.safety import check_output
-from . import evaluate_fig4, fid, metrics
+from . import fid, metrics
 from .evaluate_context import add_common_flags, Context
 from .probe import describe, get_probe
 
@@ -97,14 +97,17 @@ def cmd_base(args):
 
 # --- the command line ---------------------------------------------------------------------------------------
 
-COMMANDS = {"probe": cmd_probe, "base": cmd_base, "fig4": evaluate_fig4.cmd_fig4, "fid": fid.cmd_fid}
-PARSERS = (add_probe_parser, add_base_parser, evaluate_fig4.add_parser, fid.add_parser)
+COMMANDS = {"probe": cmd_probe, "base": cmd_base, "fid": fid.cmd_fid}
+PARSERS = (add_probe_parser, add_base_parser, fid.add_parser)
+# a command that was removed: its one-line pointer to what replaces it
+REMOVED = {"fig4": "`evaluate fig4` was removed; where the style is decided is the study's lam part: "
+                   "python -m minisnr.eval.study --parts windows"}
 
 
 def build_parser():
-    """The argparse parser with the probe, base, fig4 and fid subcommands."""
+    """The argparse parser with the probe, base and fid subcommands."""
     p = OneLineErrorParser(prog="python -m minisnr.eval.evaluate", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", metavar="{probe,base,fig4,fid}")
+    sub = p.add_subparsers(dest="command", metavar="{probe,base,fid}")
     sub.required = True
     for add_parser in PARSERS:
         add_parser(sub, argparse.ArgumentDefaultsHelpFormatter)
@@ -137,6 +140,9 @@ def check_flags(args):
 
 def main(argv=None):
     """Parse argv and run one subcommand; returns what it returns (for tests)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in REMOVED:
+        raise UserError(REMOVED[argv[0]])
     args = build_parser().parse_args(argv)
     if args.command != "fid":      # fid checks its own flags (fid.check_args): it uses no probe
         check_flags(args)

@@ -1,4 +1,4 @@
-"""What the probe, base and fig4 commands of `python -m minisnr.eval.evaluate` share: their flags and set-up.
+"""What the probe and base commands of `python -m minisnr.eval.evaluate` share: their flags and set-up.
 
 Context loads the device, the probe (trained and cached on first use) and the base model once; the test split
 is loaded only by a command that needs it.
