@@ -63,7 +63,11 @@ def finetune(config: FinetuneConfig):
     fused = device.type == "cuda"                             # AdamW without weight decay is the paper's Adam
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=0.0,
                                   fused=fused, foreach=None if fused else True)
-    label = resolve_class(config.style_class, classes)
+    # Which label the style is trained on. Guidance samples v = cfg*v_class - (cfg-1)*v_null, so a style trained
+    # only into the null branch is partly subtracted; 'every' gives each view a random class, so every class's branch
+    # learns it, and needs no class for a painting.
+    every = config.style_class == "every"
+    label = None if every else resolve_class(config.style_class, classes)
     files = [p for p in config.style.split(",") if p]
     views = StyleViews(load_images(files, max_side=4 * config.ref_size), size=model.config.img_size,
                        ref_size=config.ref_size, crop_min=config.crop_min, device=device)
@@ -73,7 +77,7 @@ def finetune(config: FinetuneConfig):
     trainable, total = count_parameters(model)
     print(f"base {config.base}: {total - trainable:,} frozen params | LoRA r={rank} alpha={alpha:g} on "
           f"{','.join(targets)}{' + style vector' if config.style_vector else ''}: {trainable:,} trainable | "
-          f"{noise.describe()} | {len(views.refs)} reference(s), class {(classes + ['null'])[label]} | "
+          f"{noise.describe()} | {len(views.refs)} reference(s), label {'every class' if every else (classes + ['null'])[label]} | "
           f"{device} {precision}")
 
     def save():
@@ -83,15 +87,16 @@ def finetune(config: FinetuneConfig):
 
     # --- the loop: views of the style, t from p(t), one step of the rectified-flow loss on the LoRA tensors
     train_model = torch.compile(model) if config.compile else model
-    labels = torch.full((config.batch_size,), label, device=device)
+    labels = None if every else torch.full((config.batch_size,), label, device=device)
     run, start = Run(config, "state.pt", params, device, start=step, end=config.steps), time.time()
     model.train()
     with run:                                                 # harness: log, NaN guard, Ctrl-C saves and exits
         while step < config.steps and not run.stop(step):
             x0 = views.next(config.batch_size)                # (B, 3, H, W) views of the style
             t = noise(config.batch_size, device=device)       # (B,) noise levels: the method is this line
+            y = torch.randint(len(classes), (config.batch_size,), device=device) if every else labels   # (B,)
             with ctx:
-                loss = rf_loss(train_model, x0, labels, t)    # (B,) per-image MSE to v = eps - x0
+                loss = rf_loss(train_model, x0, y, t)         # (B,) per-image MSE to v = eps - x0
             scaler.scale(loss.mean()).backward()
             if config.grad_clip > 0:
                 scaler.unscale_(optimizer)                    # clip the true gradients, not the fp16-scaled ones
@@ -112,7 +117,7 @@ def finetune(config: FinetuneConfig):
     run.write(save_adapter, model, adapter_path, dict(
         base_ckpt=config.base, base_config=model.config.to_dict(), **base, targets=list(targets), rank=rank,
         alpha=alpha, lora_dropout=config.lora_dropout, noise_sampler=noise.to_dict(), style_files=files,
-        style_class=label, style_name=os.path.splitext(os.path.basename(files[0]))[0],
+        style_class="every" if every else label, style_name=os.path.splitext(os.path.basename(files[0]))[0],
         finetune_config=asdict(config), classes=classes, steps_done=step, seconds=round(time.time() - start, 1)))
     print(f"saved {adapter_path} ({os.path.getsize(adapter_path) / 1024:.0f} KB) after {step} steps in "
           f"{time.time() - start:.0f}s")

@@ -17,6 +17,7 @@ All images are uint8 (N, 3, 32, 32). The probe's outputs come from Probe.run(ima
     style accuracy             fraction of images the judge's style trunk assigns to the target style
     high-frequency energy      fraction of the luma's spectral energy (DC removed) at radius > cutoff
                                cycles/pixel of the 2D FFT; 0.25 is half the Nyquist frequency
+    nearest distance           RMS pixel distance in [0, 1] from a sample to the nearest reference: 0 = a copy
     palette FD                 FD between Gaussians fitted to the two sets' per-pixel RGB colours in [0, 1]
                                (mean colour and 3x3 colour covariance): the colour scheme alone, wherever the
                                colours are (lower = closer); per_class(palette_fd, images, ...) works on images
@@ -31,6 +32,8 @@ content-invariant (mostly) summary of colour and texture, as in Gatys et al. (20
 These numbers depend on the probe file and the sample count; compare them only with
 each other, at equal N. FD in particular is biased upwards at small N.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -178,6 +181,14 @@ def palette_fd(images, target_images):
 
 
 # --- one call for a set of images ---------------------------------------------------------------
+
+def nearest_distance(images, refs):
+    """Per image, the RMS pixel distance (in [0, 1]) to the nearest of the references: 0 is an exact copy.
+    images (N, 3, H, W) and refs (K, 3, H, W), uint8 -> (N,)."""
+    a = images.flatten(1).float().div(255)                                # (N, D)
+    b = refs.flatten(1).float().div(255)                                  # (K, D)
+    return (torch.cdist(a.double(), b.double()).min(dim=1).values / math.sqrt(a.shape[1])).float()
+
 
 def measure(probe, images):
     """Run the probe once over uint8 images (N, 3, H, W) and keep what the metrics need:

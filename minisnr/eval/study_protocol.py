@@ -1,18 +1,21 @@
-"""The study's protocol: which samplers it compares, in which frame, on which styles, and the rule that picks
-finetune.py's default. Everything here is fixed before any run, so nothing is chosen after seeing the test styles.
+"""The study's protocol: which samplers it compares, in which frame, on which styles, and the rules that pick
+finetune.py's defaults. Everything here is fixed before any run, so nothing is chosen after seeing the test styles.
 
 Two frames, because the paper ran at 1 megapixel and minisnr runs at 32x32 pixels:
 
+- The native frame (the headline): SD3's own sampler, logit-normal (0, 1) = lam ~ N(0, 2), which is also the law
+  train.py pretrained the base with, against the style-friendly sampler. The baseline keeps the model's own
+  pretraining law fixed, so a difference is the fine-tuning sampler's alone.
 - The paper's frame, translated by ONE rule for both arms. The SD3 paper's resolution argument moves log-SNR by
   the log of the ratio of the number of values the noise covers: lam_32 = lam_1MP + ln(128*128*16 / (32*32*3))
   = lam_1MP + 4.45. The paper's baseline (SD3.5, shift 3 at 1 MP: lam ~ N(-2.2, 2)) becomes lam ~ N(+2.25, 2)
-  here, and its sampler (lam ~ N(-6, 2)) becomes lam ~ N(-1.55, 2). These two are compared, paired.
-- The untranslated frame: SD3's own sampler, logit-normal (0, 1) = lam ~ N(0, 2), against the style-friendly
-  sampler at mu = +2, -2, -4, -6. train.py pretrains with that same law at 32x32, so the pretraining law belongs
-  to this frame: the base saw lam ~ N(0, 2), not the translated baseline's N(+2.25, 2).
+  here, a baseline that trains at less noise than the base was pretrained with; its sampler (lam ~ N(-6, 2))
+  becomes lam ~ N(-1.55, 2), finetune.py's default. Counting positions only (the 16 latent channels are not
+  independent values) the offset is ln(128*128 / (32*32)) = +2.77: mu -6 becomes -3.23, and the baseline N(+0.57, 2)
+  is within 0.6 of SD3's own N(0, 2), so that row is read against sd3.
 
-The unit of every statistic is the style: a style's score is the mean over its seeds (each its own reference
-images and training noise) and its sampling-noise seeds; CIs are over styles (stats.py).
+The unit of every statistic is the style: a style's score is the mean over its runs (reference sets x training
+seeds) and sampling-noise seeds; CIs are over styles (stats.py).
 """
 import math
 
@@ -20,38 +23,55 @@ from ..rf import NoiseSampler
 from .styles import DEV_STYLES, TEST_STYLES
 
 JUDGE_EPOCHS, JUDGE_LR = 8, 0.05   # the judge's class head needs more epochs than the plain probe to see through styles
-REF_CLASSES = ("horse", "ship", "cat", "truck", "bird", "frog")     # seed s learns from a test image of class s
-PARTS = ("control", "main", "windows", "calibration", "convergence", "ablations")
+REF_CLASSES = ("horse", "ship", "cat", "truck", "bird", "frog")     # reference set r is a test image of class r
+PARTS = ("labels", "main", "control", "convergence", "windows", "calibration")
 
 # --- translating the paper's noise levels to 32x32 pixels -------------------------------------------
 # The paper's latents: 1024x1024 images -> 128x128x16 values. minisnr's images: 32x32x3 values.
 LAM_OFFSET = math.log(128 * 128 * 16 / (32 * 32 * 3))             # +4.45: lam here = lam there + LAM_OFFSET
+LAM_OFFSET_POSITIONS = math.log(128 * 128 / (32 * 32))           # +2.77: the same, counting positions only
 PAPER_MU = -6.0                                                   # the paper's style-friendly mean, at 1 MP
 PAPER_MU_HERE = round(PAPER_MU + LAM_OFFSET, 2)                   # -1.55: finetune.py's default mu
+PAPER_MU_POSITIONS = round(PAPER_MU + LAM_OFFSET_POSITIONS, 2)    # -3.23
 PAPER_SD3_SHIFT = 3 * math.sqrt(32 * 32 * 3 / (128 * 128 * 16))   # shift 3 at 1 MP = shift 0.32 here (same rule)
 
 # --- the samplers ------------------------------------------------------------------------------------
 SAMPLERS = {
+    "sd3": ("SD3 logit-normal (0, 1): the base's own pretraining law", "N(0, 2)",
+            NoiseSampler("logit-normal", m=0.0, s=1.0)),
+    "sf-paper": (f"style-friendly as the paper ran it, translated (mu -6 at 1 MP = {PAPER_MU_HERE:+.2f} here)",
+                 f"N({PAPER_MU_HERE:+.2f}, 2)", NoiseSampler("style-friendly", mu=PAPER_MU_HERE, sigma=2.0)),
     "sd3-paper": (f"SD3 as the paper ran it, translated (shift 3 at 1 MP = {PAPER_SD3_SHIFT:.2f} here)",
                   f"N({-2 * math.log(PAPER_SD3_SHIFT):+.2f}, 2)",
                   NoiseSampler("logit-normal", m=0.0, s=1.0, shift=PAPER_SD3_SHIFT)),
-    "sf-paper": (f"style-friendly as the paper ran it, translated (mu -6 at 1 MP = {PAPER_MU_HERE:+.2f} here)",
-                 f"N({PAPER_MU_HERE:+.2f}, 2)", NoiseSampler("style-friendly", mu=PAPER_MU_HERE, sigma=2.0)),
-    "sd3": ("SD3 logit-normal (0, 1), untranslated", "N(0, 2)", NoiseSampler("logit-normal", m=0.0, s=1.0)),
+    "sf-pos": (f"style-friendly, mu -6 translated by positions only ({PAPER_MU_POSITIONS:+.2f} here)",
+               f"N({PAPER_MU_POSITIONS:+.2f}, 2)", NoiseSampler("style-friendly", mu=PAPER_MU_POSITIONS, sigma=2.0)),
     **{f"sf{mu:+d}": (f"style-friendly mu={mu:+d} sigma=2", f"N({mu:+d}, 2)",
                       NoiseSampler("style-friendly", mu=float(mu), sigma=2.0)) for mu in (2, 0, -2, -4, -6)},
 }
-PAPER_PAIR = ("sd3-paper", "sf-paper")                  # (baseline, sampler) in the paper's frame
-SWEEP = ("sd3", "sf+2", "sf-2", "sf-4", "sf-6")         # the untranslated frame: SD3 first, then the mu sweep
+HEADLINE = ("sd3", "sf-paper", "sd3-paper")      # native baseline, the default sampler, the translated baseline
+MAIN = HEADLINE + ("sf-pos",)                    # the main table: the headline and the position-only row
 NOISE_FLOOR = ("sf+0", "sd3")    # the same law of lam drawn two ways: only with --samplers, its gap is chance
-DEFAULT = "sf-paper"             # finetune.py's default before any run; DEFAULT_RULE may replace it on dev
-DEFAULT_RULE = ("finetune.py keeps the style-friendly sampler with the paper's mu translated to 32x32 (sf-paper, "
-                "mu -1.55) unless, on the dev styles at k = 1, another sampler of the main table has a lower class "
-                "KID with a 95% CI over styles that excludes 0; of those, the one with the lowest mean wins")
-PRINCIPAL = "kid"                # the metric of the rule and the headline: per-class KID to S(real test images)
+DEFAULT = "sf-paper"             # finetune.py's sampler, kept by the last round's dev rule (README, "The study")
+PRINCIPAL = "kid"                # the metric of the rules and the headline: per-class KID to S(real test images)
 
-# --- the positive control: a difference planted by construction -------------------------------------
-CONTROL_SCALES = (0.5, 0.75)     # the paper-frame baseline's adapters, sampled at this fraction of their LoRA
+# --- which label the style is trained on ------------------------------------------------------------
+# Guidance samples v = cfg*v_class - (cfg-1)*v_null: what an adapter puts into the null branch is partly
+# subtracted. 'null' trains the unconditional branch, 'ref' the reference's own class (what --class gives),
+# 'every' gives each view a random class id. Measured at CFG 1 (no guidance) and CFG 3 (the study's).
+LABELS = ("null", "ref", "every")
+LABEL_SAMPLERS = ("sd3", "sf-paper")
+LABEL_WINDOWS = ("0:1", "cfg1")                 # the style on throughout, sampled at --cfg and at CFG 1
+LABEL_CANDIDATES = ("null", "every")            # the two that need no class, so the default works for a painting
+LABEL_BEFORE = "null"                           # finetune.py's label before this rule was applied
+LABEL_RULE = ("finetune.py's default label is the one of 'null' and 'every' (the two that need no class, so the "
+              "default works for a painting) with the lower class KID at the study's CFG on the dev styles at "
+              "k = 1, averaged over SD3 (0, 1) and sf-paper; 'ref' (the reference's class, what --class gives) is "
+              "measured beside them")
+
+# --- the controls: what size of difference the CIs can see ----------------------------------------------
+CONTROL_SCALES = (0.5, 0.75)     # positive: the native baseline's adapters at this fraction of their LoRA
+# null: the same sampler and references, another training seed (the replicated main runs give it for free)
 
 # --- the lam windows (the paper's Fig. 4) and the base-only calibration ---------------------------------
 # The style on only while lam <= X (the noisy start of sampling) or only while lam > X (the clean end). lam = 0 is
@@ -64,35 +84,24 @@ def windows_at(xs):
     return tuple(f"lam<={x}" for x in xs) + tuple(f"lam>{x}" for x in xs)
 
 
-
-# Adapters trained from the least noise to the most, so no adapter is the only evidence about a noise level it was
-# never trained at (the old Fig. 4 looked only at adapters trained at little noise).
-WINDOW_SAMPLERS = ("sd3-paper", "sf+2", "sf-paper", "sf-6")
-LAM_WINDOWS = windows_at(LAM_THRESHOLDS)
+# Adapters trained from the least noise (sd3-paper) to the most (sf-paper), so no adapter is the only evidence
+# about a noise level it was never trained at.
+WINDOW_SAMPLERS = HEADLINE
 CALIBRATION_T = (0.25, 0.5, 0.75)             # real styled images noised to t, integrated back by the base alone
 CALIBRATION_CFG = (1.0, 3.0)
 
 # --- the convergence check ------------------------------------------------------------------------------
-CONVERGENCE_FACTORS = (1 / 3, 1, 10 / 3)      # times the main runs' steps: 100, 300 and 1000 at finetune.py's 300
-CONVERGENCE_SAMPLERS = ("sd3", "sf-paper", "sf-6")
+CONVERGENCE_FACTORS = (1, 10 / 3)             # times the main runs' steps: 300 and 1000 at finetune.py's 300
+CONVERGENCE_SAMPLERS = HEADLINE
 CONVERGENCE_STYLES = 2                        # the first two test styles
 
-# --- the fine-tuning variants (ablations): changes to finetune.py's flags --------------------------------
-REF = "<reference class>"
-VARIANTS = {
-    "main": ({}, "finetune.py's defaults: rank-32 LoRA on attention and MLP, fixed-scale views"),
-    "old-views": ({"crop_min": 0.35}, "the earlier views: random resized crops of 35-100% of a 2x upsampled "
-                                      "reference (blurs the style)"),
-    "attn-only": ({"targets": "qkv,proj"}, "LoRA on attention only (qkv, proj), as the paper's SD3.5 runs"),
-    "rank4": ({"rank": 4}, "LoRA rank 4"),
-    "style-vector": ({"style_vector": True}, "plus a learned style vector (minisnr's own addition)"),
-}
+CHOSEN = "<chosen label>"                     # a plan entry trained on the label LABEL_RULE picks
 
 
 # --- the units and the plan -------------------------------------------------------------------------------
 
 def splits(args):
-    """The splits --split asks for, dev first: the default sampler is chosen on dev before test is run."""
+    """The splits --split asks for, dev first: the default label is chosen on dev before test is run."""
     return ["dev", "test"] if args.split == "both" else [args.split]
 
 
@@ -102,19 +111,19 @@ def styles_of(args, split):
     return [s for s in (DEV_STYLES if split == "dev" else TEST_STYLES) if keep is None or s in keep]
 
 
-def pairs(args, split):
-    """Every (style, seed) of a split. Seeds are replicates within a style; the style is the statistical unit."""
-    return [(style, seed) for style in styles_of(args, split) for seed in range(args.seeds)]
+def replicates(args):
+    """Every (reference set, training seed) of a style: the replicates averaged within it."""
+    return [(ref, seed) for ref in range(args.refs) for seed in range(args.seeds)]
 
 
 def ks(args):
-    """The style-set sizes --ks asks for: 1 (the paper: one reference) and 8 (a style set of 8 images)."""
+    """The style-set sizes --ks asks for: 1 (the paper: one reference); 8 makes a style set of 8 images."""
     return [int(k) for k in args.ks.split(",")]
 
 
 def main_samplers(args):
-    """The samplers of the main table: --samplers if given, else the paper's pair and the sweep."""
-    return args.samplers.split(",") if args.samplers else list(dict.fromkeys(PAPER_PAIR + SWEEP))
+    """The samplers of the main table: --samplers if given, else MAIN."""
+    return args.samplers.split(",") if args.samplers else list(MAIN)
 
 
 def thresholds(args):
@@ -129,46 +138,37 @@ def lam_windows(args):
 
 
 def window_samplers(args):
-    """The samplers whose adapters the lam windows run on: --window-samplers, else those of WINDOW_SAMPLERS that
-    the main table trains (all of them, unless --samplers narrows it)."""
+    """The samplers whose adapters the lam windows run on: --window-samplers, else WINDOW_SAMPLERS."""
     chosen = getattr(args, "window_samplers", "")
-    return chosen.split(",") if chosen else [s for s in WINDOW_SAMPLERS if s in main_samplers(args)]
+    return chosen.split(",") if chosen else list(WINDOW_SAMPLERS)
 
 
 def plan(args, parts, default_steps=300):
-    """Every fine-tune the parts ask for, in order, as (variant, k, style, seed, sampler, steps, windows).
-    steps 0 means finetune.py's default; windows are the sampling windows scored for that adapter."""
-    out, first_k = [], ks(args)[0]
-    test = pairs(args, "test") if "test" in splits(args) else []
-    main = main_samplers(args)
-    if "main" in parts or "control" in parts:
+    """Every run the parts ask for, in order, as (k, style, ref, seed, label, sampler, steps, windows): the dev
+    label runs first (they choose the label of every CHOSEN run), then test. steps 0 = finetune.py's default."""
+    out, k1 = [], ks(args)[0]
+    test = styles_of(args, "test") if "test" in splits(args) else []
+    if "labels" in parts:
         for split in splits(args):
-            for k in ks(args):
-                # at k > 1 only the paper's pair: the sweep is the frame check, run at the first k
-                names = main if k == first_k else [s for s in main if s in PAPER_PAIR]
-                out += [("main", k, st, sd, name, 0, ("0:1",)) for st, sd in pairs(args, split) for name in names]
+            out += [(k1, st, 0, 0, label, name, 0, LABEL_WINDOWS) for st in styles_of(args, split)
+                    for name in LABEL_SAMPLERS for label in LABELS]
+    if "main" in parts:
+        for k in ks(args):
+            names = main_samplers(args) if k == k1 else [s for s in main_samplers(args) if s in HEADLINE]
+            out += [(k, st, ref, seed, CHOSEN, name, 0, ("0:1",)) for ref, seed in replicates(args)
+                    for st in test for name in names]
     if "control" in parts:
-        out += [("main", first_k, st, sd, PAPER_PAIR[0], 0, tuple(f"scale{x:g}" for x in CONTROL_SCALES))
-                for st, sd in test]
-    if "windows" in parts:
-        out += [("main", first_k, st, sd, name, 0, ("0:1",) + lam_windows(args)) for st, sd in test
-                for name in window_samplers(args)]
+        out += [(k1, st, 0, 0, CHOSEN, HEADLINE[0], 0, tuple(f"scale{x:g}" for x in CONTROL_SCALES))
+                for st in test]
     if "convergence" in parts:
-        styles = styles_of(args, "test")[:CONVERGENCE_STYLES]
-        out += [("main", first_k, st, 0, name, steps, ("0:1",)) for st in styles for name in CONVERGENCE_SAMPLERS
-                for steps in convergence_steps(args, default_steps)]
-    if "ablations" in parts:
-        out += [(variant, first_k, st, sd, name, 0, ("0:1",)) for variant in VARIANTS if variant != "main"
-                for st, sd in ablation_pairs(args) for name in PAPER_PAIR]
+        out += [(k1, st, 0, 0, CHOSEN, name, steps, ("0:1",)) for steps in convergence_steps(args, default_steps)
+                for st in test[:CONVERGENCE_STYLES] for name in CONVERGENCE_SAMPLERS]
+    if "windows" in parts:
+        out += [(k1, st, 0, 0, CHOSEN, name, 0, ("0:1",) + lam_windows(args)) for st in test
+                for name in window_samplers(args)]
     return out
 
 
 def convergence_steps(args, default_steps=300):
     """The fine-tuning step counts of the convergence check: CONVERGENCE_FACTORS times --steps (or the default)."""
     return [max(1, round(f * (args.steps or default_steps))) for f in CONVERGENCE_FACTORS]
-
-
-def ablation_pairs(args):
-    """The (style, seed) pairs of --ablation-styles (default: the first two test styles)."""
-    keep = args.ablation_styles.split(",") if args.ablation_styles else list(TEST_STYLES[:2])
-    return [(st, sd) for split in splits(args) for st, sd in pairs(args, split) if st in keep]

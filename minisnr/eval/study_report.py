@@ -13,10 +13,11 @@ from ..io.files import write_json, write_text
 from ..tools.plot import line_plot
 from . import study_protocol as protocol
 from .stats import effect_size, fmt_diff, paired
-from .study_protocol import SAMPLERS, VARIANTS
+from .study_protocol import SAMPLERS
 
 METRICS = (("style_acc", "style acc ↑", True, 1), ("content_acc", "content acc ↑", True, 1),
            ("kid", "class KID×1000 ↓", False, 1000), ("palette", "palette FD ↓", False, 1))
+COPYING = (("ref_class", "share called the reference's class"), ("nn_ref", "distance to the reference"))
 FIXED_LABELS = {"base": "base model, no fine-tune (style off)", "ceiling": "real test images in the style (ceiling)",
                 "copy": "decoy: copies of the reference", "shuffled": "decoy: the reference's pixels, shuffled",
                 "colour-matched": "decoy: real images recoloured to the reference's colours"}
@@ -28,10 +29,11 @@ def _mean(values):
     return sum(values) / len(values)
 
 
-def comparison(study, a, b, styles, k, metric, window_a="0:1", window_b="0:1", variant="main"):
-    """paired() over styles of sampler a (in window_a) minus sampler b (in window_b), or None if runs are missing."""
-    va = study.style_values(a, styles, k, window_a, metric, variant)
-    vb = study.style_values(b, styles, k, window_b, metric, variant)
+def comparison(study, a, b, styles, k, metric, window_a="0:1", window_b="0:1", side_a=None, side_b=None):
+    """paired() over styles of sampler a (in window_a) minus sampler b (in window_b), or None if runs are missing.
+    side_a/side_b: {"label": ..., "reps": [(ref, seed), ...], "steps": N} narrowing each side's runs."""
+    va = study.style_values(a, styles, k, window_a, metric, **(side_a or {}))
+    vb = study.style_values(b, styles, k, window_b, metric, **(side_b or {}))
     if va is None or vb is None:
         return None
     higher = dict((m, h) for m, _, h, _ in METRICS).get(metric, True)
@@ -48,11 +50,12 @@ def _cells(d, scale):
 
 
 def comparison_table(study, rows, styles):
-    """One row per (label, a, b, k, window_a, window_b): Δ of every metric with its CI over styles."""
+    """One row per (label, a, b, k, window_a, window_b[, side_a, side_b]): Δ of every metric with its CI over
+    styles."""
     head = "| comparison | k |" + "".join(f" Δ {label} | better on | d_z |" for _, label, _, _ in METRICS)
     lines = [head, "|---|---|" + "---|---|---|" * len(METRICS)]
-    for label, a, b, k, wa, wb in rows:
-        cells = [comparison(study, a, b, styles, k, m, wa, wb) for m, _, _, _ in METRICS]
+    for label, a, b, k, wa, wb, *sides in rows:
+        cells = [comparison(study, a, b, styles, k, m, wa, wb, *sides) for m, _, _, _ in METRICS]
         if all(c is None for c in cells):
             continue
         lines.append(f"| {label} | {k} " + "".join(_cells(c, s) for c, (_, _, _, s) in zip(cells, METRICS)) + "|")
@@ -60,23 +63,25 @@ def comparison_table(study, rows, styles):
 
 
 def sampler_table(study, styles, k, samplers):
-    """Each sampler's means over styles (no differences): what the comparisons are differences of."""
-    lines = ["| sampler | lam ~ | " + " | ".join(label for _, label, _, _ in METRICS) + " | HF |",
-             "|---|---|" + "---|" * (len(METRICS) + 1)]
+    """Each sampler's means over styles (no differences), with the copying check: what the comparisons are
+    differences of, beside the base, the ceiling and the decoys."""
+    cols = [m for m, *_ in METRICS] + ["hf"] + [m for m, _ in COPYING]
+    scale = dict((m, s) for m, _, _, s in METRICS)
+    lines = ["| sampler | lam ~ | " + " | ".join(label for _, label, _, _ in METRICS) + " | HF | "
+             + " | ".join(label for _, label in COPYING) + " |", "|---|---|" + "---|" * len(cols)]
     for name in samplers:
-        v = {m: study.style_values(name, styles, k, "0:1", m) for m in [m for m, *_ in METRICS] + ["hf"]}
+        v = {m: study.style_values(name, styles, k, "0:1", m) for m in cols}
         if v["kid"] is None:
             continue
-        label = f"**{name}** (default)" if name == study.default else name
+        label = f"**{name}** (default)" if name == protocol.DEFAULT else name
         lines.append(f"| {label}: {SAMPLERS[name][0]} | {SAMPLERS[name][1]} | "
-                     + " | ".join(f"{s * _mean(v[m]):.3f}" for m, _, _, s in METRICS) + f" | {_mean(v['hf']):.3f} |")
+                     + " | ".join(f"{scale.get(m, 1) * _mean(v[m]):.3f}" for m in cols) + " |")
     for key, label in FIXED_LABELS.items():
-        rows = [study.results["fixed"][f"{st}/{sd}"][key] for st in styles for sd in range(study.args.seeds)
-                if f"{st}/{sd}" in study.results["fixed"]]
+        rows = [study.results["fixed"][f"{st}/{r}"][key] for st in styles for r in range(study.args.refs)
+                if f"{st}/{r}" in study.results["fixed"]]
         if rows:
-            lines.append(f"| *{label}* | - | " + " | ".join(f"{s * _mean([r[m] for r in rows]):.3f}"
-                                                           for m, _, _, s in METRICS)
-                         + f" | {_mean([r['hf'] for r in rows]):.3f} |")
+            lines.append(f"| *{label}* | - | " + " | ".join(f"{scale.get(m, 1) * _mean([r[m] for r in rows]):.3f}"
+                                                           for m in cols) + " |")
     return lines
 
 
@@ -86,15 +91,26 @@ def write_report(study):
     paths = {k: os.path.join(study.out, f) for k, f in (("json", "results.json"), ("report", "report.md"),
                                                          ("per_style", "per_style.png"), ("lam", "lam.png"))}
     info = study.judge.info
-    write_json({"settings": vars(a), "default": study.default, "default_rule": study.default_rule,
+    settings = dict(vars(a), ckpt=_by_role(a.ckpt), out=os.path.basename(os.path.normpath(a.out)),
+                    judge=os.path.basename(a.judge), train_data=_by_role(a.train_data), test_data=_by_role(a.test_data))
+    write_json({"settings": settings, "label": study.label, "label_rule": study.label_rule,
                 "judge": {"clean_accuracy": study.judge.test_accuracy, **{k: info.get(k) for k in
                           ("styled_content_accuracy", "style_accuracy")}}, **study.results}, paths["json"])
-    lines = (_intro(study) + _views_section(study) + _control_section(study) + _main_sections(study, paths["per_style"])
-             + _lam_section(study, paths["lam"]) + _calibration_section(study) + _convergence_section(study)
-             + _ablation_section(study))
+    lines = (_intro(study) + _headline_section(study, paths["per_style"]) + _control_section(study)
+             + _label_section(study) + _convergence_section(study) + _lam_section(study, paths["lam"])
+             + _calibration_section(study) + _views_section(study))
     write_text("\n".join(lines), paths["report"])
     print(f"wrote {paths['report']} and {paths['json']}")
     return paths
+
+
+def _by_role(path):
+    """A path as a committed file may carry it: the shipped base by its role, CIFAR-10 by its name, anything else by
+    its last folder name (never the absolute path of the machine that ran the study)."""
+    if path == "cifar10" or os.path.abspath(path) == os.path.abspath(SHIPPED_BASE):
+        return "cifar10" if path == "cifar10" else "the shipped base (minisnr/assets/base.pt)"
+    parts = os.path.normpath(path).split(os.sep)
+    return "/".join(parts[-2:]) if len(parts) > 1 else parts[-1]
 
 
 def _intro(study):
@@ -104,20 +120,117 @@ def _intro(study):
     base = [study.results["fixed"][key]["base"]["content_acc"] for key in study.results["fixed"]]
     base_acc = f"{_mean(base):.3f}" if base else "?"
     shipped = os.path.abspath(a.ckpt) == os.path.abspath(SHIPPED_BASE)
-    base_name = "the shipped base, `minisnr/assets/base.pt`" if shipped else f"`{a.ckpt}`"
+    base_name = "the shipped base, `minisnr/assets/base.pt`" if shipped else f"`{_by_role(a.ckpt)}`"
     return ["# minisnr study: does the style-friendly sampler learn a style better than SD3's?", "",
-            f"Base {base_name}: the judge recognises the class of {base_acc} of its samples (style off). "
-            f"{a.seeds} seed(s) per style, each its own references and training noise; style sets of k = {a.ks} "
-            f"images. Every run is finetune.py with its defaults but the sampler. Scored on {n} samples per sampling "
-            f"seed ({len(study.sample_seeds)} seeds, {a.samples_per_class} per class, {a.sample_steps} Euler steps, "
-            f"CFG {a.cfg:g}); targets: {a.targets_per_class} styled real test images per class, none of them a "
-            f"reference. Judge: clean accuracy {study.judge.test_accuracy:.3f}, content accuracy on styled test "
-            f"images {info.get('styled_content_accuracy', float('nan')):.3f}.", "",
+            f"Base {base_name}: the judge recognises the class of {base_acc} of its samples (style off). Each "
+            f"style is learned from {a.refs} reference set(s) x {a.seeds} training seed(s) (the replicates, averaged "
+            f"within the style) at k = {a.ks} reference image(s), trained on the label '{study.label}'. Every run is "
+            f"finetune.py with its defaults but the sampler, the label and the seed ({study.default_steps} steps). "
+            f"Scored on {n} samples per sampling seed ({len(study.sample_seeds)} seeds, {a.samples_per_class} per "
+            f"class, {a.sample_steps} Euler steps, CFG {a.cfg:g}); targets: {a.targets_per_class} styled real test "
+            f"images per class, none of them a reference. Judge: clean accuracy {study.judge.test_accuracy:.3f}, "
+            f"content accuracy on styled test images {info.get('styled_content_accuracy', float('nan')):.3f}.", "",
             "How to read a comparison: Δ is the first sampler minus the second, mean ± 95% CI over styles (each "
-            "style's seeds averaged first: the style is the unit); 'better on' is the share of styles where the "
-            "first is better; d_z is Δ over the style-to-style spread of Δ. A CI that covers 0 cannot tell the two "
-            "apart; the positive control shows what size of Δ these CIs can see.", "",
-            f"Default rule, written before the run: {protocol.DEFAULT_RULE}.", ""]
+            "style's replicates averaged first: the style is the unit); 'better on' is the share of styles where "
+            "the first is better; d_z is Δ over the style-to-style spread of Δ. A CI that covers 0 cannot tell the "
+            "two apart; the controls show what size of Δ these CIs can see and what chance alone gives.", ""]
+
+
+def _headline_section(study, plot_path):
+    """The headline on the test styles: the native frame first, the translated pair beside it, the position-only
+    row; then each sampler's means with the copying check, and one line per style."""
+    styles, k = protocol.styles_of(study.args, "test"), protocol.ks(study.args)[0]
+    if "test" not in protocol.splits(study.args) or not styles:
+        return []
+    sd3, sf, sd3_paper = protocol.HEADLINE
+    rows = [(f"{sf} − {sd3} (native: against the base's own pretraining law)", sf, sd3, k, "0:1", "0:1"),
+            (f"{sf} − {sd3_paper} (the paper's pair, translated by +{protocol.LAM_OFFSET:.2f})", sf, sd3_paper, k,
+             "0:1", "0:1"),
+            (f"sf-pos − {sd3} (mu -6 translated by positions only, +{protocol.LAM_OFFSET_POSITIONS:.2f})", "sf-pos",
+             sd3, k, "0:1", "0:1")]
+    rows += [(f"{sf} − {sd3_paper}", sf, sd3_paper, kk, "0:1", "0:1") for kk in protocol.ks(study.args)[1:]]
+    rows += [(f"{name} − {sd3}", name, sd3, k, "0:1", "0:1") for name in protocol.main_samplers(study.args)
+             if name not in protocol.MAIN]
+    lines = [f"## The headline: test styles ({len(styles)}): {', '.join(styles)}", "",
+             "The native frame first: SD3 (0, 1) is the law the base was pretrained with, so only the fine-tuning "
+             "sampler differs. The translated baseline trains at less noise than the base ever saw most.", ""]
+    lines += comparison_table(study, rows, styles)
+    lines += ["", f"Means over styles, k = {k}, with the copying check (the share of samples the judge calls the "
+              "reference's own class, chance 0.1; the RMS pixel distance of a sample to its nearest reference, "
+              "0 = a copy):", ""] + sampler_table(study, styles, k, protocol.main_samplers(study.args)) + [""]
+    labels = _plot_per_style(study, rows[:3], plot_path)
+    if labels:
+        lines += [f"![per style]({os.path.basename(plot_path)})", "",
+                  "One line per test style: its Δ class KID×1000 (replicates averaged) in each comparison, "
+                  + ", ".join(f"{i + 1} = {x}" for i, x in enumerate(labels))
+                  + "; below 0 = the first sampler is closer to the style.", ""]
+    return lines
+
+
+def _control_section(study):
+    """The positive control (a difference planted by construction) and the null control (the same sampler and
+    references, another training seed: what chance alone gives)."""
+    styles, k = protocol.styles_of(study.args, "test"), protocol.ks(study.args)[0]
+    base = protocol.HEADLINE[0]
+    first = {"reps": [(0, 0)]}
+    rows = [(f"positive: {base} at {x:g}x strength − at full strength", base, base, k, f"scale{x:g}", "0:1",
+             first, first) for x in protocol.CONTROL_SCALES]
+    if study.args.seeds > 1:
+        for name in protocol.HEADLINE:
+            reps = {s: {"reps": [(r, s) for r in range(study.args.refs)]} for s in (0, 1)}
+            rows.append((f"null: {name}, training seed 1 − seed 0", name, name, k, "0:1", "0:1", reps[1], reps[0]))
+    table = comparison_table(study, rows, styles)
+    if len(table) <= 2:
+        return []
+    return ["## Controls: what the CIs can see, and what chance alone gives (test styles)", "",
+            f"Positive: the {base} adapters (reference set 0, seed 0) sampled with their LoRA scaled down, a weaker "
+            "style by construction. Null: each headline sampler against itself, trained from another seed on the "
+            f"same references ({study.args.refs} set(s) averaged): its Δ is chance, the noise floor of one "
+            "replicate; the headline averages twice as many.", ""] + table + [""]
+
+
+def _label_section(study):
+    """Which label the style is trained on, at CFG 1 and at the study's CFG, and the rule that picked the default."""
+    lines = []
+    for split in ("test", "dev"):
+        styles, k = protocol.styles_of(study.args, split), protocol.ks(study.args)[0]
+        if split not in protocol.splits(study.args) or not styles:
+            continue
+        first = [(0, 0)]
+        rows = [(f"{name}: '{label}' − 'null' at {'CFG 1' if w == 'cfg1' else f'CFG {study.args.cfg:g}'}", name,
+                 name, k, w, w, {"label": label, "reps": first}, {"label": "null", "reps": first})
+                for name in protocol.LABEL_SAMPLERS for w in protocol.LABEL_WINDOWS for label in ("every", "ref")]
+        table = comparison_table(study, rows, styles)
+        if len(table) > 2:
+            lines += [f"### {split} styles ({len(styles)})", ""] + table + [""]
+    if not lines:
+        return []
+    rule = study.label_rule or f"not applied in this run; the label was --label {study.label}"
+    return ["## Which label the style is trained on", "",
+            "Guidance samples v = cfg·v_class − (cfg−1)·v_null: what the adapter puts into the null branch is partly "
+            "subtracted. 'null' trains the unconditional branch, 'ref' the reference's own class (what --class "
+            "gives), 'every' a random class per view. Reference set 0, seed 0.", ""] + lines + \
+        [f"Default label: **{study.label}**. Rule, written before the run: {rule}.", ""]
+
+
+def _convergence_section(study):
+    """Class KID after 300 and 1000 fine-tuning steps, and the native and translated Δ at each."""
+    styles = protocol.styles_of(study.args, "test")[:protocol.CONVERGENCE_STYLES]
+    k, lines = protocol.ks(study.args)[0], []
+    steps_list = protocol.convergence_steps(study.args, study.default_steps)
+    first = [(0, 0)]
+    for name in protocol.CONVERGENCE_SAMPLERS:
+        cells = []
+        for steps in steps_list:
+            v = study.style_values(name, styles, k, reps=first, steps=0 if steps == study.default_steps else steps)
+            cells.append(" / ".join(f"{1000 * x:.1f}" for x in v) if v else "")
+        if any(cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return [f"## Convergence: class KID×1000 after N fine-tuning steps ({' / '.join(styles)}; reference set 0, "
+            "seed 0)", "", "| sampler | " + " | ".join(f"{s} steps" for s in steps_list) + " |",
+            "|---|" + "---|" * len(steps_list)] + lines + [""]
 
 
 def _views_section(study):
@@ -137,52 +250,6 @@ def _views_section(study):
         lines.append(f"| {style} | {new['hf_over_reference']:.2f} | {new['hf_over_targets']:.2f} | "
                      f"{new['colour_error']:.3f} | {old['hf_over_reference']:.2f} | {old['hf_over_targets']:.2f} |")
     return lines + [""]
-
-
-def _control_section(study):
-    """The positive control: the baseline's adapters at a planted fraction of their strength."""
-    styles, k = protocol.styles_of(study.args, "test"), protocol.ks(study.args)[0]
-    base = protocol.PAPER_PAIR[0]
-    rows = [(f"{base} at {x:g}x strength − {base} at full strength", base, base, k, f"scale{x:g}", "0:1")
-            for x in protocol.CONTROL_SCALES]
-    table = comparison_table(study, rows, styles)
-    if len(table) <= 2:
-        return []
-    return ["## Positive control: a difference planted by construction (test styles)", "",
-            f"The {base} adapters sampled with their LoRA scaled down: a weaker style by construction. If the "
-            "protocol could not see this, a null result below would mean nothing.", ""] + table + [""]
-
-
-def _main_sections(study, plot_path):
-    """Per split: the paper's frame (k = 1 and k = 8), the untranslated frame, the sampler means, the default."""
-    lines, plot_rows = [], []
-    base, sf = protocol.PAPER_PAIR
-    samplers = protocol.main_samplers(study.args)
-    for split in ("test", "dev"):
-        styles = protocol.styles_of(study.args, split)
-        if split not in protocol.splits(study.args) or not styles:
-            continue
-        rows = [(f"{sf} − {base} (the paper's pair, translated)", sf, base, k, "0:1", "0:1")
-                for k in protocol.ks(study.args)]
-        rows += [(f"{name} − sd3 (untranslated)", name, "sd3", protocol.ks(study.args)[0], "0:1", "0:1")
-                 for name in samplers if name not in (base, sf, "sd3")]
-        lines += [f"## {split} styles ({len(styles)}): {', '.join(styles)}", ""] + comparison_table(study, rows, styles)
-        for k in protocol.ks(study.args):
-            table = sampler_table(study, styles, k, samplers if k == protocol.ks(study.args)[0] else [base, sf])
-            if len(table) > 2:
-                lines += ["", f"Means over styles, k = {k}:", ""] + table
-        lines.append("")
-        if split == "dev" and study.default_rule:
-            lines += [f"Default chosen on the dev styles: **{study.default}**. {study.default_rule}.", ""]
-        if split == "test":
-            plot_rows = rows
-    labels = _plot_per_style(study, plot_rows, plot_path) if plot_rows else None
-    if labels:
-        lines += [f"![per style]({os.path.basename(plot_path)})", "",
-                  "One line per test style: its Δ class KID×1000 (seeds averaged) in each comparison, "
-                  + ", ".join(f"{i + 1} = {x}" for i, x in enumerate(labels))
-                  + "; below 0 = the first sampler is closer to the style.", ""]
-    return lines
 
 
 def _plot_per_style(study, rows, path):
@@ -211,13 +278,13 @@ def _plot_per_style(study, rows, path):
 
 
 def _lam_section(study, plot_path):
-    """The paper's Fig. 4 without circularity: adapters trained from the least noise to the most, with the style
-    on only below / above lam = X."""
+    """The paper's Fig. 4 without circularity: adapters trained from the least noise to the most (reference set 0,
+    seed 0), with the style on only below / above lam = X."""
     styles, k = protocol.styles_of(study.args, "test"), protocol.ks(study.args)[0]
-    rows = []
+    rows, first = [], {"reps": [(0, 0)]}
     for name in protocol.window_samplers(study.args):
         for w in protocol.lam_windows(study.args):
-            rows.append((f"{name}: on while {w[3:]} − on throughout", name, name, k, w, "0:1"))
+            rows.append((f"{name}: on while {w[3:]} − on throughout", name, name, k, w, "0:1", first, first))
     table = comparison_table(study, rows, styles)
     if len(table) <= 2:
         return []
@@ -226,7 +293,7 @@ def _lam_section(study, plot_path):
     order = ["0:1"] + [w for x in protocol.thresholds(study.args) for w in protocol.windows_at([x])]
     series = []
     for i, name in enumerate(protocol.window_samplers(study.args)):
-        ys = [study.style_values(name, styles, k, w, metric="palette") for w in order]
+        ys = [study.style_values(name, styles, k, w, metric="palette", **first) for w in order]
         series.append({"label": name, "x": list(range(1, len(order) + 1)), "color": COLOURS[i % len(COLOURS)],
                        "y": [_mean(v) if v else float("nan") for v in ys], "marker": "o"})
     line_plot(plot_path, series, title="palette FD with the style on throughout or in part of log-SNR (test styles)",
@@ -256,42 +323,3 @@ def _calibration_section(study):
     return lines + [""]
 
 
-def _convergence_section(study):
-    """Class KID after 100, 300 and 1000 fine-tuning steps."""
-    styles = protocol.styles_of(study.args, "test")[:protocol.CONVERGENCE_STYLES]
-    k, lines = protocol.ks(study.args)[0], []
-    for name in protocol.CONVERGENCE_SAMPLERS:
-        cells = []
-        for steps in protocol.convergence_steps(study.args, study.default_steps):
-            steps_key = 0 if steps == study.default_steps else steps
-            runs = [study.results["runs"].get(f"main/k{k}/{st}/0/{name}" + (f"/steps{steps_key}" if steps_key else ""),
-                                              {}).get("0:1") for st in styles]
-            cells.append(" / ".join(f"{1000 * r['kid']:.1f}" for r in runs) if all(runs) else "")
-        if any(cells):
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if not lines:
-        return []
-    steps = protocol.convergence_steps(study.args, study.default_steps)
-    return [f"## Convergence: class KID×1000 after N fine-tuning steps ({' / '.join(styles)}, seed 0)", "",
-            "| sampler | " + " | ".join(f"{s} steps" for s in steps) + " |",
-            "|---|" + "---|" * len(steps)] + lines + [""]
-
-
-def _ablation_section(study):
-    """Each fine-tuning variant: the paper's pair's Δ under it."""
-    if not any(not key.startswith("main/") for key in study.results["runs"]):
-        return []
-    styles = list(dict.fromkeys(st for st, _ in protocol.ablation_pairs(study.args)))
-    base, sf = protocol.PAPER_PAIR
-    k = protocol.ks(study.args)[0]
-    lines = [f"## Ablations ({', '.join(styles)}; {len(styles)} styles, so CIs are wide or missing)", "",
-             "| variant | " + " | ".join(f"{name} class KID×1000" for name in (base, sf)) + " | Δ KID×1000 |",
-             "|---|---|---|---|"]
-    for variant, (_, what) in VARIANTS.items():
-        va = study.style_values(base, styles, k, variant=variant)
-        vb = study.style_values(sf, styles, k, variant=variant)
-        if va is None or vb is None:
-            continue
-        lines.append(f"| {variant}: {what} | {1000 * _mean(va):.1f} | {1000 * _mean(vb):.1f} | "
-                     f"{fmt_diff(paired(vb, va, False), 1000, 1)} |")
-    return lines + [""]

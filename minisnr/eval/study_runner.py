@@ -17,7 +17,8 @@ from ..io.views import StyleViews
 from ..io.device import autocast_context, pick_device, resolve_precision, sync
 from ..io.files import check_writable, write_json
 from ..io.images import save_png
-from ..rf import add_noise, euler_sample, generate, to_uint8
+from ..lora import inject_lora, lora_parameters
+from ..rf import add_noise, euler_sample, generate, rf_loss, to_uint8
 from ..train.config import FinetuneConfig
 from . import metrics, stats, study_protocol as protocol
 from .finetune_run import finetune
@@ -28,23 +29,69 @@ from .study_samples import cached_samples, read_cached_scores, sample_key, sampl
 from .styles import get_style, match_colours, STYLES
 
 
-def forward_rate(model, device, n=64, repeats=2):
-    """Images per second of one DiT forward pass on this machine (a quick timing for the dry run's guess)."""
-    x = torch.randn(n, model.config.in_channels, model.config.img_size, model.config.img_size, device=device)
-    t, y = torch.full((n,), 0.5, device=device), torch.zeros(n, dtype=torch.long, device=device)
-    with torch.no_grad():
-        model(x, t, y)                                                      # warm-up
-        sync(device)
-        start = time.time()
-        for _ in range(repeats):
-            model(x, t, y)
-        sync(device)
-    return n * repeats / max(time.time() - start, 1e-6)
+# --- the dry run's clock: time what the run repeats, once each ---------------------------------------------
+
+FINETUNE_START_S = 6.0    # one finetune.py process: Python, torch's imports, the base and the references, the save
 
 
-def run_key(variant, k, style, seed, sampler, steps=0):
-    """'VARIANT/kK/STYLE/SEED/SAMPLER' (+ '/stepsN' for a non-default number of fine-tuning steps)."""
-    return f"{variant}/k{k}/{style}/{seed}/{sampler}" + (f"/steps{steps}" if steps else "")
+def _timed(fn, repeats):
+    """Seconds per call of fn(), after one warm-up call."""
+    fn()
+    start = time.time()
+    for _ in range(repeats):
+        fn()
+    return (time.time() - start) / repeats
+
+
+def time_finetune_step(base, ctx, config):
+    """Seconds of one finetune.py step (forward and backward of a rank-`config.rank` LoRA model, Adam)."""
+    model = copy.deepcopy(base)
+    targets, rank, alpha = config.lora()
+    inject_lora(model, targets=targets, rank=rank, alpha=alpha)
+    params = list(lora_parameters(model))
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    device = params[0].device
+    c, size = model.config, model.config.img_size
+    x0 = torch.randn(config.batch_size, c.in_channels, size, size, device=device)
+    y = torch.zeros(config.batch_size, dtype=torch.long, device=device)
+
+    def step():
+        with ctx:
+            loss = rf_loss(model, x0, y, torch.rand(config.batch_size, device=device)).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+    return _timed(step, 5)
+
+
+def time_sampling_pass(base, ctx, n, steps):
+    """Seconds of one sampling pass: n images, `steps` Euler steps with CFG (timed at 2 steps, scaled)."""
+    return _timed(lambda: generate(base, [0] * n, steps=2, ctx=ctx), 1) * steps / 2
+
+
+def time_judge_training(train_data, epochs, batch_size=128):
+    """Seconds to train the judge: a few of its SGD steps on random images, times its steps (a folder's images are
+    counted, CIFAR-10 has 50,000), plus loading the images."""
+    from .probe_net import DEFAULT_WIDTHS, ProbeNet
+    from .probe_train import _sgd, _train_step
+    from .styles import STYLES
+    n = 50_000 if train_data.startswith("cifar10") else \
+        sum(len(files) for _, _, files in os.walk(train_data))
+    net = ProbeNet(10, DEFAULT_WIDTHS, num_styles=len(STYLES) + 1)
+    opt, gen = _sgd(net, 0.05), torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (batch_size,))
+    step_s = _timed(lambda: _train_step(net, opt, images, labels, tuple(STYLES), gen, "cpu"), 3)
+    return step_s * epochs * (n // batch_size) + n / 1500       # loading: ~1500 JPEGs a second
+
+
+def run_key(k, style, ref, seed, label, sampler, steps=0):
+    """'kK/STYLE/refR/seedS/LABEL/SAMPLER' (+ '/stepsN' for a non-default number of fine-tuning steps)."""
+    return f"k{k}/{style}/ref{ref}/seed{seed}/{label}/{sampler}" + (f"/steps{steps}" if steps else "")
+
+
+SCORES_VERSION = 2      # 2: the copying check (ref_class, nn_ref) joined the scores
 
 
 class Study:
@@ -57,13 +104,15 @@ class Study:
         self.ctx = autocast_context(self.device, resolve_precision(args.precision, self.device))
         self.default_steps = args.steps or FinetuneConfig().steps
         self.sample_seeds = [args.sample_seed + i for i in range(args.sample_seeds)]
-        self.t0, self.done = time.time(), 0
+        self.t0, self.done, self.total = time.time(), 0, 0
+        self.reference_class = {}   # style -> class id of the reference being scored (the copying check)
 
     # setting up -----------------------------------------------------------------------------
     def prepare(self):
         """Judge, base model, test split, and which test images are targets, ceiling and references."""
         a = self.args
         check_writable(self.out)
+        print(f"judge: {a.judge} ({'cached' if os.path.exists(a.judge) else 'training it first'})", flush=True)
         self.judge = get_probe(a.judge, a.train_data, a.test_data, epochs=a.judge_epochs, lr=protocol.JUDGE_LR,
                                device=self.device, styles=tuple(STYLES))
         self.base, ckpt = load_pretrained(a.ckpt, use_ema=True, device=self.device)
@@ -75,10 +124,10 @@ class Study:
         # per class: targets first, then the ceiling set, then the references, so no reference is ever scored
         self.per = a.targets_per_class + a.samples_per_class
         self.by_class = [(self.test.labels == c).nonzero().flatten() for c in range(len(self.classes))]
-        need = self.per + max(a.seeds, 1)
+        need = self.per + a.refs
         if min(len(i) for i in self.by_class) < need:
             raise UserError(f"--test-data needs {need} images per class (targets, ceiling and one reference per "
-                            f"seed); lower --targets-per-class or --samples-per-class")
+                            f"reference set); lower --targets-per-class or --samples-per-class")
         self.target_idx = torch.cat([i[:a.targets_per_class] for i in self.by_class])
         self.ceiling_idx = torch.cat([i[a.targets_per_class:self.per] for i in self.by_class])
         self.targets = {}      # style -> (judge features, labels, uint8 images) of S(real test images)
@@ -92,51 +141,54 @@ class Study:
                                    images)
         return self.targets[style]
 
-    def reference_indices(self, seed, k):
-        """Indices into the test split of the k references of one seed. k = 1: a test image of class
-        REF_CLASSES[seed]. k > 1: k images of k different classes (the classes turn with the seed). Every
-        reference comes after the targets and the ceiling images of its class, so none is ever scored."""
+    def reference_indices(self, ref, k):
+        """Indices into the test split of reference set `ref` at size k. k = 1: a test image of class
+        REF_CLASSES[ref]. k > 1: k images of k different classes (the classes turn with the set). Every reference
+        comes after the targets and the ceiling images of its class, so none is ever scored."""
         if k == 1:
-            cls = protocol.REF_CLASSES[seed % len(protocol.REF_CLASSES)]
-            cls = cls if cls in self.classes else self.classes[seed % len(self.classes)]   # another data set
+            cls = protocol.REF_CLASSES[ref % len(protocol.REF_CLASSES)]
+            cls = cls if cls in self.classes else self.classes[ref % len(self.classes)]   # another data set
             picks = [self.classes.index(cls)]
         else:
-            picks = [(seed + j) % len(self.classes) for j in range(k)]
-        pos = self.per + seed                                # the seed's own image of each class
+            picks = [(ref + j) % len(self.classes) for j in range(k)]
+        pos = self.per + ref                                 # the set's own image of each class
         return [int(self.by_class[c][min(pos + j // len(self.classes), len(self.by_class[c]) - 1)])
                 for j, c in enumerate(picks)], picks
 
-    def references(self, style, seed, k):
-        """(what finetune.py --style gets, the class name at k = 1 else None, uint8 (k, 3, H, W)) of one
-        (style, seed) at style-set size k; the PNGs are written once under OUT/references/."""
-        idx, picks = self.reference_indices(seed, k)
+    def references(self, style, ref, k):
+        """(what finetune.py --style gets, the class name of the first reference, uint8 (k, 3, H, W)) of one
+        reference set of a style at size k; the PNGs are written once under OUT/references/."""
+        idx, picks = self.reference_indices(ref, k)
         styled = get_style(style)(self.test.images[idx])
-        folder = os.path.join(self.out, "references", f"{style}_seed{seed}_k{k}")
+        folder = os.path.join(self.out, "references", f"{style}_ref{ref}_k{k}")
         for i, img in enumerate(styled):
             path = os.path.join(folder, f"{i}.png")
             if not os.path.exists(path):
                 from PIL import Image
                 save_png(Image.fromarray(img.permute(1, 2, 0).numpy()), path)
         style_arg = os.path.join(folder, "0.png") if k == 1 else folder
-        return style_arg, (self.classes[picks[0]] if k == 1 else None), styled
+        return style_arg, self.classes[picks[0]], styled
 
     # fine-tuning ----------------------------------------------------------------------------
-    def run_dir(self, variant, k, style, seed, sampler, steps=0):
-        """OUT/runs/VARIANT/kK/STYLE/seedS/SAMPLER[_stepsN]: one fine-tune and its scores."""
-        return os.path.join(self.out, "runs", variant, f"k{k}", style, f"seed{seed}",
+    def label_of(self, label):
+        """The label a plan entry trains on: CHOSEN is the one LABEL_RULE picked (or --label)."""
+        return self.label if label == protocol.CHOSEN else label
+
+    def run_dir(self, k, style, ref, seed, label, sampler, steps=0):
+        """OUT/runs/kK/STYLE/refR_seedS/LABEL/SAMPLER[_stepsN]: one fine-tune and its scores."""
+        return os.path.join(self.out, "runs", f"k{k}", style, f"ref{ref}_seed{seed}", self.label_of(label),
                             sampler + (f"_steps{steps}" if steps else ""))
 
-    def finetune_config(self, variant, k, style, seed, sampler, steps=0):
-        """finetune.py's flags for one run, as its FinetuneConfig: its defaults, the sampler's p(t) and the variant's
-        changes (every field of the sampler is passed, so a resumed run's recorded flags stay the same)."""
-        path, cls, _ = self.references(style, seed, k)
-        noise = protocol.SAMPLERS[sampler][2]
-        changes = {key: (cls if v == protocol.REF else v) for key, v in protocol.VARIANTS[variant][0].items()}
+    def finetune_config(self, k, style, ref, seed, label, sampler, steps=0):
+        """finetune.py's flags for one run, as its FinetuneConfig: its defaults, the sampler's p(t), the label and
+        the training seed (every field of the sampler is passed, so a resumed run's recorded flags stay the same)."""
+        path, cls, _ = self.references(style, ref, k)
+        noise, label = protocol.SAMPLERS[sampler][2], self.label_of(label)
         return FinetuneConfig(                                      # a misspelt flag is a TypeError here
-            base=self.args.ckpt, style=path, out=self.run_dir(variant, k, style, seed, sampler, steps), seed=seed,
-            noise_sampler=noise.kind, m=noise.m, s=noise.s, mu=noise.mu, sigma=noise.sigma, shift=noise.shift,
-            steps=steps or self.default_steps, sample_per_class=0, device=self.args.device,
-            precision=self.args.precision, **changes)
+            base=self.args.ckpt, style=path, out=self.run_dir(k, style, ref, seed, label, sampler, steps), seed=seed,
+            style_class=cls if label == "ref" else label, noise_sampler=noise.kind, m=noise.m, s=noise.s,
+            mu=noise.mu, sigma=noise.sigma, shift=noise.shift, steps=steps or self.default_steps,
+            sample_per_class=0, device=self.args.device, precision=self.args.precision)
 
     def adapter(self, *run):
         """(path of the run's adapter.pt, seconds fine-tuning): finetune.py runs unless the adapter exists."""
@@ -144,26 +196,33 @@ class Study:
         return finetune(flags, log_path=os.path.join(flags["out"], "finetune.log"))
 
     # scoring ----------------------------------------------------------------------------------
-    def sample(self, model, hook=None, seed=0):
+    def sample(self, model, hook=None, seed=0, cfg=None):
         """samples_per_class images of every class from sampling seed `seed`: uint8 (N, 3, H, W), labels (N,)."""
         labels = [c for c in range(len(self.classes)) for _ in range(self.args.samples_per_class)]
-        images = generate(model, labels, steps=self.args.sample_steps, cfg=self.args.cfg, seed=seed,
-                          ctx=self.ctx, step_hook=hook)
+        images = generate(model, labels, steps=self.args.sample_steps, cfg=self.args.cfg if cfg is None else cfg,
+                          seed=seed, ctx=self.ctx, step_hook=hook)
         return images, torch.tensor(labels)
 
-    def score(self, images, labels, style):
-        """The judge's numbers for one set of images asked to be `labels` in `style`."""
+    def score(self, images, labels, style, refs):
+        """The judge's numbers for one set of images asked to be `labels` in `style`, and how close they come to
+        copying the references `refs` (uint8 (k, 3, H, W); the first one's class is ref_class)."""
         got = metrics.measure(self.judge, images)
         feats, target_labels, target_images = self.target(style)
+        ref_class = self.reference_class.get(style, 0)
         return {"style_acc": metrics.style_accuracy(got["style_logits"], self.judge.styles.index(style)),
                 "content_acc": metrics.class_accuracy(got["logits"], labels),
                 "kid": metrics.per_class(metrics.kid, got["pooled"], labels, feats, target_labels),
                 "fd": metrics.per_class(metrics.frechet_distance, got["pooled"], labels, feats, target_labels),
                 "palette": metrics.palette_fd(images, target_images),
-                "hf": got["hf"].mean().item()}
+                "hf": got["hf"].mean().item(),
+                # the copying check: samples the judge calls the reference's class, and the nearest-reference
+                # distance (RMS in [0, 1] pixels, mean over samples; 0 = a copy)
+                "ref_class": (got["logits"].argmax(1) == ref_class).float().mean().item(),
+                "nn_ref": metrics.nearest_distance(images, refs).mean().item()}
 
-    def score_windows(self, adapter, style, todo):
-        """{'WINDOW@SEED': scores} of one adapter, sampling only what has no samples kept."""
+    def score_windows(self, adapter, style, refs, todo):
+        """{'WINDOW@SEED': scores} of one adapter, sampling only what has no samples kept. 'cfgC' is the style on
+        throughout, sampled at CFG C."""
         run_dir, key, model, out = os.path.dirname(adapter), sample_key(self.args), None, {}
         for name in todo:
             window, seed = name.split("@")
@@ -173,29 +232,33 @@ class Study:
                     model = copy.deepcopy(self.base)
                     apply_adapter(model, adapter)
                     model.to(self.device)
-                sample = lambda m, hook=None: self.sample(m, hook, seed=int(seed))    # noqa: E731
-                images = save_samples(run_dir, name, sample_window(model, window, self.args.sample_steps, sample),
-                                      key)
-            out[name] = self.score(*images, style)
+                cfg = float(window[3:]) if window.startswith("cfg") else None
+                sample = lambda m, hook=None: self.sample(m, hook, seed=int(seed), cfg=cfg)    # noqa: E731
+                images = save_samples(run_dir, name, sample_window(model, "0:1" if cfg else window,
+                                                                   self.args.sample_steps, sample), key)
+            out[name] = self.score(*images, style, refs)
         return out
 
-    def scores(self, variant, k, style, seed, sampler, steps, windows):
+    def scores(self, k, style, ref, seed, label, sampler, steps, windows):
         """{window: scores averaged over the sampling seeds} of one run; fine-tunes and samples what is missing."""
-        adapter, ft_s = self.adapter(variant, k, style, seed, sampler, steps)
+        adapter, ft_s = self.adapter(k, style, ref, seed, label, sampler, steps)
+        self.reference_class[style] = self.reference_indices(ref, k)[1][0]
+        refs = self.references(style, ref, k)[2]
         path = os.path.join(os.path.dirname(adapter), "scores.json")
         key = dict(sample_key(self.args), targets_per_class=self.args.targets_per_class,   # what scores depend on
-                   judge=[os.path.abspath(self.args.judge), self.judge.test_accuracy])
+                   judge=[os.path.basename(self.args.judge), self.judge.test_accuracy], version=SCORES_VERSION)
         cached = read_cached_scores(path, key)
         todo = [f"{w}@{s}" for w in windows for s in self.sample_seeds if f"{w}@{s}" not in cached]
         t0 = time.time()
         if todo:
-            cached.update(self.score_windows(adapter, style, todo))
+            cached.update(self.score_windows(adapter, style, refs, todo))
             write_json({"key": key, "scores": cached}, path)
         self.done += 1
         out = {w: stats.mean_dict([cached[f"{w}@{s}"] for s in self.sample_seeds]) for w in windows}
         first = out[windows[0]]
-        run = f"{variant:>10} k{k} {style:>14} seed {seed} {sampler:>9}" + (f" {steps} steps" if steps else "")
-        print(f"[{self.done}] {run} | {f'fine-tuned {ft_s:.0f}s' if ft_s else 'adapter reused'}, "
+        run = f"k{k} {style:>14} ref {ref} seed {seed} {self.label_of(label):>5} {sampler:>9}" + \
+            (f" {steps} steps" if steps else "")
+        print(f"[{self.done}/{self.total}] {run} | {f'fine-tuned {ft_s:.0f}s' if ft_s else 'adapter reused'}, "
               f"{f'sampled {len(todo)} set(s) {time.time() - t0:.0f}s' if todo else 'scores reused'} | {windows[0]}: "
               f"style {first['style_acc']:.2f} content {first['content_acc']:.2f} KID {1000 * first['kid']:.1f} "
               f"palette {first['palette']:.3f} | {(time.time() - self.t0) / 60:.1f} min so far", flush=True)
@@ -207,19 +270,20 @@ class Study:
             self._base_images[seed] = self.sample(self.base, seed=seed)
         return self._base_images[seed]
 
-    def fixed_rows(self, style, seed):
+    def fixed_rows(self, style, ref):
         """Scores of sets that need no fine-tune: the base model (style off), the ceiling (real test images in the
         style) and three decoys a style metric must not reward: copies of the reference, its pixels shuffled, and
         natural images recoloured to the reference's colour statistics (a palette metric does reward that one:
         colour is part of a style; the report says which metric sees what)."""
-        _, _, refs = self.references(style, seed, 1)
+        _, _, refs = self.references(style, ref, 1)
+        self.reference_class[style] = self.reference_indices(ref, 1)[1][0]
         real, labels = self.test.images[self.ceiling_idx], self.test.labels[self.ceiling_idx]
         many_refs = refs[:1].expand(len(real), -1, -1, -1).clone()
-        shuffled = shuffle_pixels(many_refs, torch.Generator().manual_seed(seed))
-        base = stats.mean_dict([self.score(*self.base_images(s), style) for s in self.sample_seeds])
+        shuffled = shuffle_pixels(many_refs, torch.Generator().manual_seed(ref))
+        base = stats.mean_dict([self.score(*self.base_images(s), style, refs) for s in self.sample_seeds])
         sets = {"ceiling": (get_style(style)(real), labels), "copy": (many_refs, labels),
                 "shuffled": (shuffled, labels), "colour-matched": (match_colours(real, many_refs), labels)}
-        return {"base": base, **{name: self.score(*imgs, style) for name, imgs in sets.items()}}
+        return {"base": base, **{name: self.score(*imgs, style, refs) for name, imgs in sets.items()}}
 
     def views_check(self, style, n=256):
         """Do the fine-tuning views look like what is scored? For the k = 1 reference of seed 0, as finetune.py
@@ -246,6 +310,8 @@ class Study:
         """How much of a style the base alone keeps: real styled test images (the ceiling set) noised to t and
         integrated back to t = 0 by the base model (no adapter). {'tT/cfgC': scores}."""
         real, labels = self.test.images[self.ceiling_idx], self.test.labels[self.ceiling_idx]
+        refs = self.references(style, 0, 1)[2]
+        self.reference_class[style] = self.reference_indices(0, 1)[1][0]
         x0 = get_style(style)(real).float().div(127.5).sub(1)                        # (N, 3, H, W) in [-1, 1]
         eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(self.args.sample_seed))
         out = {}
@@ -256,86 +322,96 @@ class Study:
                 with torch.no_grad(), self.ctx:
                     x = euler_sample(self.base.eval(), x_t, labels.to(self.device), steps, cfg,
                                      self.base.config.num_classes, t_start=t)
-                out[f"t{t:g}/cfg{cfg:g}"] = self.score(to_uint8(x).cpu(), labels, style)
+                out[f"t{t:g}/cfg{cfg:g}"] = self.score(to_uint8(x).cpu(), labels, style, refs)
         return out
 
     # the parts ------------------------------------------------------------------------------
     def run(self):
-        """All requested parts in order; the default sampler is chosen from the dev runs before the test parts."""
+        """All requested parts in order; the default label is chosen from the dev runs before any test run."""
         a = self.args
-        self.prepare()
         parts = set(a.parts.split(","))
         plan = protocol.plan(a, parts, self.default_steps)
+        self.label, self.label_rule = a.label, None
         if a.dry_run:
-            return self.dry_run(plan)
+            return self.dry_run(plan, parts)
+        self.prepare()
         self.results = {"fixed": {}, "runs": {}, "calibration": {}, "views": {}}
+        self.total = len(plan)
         for split in protocol.splits(a):
-            for style, seed in protocol.pairs(a, split):
-                self.results["fixed"][f"{style}/{seed}"] = self.fixed_rows(style, seed)
             for style in protocol.styles_of(a, split):
+                for ref in range(a.refs):
+                    self.results["fixed"][f"{style}/{ref}"] = self.fixed_rows(style, ref)
                 self.results["views"][style] = self.views_check(style)
-        self.default, self.default_rule = a.default, None
+        dev = protocol.styles_of(a, "dev") if "dev" in protocol.splits(a) else []
         for run in plan:
-            if "dev" in protocol.splits(a) and self.default_rule is None and run[2] not in protocol.styles_of(a, "dev"):
-                self.default, self.default_rule = self.choose_default()          # every dev run is done by now
+            if self.label_rule is None and run[4] == protocol.CHOSEN and dev and "labels" in parts:
+                self.label, self.label_rule = self.choose_label()              # every dev label run is done by now
             self.record(*run)
         if "calibration" in parts:
             for style in protocol.styles_of(a, "test"):
                 self.results["calibration"][style] = self.calibration(style)
-        if "dev" in protocol.splits(a) and self.default_rule is None:
-            self.default, self.default_rule = self.choose_default()
+        if self.label_rule is None and dev and "labels" in parts:
+            self.label, self.label_rule = self.choose_label()
         return write_report(self)
 
-    def dry_run(self, plan):
-        """Print what is left to do and a first guess of its time, from one timing of the DiT's forward pass."""
-        todo = {r[:6] for r in plan if not os.path.exists(os.path.join(self.run_dir(*r[:6]), "adapter.pt"))}
-        passes = sum(len(r[6]) for r in plan) * len(self.sample_seeds)
-        rate = forward_rate(self.base, self.device)
-        batch = FinetuneConfig().batch_size
-        ft_s = sum((r[5] or self.default_steps) * batch * 3 / rate + 5.0 for r in todo)   # backward ~ 2 forwards
-        n = self.args.samples_per_class * len(self.classes)
-        score_s = n * self.args.sample_steps * 2 / rate                                  # CFG doubles the batch
-        print(f"plan: {len(plan)} runs, {len(todo)} fine-tune(s) still to do (~{ft_s / 60:.0f} min), up to {passes} "
-              f"sampling passes of {n} images (~{score_s:.0f}s each) | DiT forward ~{rate:.0f} img/s | first guess "
-              f"~{(ft_s + passes * score_s) / 60:.0f} min (cached scores are skipped)")
-        return None
+    def dry_run(self, plan, parts):
+        """Print the plan and a guess of its time at once; train nothing and write nothing. The guess times what
+        the run repeats: a fine-tuning step of a LoRA model, a sampling pass, a judge training step."""
+        a = self.args
+        base, _ = load_pretrained(a.ckpt, use_ema=True, device=self.device)
+        dirs = {self.run_dir(*r[:6], 0 if r[6] == self.default_steps else r[6]): r[6] for r in plan}   # each once
+        todo = [steps for d, steps in dirs.items() if not os.path.exists(os.path.join(d, "adapter.pt"))]
+        step_s, pass_s = time_finetune_step(base, self.ctx, FinetuneConfig()), \
+            time_sampling_pass(base, self.ctx, a.samples_per_class * base.config.num_classes, a.sample_steps)
+        ft_s = sum((steps or self.default_steps) * step_s + FINETUNE_START_S for steps in todo)
+        passes = sum(len(r[7]) for r in plan) * len(self.sample_seeds)
+        fixed = len(self.sample_seeds) * (sum(len(protocol.styles_of(a, s)) for s in protocol.splits(a)) > 0)
+        calibration = len(protocol.CALIBRATION_T) * len(protocol.CALIBRATION_CFG) * ("calibration" in parts)
+        sample_s = (passes + fixed + calibration * len(protocol.styles_of(a, "test")) / 2) * pass_s
+        judge_s = 0.0 if os.path.exists(a.judge) else time_judge_training(a.train_data, a.judge_epochs)
+        total = ft_s + sample_s + judge_s
+        print(f"plan: {len(plan)} runs in parts {', '.join(p for p in protocol.PARTS if p in parts)}; "
+              f"label {'chosen on the dev styles' if 'dev' in protocol.splits(a) and 'labels' in parts else a.label}")
+        print(f"  judge: {'cached at ' + a.judge if not judge_s else f'to train (~{judge_s / 60:.0f} min)'}")
+        print(f"  fine-tunes still to do: {len(todo)} (~{ft_s / 60:.0f} min at {step_s * 1000:.0f} ms a step)")
+        print(f"  sampling passes: up to {passes} runs' + {fixed} base (~{sample_s / 60:.0f} min at "
+              f"{pass_s:.1f} s a pass; cached ones are skipped)")
+        print(f"  guess: ~{total / 60:.0f} min on this machine ({self.device})", flush=True)
+        return total
 
-    def record(self, variant, k, style, seed, sampler, steps, windows):
+    def record(self, k, style, ref, seed, label, sampler, steps, windows):
         """Score one run and keep its scores under run_key(...); windows already scored are merged."""
         steps = 0 if steps == self.default_steps else steps          # the default-step run is the main table's
-        key = run_key(variant, k, style, seed, sampler, steps)
-        self.results["runs"].setdefault(key, {}).update(self.scores(variant, k, style, seed, sampler, steps,
+        key = run_key(k, style, ref, seed, self.label_of(label), sampler, steps)
+        self.results["runs"].setdefault(key, {}).update(self.scores(k, style, ref, seed, label, sampler, steps,
                                                                      windows))
 
-    def style_values(self, sampler, styles, k, window="0:1", metric=protocol.PRINCIPAL, variant="main", steps=0):
-        """One number per style: the metric of `sampler` averaged over the style's seeds (None if a run is missing).
-        The style is the unit: its seeds share the style, so they are not independent of each other."""
+    def style_values(self, sampler, styles, k=1, window="0:1", metric=protocol.PRINCIPAL, label=None, steps=0,
+                     reps=None):
+        """One number per style: the metric of `sampler` averaged over the style's replicates (reference sets x
+        training seeds; `reps` narrows them), None if a run is missing. The style is the unit: its replicates share
+        the style, so they are not independent of each other. label None = the chosen label."""
         out = []
         for style in styles:
-            runs = [self.results["runs"].get(run_key(variant, k, style, seed, sampler, steps), {}).get(window)
-                    for seed in range(self.args.seeds)]
+            runs = [self.results["runs"].get(run_key(k, style, ref, seed, label or self.label, sampler, steps),
+                                             {}).get(window) for ref, seed in reps or protocol.replicates(self.args)]
             if any(r is None for r in runs):
                 return None
             out.append(sum(r[metric] for r in runs) / len(runs))
         return out
 
-    def choose_default(self):
-        """protocol.DEFAULT_RULE on the dev styles: (default sampler, the rule with the numbers it saw)."""
-        dev, k = protocol.styles_of(self.args, "dev"), protocol.ks(self.args)[0]
-        incumbent = self.style_values(protocol.DEFAULT, dev, k)
-        if incumbent is None:
-            return self.args.default, "not applied: the dev runs of the default sampler are missing"
-        beats, seen = {}, []
-        for name in protocol.main_samplers(self.args):
-            mine = self.style_values(name, dev, k)
-            if name == protocol.DEFAULT or mine is None:
-                continue
-            d = stats.paired(mine, incumbent, higher_is_better=False)
-            seen.append(f"{name} {stats.fmt_diff(d, 1000, 2)}")
-            if d["mean"] + d["ci"] < 0:                                  # nan CI (one style) never passes
-                beats[name] = d["mean"]
-        best = min(beats, key=beats.get) if beats else protocol.DEFAULT
-        rule = (f"{protocol.DEFAULT_RULE}. Class KID×1000 minus sf-paper's over {len(dev)} dev styles: "
-                + ", ".join(seen) + f" -> {best}")
-        print(f"default sampler from the dev styles: {best} ({rule})", flush=True)
+    def choose_label(self):
+        """protocol.LABEL_RULE on the dev styles: (default label, the rule with the numbers it saw)."""
+        dev, k, first = protocol.styles_of(self.args, "dev"), protocol.ks(self.args)[0], [(0, 0)]
+        means, seen = {}, []
+        for label in protocol.LABEL_CANDIDATES:
+            values = [self.style_values(name, dev, k, label=label, reps=first) for name in protocol.LABEL_SAMPLERS]
+            if any(v is None for v in values):
+                return self.args.label, f"not applied: the dev runs of label {label!r} are missing"
+            means[label] = sum(sum(v) / len(v) for v in values) / len(values)
+            seen.append(f"{label} {1000 * means[label]:.1f}")
+        best = min(means, key=means.get)
+        rule = (f"{protocol.LABEL_RULE}. Class KID×1000 over {len(dev)} dev styles: " + ", ".join(seen)
+                + f" -> {best}")
+        print(f"default label from the dev styles: {best} ({rule})", flush=True)
         return best, rule

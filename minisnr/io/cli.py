@@ -178,9 +178,9 @@ def parse_classes(text, classes):
 
 def resolve_class(name, classes):
     """--class value -> label id; None means the null class (id = number of classes)."""
-    if name in (None, "", "none", "null"):
+    if name in (None, "", "none", "null"):   # finetune.py handles "every" itself (a random class per view)
         return len(classes)
     cid = class_id(name, classes)
     if cid is None:
-        raise UserError(f"unknown --class {name!r}; valid: {', '.join(classes)} (or none)")
+        raise UserError(f"unknown --class {name!r}; valid: {', '.join(classes)}, every or null")
     return cid
