@@ -67,105 +67,125 @@ def test_the_papers_two_arms_are_translated_by_one_rule():
     assert inspect.signature(sample_style_friendly).parameters["mu"].default == STYLE_FRIENDLY_MU
 
 
-def test_study_main_and_control_end_to_end_and_resumes(tiny, tmp_path, capsys):
-    """The control and main parts fine-tune each sampler on every (style, seed) at k = 1 (and the paper's pair at
-    k = 2), apply the default rule on dev, write a report with CIs over styles and the per-style plot, and a rerun
-    reuses every adapter and score."""
+def test_study_main_and_controls_end_to_end_and_resumes(tiny, tmp_path, capsys):
+    """The main part fine-tunes each sampler on every (style, reference set, training seed); the report leads with
+    the native frame, has the positive and the null control and the copying check; a rerun reuses everything."""
     out = str(tmp_path / "study")
-    extra = ("--parts", "control,main", "--styles", TWO_EACH, "--ks", "1,2", "--samplers", "sd3-paper,sf-paper,sd3")
+    extra = ("--split", "test", "--parts", "control,main", "--styles", ",".join(TEST_STYLES[:2]), "--refs", "1",
+             "--seeds", "2", "--samplers", "sd3,sf-paper")
     study.main(argv(tiny, out, *extra))
     log = capsys.readouterr().out
-    runs = 4 * (3 + 2)                                         # 4 styles x (3 samplers at k = 1 + the pair at k = 2)
+    runs = 2 * 2 * 2                                           # 2 styles x 2 samplers x (1 reference set x 2 seeds)
     assert log.count("fine-tuned") == runs, f"expected {runs} fine-tunes, log:\n{log[-1500:]}"
     results = json.load(open(os.path.join(out, "results.json")))
-    assert len(results["runs"]) == runs and results["default"] in study.SAMPLERS
-    assert results["default_rule"].startswith(study_protocol.DEFAULT_RULE), results["default_rule"]
-    control = results["runs"][f"main/k1/{TEST_STYLES[0]}/0/sd3-paper"]
+    assert len(results["runs"]) == runs and results["label"] == "null" and results["label_rule"] is None
+    control = results["runs"][f"k1/{TEST_STYLES[0]}/ref0/seed0/null/sd3"]
     assert {"0:1", "scale0.5", "scale0.75"} <= set(control), "the control samples the baseline at planted strengths"
-    assert {"style_acc", "content_acc", "kid", "palette", "hf"} <= set(control["0:1"])
+    assert {"style_acc", "content_acc", "kid", "palette", "hf", "ref_class", "nn_ref"} <= set(control["0:1"])
+    assert results["fixed"][f"{TEST_STYLES[0]}/0"]["copy"]["nn_ref"] == 0, "a copy of the reference is at distance 0"
     report = open(os.path.join(out, "report.md")).read()
-    for text in ("## Positive control", "sd3-paper at 0.5x strength", f"## test styles (2): {TEST_STYLES[0]}",
-                 "sf-paper − sd3-paper (the paper's pair, translated) | 1 ", "sf-paper − sd3-paper (the paper's pair, "
-                 "translated) | 2 ", "Means over styles, k = 2",
-                 "## dev styles (2)", "Default chosen on the dev styles", "decoy: copies of the reference",
+    for text in ("## The headline: test styles (2)", "sf-paper − sd3 (native: against the base's own pretraining "
+                 "law) | 1 ", "## Controls", "positive: sd3 at 0.5x strength", "null: sf-paper, training seed 1 − "
+                 "seed 0", "share called the reference's class", "decoy: copies of the reference",
                  "real test images in the style (ceiling)", "± ", "palette FD",
                  "## The training data against what is scored"):
         assert text in report, f"the report should contain {text!r}"
+    assert report.index("## The headline") < report.index("## Controls") < report.index("## The training data")
     assert os.path.isfile(os.path.join(out, "per_style.png"))
+    assert "/tmp" not in json.dumps(results["settings"]), "results carry no absolute paths of this machine"
     views = results["views"][TEST_STYLES[0]]      # the tiny data's images are near-flat: test_views.py checks values
     assert {"hf_over_reference", "hf_over_targets", "colour_error"} <= set(views["views"]) == set(views["old_views"])
-    assert all(math.isfinite(v) for part in ("views", "old_views") for v in views[part].values()), views
     study.main(argv(tiny, out, *extra))
     log = capsys.readouterr().out
     assert log.count("adapter reused") == runs + 2 and "fine-tuned" not in log and "sampled" not in log, \
         "a rerun should reuse every adapter and every score"
 
 
-def test_references_are_shared_by_samplers_differ_by_seed_and_are_never_scored(tiny, tmp_path):
-    """Pairing: for one (style, seed, k) every sampler learns from the same references; another seed uses other
-    images; k = 2 uses 2 images of 2 classes; and no reference is among the target or ceiling images."""
-    s = study.Study(study.build_parser().parse_args(argv(tiny, str(tmp_path / "s"), "--seeds", "2")))
+def test_labels_part_trains_each_label_and_applies_the_rule_on_dev(tiny, tmp_path, capsys):
+    """The labels part fine-tunes null, the reference's class and every class for SD3 and sf-paper, scores each at
+    the study's CFG and at CFG 1, and the rule picks the default label from the dev styles."""
+    out = str(tmp_path / "labels")
+    study.main(argv(tiny, out, "--split", "dev", "--parts", "labels", "--styles", DEV_STYLES[0]))
+    results = json.load(open(os.path.join(out, "results.json")))
+    keys = {k.split("/")[4] + "/" + k.split("/")[5] for k in results["runs"]}
+    assert keys == {f"{lab}/{s}" for lab in study.LABELS for s in study_protocol.LABEL_SAMPLERS}, keys
+    assert all(set(w) == {"0:1", "cfg1"} for w in results["runs"].values())
+    assert results["label"] in study_protocol.LABEL_CANDIDATES
+    assert results["label_rule"].startswith(study_protocol.LABEL_RULE), results["label_rule"]
+    adapters = {lab: torch.load(os.path.join(out, "runs", "k1", DEV_STYLES[0], "ref0_seed0", lab, "sd3", "adapter.pt"),
+                                weights_only=True)["meta"]["style_class"] for lab in study.LABELS}
+    assert adapters["every"] == "every" and adapters["null"] == 3 and adapters["ref"] in (0, 1, 2), adapters
+    report = open(os.path.join(out, "report.md")).read()
+    assert "## Which label the style is trained on" in report and "sf-paper: 'every' − 'null' at CFG 1" in report
+    assert f"Default label: **{results['label']}**" in report
+
+
+def test_references_are_shared_by_samplers_differ_by_set_and_are_never_scored(tiny, tmp_path):
+    """Pairing: every sampler and training seed of one (style, reference set) learns from the same reference;
+    another set uses another image; k = 2 uses 2 images of 2 classes; no reference is ever scored."""
+    s = study.Study(study.build_parser().parse_args(argv(tiny, str(tmp_path / "s"), "--refs", "2")))
     s.prepare()
+    s.label = "null"
     style = TEST_STYLES[0]
-    cfgs = {(seed, name): s.finetune_config("main", 1, style, seed, name) for seed in (0, 1) for name in study.SAMPLERS}
-    for seed in (0, 1):
-        assert len({cfgs[seed, n].style for n in study.SAMPLERS}) == 1, "all samplers should share the reference"
-        assert {cfgs[seed, n].seed for n in study.SAMPLERS} == {seed}
-    assert cfgs[0, "sd3"].style != cfgs[1, "sd3"].style, "seeds should use different references"
-    assert cfgs[0, "sf-4"].mu == -4 and cfgs[0, "sd3-paper"].shift == pytest.approx(study.PAPER_SD3_SHIFT)
-    folder, cls, refs = s.references(style, 0, 2)
-    assert os.path.isdir(folder) and len(os.listdir(folder)) == 2 and len(refs) == 2 and cls is None
+    cfgs = {(ref, seed, name): s.finetune_config(1, style, ref, seed, study_protocol.CHOSEN, name)
+            for ref in (0, 1) for seed in (0, 1) for name in study.SAMPLERS}
+    for ref in (0, 1):
+        assert len({c.style for (r, _, _), c in cfgs.items() if r == ref}) == 1, "one reference per set"
+    assert {c.seed for c in cfgs.values()} == {0, 1} and {c.style_class for c in cfgs.values()} == {"null"}
+    assert cfgs[0, 0, "sd3"].style != cfgs[1, 0, "sd3"].style, "reference sets should use different images"
+    assert cfgs[0, 0, "sf-4"].mu == -4 and cfgs[0, 0, "sd3-paper"].shift == pytest.approx(study.PAPER_SD3_SHIFT)
+    assert cfgs[0, 0, "sf-pos"].mu == pytest.approx(-6 + math.log(16), abs=0.005)
+    assert s.finetune_config(1, style, 0, 0, "ref", "sd3").style_class == s.classes[s.reference_indices(0, 1)[1][0]]
+    s.label = "every"
+    assert s.finetune_config(1, style, 0, 0, study_protocol.CHOSEN, "sd3").style_class == "every"
+    folder, _, refs = s.references(style, 0, 2)
+    assert os.path.isdir(folder) and len(os.listdir(folder)) == 2 and len(refs) == 2
     scored = set(torch.cat([s.target_idx, s.ceiling_idx]).tolist())
-    for seed in (0, 1):
+    for ref in (0, 1):
         for k in (1, 2, 3):
-            idx, classes = s.reference_indices(seed, k)
+            idx, classes = s.reference_indices(ref, k)
             assert not set(idx) & scored, "a reference should never be one of the scored images"
             assert len(set(classes)) == k, "a style set's references show different classes"
-    assert s.reference_indices(0, 2)[0] != s.reference_indices(1, 2)[0], "seeds should use other style sets"
 
 
-def test_default_rule_needs_a_ci_over_dev_styles_that_excludes_zero():
-    """The rule written before the run: sf-paper stays unless another sampler beats it on dev with a CI over styles
-    that excludes 0. A sampler that wins only on test, or only on average, is not chosen."""
+def test_label_rule_picks_the_lower_dev_kid_of_null_and_every():
+    """The rule written before the run: of null and every (the labels that need no class), the lower class KID on
+    the dev styles, averaged over SD3 and sf-paper. 'ref' is measured but never the default; test styles never
+    decide."""
     s = study.Study.__new__(study.Study)
-    s.args = study.build_parser().parse_args(["ckpt", "--seeds", "2"])
+    s.args = study.build_parser().parse_args(["ckpt"])
 
-    def runs_with(kids):            # kids: sampler -> function(style index, seed) -> KID on dev
-        out = {}
-        for i, style in enumerate(STYLES):
-            for seed in (0, 1):
-                for name in study_protocol.main_samplers(s.args):
-                    kid = kids.get(name, lambda i, sd: 0.5)(i, seed) if style in DEV_STYLES else (
-                        0.0 if name == "sd3" else 0.9)
-                    out[f"main/k1/{style}/{seed}/{name}"] = {"0:1": {"kid": kid}}
-        return out
-    s.results = {"runs": runs_with({"sf-4": lambda i, sd: 0.4 - 0.01 * i})}
-    assert s.choose_default()[0] == "sf-4", "a clear win on every dev style (CI excludes 0) replaces the default"
-    s.results = {"runs": runs_with({"sf-4": lambda i, sd: [0.1, 0.9, 0.2, 0.8, 0.3, 0.7][i % 6] - 0.05})}
-    name, rule = s.choose_default()
-    assert name == "sf-paper" and "sf-4" in rule, "a better mean whose CI covers 0 keeps the default"
-    s.results = {"runs": runs_with({})}
-    assert s.choose_default()[0] == "sf-paper", "test-only wins (sd3 here) must not change the default"
+    def runs_with(kid):             # kid(label, sampler, style) on dev; test styles favour 'null' strongly
+        return {f"k1/{st}/ref0/seed0/{lab}/{name}": {"0:1": {"kid": kid(lab, name, st) if st in DEV_STYLES else
+                                                             (0.0 if lab == "null" else 1.0)}}
+                for st in STYLES for lab in study.LABELS for name in study_protocol.LABEL_SAMPLERS}
+    s.results = {"runs": runs_with(lambda lab, name, st: {"null": 0.5, "every": 0.4, "ref": 0.1}[lab])}
+    label, rule = s.choose_label()
+    assert label == "every" and "null 500.0, every 400.0" in rule
+    s.results = {"runs": runs_with(lambda lab, name, st: {"null": 0.5, "every": 0.8 if name == "sd3" else 0.3,
+                                                          "ref": 0.1}[lab])}
+    assert s.choose_label()[0] == "null", "the mean over both samplers decides: every 0.55 against null 0.5"
+    s.results = {"runs": runs_with(lambda lab, name, st: {"null": 0.5, "every": 0.9, "ref": 0.1}[lab])}
+    assert s.choose_label()[0] == "null", "ref never becomes the default, and every loses here"
+    s.results = {"runs": {}}
+    assert s.choose_label() == ("null", "not applied: the dev runs of label 'null' are missing")
 
 
-def test_windows_calibration_convergence_and_ablations(tiny, tmp_path):
+def test_windows_calibration_and_convergence(tiny, tmp_path):
     """The other parts run on the test styles, and the report gets their tables."""
     out = str(tmp_path / "parts")
-    study.main(argv(tiny, out, "--split", "test", "--parts", "windows,calibration,convergence,ablations",
-                    "--styles", TEST_STYLES[0], "--samplers", "sd3-paper,sf-paper", "--sample-seeds", "1"))
+    study.main(argv(tiny, out, "--split", "test", "--parts", "windows,calibration,convergence",
+                    "--styles", TEST_STYLES[0], "--window-samplers", "sd3-paper,sf-paper", "--sample-seeds", "1"))
     results = json.load(open(os.path.join(out, "results.json")))
-    lam = results["runs"][f"main/k1/{TEST_STYLES[0]}/0/sd3-paper"]
-    assert set(study.LAM_WINDOWS) <= set(lam), "every sampler's adapters, not only the default's, get lam windows"
-    assert set(results["runs"][f"main/k1/{TEST_STYLES[0]}/0/sf-paper"]) >= set(study.LAM_WINDOWS)
+    lam = results["runs"][f"k1/{TEST_STYLES[0]}/ref0/seed0/null/sd3-paper"]
+    assert set(study_protocol.windows_at(study.LAM_THRESHOLDS)) <= set(lam), "adapters get the lam windows"
     assert set(results["calibration"]) == {TEST_STYLES[0]}
     assert {"t0.25/cfg1", "t0.75/cfg3"} <= set(results["calibration"][TEST_STYLES[0]])
-    conv = [k for k in results["runs"] if k.endswith(("/steps1", "/steps10"))]
-    assert len(conv) == 2 * len(study_protocol.CONVERGENCE_SAMPLERS), conv
-    ablations = {k.split("/")[0] for k in results["runs"]} - {"main"}
-    assert ablations == set(study.VARIANTS) - {"main"}, f"every variant should run, got {ablations}"
+    conv = [k for k in results["runs"] if k.endswith("/steps10")]
+    assert len(conv) == len(study_protocol.CONVERGENCE_SAMPLERS) == 3, conv
     report = open(os.path.join(out, "report.md")).read()
     for text in ("## Where is the style decided?", "sd3-paper: on while <=0", "## Calibration", "t0.5/cfg3",
-                 "## Convergence", "1 steps | 3 steps | 10 steps", "## Ablations", "old-views"):
+                 "## Convergence", "3 steps | 10 steps"):
         assert text in report, f"the report should contain {text!r}"
     assert os.path.isfile(os.path.join(out, "lam.png"))
 
@@ -175,17 +195,30 @@ def test_window_flags_pick_the_lam_part_samplers_and_thresholds():
     args = study.build_parser().parse_args(["--parts", "windows", "--split", "test", "--window-samplers",
                                             "sf-paper,sd3", "--lam-thresholds", "0,1.5"])
     runs = study_protocol.plan(args, {"windows"})
-    assert {r[4] for r in runs} == {"sf-paper", "sd3"}
-    assert {r[6] for r in runs} == {("0:1", "lam<=0", "lam<=1.5", "lam>0", "lam>1.5")}
-    assert len(runs) == 2 * len(study_protocol.pairs(args, "test"))
+    assert {r[5] for r in runs} == {"sf-paper", "sd3"}
+    assert {r[7] for r in runs} == {("0:1", "lam<=0", "lam<=1.5", "lam>0", "lam>1.5")}
+    assert len(runs) == 2 * len(study_protocol.styles_of(args, "test"))
     default = study_protocol.plan(study.build_parser().parse_args(["--parts", "windows"]), {"windows"})
-    assert {r[4] for r in default} == set(study_protocol.WINDOW_SAMPLERS) < set(study_protocol.main_samplers(args))
-    assert {r[6] for r in default} == {("0:1",) + study.LAM_WINDOWS} == {("0:1", "lam<=0", "lam>0")}
-    narrowed = study.build_parser().parse_args(["--parts", "windows", "--samplers", "sd3-paper,sf-paper,sd3"])
-    assert {r[4] for r in study_protocol.plan(narrowed, {"windows"})} == {"sd3-paper", "sf-paper"}
+    assert {r[5] for r in default} == set(study_protocol.WINDOW_SAMPLERS) == set(study_protocol.HEADLINE)
+    assert {r[7] for r in default} == {("0:1", "lam<=0", "lam>0")}
+    assert {(r[2], r[3]) for r in default} == {(0, 0)}, "windows run on reference set 0, seed 0"
     for bad in (["--window-samplers", "sd4"], ["--lam-thresholds", "0,x"], ["--lam-thresholds", "nan"]):
         with pytest.raises(UserError, match="--window-samplers|--lam-thresholds"):
             study.check_args(study.build_parser().parse_args(bad))
+
+
+def test_the_plan_runs_dev_labels_first_and_replicates_the_headline():
+    """The default plan: the dev label runs come before any run on the chosen label; the main table has every
+    test style x (2 reference sets x 2 seeds) x MAIN; convergence covers the three headline samplers."""
+    args = study.build_parser().parse_args([])
+    runs = study_protocol.plan(args, set(study_protocol.PARTS))
+    first_chosen = next(i for i, r in enumerate(runs) if r[4] == study_protocol.CHOSEN)
+    dev_labels = [i for i, r in enumerate(runs) if r[1] in DEV_STYLES]
+    assert dev_labels and max(dev_labels) < first_chosen
+    main = {(r[1], r[2], r[3], r[5]) for r in runs if r[4] == study_protocol.CHOSEN and r[6] == 0}
+    assert main == {(st, ref, seed, name) for st in TEST_STYLES for ref in (0, 1) for seed in (0, 1)
+                    for name in study_protocol.MAIN}
+    assert {r[5] for r in runs if r[6] == 1000} == set(study_protocol.HEADLINE)
 
 
 def test_calibration_starts_from_the_noised_image():
@@ -222,7 +255,7 @@ def test_compare_on_own_painting(tiny, tmp_path, capsys):
 
 def test_study_rejects_bad_flags(tiny, tmp_path):
     """Bad values are one-line errors before any work."""
-    for flags, match in ((("--parts", "main,everything"), "--parts"), (("--default", "sf-3"), "--default"),
+    for flags, match in ((("--parts", "main,everything"), "--parts"), (("--refs", "0"), "--refs"),
                          (("--cfg", "nan"), "--cfg"), (("--samplers", "sd3,sf-9"), "--samplers"),
                          (("--ks", "1,0"), "--ks"), (("--ks", "²"), "--ks"),
                          (("--sample-seeds", "0"), "--sample-seeds")):
@@ -230,14 +263,18 @@ def test_study_rejects_bad_flags(tiny, tmp_path):
             study.main(argv(tiny, str(tmp_path / "x"), *flags))
 
 
-def test_dry_run_counts_what_is_left(tiny, tmp_path, capsys):
-    """--dry-run prints how many fine-tunes are still to do and a time guess, and writes no run."""
-    out = str(tmp_path / "dry")
-    assert study.main(argv(tiny, out, "--parts", "main", "--styles", TWO_EACH, "--dry-run")) is None
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tmp_path, capsys):
+    """--dry-run prints the plan, the fine-tunes still to do (each run folder once) and a time guess, and trains
+    nothing (not even the judge) and writes nothing."""
+    out, judge = tmp_path / "dry", tmp_path / "judge.pt"
+    args = argv(tiny, str(out), "--split", "test", "--parts", "main,control", "--styles", ",".join(TEST_STYLES[:2]),
+                "--dry-run")
+    args[args.index("--judge") + 1] = str(judge)
+    guess = study.main(args)
     log = capsys.readouterr().out
-    runs = 4 * (len(study_protocol.main_samplers(study.build_parser().parse_args(["x"]))) + 2)
-    assert f"{runs} fine-tune(s) still to do" in log and "first guess" in log, log
-    assert not os.path.exists(os.path.join(out, "runs")), "a dry run should fine-tune nothing"
+    runs = 2 * len(study_protocol.MAIN) * 2 * 2              # the control reuses the main runs' adapters
+    assert f"fine-tunes still to do: {runs}" in log and "judge: to train" in log and "guess: ~" in log, log
+    assert guess > 0 and not out.exists() and not judge.exists(), "a dry run should train and write nothing"
 
 
 # --- fine-tuning through finetune.py's command line (minisnr/eval/finetune_run.py) ----------------------------

@@ -391,6 +391,8 @@ class Study:
         """One number per style: the metric of `sampler` averaged over the style's replicates (reference sets x
         training seeds; `reps` narrows them), None if a run is missing. The style is the unit: its replicates share
         the style, so they are not independent of each other. label None = the chosen label."""
+        if not styles:
+            return None
         out = []
         for style in styles:
             runs = [self.results["runs"].get(run_key(k, style, ref, seed, label or self.label, sampler, steps),
