@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from minisnr.io.checkpoint import config_hash, load_pretrained, save_adapter, weights_hash
+from minisnr.io.checkpoint import config_hash, load_pretrained, path_for_record, save_adapter, weights_hash
 from minisnr.io.cli import UserError, parse_config, resolve_class, run_main
 from minisnr.io.data import StyleViews, load_images
 from minisnr.io.device import autocast_context, pick_device, resolve_precision
@@ -30,10 +30,15 @@ from minisnr.train.resume import resume_finetune, rng_state
 from minisnr.train.run import Run
 
 
+# flags that were removed on purpose: each is refused in one line that says what replaces it
+REMOVED_FLAGS = {"--style-vector": "--style-vector was removed: the study could not tell a learned style vector from "
+                                   "LoRA alone, so the LoRA carries the style; drop the flag"}
+
+
 def main(argv=None):
     """Command-line entry point: parse flags, validate them, fine-tune."""
     config, _ = parse_config(FinetuneConfig, None, argv, description=__doc__.splitlines()[0],
-                             aliases={"style_class": ["--class"]})
+                             aliases={"style_class": ["--class"]}, removed=REMOVED_FLAGS)
     config.validate()
     with hold_run_folder(config.out, config.SCRIPT):   # one run per --out at a time
         return finetune(config)
@@ -55,8 +60,7 @@ def finetune(config: FinetuneConfig):
             "base_weights_hash": weights_hash(model.state_dict())}   # identifies the exact frozen weights
     targets, rank, alpha = config.lora()
     try:
-        inject_lora(model, targets=targets, rank=rank, alpha=alpha, dropout=config.lora_dropout,
-                    style=config.style_vector)                # before torch.compile, so it compiles the LoRA too
+        inject_lora(model, targets=targets, rank=rank, alpha=alpha, dropout=config.lora_dropout)   # before compile
     except ValueError as e:
         raise UserError(f"--targets {config.targets!r}: {e}") from None
     params = list(lora_parameters(model))                     # the only tensors that train
@@ -76,8 +80,9 @@ def finetune(config: FinetuneConfig):
     step = resume_finetune(state_path, config, model, optimizer, scaler, device, base) if config.resume else 0
     trainable, total = count_parameters(model)
     print(f"base {config.base}: {total - trainable:,} frozen params | LoRA r={rank} alpha={alpha:g} on "
-          f"{','.join(targets)}{' + style vector' if config.style_vector else ''}: {trainable:,} trainable | "
-          f"{noise.describe()} | {len(views.refs)} reference(s), label {'every class' if every else (classes + ['null'])[label]} | "
+          f"{','.join(targets)}: {trainable:,} trainable | "
+          f"{noise.describe()} | {len(views.refs)} reference(s), label "
+          f"{'every class' if every else (classes + ['null'])[label]} | "
           f"{device} {precision}")
 
     def save():
@@ -115,8 +120,8 @@ def finetune(config: FinetuneConfig):
     adapter_path = os.path.join(config.out, "adapter.pt")
     run.claim("adapter.pt")
     run.write(save_adapter, model, adapter_path, dict(
-        base_ckpt=config.base, base_config=model.config.to_dict(), **base, targets=list(targets), rank=rank,
-        alpha=alpha, lora_dropout=config.lora_dropout, noise_sampler=noise.to_dict(), style_files=files,
+        base_ckpt=path_for_record(config.base), base_config=model.config.to_dict(), **base, targets=list(targets),
+        rank=rank, alpha=alpha, lora_dropout=config.lora_dropout, noise_sampler=noise.to_dict(), style_files=files,
         style_class="every" if every else label, style_name=os.path.splitext(os.path.basename(files[0]))[0],
         finetune_config=asdict(config), classes=classes, steps_done=step, seconds=round(time.time() - start, 1)))
     print(f"saved {adapter_path} ({os.path.getsize(adapter_path) / 1024:.0f} KB) after {step} steps in "

@@ -216,8 +216,8 @@ def use_compile(config: TrainConfig, device):
 @dataclass
 class FinetuneConfig:
     """Every finetune.py flag, its default and its one-line reason (shown by --help)."""
-    base: str = knob(SHIPPED_BASE, "pretrained checkpoint (train.py's ckpt.pt); its EMA weights are the frozen "
-                                   "base. Default: the base that ships with minisnr")
+    base: str = knob(SHIPPED_BASE, "pretrained checkpoint (train.py's ckpt.pt); its EMA weights are the frozen base",
+                     shown="the shipped base, minisnr/assets/base.pt")
     style: str = knob(None, "style reference: an image file, a folder of images, or a comma-separated list")
     out: str = knob("runs/style", "folder for adapter.pt, log.jsonl, samples and the resumable state.pt")
     resume: bool = knob(False, "continue from OUT/state.pt with the exact same data order and noise")
@@ -242,8 +242,6 @@ class FinetuneConfig:
     lora_dropout: float = knob(0.0, "dropout on the LoRA branch input")
     targets: str = knob(",".join(DEFAULT_TARGETS), "comma-separated names of the Linear layers to adapt "
                                                     "(attention and MLP)")
-    style_vector: bool = knob(False, "also learn a style vector added to the conditioning (minisnr's own addition; "
-                                     "the paper has none, so it is off)")
     # optimisation
     steps: int = knob(300, "optimisation steps, as in the paper")
     batch_size: int = knob(4, "views per step, as in the paper")
