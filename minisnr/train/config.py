@@ -4,6 +4,7 @@ Each field of a config dataclass becomes a flag (minisnr.io.cli.parse_config): `
 --batch-size, and its reason is its --help line. validate() raises a one-line UserError naming
 the flag to fix, before anything is loaded or written.
 """
+import math
 import os
 from dataclasses import dataclass
 from typing import ClassVar
@@ -16,20 +17,20 @@ from ..io.files import require_file
 from ..io.safety import check_device, check_out_not_input, check_seed, guard_run_folder
 from ..lora import DEFAULT_TARGETS
 from ..model import build_model, DIT_PRESETS
-from ..rf import BadArgument, NoiseSampler, STYLE_FRIENDLY_MU
+from ..rf import SAMPLERS as NOISE_SAMPLERS, STYLE_FRIENDLY_MU
 
 
-NOISE_FLAGS = {"kind": "--noise-sampler", "m": "--m", "s": "--s", "mu": "--mu", "sigma": "--sigma", "shift": "--shift"}
-
-
-def noise_sampler(config):
-    """p(t), the NoiseSampler that --noise-sampler, --m, --s, --mu, --sigma and --shift describe: the one place a
-    script's flags become the method's sampler. A bad value is a one-line UserError naming its flag."""
-    try:
-        return NoiseSampler(kind=config.noise_sampler, m=config.m, s=config.s, mu=config.mu, sigma=config.sigma,
-                            shift=config.shift)
-    except BadArgument as e:
-        raise UserError(f"{NOISE_FLAGS[e.arg]} {e.problem}") from None
+def check_noise_flags(config):
+    """One-line UserError, naming the flag, unless the p(t) flags describe a distribution."""
+    if config.noise_sampler not in NOISE_SAMPLERS:
+        raise UserError(f"--noise-sampler {config.noise_sampler!r} is unknown; choose one of "
+                        f"{', '.join(NOISE_SAMPLERS)}")
+    for name in ("m", "s", "mu", "sigma", "shift"):
+        value = getattr(config, name)
+        if not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number, got {value}")
+        if name in ("s", "sigma", "shift") and value <= 0:
+            raise UserError(f"--{name} must be > 0, got {value}" + ("; 1 means no shift" if name == "shift" else ""))
 
 
 def check_at_least(config, minimum, names, note=""):
@@ -165,7 +166,7 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        noise_sampler(self)
+        check_noise_flags(self)
         check_seed(self.seed)
         check_device(self.device)
         check_out_not_input(self.out, [("--data", data_folder(self.data))])
@@ -303,7 +304,7 @@ class FinetuneConfig:
             raise UserError(f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.alpha is not None and self.alpha <= 0:
             raise UserError(f"--alpha must be > 0 (the LoRA update is scaled by alpha/rank), got {self.alpha}")
-        noise_sampler(self)
+        check_noise_flags(self)
         check_seed(self.seed)
         check_device(self.device)
         check_out_not_input(self.out, [("--style", p) for p in self.style.split(",") if p], base=self.base)
