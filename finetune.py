@@ -5,9 +5,16 @@
     python finetune.py ... --noise-sampler logit-normal --m 0 --s 1      # the SD3 baseline
     python sample.py runs/pretrain/ckpt.pt --lora runs/style/adapter.pt  # any class, in the style
 
+The paper's settings (Choi et al. 2024, on SD3.5 and FLUX) and where they are here, as the flags' defaults:
+
+    noise levels   lam ~ N(mu = -6, sigma = 2)   --mu -1.55 --sigma 2 (the same noise level at 32x32 pixels)
+    LoRA           rank 32 on attention          --rank 32 on attention and MLP (--targets qkv,proj for attention)
+    optimiser      Adam, lr 1e-4                 --lr 1e-4 (AdamW without weight decay is Adam)
+    length         300 steps of batch 4          --steps 300 --batch-size 4
+    style set      one reference image           --style FILE (a folder or a list gives a few)
+
 Only the LoRA layers (minisnr/lora.py) train and are saved: OUT/adapter.pt is 2.3 MB at rank 32 on the cpu preset.
-The method is one line of the loop, t = noise(...). The default draws lam ~ N(mu, sigma) with mu = -1.55, sigma = 2:
-the paper's mu = -6 for 1-megapixel latents, translated to 32x32 pixels (minisnr/rf.py; README, "The study").
+The method is one line of the loop, t = noise(...), with noise the sampler built from the flags just above it.
 """
 import os
 import time
@@ -16,7 +23,7 @@ from functools import partial
 
 import torch
 
-from minisnr.io.checkpoint import config_hash, load_pretrained, save_adapter, weights_hash
+from minisnr.io.checkpoint import config_hash, load_pretrained, path_for_record, save_adapter, weights_hash
 from minisnr.io.cli import UserError, parse_config, resolve_class, run_main
 from minisnr.io.data import StyleViews, load_images
 from minisnr.io.device import autocast_context, pick_device, resolve_precision
@@ -24,16 +31,21 @@ from minisnr.io.files import atomic_save
 from minisnr.io.images import save_style_off_on
 from minisnr.io.safety import hold_run_folder
 from minisnr.lora import count_parameters, inject_lora, lora_parameters, lora_state_dict
-from minisnr.rf import generate, rf_loss
-from minisnr.train.config import FinetuneConfig, noise_sampler
+from minisnr.rf import generate, NoiseSampler, rf_loss
+from minisnr.train.config import FinetuneConfig
 from minisnr.train.resume import resume_finetune, rng_state
 from minisnr.train.run import Run
+
+
+# flags that were removed on purpose: each is refused in one line that says what replaces it
+REMOVED_FLAGS = {"--style-vector": "--style-vector was removed: the study could not tell a learned style vector from "
+                                   "LoRA alone, so the LoRA carries the style; drop the flag"}
 
 
 def main(argv=None):
     """Command-line entry point: parse flags, validate them, fine-tune."""
     config, _ = parse_config(FinetuneConfig, None, argv, description=__doc__.splitlines()[0],
-                             aliases={"style_class": ["--class"]})
+                             aliases={"style_class": ["--class"]}, removed=REMOVED_FLAGS)
     config.validate()
     with hold_run_folder(config.out, config.SCRIPT):   # one run per --out at a time
         return finetune(config)
@@ -55,29 +67,36 @@ def finetune(config: FinetuneConfig):
             "base_weights_hash": weights_hash(model.state_dict())}   # identifies the exact frozen weights
     targets, rank, alpha = config.lora()
     try:
-        inject_lora(model, targets=targets, rank=rank, alpha=alpha, dropout=config.lora_dropout,
-                    style=config.style_vector)                # before torch.compile, so it compiles the LoRA too
+        inject_lora(model, targets=targets, rank=rank, alpha=alpha, dropout=config.lora_dropout)   # before compile
     except ValueError as e:
         raise UserError(f"--targets {config.targets!r}: {e}") from None
     params = list(lora_parameters(model))                     # the only tensors that train
-    fused = device.type == "cuda"                             # AdamW without weight decay is the paper's Adam
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=0.0,
+    fused = device.type == "cuda"                             # one kernel for all tensors on a GPU
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=0.0,   # the paper's Adam
                                   fused=fused, foreach=None if fused else True)
-    # Which label the style is trained on. Guidance samples v = cfg*v_class - (cfg-1)*v_null, so a style trained
-    # only into the null branch is partly subtracted; 'every' gives each view a random class, so every class's branch
-    # learns it, and needs no class for a painting.
+
+    # --- the style set and the label it is trained on. Guidance samples v = cfg*v_class - (cfg-1)*v_null, so a
+    # style trained only into the null branch is partly subtracted; 'every' gives each view a random class, so every
+    # class's branch learns it, and it needs no class for a painting.
     every = config.style_class == "every"
     label = None if every else resolve_class(config.style_class, classes)
     files = [p for p in config.style.split(",") if p]
     views = StyleViews(load_images(files, max_side=4 * config.ref_size), size=model.config.img_size,
                        ref_size=config.ref_size, crop_min=config.crop_min, device=device)
-    noise = noise_sampler(config)                             # p(t): lam ~ N(mu, sigma) by default, the method
+
+    # --- p(t), the paper's one change. The style-friendly sampler draws the log-SNR lam ~ N(mu, sigma) and maps it
+    # to t = sigmoid(-lam / 2) (rf.py): the paper's mu = -6 at 1 megapixel is mu = -1.55 at 32x32 pixels, the same
+    # noise level, so most draws land at high noise, where the paper finds style is decided. sigma = 2, as there.
+    # --noise-sampler logit-normal --m 0 --s 1 is SD3's law (logit t ~ N(0, 1)), the baseline.
+    noise = NoiseSampler(kind=config.noise_sampler, mu=config.mu, sigma=config.sigma, m=config.m, s=config.s,
+                         shift=config.shift)
     state_path = os.path.join(config.out, "state.pt")
     step = resume_finetune(state_path, config, model, optimizer, scaler, device, base) if config.resume else 0
     trainable, total = count_parameters(model)
     print(f"base {config.base}: {total - trainable:,} frozen params | LoRA r={rank} alpha={alpha:g} on "
-          f"{','.join(targets)}{' + style vector' if config.style_vector else ''}: {trainable:,} trainable | "
-          f"{noise.describe()} | {len(views.refs)} reference(s), label {'every class' if every else (classes + ['null'])[label]} | "
+          f"{','.join(targets)}: {trainable:,} trainable | "
+          f"{noise.describe()} | {len(views.refs)} reference(s), label "
+          f"{'every class' if every else (classes + ['null'])[label]} | "
           f"{device} {precision}")
 
     def save():
@@ -115,8 +134,8 @@ def finetune(config: FinetuneConfig):
     adapter_path = os.path.join(config.out, "adapter.pt")
     run.claim("adapter.pt")
     run.write(save_adapter, model, adapter_path, dict(
-        base_ckpt=config.base, base_config=model.config.to_dict(), **base, targets=list(targets), rank=rank,
-        alpha=alpha, lora_dropout=config.lora_dropout, noise_sampler=noise.to_dict(), style_files=files,
+        base_ckpt=path_for_record(config.base), base_config=model.config.to_dict(), **base, targets=list(targets),
+        rank=rank, alpha=alpha, lora_dropout=config.lora_dropout, noise_sampler=noise.to_dict(), style_files=files,
         style_class="every" if every else label, style_name=os.path.splitext(os.path.basename(files[0]))[0],
         finetune_config=asdict(config), classes=classes, steps_done=step, seconds=round(time.time() - start, 1)))
     print(f"saved {adapter_path} ({os.path.getsize(adapter_path) / 1024:.0f} KB) after {step} steps in "

@@ -13,7 +13,7 @@ import os
 from functools import partial
 
 from minisnr.io.sample_folder import sample_to_folder
-from minisnr.io.checkpoint import apply_adapter, load_pretrained, require_file, SHIPPED_BASE
+from minisnr.io.checkpoint import apply_adapter, load_pretrained, path_for_record, require_file, SHIPPED_BASE
 from minisnr.io.cli import OneLineErrorParser, UserError, finite_float, parse_classes, parse_style_window, run_main
 from minisnr.io.device import autocast_context, resolve_precision
 from minisnr.io.images import save_image_grid, save_style_off_on
@@ -90,8 +90,8 @@ def main(argv=None):
         raise UserError(f"--n {args.n} x {len(ids)} classes = {args.n * len(ids)} images, more than one grid holds "
                         f"({MAX_GRID_IMAGES}); lower --n, or pass fewer --classes and run it again")
     labels = [c for c in ids for _ in range(args.n)]
-    meta = {"ckpt": args.ckpt, "classes": args.classes, "n": args.n, "cfg": args.cfg, "steps": args.steps,
-            "seed": args.seed, "ema": not args.raw}
+    meta = {"ckpt": path_for_record(args.ckpt), "classes": args.classes, "n": args.n, "cfg": args.cfg,
+            "steps": args.steps, "seed": args.seed, "ema": not args.raw}
     draw = partial(generate, model, labels, steps=args.steps, cfg=args.cfg, seed=args.seed,
                    ctx=autocast_context(device, precision))
 

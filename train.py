@@ -22,8 +22,8 @@ from minisnr.io.files import atomic_save
 from minisnr.io.images import save_image_grid
 from minisnr.io.safety import hold_run_folder
 from minisnr.model import build_model
-from minisnr.rf import generate, rf_loss
-from minisnr.train.config import PRESETS, TrainConfig, noise_sampler, use_compile
+from minisnr.rf import generate, NoiseSampler, rf_loss
+from minisnr.train.config import PRESETS, TrainConfig, use_compile
 from minisnr.train.ddp import cleanup_distributed, rank_device, setup_distributed, wrap_for_training
 from minisnr.train.resume import resume_pretrain, rng_state
 from minisnr.train.run import Run
@@ -93,7 +93,9 @@ def train(config: TrainConfig, rank=0, local_rank=0, world=1):
     fused = device.type == "cuda"                             # one kernel for all parameters on a GPU
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99),
                                   weight_decay=config.weight_decay, fused=fused, foreach=None if fused else True)
-    noise = noise_sampler(config)                             # p(t): where the training noise levels come from
+    # p(t), where the training noise levels come from: SD3's logit-normal by default (logit t ~ N(m, s))
+    noise = NoiseSampler(kind=config.noise_sampler, m=config.m, s=config.s, mu=config.mu, sigma=config.sigma,
+                         shift=config.shift)
     ckpt_path = os.path.join(config.out, "ckpt.pt")
     step = resume(ckpt_path, config, model, ema, optimizer, scaler, loader, device, rank=rank) if config.resume else 0
     compiled = use_compile(config, device)

@@ -1,4 +1,4 @@
-"""Low-rank adaptation (LoRA) and an optional learned style vector, written out by hand.
+"""Low-rank adaptation (LoRA), written out by hand.
 
 LoRA (Hu et al., 2021) freezes a pretrained linear layer W and learns a low-rank update:
 
@@ -8,15 +8,12 @@ Because B starts at zero, a freshly wrapped model computes exactly what the base
 computed; training moves B (and A) away from zero. Only A and B, r * (in + out) numbers
 per layer, are trained and saved.
 
-The style vector (finetune.py --style-vector true; off by default, as in the paper, which
-prompts "... in {style} style") is minisnr's class-label analogue of that prompt: one learned
-vector s added to the conditioning c = embed(t) + embed(y) + s of every adaLN modulation.
-One knob, the style scale, multiplies both the LoRA update and s: scale 1 is the learned
-style, scale 0 exactly the base model, and the sampler can flip it per step
-(sample.py --style-steps a:b) to test where in the trajectory the style is decided.
+One knob, the style scale, multiplies every LoRA update: scale 1 is the learned style, scale 0
+exactly the base model, and the sampler can flip it per step (sample.py --style-steps a:b) to
+test where in the trajectory the style is decided.
 
-Every trainable tensor here has a name starting with `lora_` (lora_A, lora_B,
-lora_style), so "what to train" and "what to save" are each one line:
+Every trainable tensor here has a name starting with `lora_` (lora_A, lora_B), so "what to
+train" and "what to save" are each one line:
 
     trainable = [p for n, p in model.named_parameters() if "lora_" in n]
     adapter   = {k: v for k, v in model.state_dict().items() if "lora_" in k}
@@ -86,26 +83,13 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, merged={self.merged}"
 
 
-class StyleEmbedder(nn.Module):
-    """A learned vector s (zeros at start) added to the DiT conditioning vector, times `scale`."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.lora_style = nn.Parameter(torch.zeros(dim))
-        self.scale = 1.0
-
-    def forward(self):
-        """The learned style vector times its scale, shape (D,); added to the conditioning c."""
-        return self.scale * self.lora_style  # (D,)
-
-
 def _matches(name, targets):
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def inject_lora(model, targets=DEFAULT_TARGETS, rank=32, alpha=None, dropout=0.0, style=True):
-    """Freeze `model`, wrap every nn.Linear whose name ends in one of `targets` with LoRALinear,
-    and (if style) attach a StyleEmbedder. Returns the names of the wrapped layers.
+def inject_lora(model, targets=DEFAULT_TARGETS, rank=32, alpha=None, dropout=0.0):
+    """Freeze `model` and wrap every nn.Linear whose name ends in one of `targets` with LoRALinear.
+    Returns the names of the wrapped layers.
 
     Call it before torch.compile. alpha defaults to rank (scale 1), as in the paper.
     """
@@ -120,8 +104,6 @@ def inject_lora(model, targets=DEFAULT_TARGETS, rank=32, alpha=None, dropout=0.0
                 wrapped.append(full)
     if not wrapped:
         raise ValueError(f"no nn.Linear layer matches LoRA targets {list(targets)}; try {','.join(DEFAULT_TARGETS)}")
-    if style:
-        model.style_embedder = StyleEmbedder(model.config.dim).to(next(model.parameters()).device)
     return wrapped
 
 
@@ -131,7 +113,7 @@ def lora_parameters(model):
 
 
 def lora_state_dict(model):
-    """Only the adapter tensors (LoRA A/B, the style vector): 2.3 MB at rank 32 on the cpu preset, not 17 MB."""
+    """Only the adapter tensors (LoRA A and B): 2.3 MB at rank 32 on the cpu preset, not 17 MB."""
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k}
 
 
@@ -149,15 +131,13 @@ def load_lora_state_dict(model, state):
 
 
 def set_style_scale(model, scale):
-    """Scale the whole style at once: each LoRA update by scale * alpha / r, the style embedding by scale.
-    0 switches the style off and gives exactly the base model."""
+    """Scale the whole style at once: each LoRA update by scale * alpha / r. 0 switches the style off and gives
+    exactly the base model."""
     for m in model.modules():
         if isinstance(m, LoRALinear):
             if m.merged:
                 raise ValueError("unmerge() the LoRA layers before changing the style scale")
             m.scale = scale * m.alpha / m.rank
-        elif isinstance(m, StyleEmbedder):
-            m.scale = scale
 
 
 def style_window_hook(model, start, end, steps, scale=1.0):

@@ -8,7 +8,7 @@ for what x_t and v mean). It knows nothing about noise schedules or sampling.
 Pipeline (N images, T = (H/p)*(W/p) tokens, D channels):
     image (N, C, H, W) --patchify--> tokens (N, T, p*p*C) --linear--> (N, T, D)
     + fixed 2D sin-cos positional embedding
-    conditioning c = embed(t) + embed(y) [+ style embedding, added by minisnr/lora.py]
+    conditioning c = embed(t) + embed(y)
     depth x DiTBlock: attention and MLP, each modulated by c through adaLN-Zero
     FinalLayer: adaLN, linear back to p*p*C --unpatchify--> (N, C, H, W)
 
@@ -199,7 +199,6 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(c.dim, self.grid), persistent=False)
         self.t_embedder = TimestepEmbedder(c.dim)
         self.y_embedder = LabelEmbedder(c.num_classes, c.dim, c.class_dropout)
-        self.style_embedder = None  # slot for a learned style vector; see minisnr/lora.py
         self.blocks = nn.ModuleList([DiTBlock(c.dim, c.heads, c.mlp_ratio) for _ in range(c.depth)])
         self.final_layer = FinalLayer(c.dim, c.patch_size, c.in_channels)
         self.initialize_weights()
@@ -242,8 +241,6 @@ class DiT(nn.Module):
         """x: (N, C, H, W) noisy images x_t; t: (N,) noise levels in [0, 1]; y: (N,) labels. Returns v: (N, C, H, W)."""
         h = self.patch_embed(self.patchify(x)) + self.pos_embed            # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)                        # (N, D)
-        if self.style_embedder is not None:
-            c = c + self.style_embedder()                                  # (N, D) + (D,)
         for block in self.blocks:
             h = block(h, c)                                                # (N, T, D)
         h = self.final_layer(h, c)                                         # (N, T, p*p*C)

@@ -84,14 +84,6 @@ def sample_style_friendly(n, mu=STYLE_FRIENDLY_MU, sigma=2.0, device="cpu", gene
 SAMPLERS = ("uniform", "logit-normal", "style-friendly")
 
 
-class BadArgument(ValueError):
-    """A ValueError that names its argument (.arg), so a script can point at the flag that set it."""
-
-    def __init__(self, arg, problem):
-        super().__init__(f"{arg} {problem}")
-        self.arg, self.problem = arg, problem
-
-
 @dataclass
 class NoiseSampler:
     """Draws training noise levels t from one of the named distributions in SAMPLERS.
@@ -107,15 +99,14 @@ class NoiseSampler:
     shift: float = 1.0    # SD3/FLUX shift k; 1 means no shift
 
     def __post_init__(self):
-        """Refuse settings that define no distribution; each message starts with the argument's name."""
+        """Refuse settings that define no distribution (the scripts check their flags before this, by name)."""
         if self.kind not in SAMPLERS:
-            raise BadArgument("kind", f"{self.kind!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+            raise ValueError(f"kind {self.kind!r} is unknown; choose one of {', '.join(SAMPLERS)}")
         for name in ("m", "s", "mu", "sigma", "shift"):
             value = getattr(self, name)
-            if not math.isfinite(value):
-                raise BadArgument(name, f"must be a finite number, got {value}")
-            if name in ("s", "sigma", "shift") and value <= 0:
-                raise BadArgument(name, f"must be > 0, got {value}" + ("; 1 means no shift" if name == "shift" else ""))
+            if not math.isfinite(value) or (name in ("s", "sigma", "shift") and value <= 0):
+                raise ValueError(f"{name} must be a finite number{' > 0' if name in ('s', 'sigma', 'shift') else ''}, "
+                                 f"got {value}")
 
     def __call__(self, n, device="cpu", generator=None):
         """Return n noise levels t in [0, 1], shape (n,)."""

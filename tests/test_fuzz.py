@@ -33,7 +33,7 @@ INTS = ["0", "-1", "1", "99999999999", str(2 ** 63), str(-2 ** 63), str(10 ** 30
 FLOATS = ["1e308", "-1e308", "5e-324", "0", "-0.0", "99999999999", "1e-30", "٣.٥", "½", "inf"]
 NAMES = ["²", "日本語", "é", "\u200b", "💥", "", " ", "a" * 300, "..", "-x", "cat,²", "0:1:²"]
 PATH_FLAGS = {"data", "out", "style", "base", "ckpt", "lora", "png_dir"}
-BOOLS_AND_FIXED = {"resume", "overwrite", "use_ema", "style_vector", "compile", "raw"}
+BOOLS_AND_FIXED = {"resume", "overwrite", "use_ema", "compile", "raw"}
 # the growth of this process's peak RSS allowed over all in-process cases (a tiny model and 24 small images)
 PEAK_GROWTH_BYTES = 1 << 30
 

@@ -138,3 +138,15 @@ def test_no_line_over_120_characters():
     long = [f"{p.relative_to(REPO)}:{i}" for p in files
             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if len(line) > 120]
     assert not long, f"lines over 120 characters: {long[:10]}"
+
+
+def test_no_asset_holds_a_path_of_this_machine():
+    """Committed results, reports and picture metadata name files relative to the repository or by role: an
+    absolute path would tell every reader about the machine that made the file, and mean nothing on theirs."""
+    import re
+    assets = REPO / "minisnr" / "assets"
+    files = [p for p in assets.rglob("*") if p.is_file()]
+    assert len(files) >= 5, "the scan should see the assets"
+    absolute = re.compile(rb'"(/|[A-Za-z]:\\\\)(root|home|tmp|work|Users|mnt|srv|var|opt)[/\\\\]')
+    found = [str(p.relative_to(REPO)) for p in files if absolute.search(p.read_bytes())]
+    assert not found, f"absolute paths in {found}"

@@ -7,7 +7,7 @@ from conftest import close, differs, randomize_, same
 from minisnr.io.cli import CheckpointError
 from minisnr.io.checkpoint import config_hash, weights_hash
 from minisnr.lora import (count_parameters, DEFAULT_TARGETS, inject_lora, load_lora_state_dict, lora_parameters,
-                          lora_state_dict, LoRALinear, merge_lora, set_style_scale, StyleEmbedder, unmerge_lora)
+                          lora_state_dict, LoRALinear, merge_lora, set_style_scale, unmerge_lora)
 from minisnr.io.checkpoint import apply_adapter, save_adapter
 from minisnr.model import build_model
 
@@ -20,7 +20,7 @@ def make_linear(seed=0, fan_in=16, fan_out=12):
 
 
 def randomize_lora_(model, seed=5, std=0.1):
-    """Give every lora_ tensor (A, B and the style vector) seeded random values."""
+    """Give every lora_ tensor (A and B) seeded random values."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in lora_parameters(model):
@@ -117,17 +117,6 @@ def test_train_eval_do_not_merge():
     assert lora.merged and same(lora.base.weight, merged_w), ".train()/.eval() must not unmerge"
 
 
-def test_style_embedder_formula():
-    """StyleEmbedder() = scale * s, with the learned vector s (lora_style) starting at zero."""
-    emb = StyleEmbedder(6)
-    assert same(emb(), torch.zeros(6)), (
-        "the style vector s must start at zero (so injection leaves the base model unchanged)")
-    with torch.no_grad():
-        emb.lora_style.copy_(torch.arange(6.0))
-    emb.scale = 0.5
-    assert close(emb(), 0.5 * torch.arange(6.0)), "StyleEmbedder() must be scale * lora_style"
-
-
 # --- inject_lora on a DiT ---------------------------------------------------------------------
 
 def test_inject_wraps_targets_in_every_block():
@@ -143,7 +132,6 @@ def test_inject_wraps_targets_in_every_block():
             assert isinstance(layer, LoRALinear), f"block {i}: target layers must be replaced by LoRALinear"
     n_lora = sum(isinstance(m, LoRALinear) for m in model.modules())
     assert n_lora == 4 * depth, "only the target layers may be wrapped (not adaLN, embedders or the final layer)"
-    assert isinstance(model.style_embedder, StyleEmbedder), "inject_lora(style=True) must attach a StyleEmbedder"
 
 
 def test_inject_freezes_everything_else():
@@ -164,7 +152,7 @@ def test_inject_no_matching_target_raises():
 
 
 def test_injected_model_equals_base_at_init(dit_inputs):
-    """A freshly injected model (B = 0, style vector 0) gives exactly the base model's output."""
+    """A freshly injected model (B = 0) gives exactly the base model's output."""
     base, model, _ = base_and_injected()
     x, t, y = dit_inputs
     with torch.no_grad():
@@ -203,21 +191,17 @@ def test_style_scale_zero_is_exact_base(dit_inputs):
         on_again = model(x, t, y)
     assert differs(styled, ref), "a randomised adapter must change the output (else this test proves nothing)"
     assert same(off, ref), (
-        "style scale 0: each LoRA update * 0 and the style vector * 0 must give exactly the base model")
+        "style scale 0: each LoRA update * 0 must give exactly the base model")
     assert same(on_again, styled), "style scale 1 must restore the learned style: scale = 1 * alpha / r"
 
 
 def test_set_style_scale_sets_each_layer_scale():
-    """set_style_scale(model, s) sets each LoRALinear scale to s * alpha / r and the style embedder's to s."""
+    """set_style_scale(model, s) sets each LoRALinear scale to s * alpha / r."""
     _, model, _ = base_and_injected()
     set_style_scale(model, 0.5)
     for m in model.modules():
         if isinstance(m, LoRALinear):
             assert m.scale == 0.5 * ALPHA / RANK, "LoRA scale must be style_scale * alpha / r"
-    assert model.style_embedder.scale == 0.5, "the style embedding must be multiplied by the style scale"
-    with torch.no_grad():
-        model.style_embedder.lora_style.fill_(2.0)
-    assert same(model.style_embedder(), torch.full((model.config.dim,), 1.0)), "style embedding must be scale * s"
 
 
 def test_set_style_scale_refuses_merged():
@@ -246,16 +230,16 @@ def test_merge_lora_model_matches_and_unmerge_restores(dit_inputs):
 
 
 def test_lora_state_dict_only_lora_keys():
-    """lora_state_dict holds only lora_ tensors: A and B for each wrapped layer, plus the style vector."""
+    """lora_state_dict holds only lora_ tensors: A and B for each wrapped layer."""
     _, model, wrapped = base_and_injected()
     sd = lora_state_dict(model)
     assert sd and all("lora_" in k for k in sd), "lora_state_dict must only contain keys with 'lora_'"
-    expected = {f"{w}.lora_A" for w in wrapped} | {f"{w}.lora_B" for w in wrapped} | {"style_embedder.lora_style"}
-    assert set(sd) == expected, "adapter = lora_A and lora_B of every wrapped layer + style_embedder.lora_style"
+    expected = {f"{w}.lora_A" for w in wrapped} | {f"{w}.lora_B" for w in wrapped}
+    assert set(sd) == expected, "adapter = lora_A and lora_B of every wrapped layer"
 
 
 def test_count_parameters_matches_lora():
-    """count_parameters is (trainable, total): trainable = sum of r*(in+out) per layer + dim;
+    """count_parameters is (trainable, total): trainable = sum of r*(in+out) per layer;
     total = base + trainable."""
     base, model, _ = base_and_injected()
     counts = count_parameters(model)
@@ -263,8 +247,7 @@ def test_count_parameters_matches_lora():
     trainable, total = counts
     per_layer = sum(m.rank * (m.base.in_features + m.base.out_features)
                     for m in model.modules() if isinstance(m, LoRALinear))
-    assert trainable == per_layer + model.config.dim, (
-        "trainable must be sum of r * (in + out) over LoRA layers + style dim")
+    assert trainable == per_layer, "trainable must be sum of r * (in + out) over LoRA layers"
     assert trainable == sum(p.numel() for p in lora_parameters(model)), (
         "trainable must count exactly the lora_ parameters")
     assert total == base.num_params() + trainable, "total must be the base parameters plus the adapter"

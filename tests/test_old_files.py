@@ -28,7 +28,6 @@ def pixels(path):
 @pytest.mark.parametrize("name, extra", [
     ("base", []),
     ("lora", ["--lora", os.path.join(OLD, "adapter.pt")]),
-    ("window", ["--lora", os.path.join(OLD, "adapter_style_vector.pt"), "--style-steps", "0:0.5"]),
 ])
 def test_old_files_sample_bit_identically(tmp_path, name, extra):
     out = str(tmp_path / f"{name}.png")
@@ -38,6 +37,17 @@ def test_old_files_sample_bit_identically(tmp_path, name, extra):
         new, old = pixels(str(tmp_path / grid)), pixels(os.path.join(OLD, grid))
         assert new.shape == old.shape
         assert np.array_equal(new, old), f"{grid}: {(new != old).sum()} values differ from the old code's grid"
+
+
+def test_an_adapter_with_a_style_vector_is_refused_in_one_line(tmp_path, capsys):
+    """The learned style vector was removed on purpose: its adapter is refused in one line saying what to do."""
+    from minisnr.io.cli import run_main
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: sample.main([CKPT, "--n", "1", "--steps", "2", "--device", "cpu", "--out",
+                                      str(tmp_path / "x.png"), "--lora", os.path.join(OLD, "adapter_style_vector.pt")]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "style vector" in err[0] and "finetune.py" in err[0], err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_old_checkpoint_weights_load_exactly():

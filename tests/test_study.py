@@ -282,8 +282,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tmp_path, capsys):
 def test_finetune_argv_spells_flags_as_a_user_would():
     """Names with dashes, bools as true/false, None left out, and a negative number kept a value (--name=value)."""
     from minisnr.eval.finetune_run import FINETUNE_SCRIPT, finetune_argv
-    argv = finetune_argv({"mu": -4.0, "style_vector": True, "overwrite": False, "alpha": None, "style_class": "cat"})
-    assert argv == [sys.executable, FINETUNE_SCRIPT, "--mu=-4.0", "--style-vector=true", "--overwrite=false",
+    argv = finetune_argv({"mu": -4.0, "use_ema": True, "overwrite": False, "alpha": None, "style_class": "cat"})
+    assert argv == [sys.executable, FINETUNE_SCRIPT, "--mu=-4.0", "--use-ema=true", "--overwrite=false",
                     "--style-class=cat"]
 
 

@@ -68,6 +68,8 @@ def trained(shared_image_folder, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("train") / "run")
     proc = run_script("train.py", "--preset", "tiny", "--data", shared_image_folder, "--out", out)
     assert proc.returncode == 0, f"train.py --preset tiny failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
+    with open(os.path.join(os.path.dirname(out), "console.txt"), "w") as f:   # what the user saw, for the tests
+        f.write(proc.stdout + proc.stderr)
     return out
 
 
@@ -108,6 +110,19 @@ def test_train_log_lines(trained):
         assert len(bins) == 10, "loss_by_t_bin must have 10 entries, one per bin of t"
         assert all(b is None or (math.isfinite(b) and b >= 0) for b in bins), "bin losses are >= 0 or None (empty bin)"
         assert any(b is not None for b in bins), "some t bin must have samples"
+
+
+def test_train_console_shows_the_loss_per_noise_level(trained):
+    """Each log step prints one line with the loss and the loss in 5 bins of t, clean to noise: what p(t) changes."""
+    from minisnr.train.run import by_t_line
+    with open(os.path.join(os.path.dirname(trained), "console.txt")) as f:
+        lines = [line for line in f.read().splitlines() if "by t, clean to noise:" in line]
+    assert [line.split(" | ")[0] for line in lines] == ["step 5", "step 10", "step 15", "step 20"], lines
+    for line in lines:
+        cells = line.split("by t, clean to noise: ")[1].split(" | ")[0].split()
+        assert len(cells) == 5 and all(c == "-" or float(c) >= 0 for c in cells), line
+    sums, counts = torch.tensor([1.0, 3.0, 0, 0, 2, 2, 5, 5, 9, 0]), torch.tensor([1.0, 1, 0, 0, 1, 1, 2, 0, 1, 0])
+    assert by_t_line(sums, counts) == "2.000 - 2.000 5.000 9.000", "pairs of bins are pooled by their counts"
 
 
 def test_train_writes_sample_grid(trained):
@@ -215,7 +230,7 @@ def test_sample_with_lora_styles_and_compares(trained, tmp_path, capsys):
     inject_lora(styled_model, rank=4, alpha=4)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for p in lora_parameters(styled_model):       # a visible style: random A, B and style vector
+        for p in lora_parameters(styled_model):       # a visible style: random A and B
             p.copy_(torch.randn(p.shape, generator=g))
     adapter = str(tmp_path / "adapter.pt")
     save_adapter(styled_model, adapter, {"base_config_hash": config_hash(base.config.to_dict()),

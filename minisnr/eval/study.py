@@ -93,7 +93,8 @@ def check_args(args):
     if args.steps < 0:
         raise UserError(f"--steps must be >= 0 (0 = finetune.py's default), got {args.steps}")
     require_file(args.ckpt, "checkpoint", "pass the ckpt.pt written by train.py as the first argument")
-    for name in ("refs", "seeds", "samples_per_class", "sample_seeds", "targets_per_class", "sample_steps", "judge_epochs"):
+    for name in ("refs", "seeds", "samples_per_class", "sample_seeds", "targets_per_class", "sample_steps",
+                 "judge_epochs"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not math.isfinite(args.cfg) or args.cfg < 0:

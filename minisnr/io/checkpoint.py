@@ -182,6 +182,14 @@ def check_class_names(classes, num_classes, path):
 # The base that ships with minisnr: the EMA weights of one long CPU run on CIFAR-10, in fp16 (README, "The base
 # model"; minisnr/tools/ship_base.py writes it). finetune.py, sample.py and the study use it unless given another.
 SHIPPED_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "base.pt")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(SHIPPED_BASE)))
+
+
+def path_for_record(path):
+    """A path as a file minisnr writes records it: relative to the repository when it lies inside it (the shipped
+    base is 'minisnr/assets/base.pt' on every machine), else as the user gave it."""
+    full = os.path.abspath(path)
+    return os.path.relpath(full, REPO_ROOT) if full.startswith(REPO_ROOT + os.sep) else path
 
 
 def load_pretrained(path, use_ema=True, device="cpu"):
@@ -261,9 +269,11 @@ def apply_adapter(model, path):
     if "base_weights_hash" in meta and meta["base_weights_hash"] != weights_hash(model.state_dict()):
         print(f"warning: adapter {path!r} was fine-tuned from other weights of this model ({meta.get('base_ckpt')}); "
               f"the style may not carry over: use that checkpoint, with the same EMA or raw weights", file=sys.stderr)
-    has_style = any(k.endswith("lora_style") for k in blob["lora"])   # False for finetune.py --style-vector false
+    if any(k.endswith("lora_style") for k in blob["lora"]):
+        raise CheckpointError(f"{path!r} has a learned style vector, which minisnr no longer has (the study could not "
+                              f"tell it from LoRA alone); fine-tune it again with finetune.py")
     try:
-        inject_lora(model, tuple(meta["targets"]), int(meta["rank"]), float(meta["alpha"]), style=has_style)
+        inject_lora(model, tuple(meta["targets"]), int(meta["rank"]), float(meta["alpha"]))
         load_lora_state_dict(model, blob["lora"])
     except ValueError as e:  # the adapter's layers are not this model's
         raise CheckpointError(f"{path!r}: {e}") from None

@@ -60,9 +60,10 @@ def _close_progress_bars():
         pass
 
 
-def knob(default, help):
-    """A dataclass field with a default and a one-line reason, shown by --help."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def knob(default, help, shown=None):
+    """A dataclass field with a default and a one-line reason, shown by --help (with `shown` in place of the
+    default's value, for a default that is a path of this machine)."""
+    return dataclasses.field(default=default, metadata={"help": help, "shown": shown})
 
 
 def _flag_type(field_type, default):
@@ -111,7 +112,8 @@ def build_parser(config_cls, presets=None, description=None, extra=None, aliases
         flag = "--" + f.name.replace("_", "-")
         ftype = _flag_type(f.type, f.default)
         by_preset = {name: p[f.name] for name, p in (presets or {}).items() if f.name in p}
-        shown = f"default {f.default}" + "".join(f"; {name}: {v}" for name, v in by_preset.items())
+        shown = f"default {f.metadata.get('shown') or f.default}"
+        shown += "".join(f"; {name}: {v}" for name, v in by_preset.items())
         reason = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         flags = [flag] + list((aliases or {}).get(f.name, []))
         metavar = {int: "INT", finite_float: "FLOAT", str: "STR"}.get(ftype, "BOOL")
@@ -122,11 +124,16 @@ def build_parser(config_cls, presets=None, description=None, extra=None, aliases
     return parser
 
 
-def parse_config(config_cls, presets=None, argv=None, description=None, extra=None, aliases=None):
+def parse_config(config_cls, presets=None, argv=None, description=None, extra=None, aliases=None, removed=None):
     """Parse argv into (config, namespace). Precedence: flag > preset > dataclass default.
-    aliases maps a field name to extra flags, e.g. {"style_class": ["--class"]}."""
+    aliases maps a field name to extra flags, e.g. {"style_class": ["--class"]}; removed maps a flag that no
+    longer exists to the one line that says what replaces it."""
     parser = build_parser(config_cls, presets, description, extra, aliases)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    for arg in argv:
+        if arg.split("=")[0] in (removed or {}):
+            raise UserError(removed[arg.split("=")[0]])
+    args = parser.parse_args(argv)
     values = dict(presets[args.preset]) if presets else {}
     for f in dataclasses.fields(config_cls):
         given = getattr(args, f.name)

@@ -4,6 +4,7 @@ Each field of a config dataclass becomes a flag (minisnr.io.cli.parse_config): `
 --batch-size, and its reason is its --help line. validate() raises a one-line UserError naming
 the flag to fix, before anything is loaded or written.
 """
+import math
 import os
 from dataclasses import dataclass
 from typing import ClassVar
@@ -16,20 +17,20 @@ from ..io.files import require_file
 from ..io.safety import check_device, check_out_not_input, check_seed, guard_run_folder
 from ..lora import DEFAULT_TARGETS
 from ..model import build_model, DIT_PRESETS
-from ..rf import BadArgument, NoiseSampler, STYLE_FRIENDLY_MU
+from ..rf import SAMPLERS as NOISE_SAMPLERS, STYLE_FRIENDLY_MU
 
 
-NOISE_FLAGS = {"kind": "--noise-sampler", "m": "--m", "s": "--s", "mu": "--mu", "sigma": "--sigma", "shift": "--shift"}
-
-
-def noise_sampler(config):
-    """p(t), the NoiseSampler that --noise-sampler, --m, --s, --mu, --sigma and --shift describe: the one place a
-    script's flags become the method's sampler. A bad value is a one-line UserError naming its flag."""
-    try:
-        return NoiseSampler(kind=config.noise_sampler, m=config.m, s=config.s, mu=config.mu, sigma=config.sigma,
-                            shift=config.shift)
-    except BadArgument as e:
-        raise UserError(f"{NOISE_FLAGS[e.arg]} {e.problem}") from None
+def check_noise_flags(config):
+    """One-line UserError, naming the flag, unless the p(t) flags describe a distribution."""
+    if config.noise_sampler not in NOISE_SAMPLERS:
+        raise UserError(f"--noise-sampler {config.noise_sampler!r} is unknown; choose one of "
+                        f"{', '.join(NOISE_SAMPLERS)}")
+    for name in ("m", "s", "mu", "sigma", "shift"):
+        value = getattr(config, name)
+        if not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number, got {value}")
+        if name in ("s", "sigma", "shift") and value <= 0:
+            raise UserError(f"--{name} must be > 0, got {value}" + ("; 1 means no shift" if name == "shift" else ""))
 
 
 def check_at_least(config, minimum, names, note=""):
@@ -165,7 +166,7 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        noise_sampler(self)
+        check_noise_flags(self)
         check_seed(self.seed)
         check_device(self.device)
         check_out_not_input(self.out, [("--data", data_folder(self.data))])
@@ -216,8 +217,8 @@ def use_compile(config: TrainConfig, device):
 @dataclass
 class FinetuneConfig:
     """Every finetune.py flag, its default and its one-line reason (shown by --help)."""
-    base: str = knob(SHIPPED_BASE, "pretrained checkpoint (train.py's ckpt.pt); its EMA weights are the frozen "
-                                   "base. Default: the base that ships with minisnr")
+    base: str = knob(SHIPPED_BASE, "pretrained checkpoint (train.py's ckpt.pt); its EMA weights are the frozen base",
+                     shown="the shipped base, minisnr/assets/base.pt")
     style: str = knob(None, "style reference: an image file, a folder of images, or a comma-separated list")
     out: str = knob("runs/style", "folder for adapter.pt, log.jsonl, samples and the resumable state.pt")
     resume: bool = knob(False, "continue from OUT/state.pt with the exact same data order and noise")
@@ -242,8 +243,6 @@ class FinetuneConfig:
     lora_dropout: float = knob(0.0, "dropout on the LoRA branch input")
     targets: str = knob(",".join(DEFAULT_TARGETS), "comma-separated names of the Linear layers to adapt "
                                                     "(attention and MLP)")
-    style_vector: bool = knob(False, "also learn a style vector added to the conditioning (minisnr's own addition; "
-                                     "the paper has none, so it is off)")
     # optimisation
     steps: int = knob(300, "optimisation steps, as in the paper")
     batch_size: int = knob(4, "views per step, as in the paper")
@@ -305,7 +304,7 @@ class FinetuneConfig:
             raise UserError(f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.alpha is not None and self.alpha <= 0:
             raise UserError(f"--alpha must be > 0 (the LoRA update is scaled by alpha/rank), got {self.alpha}")
-        noise_sampler(self)
+        check_noise_flags(self)
         check_seed(self.seed)
         check_device(self.device)
         check_out_not_input(self.out, [("--style", p) for p in self.style.split(",") if p], base=self.base)

@@ -93,6 +93,15 @@ class InterruptFlag:
 
 # --- the harness -------------------------------------------------------------------------------
 
+def by_t_line(bin_sums, bin_counts, shown=5):
+    """The mean loss in `shown` bins of t, clean (t near 0) to noise (t near 1), as one short string: '.03 .12 -'
+    ('-' for a bin no image fell in). The 10 logged bins are summed in groups, so the line stays compact."""
+    shown = shown if len(bin_sums) % shown == 0 else len(bin_sums)
+    sums = bin_sums.reshape(shown, -1).sum(1).tolist()
+    counts = bin_counts.reshape(shown, -1).sum(1).tolist()
+    return " ".join(f"{s / c:.3f}" if c > 0 else "-" for s, c in zip(sums, counts))
+
+
 class Run:
     """One run's bookkeeping: its folder, the log with the loss per noise-level bin, the NaN guard, the
     progress bar and the Ctrl-C flag. Only the master process (rank 0) writes; every rank keeps the sums."""
@@ -191,10 +200,10 @@ class Run:
         if self.speed:
             extra["img_per_s"] = round(img_s, 1) if img_s else None
         if self.master:
-            postfix = {"loss": f"{mean_loss:.4f}"}
-            if self.speed:
-                postfix["img_s"] = f"{img_s:.0f}" if img_s else "-"
-            self.bar.set_postfix(**postfix)
+            # the loss per noise level is what p(t) changes: where the model is still bad, and where it trains
+            speed = (f" | {img_s:.0f} img/s" if img_s else " | - img/s") if self.speed else ""
+            self.bar.write(f"step {step} | loss {mean_loss:.4f} | by t, clean to noise: "
+                           f"{by_t_line(self.bin_sums, self.bin_counts)}{speed}")
             bins = [round(v, 5) if c > 0 else None for v, c in zip(per_bin, self.bin_counts.tolist())]
             record = {"step": step, "loss": round(mean_loss, 5), **extra, "loss_by_t_bin": bins,
                       "time": round(time.time(), 1)}
