@@ -343,6 +343,63 @@ def test_fp16_resumes_a_state_saved_without_loss_scaling(saved_precision, capsys
     assert restore(fp16_state, tiny_optimizer(), make_grad_scaler(cpu, "bf16"), cpu) == 7
 
 
+def adamw(model, fused):
+    """AdamW as train.py builds it: fused on a GPU, foreach on a CPU or MPS (both run on a CPU)."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0, fused=fused,
+                             foreach=None if fused else True)
+
+
+def update_steps(model, optimizer, scaler, precision, steps, clip):
+    """`steps` of train.py's update on seeded random data: scale, (unscale and clip), step, update, zero_grad."""
+    from minisnr.io.device import autocast_context
+    from minisnr.rf import rf_loss
+    for _ in range(steps):
+        x0, y, t = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randint(0, 3, (4,)), torch.rand(4)
+        with autocast_context(torch.device("cpu"), precision):
+            loss = rf_loss(model, x0, y, t).mean()
+        scaler.scale(loss).backward()
+        if clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0], ids=["no-clip", "clip"])
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("saved_fused", [True, False], ids=["saved-fused", "saved-foreach"])
+def test_a_gpu_run_resumes_any_saved_optimizer_in_its_fused_kernel(saved_fused, precision, clip):
+    """A state saved by a fused AdamW (a GPU) or a foreach one (a CPU, MPS) resumes into this run's fused AdamW and
+    stays fused: load_state_dict copies the saved `fused`/`foreach` over the new optimizer's, and an fp16 GradScaler
+    then hands the foreach AdamW found_inf (AssertionError at the first step). 2 steps, save, 2 more steps resumed
+    equal 4 fused steps that never stopped: exactly from a fused state; from a foreach one, to the two kernels'
+    rounding (1e-4, where losing Adam's moments would move weights by ~lr = 1e-2)."""
+    from minisnr.io.device import make_grad_scaler
+    from minisnr.train.resume import restore, rng_state
+    cpu = torch.device("cpu")
+
+    def fresh(fused):
+        torch.manual_seed(0)
+        model = randomize(build_tiny())
+        return model, adamw(model, fused), make_grad_scaler(cpu, precision)
+
+    model, optimizer, scaler = fresh(True)
+    update_steps(model, optimizer, scaler, precision, 4, clip)
+    straight = model.state_dict()
+    model, optimizer, scaler = fresh(saved_fused)
+    update_steps(model, optimizer, scaler, precision, 2, clip)
+    saved = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(cpu), "step": 2}
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model, optimizer, scaler = fresh(True)
+    model.load_state_dict(weights)
+    assert restore(saved, optimizer, scaler, cpu) == 2
+    update_steps(model, optimizer, scaler, precision, 2, clip)
+    assert (optimizer.param_groups[0]["fused"], optimizer.param_groups[0]["foreach"]) == (True, None)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, straight[k], rtol=0, atol=0 if saved_fused else 1e-4, msg=k)
+
+
 def test_resume_on_another_number_of_processes_says_the_global_batch_changes(image_folder, tmp_path, capsys):
     """A run saved by 2 processes and resumed by 1 trains on half the global batch from then on: allowed (the
     data order and schedule go on exactly), but said in one line naming both batches."""
