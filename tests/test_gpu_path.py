@@ -143,11 +143,23 @@ def test_ddp_skips_the_buffer_broadcast_and_the_gradient_copy(monkeypatch):
     assert wrapped.options == dict(broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
-def test_compile_default_follows_the_device_and_the_model_size_not_the_preset():
+def fake_triton(monkeypatch, installed):
+    """Pretend the triton package is installed, or missing (as on Windows), for importlib.util.find_spec."""
+    import importlib.machinery
+    import sys
+    import types
+    module = types.ModuleType("triton")
+    module.__spec__ = importlib.machinery.ModuleSpec("triton", None)
+    monkeypatch.setitem(sys.modules, "triton", module if installed else None)
+
+
+def test_compile_default_follows_the_device_and_the_model_size_not_the_preset(monkeypatch):
     """On CUDA every model of 1M+ parameters compiles unless --compile false, whatever preset (or none) named it:
     --model cifar without --preset cifar too. The tiny test model and every CPU run stay eager."""
     import train
     from minisnr.io.cli import parse_config
+    fake_cuda(monkeypatch, (8, 0))
+    fake_triton(monkeypatch, installed=True)
     cfg = lambda *argv: parse_config(train.TrainConfig, train.PRESETS, list(argv))[0]
     cpu = torch.device("cpu")
     assert train.use_compile(cfg("--preset", "cifar"), CUDA) is True
@@ -158,6 +170,21 @@ def test_compile_default_follows_the_device_and_the_model_size_not_the_preset():
     assert train.use_compile(cfg("--preset", "tiny", "--dim", "256", "--heads", "4"), CUDA) is True
     assert train.use_compile(cfg("--preset", "cifar", "--compile", "false"), CUDA) is False
     assert train.use_compile(cfg("--preset", "cifar", "--compile", "true"), cpu) is True
+
+
+@pytest.mark.parametrize("capability, triton", [((6, 1), True), ((8, 6), False), ((7, 0), True)])
+def test_compile_default_is_off_where_inductor_cannot_compile(monkeypatch, capability, triton):
+    """Inductor builds CUDA kernels with Triton: a card below compute capability 7.0 (GTX 10xx) raises
+    GPUTooOldForTriton and a platform without Triton (Windows) TritonMissing at the first step, so the default
+    --preset cifar must stay eager there (faked capability and a faked missing triton package). An explicit
+    --compile true is still the user's."""
+    import train
+    from minisnr.io.cli import parse_config
+    fake_cuda(monkeypatch, capability)
+    fake_triton(monkeypatch, installed=triton)
+    cfg = lambda *argv: parse_config(train.TrainConfig, train.PRESETS, ["--preset", "cifar", *argv])[0]
+    assert train.use_compile(cfg(), CUDA) is (capability >= (7, 0) and triton)
+    assert train.use_compile(cfg("--compile", "true"), CUDA) is True
 
 
 # --- gradient accumulation ----------------------------------------------------------------------
