@@ -52,12 +52,13 @@ def lr_at(step, base_lr, warmup, max_steps, min_lr_ratio=0.1):
 def save_samples(ema, config: TrainConfig, step, num_classes, ctx, run):
     """A grid of every class drawn from the EMA weights, in OUT/samples/step_NNNNNN.png; returns its path."""
     labels = [c for c in range(num_classes) for _ in range(config.sample_per_class)]
-    images = generate(ema, labels, steps=config.sample_steps, cfg=config.sample_cfg, seed=config.seed,
-                      ctx=ctx)
     name = f"samples/step_{step:06d}.png"
     meta = {"step": step, "seed": config.seed, "steps": config.sample_steps, "cfg": config.sample_cfg, "ema": True}
-    run.claim(name)
-    run.write(save_image_grid, images, os.path.join(config.out, name), nrow=config.sample_per_class, meta=meta)
+    with run.untimed():                                       # not training: left out of the logged img/s
+        images = generate(ema, labels, steps=config.sample_steps, cfg=config.sample_cfg, seed=config.seed,
+                          ctx=ctx)
+        run.claim(name)
+        run.write(save_image_grid, images, os.path.join(config.out, name), nrow=config.sample_per_class, meta=meta)
     return os.path.join(config.out, name)
 
 

@@ -284,6 +284,34 @@ def test_first_logged_img_per_s_leaves_out_the_first_step(monkeypatch, image_fol
     assert first["step"] == 4 and first["img_per_s"] == pytest.approx(40.0, rel=1e-6), first
 
 
+def test_img_per_s_leaves_out_sample_grids_and_saves(monkeypatch, image_folder, tmp_path):
+    """A window that holds a sample grid or a checkpoint save still reports the training steps' img/s. On a fake
+    clock each step takes 0.1 s, a grid 5 s and a save 2 s, both every 2 steps: each logged img/s must be the
+    steps' 4 / 0.1 = 40, where counting the grid and the save would give 12 / 7.3 = 1.6 and 16 / 14.4 = 1.1."""
+    import json
+    import types
+
+    import train
+    from minisnr.train import run as run_module
+    clock = [1000.0]
+
+    def taking(seconds, fn):
+        def timed(*args, **kwargs):
+            clock[0] += seconds if clock[0] != 1000.0 else 3.0      # the first step: the compile
+            return fn(*args, **kwargs)
+        return timed
+    monkeypatch.setattr(train, "rf_loss", taking(0.1, train.rf_loss))
+    monkeypatch.setattr(train, "generate", taking(5.0, train.generate))
+    monkeypatch.setattr(train, "atomic_save", taking(2.0, train.atomic_save))
+    monkeypatch.setattr(run_module, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    out = tmp_path / "run"
+    train.main(["--preset", "tiny", "--device", "cpu", "--data", image_folder, "--out", str(out), "--max-steps", "8",
+                "--batch-size", "4", "--log-every", "4", "--sample-every", "2", "--ckpt-every", "2"])
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [4, 8]
+    assert [r["img_per_s"] for r in logged] == [pytest.approx(40.0, rel=1e-6)] * 2, logged
+
+
 def test_style_views_are_cropped_on_the_training_device():
     """finetune.py keeps the resized references on the training device and crops there: no image moves from
     the host per step. The meta device (shapes only) stands in for a GPU."""
