@@ -80,6 +80,17 @@ def test_pick_device_cuda_enables_tf32(monkeypatch, restore_tf32):
     assert all(v == "tf32" for v in on[3:]), on
 
 
+def test_the_cuda_tests_step_can_see_the_precision():
+    """tests/test_cuda.py checks that one training step in bf16, fp16 or compiled gives nearly fp32's loss. That
+    catches a numeric problem only if the loss depends on the weights' arithmetic: a fresh DiT outputs zero
+    (adaLN-Zero), so its loss is the same in every precision. Run on the CPU, its step's bf16 loss must differ
+    from fp32's, by bf16 rounding only."""
+    from test_cuda import one_step
+    fp32, _, changed = one_step("fp32", device="cpu")
+    bf16, _, _ = one_step("bf16", device="cpu")
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05) and changed > 0
+
+
 # --- DDP: backend and wrapping order ------------------------------------------------------------
 
 @pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("cuda", "nccl")])
