@@ -24,7 +24,7 @@ from minisnr.io.safety import hold_run_folder
 from minisnr.model import build_model
 from minisnr.rf import generate, rf_loss
 from minisnr.train.config import PRESETS, TrainConfig, noise_sampler, use_compile
-from minisnr.train.ddp import cleanup_distributed, rank_device, setup_distributed, wrap_for_training
+from minisnr.train.ddp import barrier, cleanup_distributed, rank_device, setup_distributed, wrap_for_training
 from minisnr.train.resume import resume_pretrain, rng_state
 from minisnr.train.run import Run
 
@@ -32,10 +32,14 @@ from minisnr.train.run import Run
 def main(argv=None):
     """Command-line entry point: parse flags, set up DDP when run under torchrun, train, clean up."""
     config, args = parse_config(TrainConfig, PRESETS, argv, description=__doc__.splitlines()[0])
-    config.validate()
     rank, local_rank, world = setup_distributed(pick_device(config.device))
     try:
+        # --out is rank 0's alone: it checks the folder and takes the lock while the other ranks wait at the barrier.
+        # Ranks do not start together (NCCL's set-up waits for none), so a rank that checked the folder itself could
+        # find rank 0's new lock and refuse its own run.
+        config.validate(guard_folder=rank == 0)
         with hold_run_folder(config.out, config.SCRIPT, enabled=rank == 0):   # one run per --out at a time
+            barrier(local_rank)
             train(config, rank, local_rank, world)
     finally:
         cleanup_distributed()

@@ -110,6 +110,58 @@ def test_ddp_backend_follows_the_resolved_device(monkeypatch, device, backend):
     assert calls == [("init", backend)] + ([("set_device", 1)] if device == "cuda" else [])
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_0_checks_the_folder_and_every_rank_waits_for_its_lock(monkeypatch, image_folder, tmp_path, rank):
+    """Under torchrun with NCCL the ranks do not start together: a rank that checked --out itself could find rank
+    0's lock, taken a moment before, refuse its own run ("in use by another run") and make torchrun end the job.
+    Only rank 0 checks the folder and takes the lock; every rank then waits at a barrier, which rank 0 reaches
+    holding the lock. Faked: torchrun's rank environment, the process group, and for rank 1 rank 0's live lock."""
+    import json
+    import os
+    import socket
+
+    import train
+    from minisnr.io import safety
+    from minisnr.train import ddp
+    out, calls, check_lock = tmp_path / "run", [], safety.check_lock
+    lock = out / safety.LOCK
+    for name, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", 2)):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(ddp.dist, "init_process_group", lambda backend, **kw: None)
+    monkeypatch.setattr(ddp.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(ddp.dist, "get_rank", lambda: rank)
+    monkeypatch.setattr(ddp.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(ddp.dist, "get_backend", lambda *a: "gloo")
+    monkeypatch.setattr(ddp.dist, "barrier", lambda **kw: calls.append(("barrier", lock.exists())))
+    monkeypatch.setattr(ddp.dist, "destroy_process_group", lambda: calls.append(("destroy", lock.exists())))
+    monkeypatch.setattr(safety, "check_lock", lambda folder: calls.append(("check_lock",)) or check_lock(folder))
+    monkeypatch.setattr(train, "train", lambda config, *args: calls.append(("train", lock.exists())))
+    if rank == 1:
+        out.mkdir()
+        lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "script": "train.py"}))
+    train.main(["--preset", "tiny", "--device", "cpu", "--data", image_folder, "--out", str(out)])
+    if rank == 0:       # checks the folder, then holds the lock through the barrier and training, then frees it
+        assert calls == [("check_lock",), ("barrier", True), ("train", True), ("destroy", False)]
+    else:               # never touches the lock (rank 0's stays), waits for rank 0 at the barrier
+        assert calls == [("barrier", True), ("train", True), ("destroy", True)]
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_ranks_waiting_for_a_rank_that_stopped_stop_in_one_line(monkeypatch):
+    """When rank 0 refuses --out (one line) and exits, the other ranks' barrier fails (gloo: the connection closed);
+    they stop with one line too, not with the process group's traceback."""
+    from minisnr.io.cli import UserError
+    from minisnr.train import ddp
+
+    def closed(**kwargs):
+        raise RuntimeError("gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1763")
+    monkeypatch.setattr(ddp.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(ddp.dist, "get_backend", lambda *a: "gloo")
+    monkeypatch.setattr(ddp.dist, "barrier", closed)
+    with pytest.raises(UserError, match="stopped before training; its error says why"):
+        ddp.barrier(1)
+
+
 class FakeDDP(torch.nn.Module):
     """Stands in for DistributedDataParallel (no process group needed): records that it wrapped, then delegates."""
 

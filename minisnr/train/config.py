@@ -132,8 +132,9 @@ class TrainConfig:
         out = {k: v for k, v in fields.items() if v is not None}
         return dict(out, img_size=self.img_size, class_dropout=self.class_dropout)
 
-    def validate(self):
-        """Check the flags before any work starts; raise UserError with a one-line fix for bad input."""
+    def validate(self, guard_folder=True):
+        """Check the flags before any work starts; raise UserError with a one-line fix for bad input. Under torchrun
+        only rank 0 checks --out (guard_folder), the folder whose lock it takes (train.py main)."""
         check_at_least(self, 1, ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "sample_steps",
                                  "sample_per_class"))
         check_at_least(self, 0, ("sample_every", "stop_after"), " (0 = off)")
@@ -171,7 +172,8 @@ class TrainConfig:
         check_seed(self.seed)
         check_device(self.device)
         check_out_not_input(self.out, [("--data", data_folder(self.data))])
-        guard_run_folder(self.out, self.SCRIPT, self.RUN_FILES, self.resume, self.overwrite)
+        if guard_folder:
+            guard_run_folder(self.out, self.SCRIPT, self.RUN_FILES, self.resume, self.overwrite)
 
 
 def data_folder(spec):
