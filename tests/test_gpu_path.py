@@ -437,6 +437,44 @@ def test_a_cuda_drawn_order_resumes_on_a_cpu_with_a_warning(tmp_path):
         check_loader_state(dict(state, generator_device="tpu"), "ckpt.pt", 8)
 
 
+def test_a_cpu_runs_every_line_of_the_data_order_that_a_gpu_runs():
+    """The data order's GPU path (the generator on the data's device, randperm there, the order moved to the data,
+    a generator's state restored on that device, an older state's CPU generator, a CUDA state without CUDA) is the
+    CPU's, with only the generator's device differing, so this suite runs it: every line of those methods runs here
+    (traced), and a state round trip across an epoch gives the same batches."""
+    import dis
+    import sys
+
+    from minisnr.io.data import ImageSet, InMemoryLoader
+    methods = (InMemoryLoader.__init__, InMemoryLoader._new_epoch, InMemoryLoader.state_dict,
+               InMemoryLoader.load_state_dict)
+    codes = {m.__code__ for m in methods}
+    ran = set()
+
+    def trace(frame, event, arg):
+        if frame.f_code in codes and event == "line":
+            ran.add(frame.f_lineno)
+        return trace
+    data = ImageSet(torch.zeros(8, 3, 2, 2, dtype=torch.uint8), torch.arange(8), ["a"])
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        loader = InMemoryLoader(data, batch_size=4, device="cpu", seed=3, flip=False)
+        loader.next()
+        state = loader.state_dict()
+        expected = [loader.next()[1] for _ in range(3)]      # crosses into a new epoch
+        resumed = InMemoryLoader(data, batch_size=4, device="cpu", flip=False)
+        resumed.load_state_dict(state)
+        got = [resumed.next()[1] for _ in range(3)]
+        with pytest.warns(UserWarning, match="drawn on cuda"):
+            resumed.load_state_dict(dict(state, generator=torch.arange(16, dtype=torch.uint8), generator_device="cuda"))
+    finally:
+        sys.settrace(previous)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    lines = {line for m in methods for _, line in dis.findlinestarts(m.__code__) if line > m.__code__.co_firstlineno}
+    assert not lines - ran, f"lines of InMemoryLoader that never run on a CPU: {sorted(lines - ran)}"
+
+
 def tiny_optimizer():
     param = torch.nn.Parameter(torch.ones(3))
     return torch.optim.AdamW([param], lr=1e-3)
