@@ -24,7 +24,7 @@ from minisnr.io.safety import hold_run_folder
 from minisnr.model import build_model
 from minisnr.rf import generate, NoiseSampler, rf_loss
 from minisnr.train.config import PRESETS, TrainConfig, use_compile
-from minisnr.train.ddp import cleanup_distributed, rank_device, setup_distributed, wrap_for_training
+from minisnr.train.ddp import barrier, cleanup_distributed, rank_device, setup_distributed, wrap_for_training
 from minisnr.train.resume import resume_pretrain, rng_state
 from minisnr.train.run import Run
 
@@ -32,10 +32,14 @@ from minisnr.train.run import Run
 def main(argv=None):
     """Command-line entry point: parse flags, set up DDP when run under torchrun, train, clean up."""
     config, args = parse_config(TrainConfig, PRESETS, argv, description=__doc__.splitlines()[0])
-    config.validate()
     rank, local_rank, world = setup_distributed(pick_device(config.device))
     try:
+        # --out is rank 0's alone: it checks the folder and takes the lock while the other ranks wait at the barrier.
+        # Ranks do not start together (NCCL's set-up waits for none), so a rank that checked the folder itself could
+        # find rank 0's new lock and refuse its own run.
+        config.validate(guard_folder=rank == 0)
         with hold_run_folder(config.out, config.SCRIPT, enabled=rank == 0):   # one run per --out at a time
+            barrier(local_rank)
             train(config, rank, local_rank, world)
     finally:
         cleanup_distributed()
@@ -52,12 +56,13 @@ def lr_at(step, base_lr, warmup, max_steps, min_lr_ratio=0.1):
 def save_samples(ema, config: TrainConfig, step, num_classes, ctx, run):
     """A grid of every class drawn from the EMA weights, in OUT/samples/step_NNNNNN.png; returns its path."""
     labels = [c for c in range(num_classes) for _ in range(config.sample_per_class)]
-    images = generate(ema, labels, steps=config.sample_steps, cfg=config.sample_cfg, seed=config.seed,
-                      ctx=ctx)
     name = f"samples/step_{step:06d}.png"
     meta = {"step": step, "seed": config.seed, "steps": config.sample_steps, "cfg": config.sample_cfg, "ema": True}
-    run.claim(name)
-    run.write(save_image_grid, images, os.path.join(config.out, name), nrow=config.sample_per_class, meta=meta)
+    with run.untimed():                                       # not training: left out of the logged img/s
+        images = generate(ema, labels, steps=config.sample_steps, cfg=config.sample_cfg, seed=config.seed,
+                          ctx=ctx)
+        run.claim(name)
+        run.write(save_image_grid, images, os.path.join(config.out, name), nrow=config.sample_per_class, meta=meta)
     return os.path.join(config.out, name)
 
 

@@ -22,6 +22,7 @@ merge()/unmerge() fold the update into W for inference and take it back out, as 
 calls. Inject LoRA before torch.compile, so the compiled graph contains the LoRA branches.
 Adapter files (save_adapter, apply_adapter) are in minisnr/io/checkpoint.py.
 """
+import contextlib
 import math
 
 import torch
@@ -55,8 +56,9 @@ class LoRALinear(nn.Module):
         return self._weight_before_merge is not None
 
     def delta_weight(self):
-        """The update (alpha / r) * B A as an (out, in) matrix."""
-        return self.scale * (self.lora_B @ self.lora_A)
+        """The update (alpha / r) * B A as an (out, in) matrix, in full fp32 even where TF32 is on."""
+        with full_fp32_matmuls():
+            return self.scale * (self.lora_B @ self.lora_A)
 
     def forward(self, x):
         """y = W x + b + (alpha / r) * B A x, for x of shape (..., in); skips the update when merged or scale is 0."""
@@ -81,6 +83,19 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self):                                      # shown by print(model)
         return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, merged={self.merged}"
+
+
+@contextlib.contextmanager
+def full_fp32_matmuls():
+    """fp32 matmuls inside run in full fp32, whatever the global setting. With TF32 on (minisnr turns it on for
+    CUDA), B @ A on an Ampere or newer card keeps 10 bits of mantissa, and merge() would write that rounding into
+    the weight, where every later forward carries it."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 def _matches(name, targets):

@@ -122,6 +122,23 @@ def test_mfu_peak_of_common_consumer_cards(monkeypatch, name, peak):
     assert flops.peak_tflops(torch.device("cuda")) == peak
 
 
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA T400 4GB", None), ("NVIDIA RTX A1000", None), ("NVIDIA GeForce RTX 3090 Ti", None),
+    ("NVIDIA GeForce RTX 4090 D", None), ("Tesla V100-PCIE-32GB", 112.0), ("NVIDIA A10G", None),
+    ("Tesla T4", 65.0), ("Tesla V100-SXM2-16GB", 125.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", 835.0), ("NVIDIA GH200 480GB", 989.4), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0),
+    ("NVIDIA A10", 125.0), ("NVIDIA RTX A6000", 154.8), ("NVIDIA GeForce RTX 3090", 71.0)])
+def test_mfu_peak_is_the_exact_cards_only(monkeypatch, name, peak):
+    """The peak table matches a card's exact model, not a substring of its name: a T400 is no T4 and an RTX A1000
+    no A100; a 3090 Ti, a 4090 D and a V100 PCIe (whose data-sheet peak is 112, not the SXM2's 125) do not borrow
+    the base card's peak; the memory size, memory type and the SXM form factor in a name change nothing."""
+    import torch
+    from minisnr.tools import flops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert flops.peak_tflops(torch.device("cuda")) == peak
+
+
 @pytest.mark.parametrize("card, sms, ghz", [("RTX 4090", 128, 2.52), ("RTX 4080", 76, 2.505), ("RTX 3090", 82, 1.695),
                                             ("RTX 3060", 28, 1.777), ("RTX 4070", 46, 2.475)])
 def test_listed_geforce_peaks_are_512_flops_a_clock_per_sm(card, sms, ghz):

@@ -6,6 +6,7 @@ fp32 eager, so it tests behaviour, not speed.
 """
 import pytest
 import torch
+from conftest import randomize_
 
 from minisnr.tools import bench
 from minisnr.rf import generate
@@ -15,11 +16,13 @@ from minisnr.io.device import autocast_context, make_grad_scaler, resolve_precis
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def one_step(precision, compiled=False, seed=0):
-    """One train_step of a seeded tiny DiT on seeded data: (loss, weights after it, how many tensors changed)."""
-    device = torch.device("cuda")
+def one_step(precision, compiled=False, seed=0, device="cuda"):
+    """One train_step of a seeded tiny DiT on seeded data: (loss, weights after it, how many tensors changed).
+    The DiT's weights are random: a fresh one's output layer is zero (adaLN-Zero), which would make its loss the
+    same in fp32, bf16, fp16 and compiled by construction, and no numeric problem could show."""
+    device = torch.device(device)
     torch.manual_seed(seed)
-    model = build_model("tiny", num_classes=4, class_dropout=0.0).to(device).train()
+    model = randomize_(build_model("tiny", num_classes=4, class_dropout=0.0), seed=seed + 1).to(device).train()
     g = torch.Generator(device=device).manual_seed(seed)
     x0 = torch.rand(8, 3, 32, 32, device=device, generator=g) * 2 - 1
     y = torch.randint(0, 4, (8,), device=device, generator=g)

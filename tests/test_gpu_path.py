@@ -80,6 +80,17 @@ def test_pick_device_cuda_enables_tf32(monkeypatch, restore_tf32):
     assert all(v == "tf32" for v in on[3:]), on
 
 
+def test_the_cuda_tests_step_can_see_the_precision():
+    """tests/test_cuda.py checks that one training step in bf16, fp16 or compiled gives nearly fp32's loss. That
+    catches a numeric problem only if the loss depends on the weights' arithmetic: a fresh DiT outputs zero
+    (adaLN-Zero), so its loss is the same in every precision. Run on the CPU, its step's bf16 loss must differ
+    from fp32's, by bf16 rounding only."""
+    from test_cuda import one_step
+    fp32, _, changed = one_step("fp32", device="cpu")
+    bf16, _, _ = one_step("bf16", device="cpu")
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05) and changed > 0
+
+
 # --- DDP: backend and wrapping order ------------------------------------------------------------
 
 @pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("cuda", "nccl")])
@@ -97,6 +108,58 @@ def test_ddp_backend_follows_the_resolved_device(monkeypatch, device, backend):
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
     assert loop.setup_distributed(torch.device(device)) == (1, 1, 2)
     assert calls == [("init", backend)] + ([("set_device", 1)] if device == "cuda" else [])
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_0_checks_the_folder_and_every_rank_waits_for_its_lock(monkeypatch, image_folder, tmp_path, rank):
+    """Under torchrun with NCCL the ranks do not start together: a rank that checked --out itself could find rank
+    0's lock, taken a moment before, refuse its own run ("in use by another run") and make torchrun end the job.
+    Only rank 0 checks the folder and takes the lock; every rank then waits at a barrier, which rank 0 reaches
+    holding the lock. Faked: torchrun's rank environment, the process group, and for rank 1 rank 0's live lock."""
+    import json
+    import os
+    import socket
+
+    import train
+    from minisnr.io import safety
+    from minisnr.train import ddp
+    out, calls, check_lock = tmp_path / "run", [], safety.check_lock
+    lock = out / safety.LOCK
+    for name, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", 2)):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(ddp.dist, "init_process_group", lambda backend, **kw: None)
+    monkeypatch.setattr(ddp.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(ddp.dist, "get_rank", lambda: rank)
+    monkeypatch.setattr(ddp.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(ddp.dist, "get_backend", lambda *a: "gloo")
+    monkeypatch.setattr(ddp.dist, "barrier", lambda **kw: calls.append(("barrier", lock.exists())))
+    monkeypatch.setattr(ddp.dist, "destroy_process_group", lambda: calls.append(("destroy", lock.exists())))
+    monkeypatch.setattr(safety, "check_lock", lambda folder: calls.append(("check_lock",)) or check_lock(folder))
+    monkeypatch.setattr(train, "train", lambda config, *args: calls.append(("train", lock.exists())))
+    if rank == 1:
+        out.mkdir()
+        lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "script": "train.py"}))
+    train.main(["--preset", "tiny", "--device", "cpu", "--data", image_folder, "--out", str(out)])
+    if rank == 0:       # checks the folder, then holds the lock through the barrier and training, then frees it
+        assert calls == [("check_lock",), ("barrier", True), ("train", True), ("destroy", False)]
+    else:               # never touches the lock (rank 0's stays), waits for rank 0 at the barrier
+        assert calls == [("barrier", True), ("train", True), ("destroy", True)]
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_ranks_waiting_for_a_rank_that_stopped_stop_in_one_line(monkeypatch):
+    """When rank 0 refuses --out (one line) and exits, the other ranks' barrier fails (gloo: the connection closed);
+    they stop with one line too, not with the process group's traceback."""
+    from minisnr.io.cli import UserError
+    from minisnr.train import ddp
+
+    def closed(**kwargs):
+        raise RuntimeError("gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1763")
+    monkeypatch.setattr(ddp.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(ddp.dist, "get_backend", lambda *a: "gloo")
+    monkeypatch.setattr(ddp.dist, "barrier", closed)
+    with pytest.raises(UserError, match="stopped before training; its error says why"):
+        ddp.barrier(1)
 
 
 class FakeDDP(torch.nn.Module):
@@ -143,11 +206,23 @@ def test_ddp_skips_the_buffer_broadcast_and_the_gradient_copy(monkeypatch):
     assert wrapped.options == dict(broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
-def test_compile_default_follows_the_device_and_the_model_size_not_the_preset():
+def fake_triton(monkeypatch, installed):
+    """Pretend the triton package is installed, or missing (as on Windows), for importlib.util.find_spec."""
+    import importlib.machinery
+    import sys
+    import types
+    module = types.ModuleType("triton")
+    module.__spec__ = importlib.machinery.ModuleSpec("triton", None)
+    monkeypatch.setitem(sys.modules, "triton", module if installed else None)
+
+
+def test_compile_default_follows_the_device_and_the_model_size_not_the_preset(monkeypatch):
     """On CUDA every model of 1M+ parameters compiles unless --compile false, whatever preset (or none) named it:
     --model cifar without --preset cifar too. The tiny test model and every CPU run stay eager."""
     import train
     from minisnr.io.cli import parse_config
+    fake_cuda(monkeypatch, (8, 0))
+    fake_triton(monkeypatch, installed=True)
     cfg = lambda *argv: parse_config(train.TrainConfig, train.PRESETS, list(argv))[0]
     cpu = torch.device("cpu")
     assert train.use_compile(cfg("--preset", "cifar"), CUDA) is True
@@ -158,6 +233,21 @@ def test_compile_default_follows_the_device_and_the_model_size_not_the_preset():
     assert train.use_compile(cfg("--preset", "tiny", "--dim", "256", "--heads", "4"), CUDA) is True
     assert train.use_compile(cfg("--preset", "cifar", "--compile", "false"), CUDA) is False
     assert train.use_compile(cfg("--preset", "cifar", "--compile", "true"), cpu) is True
+
+
+@pytest.mark.parametrize("capability, triton", [((6, 1), True), ((8, 6), False), ((7, 0), True)])
+def test_compile_default_is_off_where_inductor_cannot_compile(monkeypatch, capability, triton):
+    """Inductor builds CUDA kernels with Triton: a card below compute capability 7.0 (GTX 10xx) raises
+    GPUTooOldForTriton and a platform without Triton (Windows) TritonMissing at the first step, so the default
+    --preset cifar must stay eager there (faked capability and a faked missing triton package). An explicit
+    --compile true is still the user's."""
+    import train
+    from minisnr.io.cli import parse_config
+    fake_cuda(monkeypatch, capability)
+    fake_triton(monkeypatch, installed=triton)
+    cfg = lambda *argv: parse_config(train.TrainConfig, train.PRESETS, ["--preset", "cifar", *argv])[0]
+    assert train.use_compile(cfg(), CUDA) is (capability >= (7, 0) and triton)
+    assert train.use_compile(cfg("--compile", "true"), CUDA) is True
 
 
 # --- gradient accumulation ----------------------------------------------------------------------
@@ -257,6 +347,34 @@ def test_first_logged_img_per_s_leaves_out_the_first_step(monkeypatch, image_fol
     assert first["step"] == 4 and first["img_per_s"] == pytest.approx(40.0, rel=1e-6), first
 
 
+def test_img_per_s_leaves_out_sample_grids_and_saves(monkeypatch, image_folder, tmp_path):
+    """A window that holds a sample grid or a checkpoint save still reports the training steps' img/s. On a fake
+    clock each step takes 0.1 s, a grid 5 s and a save 2 s, both every 2 steps: each logged img/s must be the
+    steps' 4 / 0.1 = 40, where counting the grid and the save would give 12 / 7.3 = 1.6 and 16 / 14.4 = 1.1."""
+    import json
+    import types
+
+    import train
+    from minisnr.train import run as run_module
+    clock = [1000.0]
+
+    def taking(seconds, fn):
+        def timed(*args, **kwargs):
+            clock[0] += seconds if clock[0] != 1000.0 else 3.0      # the first step: the compile
+            return fn(*args, **kwargs)
+        return timed
+    monkeypatch.setattr(train, "rf_loss", taking(0.1, train.rf_loss))
+    monkeypatch.setattr(train, "generate", taking(5.0, train.generate))
+    monkeypatch.setattr(train, "atomic_save", taking(2.0, train.atomic_save))
+    monkeypatch.setattr(run_module, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    out = tmp_path / "run"
+    train.main(["--preset", "tiny", "--device", "cpu", "--data", image_folder, "--out", str(out), "--max-steps", "8",
+                "--batch-size", "4", "--log-every", "4", "--sample-every", "2", "--ckpt-every", "2"])
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [4, 8]
+    assert [r["img_per_s"] for r in logged] == [pytest.approx(40.0, rel=1e-6)] * 2, logged
+
+
 def test_style_views_are_cropped_on_the_training_device():
     """finetune.py keeps the resized references on the training device and crops there: no image moves from
     the host per step. The meta device (shapes only) stands in for a GPU."""
@@ -319,6 +437,44 @@ def test_a_cuda_drawn_order_resumes_on_a_cpu_with_a_warning(tmp_path):
         check_loader_state(dict(state, generator_device="tpu"), "ckpt.pt", 8)
 
 
+def test_a_cpu_runs_every_line_of_the_data_order_that_a_gpu_runs():
+    """The data order's GPU path (the generator on the data's device, randperm there, the order moved to the data,
+    a generator's state restored on that device, an older state's CPU generator, a CUDA state without CUDA) is the
+    CPU's, with only the generator's device differing, so this suite runs it: every line of those methods runs here
+    (traced), and a state round trip across an epoch gives the same batches."""
+    import dis
+    import sys
+
+    from minisnr.io.data import ImageSet, InMemoryLoader
+    methods = (InMemoryLoader.__init__, InMemoryLoader._new_epoch, InMemoryLoader.state_dict,
+               InMemoryLoader.load_state_dict)
+    codes = {m.__code__ for m in methods}
+    ran = set()
+
+    def trace(frame, event, arg):
+        if frame.f_code in codes and event == "line":
+            ran.add(frame.f_lineno)
+        return trace
+    data = ImageSet(torch.zeros(8, 3, 2, 2, dtype=torch.uint8), torch.arange(8), ["a"])
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        loader = InMemoryLoader(data, batch_size=4, device="cpu", seed=3, flip=False)
+        loader.next()
+        state = loader.state_dict()
+        expected = [loader.next()[1] for _ in range(3)]      # crosses into a new epoch
+        resumed = InMemoryLoader(data, batch_size=4, device="cpu", flip=False)
+        resumed.load_state_dict(state)
+        got = [resumed.next()[1] for _ in range(3)]
+        with pytest.warns(UserWarning, match="drawn on cuda"):
+            resumed.load_state_dict(dict(state, generator=torch.arange(16, dtype=torch.uint8), generator_device="cuda"))
+    finally:
+        sys.settrace(previous)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    lines = {line for m in methods for _, line in dis.findlinestarts(m.__code__) if line > m.__code__.co_firstlineno}
+    assert not lines - ran, f"lines of InMemoryLoader that never run on a CPU: {sorted(lines - ran)}"
+
+
 def tiny_optimizer():
     param = torch.nn.Parameter(torch.ones(3))
     return torch.optim.AdamW([param], lr=1e-3)
@@ -341,6 +497,63 @@ def test_fp16_resumes_a_state_saved_without_loss_scaling(saved_precision, capsys
     assert "fresh GradScaler" in capsys.readouterr().out
     fp16_state = dict(saved, scaler=scaler.state_dict())
     assert restore(fp16_state, tiny_optimizer(), make_grad_scaler(cpu, "bf16"), cpu) == 7
+
+
+def adamw(model, fused):
+    """AdamW as train.py builds it: fused on a GPU, foreach on a CPU or MPS (both run on a CPU)."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0, fused=fused,
+                             foreach=None if fused else True)
+
+
+def update_steps(model, optimizer, scaler, precision, steps, clip):
+    """`steps` of train.py's update on seeded random data: scale, (unscale and clip), step, update, zero_grad."""
+    from minisnr.io.device import autocast_context
+    from minisnr.rf import rf_loss
+    for _ in range(steps):
+        x0, y, t = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randint(0, 3, (4,)), torch.rand(4)
+        with autocast_context(torch.device("cpu"), precision):
+            loss = rf_loss(model, x0, y, t).mean()
+        scaler.scale(loss).backward()
+        if clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0], ids=["no-clip", "clip"])
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("saved_fused", [True, False], ids=["saved-fused", "saved-foreach"])
+def test_a_gpu_run_resumes_any_saved_optimizer_in_its_fused_kernel(saved_fused, precision, clip):
+    """A state saved by a fused AdamW (a GPU) or a foreach one (a CPU, MPS) resumes into this run's fused AdamW and
+    stays fused: load_state_dict copies the saved `fused`/`foreach` over the new optimizer's, and an fp16 GradScaler
+    then hands the foreach AdamW found_inf (AssertionError at the first step). 2 steps, save, 2 more steps resumed
+    equal 4 fused steps that never stopped: exactly from a fused state; from a foreach one, to the two kernels'
+    rounding (1e-4, where losing Adam's moments would move weights by ~lr = 1e-2)."""
+    from minisnr.io.device import make_grad_scaler
+    from minisnr.train.resume import restore, rng_state
+    cpu = torch.device("cpu")
+
+    def fresh(fused):
+        torch.manual_seed(0)
+        model = randomize(build_tiny())
+        return model, adamw(model, fused), make_grad_scaler(cpu, precision)
+
+    model, optimizer, scaler = fresh(True)
+    update_steps(model, optimizer, scaler, precision, 4, clip)
+    straight = model.state_dict()
+    model, optimizer, scaler = fresh(saved_fused)
+    update_steps(model, optimizer, scaler, precision, 2, clip)
+    saved = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(cpu), "step": 2}
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model, optimizer, scaler = fresh(True)
+    model.load_state_dict(weights)
+    assert restore(saved, optimizer, scaler, cpu) == 2
+    update_steps(model, optimizer, scaler, precision, 2, clip)
+    assert (optimizer.param_groups[0]["fused"], optimizer.param_groups[0]["foreach"]) == (True, None)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, straight[k], rtol=0, atol=0 if saved_fused else 1e-4, msg=k)
 
 
 def test_resume_on_another_number_of_processes_says_the_global_batch_changes(image_folder, tmp_path, capsys):

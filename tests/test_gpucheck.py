@@ -9,22 +9,28 @@ import subprocess
 import pytest
 import torch
 
-from minisnr.tools import gpucheck
+from minisnr.tools import cudacheck, gpucheck
 from minisnr.io.cli import UserError
 
 DRY_RUN = ["--preset", "tiny", "--device", "cpu"]
 
 
 def test_cpu_dry_run_runs_every_part_and_writes_one_summary(image_folder, tmp_path, capsys):
-    """--preset tiny --device cpu: bench, train (stop + resume), fine-tune and sample are ok; syncs and flash
-    say skipped (no CUDA); one summary line is printed and the same results are written as JSON."""
+    """--preset tiny --device cpu: train.py's loop, bench, train (stop + resume), fine-tune and sample are ok; flash
+    says skipped (no CUDA), the loop that syncs are not counted there; one summary line is printed and the same
+    results are written as JSON."""
     out = tmp_path / "check"
     results = gpucheck.main(DRY_RUN + ["--data", image_folder, "--out", str(out), "--skip", "tests"])
     for part in ("bench", "train", "finetune", "sample"):
         assert results[part]["status"] == "ok", (part, results[part])
-    assert results["syncs"]["status"] == results["flash"]["status"] == "skipped (no CUDA)"
+    assert results["loop"]["status"] == "ok (no CUDA: syncs not counted)" and results["loop"]["new_epoch_syncs"] is None
+    loop = results["loop"]["rows"][0]
+    assert (loop["mode"], loop["steps"], loop["batch_size"], loop["data_images"]) == ("eager-fp32", 4, 16, 24)
+    assert loop["img_per_s"] > 0 and loop["steady_steps"] == 1 and loop["syncs_per_step"] == 0
+    assert results["flash"]["status"] == "skipped (no CUDA)"
     assert results["memory"]["status"].startswith("skipped (no CUDA)")
-    assert results["memory"]["rows"][0]["estimate_gib"] > 0
+    assert [r["part"] for r in results["memory"]["rows"]] == ["bench", "loop"]
+    assert all(r["estimate_gib"] > 0 for r in results["memory"]["rows"])
     assert results["tests"]["status"] == "skipped (--skip)"
     assert results["train"]["step"] == 4                      # 2 steps, stop, resume to 4
     gap = results["sample"]["merged_vs_unmerged"]
@@ -32,7 +38,7 @@ def test_cpu_dry_run_runs_every_part_and_writes_one_summary(image_folder, tmp_pa
     assert all(results["sample"]["written"].values())
     printed = capsys.readouterr().out.splitlines()
     verdict = [line for line in printed if line.startswith("gpu check on ")]
-    assert len(verdict) == 1 and "4 ok, 0 failed, 4 skipped" in verdict[0], verdict
+    assert len(verdict) == 1 and "5 ok, 0 failed, 3 skipped" in verdict[0], verdict
     saved = json.loads((out / "gpu_check.json").read_text())
     assert saved["summary"] in verdict[0] and saved["parts"]["train"]["step"] == 4
 
@@ -85,7 +91,7 @@ def test_a_bench_row_out_of_memory_is_skipped_not_failed(monkeypatch, image_fold
         return real(cfg, device, batch_size, mode)
     monkeypatch.setattr(gpucheck, "bench_one", bench_one)
     results = gpucheck.main(DRY_RUN + ["--data", image_folder, "--out", str(tmp_path / "c"), "--bench-batches", "4,8",
-                                       "--skip", "tests,train,finetune,sample"])
+                                       "--skip", "tests,loop,train,finetune,sample"])
     bench = results["bench"]
     assert bench["status"] == "ok (1 row(s) skipped: out of memory)", bench
     assert [(r["batch_size"], r["status"]) for r in bench["rows"]] == [(4, "ok"), (8, "skipped (out of memory)")]
@@ -130,5 +136,91 @@ def test_every_part_starts_with_dynamo_reset(monkeypatch, image_folder, tmp_path
     resets = []
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
     gpucheck.main(DRY_RUN + ["--data", image_folder, "--out", str(tmp_path / "c"),
-                             "--skip", "tests,bench,memory,train,finetune,sample"])
-    assert len(resets) == 2                                   # syncs and flash ran (as skipped on a CPU)
+                             "--skip", "tests,loop,bench,train,finetune,sample"])
+    assert len(resets) == 2                                   # flash and memory ran (as skipped on a CPU)
+
+
+def test_the_loop_part_measures_train_pys_own_loop_compiled_and_its_syncs_per_step(monkeypatch, image_folder,
+                                                                                 tmp_path):
+    """The loop part runs train.py's main itself, not bench's copy of its step: here one fake host-device sync per
+    forward of train.py's loop (a warning as torch.cuda.set_sync_debug_mode('warn') gives) shows as 1 sync in every
+    steady-state step (6 steps: a log line after step 3, so steps 3, 5 and 6), and the part fails naming the modes.
+    The compiled mode compiles train.py's model (a fake torch.compile records it)."""
+    import warnings
+
+    import train
+    real_loss, compiled = train.rf_loss, []
+
+    def syncing_loss(*args, **kwargs):
+        warnings.warn("called a synchronizing CUDA operation")
+        return real_loss(*args, **kwargs)
+
+    def fake_compile(module, **kwargs):
+        compiled.append(type(module).__name__)
+        return module
+    monkeypatch.setattr(train, "rf_loss", syncing_loss)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    skip = ",".join(p for p in gpucheck.PARTS if p != "loop")
+    with pytest.raises(SystemExit):
+        gpucheck.main(DRY_RUN + ["--data", image_folder, "--out", str(tmp_path / "c"), "--skip", skip,
+                                 "--loop-steps", "6", "--loop-modes", "eager-fp32,compiled-fp32"])
+    loop = json.loads((tmp_path / "c" / "gpu_check.json").read_text())["parts"]["loop"]
+    assert loop["status"] == "FAILED (eager-fp32: 1 syncs a step; compiled-fp32: 1 syncs a step)", loop
+    assert [(r["mode"], r["steps"], r["steady_steps"], r["syncs_per_step"]) for r in loop["rows"]] == [
+        ("eager-fp32", 6, 3, 1), ("compiled-fp32", 6, 3, 1)]
+    assert compiled == ["DiT"] and loop["rows"][1]["recompiles"] == 0
+
+
+def test_memory_part_compares_compiled_rows_too_and_measures_the_cuda_context(monkeypatch):
+    """Training compiles by default, so the estimate is compared with compiled rows as well as eager ones, from the
+    bench and from train.py's loop; and the CUDA context is measured from torch.cuda's memory: the card's used
+    memory (mem_get_info, faked: 16 GiB, 10 free) minus what torch's allocator holds (memory_reserved, faked: 5)."""
+    from minisnr.io.cli import parse_config
+    from minisnr.tools.memory import estimate_memory
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2 ** 30, 16 * 2 ** 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * 2 ** 30)
+    cfg, _ = parse_config(gpucheck.CheckConfig, gpucheck.PRESETS, ["--preset", "tiny"])
+    estimate = estimate_memory("tiny", 4, "bf16", data_images=16)["total"] / 2 ** 30
+    row = lambda mode, peak: dict(mode=mode, status="ok", batch_size=4, data_images=16, peak_mem_gib=peak)
+    results = {"bench": {"rows": [row("eager-bf16", estimate), row("compiled-bf16", 0.9 * estimate)]},
+               "loop": {"rows": [row("eager-bf16", estimate), row("compiled-bf16", 1.2 * estimate),
+                                 dict(mode="eager-fp16", status="skipped (out of memory)")]}}
+    memory = gpucheck.check_memory(cfg, torch.device("cuda"), results)
+    assert [(r["part"], r["mode"]) for r in memory["rows"]] == [
+        ("bench", "eager-bf16"), ("bench", "compiled-bf16"), ("loop", "eager-bf16"), ("loop", "compiled-bf16")]
+    assert memory["status"] == "FAILED (the estimate is more than 15% below the measured peak: loop compiled-bf16)"
+    assert memory["cuda_context_gib"] == 1.0 and memory["assumed_cuda_context_gib"] == 0.5
+
+
+@pytest.mark.parametrize("capability, triton", [((6, 1), True), ((8, 0), False), ((8, 0), True), ((7, 5), True)])
+def test_auto_modes_leave_out_compiling_where_the_card_cannot(monkeypatch, capability, triton):
+    """The bench and loop parts' auto modes follow train.py's compile default: no compiled mode on a card below
+    compute capability 7.0 or without Triton (its GPUTooOldForTriton or TritonMissing would fail the part). The
+    loop adds eager fp16 on a bf16 card, for the GradScaler's syncs."""
+    from test_gpu_path import fake_cuda, fake_triton
+
+    from minisnr.io.cli import parse_config
+    fake_cuda(monkeypatch, capability)
+    fake_triton(monkeypatch, triton)
+    cfg, _ = parse_config(gpucheck.CheckConfig, gpucheck.PRESETS, [])
+    cuda = torch.device("cuda")
+    precision = "bf16" if capability >= (8, 0) else "fp16"
+    expected = [f"eager-{precision}"] + ([f"compiled-{precision}"] if capability >= (7, 0) and triton else [])
+    assert gpucheck.bench_modes(cfg, cuda) == expected
+    assert cudacheck.loop_modes(cfg, cuda) == expected + (["eager-fp16"] if precision == "bf16" else [])
+
+
+def test_the_check_reads_the_data_once_for_all_its_train_py_runs(monkeypatch, image_folder, tmp_path):
+    """The loop and train parts run train.py three times here (five on a GPU), and decoding CIFAR-10's PNGs takes half
+    a minute each time: the check reads --data once and the runs share it."""
+    import train
+    real, reads = train.load_dataset, []
+
+    def counting_load(*args, **kwargs):
+        reads.append(args)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, "load_dataset", counting_load)
+    results = gpucheck.main(DRY_RUN + ["--data", image_folder, "--out", str(tmp_path / "c"),
+                                       "--skip", "tests,bench,memory,finetune,sample"])
+    assert results["loop"]["status"].startswith("ok") and results["train"]["status"] == "ok"
+    assert reads == [(image_folder, 32)] and train.load_dataset is counting_load

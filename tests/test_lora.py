@@ -100,6 +100,29 @@ def test_merge_matches_unmerged_and_unmerge_restores():
     assert close(lora(x), unmerged, atol=1e-6), "after unmerge the LoRA branch must be applied again"
 
 
+def test_merge_computes_the_update_in_full_fp32(monkeypatch):
+    """With TF32 on (as minisnr turns it on for CUDA), merge() still computes B A in full fp32: TF32 would keep 10 bits
+    of mantissa in the merged weight. A CPU never uses TF32, so a spy records the fp32 matmul precision that the
+    product B @ A is computed under; the global setting is back to TF32 afterwards."""
+    lora = LoRALinear(make_linear(), RANK, ALPHA)
+    seen, matmul = [], torch.Tensor.__matmul__
+
+    def spy(a, b):
+        seen.append(torch.get_float32_matmul_precision())
+        return matmul(a, b)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")           # TF32 on, as minisnr.io.device.enable_tf32 sets it
+    try:
+        monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+        lora.merge()
+        monkeypatch.undo()
+        after = torch.get_float32_matmul_precision()
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen == ["highest"], f"B @ A must run in full fp32 (precision 'highest'), ran under {seen}"
+    assert after == "high", "merge() must put the global matmul precision back"
+
+
 def test_train_eval_do_not_merge():
     """.eval() and .train() never merge or unmerge: only explicit merge()/unmerge() calls do."""
     lora = LoRALinear(make_linear(), RANK, ALPHA)

@@ -223,7 +223,8 @@ class InMemoryLoader:
     (generator state, epoch permutation, position), so a checkpoint can resume the exact
     data order, even with a different number of processes.
     On CUDA the order is drawn on the GPU (copying one from pageable host memory would
-    sync host and device every epoch); elsewhere by the CPU generator, as before.
+    sync host and device every epoch); elsewhere by the CPU generator, as before. Only the
+    generator's device differs: a CPU runs every line a GPU runs, so the tests check them.
     """
 
     def __init__(self, data: ImageSet, batch_size, device, seed=0, rank=0, world_size=1, flip=True):
@@ -234,10 +235,11 @@ class InMemoryLoader:
         self.generator = torch.Generator(device=order_device(self.device)).manual_seed(seed)
         self.perm, self.pos = self._new_epoch(), 0
 
-    def _new_epoch(self):  # the next epoch's order, on the device, without a host-device sync
+    def _new_epoch(self):
+        """The next epoch's order, drawn where the generator is and moved to the data (no move on the same device).
+        A CPU generator for data on a GPU (a state saved by an older version or on a CPU) costs one host-device sync
+        an epoch for that copy, which is not worth a code path of its own."""
         perm = torch.randperm(len(self.labels), generator=self.generator, device=self.generator.device)
-        if perm.device.type == "cpu" and self.device.type == "cuda":  # a CPU generator from an older state
-            perm = perm.pin_memory()                                    # a copy from pinned memory does not sync
         return perm.to(self.device, non_blocking=True)
 
     def next(self):
@@ -264,8 +266,9 @@ class InMemoryLoader:
         """Restore a position saved by state_dict(), so a resumed run sees the same batches. A CPU generator (all
         older states) stays on the CPU, so the order stays exact; a CUDA one without CUDA is reseeded (a warning)."""
         kind = state.get("generator_device", "cpu")
-        if kind in ("cpu", self.generator.device.type):
-            self.generator = torch.Generator(device=self.device if kind == "cuda" else "cpu")
+        own = order_device(self.device)                           # where this run draws its orders
+        if kind in ("cpu", own.type):
+            self.generator = torch.Generator(device=own if kind == own.type else "cpu")
             self.generator.set_state(state["generator"])
         else:
             warnings.warn(f"the saved data order was drawn on {kind}, which this run does not have: epochs after "

@@ -1,5 +1,6 @@
 """Where and how things run: device choice, TF32, mixed precision, the one autocast context."""
 import contextlib
+import importlib.util
 import os
 
 import torch
@@ -49,6 +50,13 @@ def cuda_has_fast_bf16(device):
     """True if this CUDA card has bf16 tensor cores: compute capability 8.0 (Ampere) or newer.
     torch.cuda.is_bf16_supported() also says True on older cards, where bf16 is emulated and slow."""
     return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def cuda_can_compile(device):
+    """True if torch.compile can build kernels for this CUDA card. Inductor writes them in Triton, which needs
+    compute capability 7.0 or newer (a GTX 10xx raises GPUTooOldForTriton at the first step) and the triton
+    package, which torch does not install on Windows (TritonMissing)."""
+    return torch.cuda.get_device_capability(device) >= (7, 0) and importlib.util.find_spec("triton") is not None
 
 
 # Test-only: MINISNR_AUTO_PRECISION=bf16 or fp32 replaces what --precision auto picks on a CPU, so the

@@ -1,53 +1,212 @@
-"""gpucheck's parts that need CUDA, besides the tests: host-device syncs in the training loop, and the attention
-kernel the card trains with. Each check_* takes gpucheck's flags (cfg) and the device, and returns its result dict.
+"""gpucheck's measurements of the GPU path: train.py's own loop (img/s, MFU, peak memory and host-device syncs per
+step, eager and compiled), the CUDA context, and the attention kernel the card trains with. Each check_* takes
+gpucheck's flags (cfg) and the device (and the loop its output folder), and returns its result dict.
+
+The loop is train.py's main itself, not a copy of its step: the lr set each step, the grad-accum chunks, the
+loss bins and the NaN guard in run.step, the logging, and torch.compile as training runs it by default.
 """
+import contextlib
+import gc
+import os
 import warnings
 
 import torch
 
 from ..io.data import InMemoryLoader
-from ..io.device import resolve_precision
+from ..io.device import cuda_can_compile, resolve_precision
 from ..model import build_config
-from .bench import BenchConfig, make_train_step, random_images
+from .bench import parse_modes, random_images
+from .flops import peak_tflops, train_flops_per_image
+from .memory import gib
+from .scriptcheck import last_log, script
 
 NO_CUDA = "skipped (no CUDA)"
 
 
-SYNC_STEPS = 5
+def auto_modes(device):
+    """Eager and compiled in the precision --precision auto picks; compiled only where inductor can build kernels
+    (cuda_can_compile), as train.py's compile default."""
+    precision = resolve_precision("auto", device)
+    compiles = device.type != "cuda" or cuda_can_compile(device)
+    return [f"eager-{precision}"] + ([f"compiled-{precision}"] if compiles else [])
 
 
-def count_syncs_in(fn):
-    """fn() under torch.cuda.set_sync_debug_mode('warn'): the number of host-device syncs it made."""
+def out_of_memory(error):
+    """True for torch.OutOfMemoryError, or dynamo's wrap of one raised while it compiles."""
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def free_cuda_memory(device):
+    """Give back what earlier runs left in torch's cache, so a peak measured next is the next run's own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def compile_counts():
+    """Dynamo's graphs, graph breaks and recompiles since its counters were last cleared (counters.clear())."""
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]["unique_graphs"]
+    breaks = sum(counters["graph_break"].values())
+    return dict(graphs=graphs, graph_breaks=breaks, recompiles=max(0, graphs - 1 - breaks))
+
+
+# --- host-device syncs -----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def sync_warnings(device):
+    """Record warnings inside; on CUDA every host-device sync is one of them (torch.cuda.set_sync_debug_mode
+    'warn'). Yields the list of warnings, which count_syncs counts."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
         try:
-            fn()
+            yield caught
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+
+
+def count_syncs(caught):
+    """How many of the recorded warnings are host-device syncs ("called a synchronizing CUDA operation")."""
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def count_syncs(cfg, device, precision, steps=SYNC_STEPS):
-    """Host-device syncs in `steps` eager training steps (after one untimed step) on data that lasts beyond them,
-    so they are steady-state steps, and in drawing one new epoch's data order (once every epoch in training)."""
-    bench_cfg = BenchConfig(preset=cfg.model, batch_size=16, device=cfg.device)
-    step, _ = make_train_step(bench_cfg, device, precision, compiled=False, data_batches=steps + 2)
-    loader = InMemoryLoader(random_images(build_config(cfg.model), 64, 0), 16, device)
-    step()
-    torch.cuda.synchronize(device)
-    in_steps = count_syncs_in(lambda: [step() for _ in range(steps)])
-    return dict(steps=in_steps, new_epoch=count_syncs_in(loader._new_epoch))
+@contextlib.contextmanager
+def step_marks(train, counter):
+    """Record counter() at every run.step() call of train.py's loop, the boundaries of its steps: train.py is handed
+    a Run whose step() records first. Yields the list of marks, one per step."""
+    marks, real = [], train.Run
+
+    class MarkedRun(real):
+        """train.py's Run, recording counter() as each step ends."""
+
+        def step(self, *args, **kwargs):
+            marks.append(counter())
+            return super().step(*args, **kwargs)
+    train.Run = MarkedRun
+    try:
+        yield marks
+    finally:
+        train.Run = real
 
 
-def check_syncs(cfg, device):
-    """0 host-device syncs in 5 training steps and in a new epoch's data order, for bf16 and for fp16 + GradScaler."""
+def steady_step_syncs(marks, log_every):
+    """The syncs of each steady-state step: from one run.step() call to the next, leaving out the first step (it
+    compiles, and Throughput waits for it once) and every step after a log line (the log reads the loss back)."""
+    return [marks[i] - marks[i - 1] for i in range(2, len(marks)) if i % log_every != 0]
+
+
+def new_epoch_syncs(cfg, device):
+    """Host-device syncs in drawing a new epoch's data order, which training does once an epoch (CUDA only)."""
     if device.type != "cuda":
-        return dict(status=NO_CUDA)
-    counts = {p: count_syncs(cfg, device, p) for p in ("bf16", "fp16")}
-    bad = sorted({part for c in counts.values() for part, n in c.items() if n})
-    return dict(status="ok" if not bad else f"FAILED (syncs in: {', '.join(bad)})", syncs=counts)
+        return None
+    loader = InMemoryLoader(random_images(build_config(cfg.model), 64, 0), 16, device)
+    torch.cuda.synchronize(device)
+    with sync_warnings(device) as caught:
+        loader._new_epoch()
+    return count_syncs(caught)
 
+
+# --- train.py's own loop -----------------------------------------------------------------------------
+
+def loop_modes(cfg, device):
+    """--loop-modes as a list; auto = auto_modes, plus eager fp16 on a CUDA card that trains in bf16: fp16's
+    GradScaler is where a sync would hide (a non-fused optimizer reads found_inf back every step)."""
+    if cfg.loop_modes != "auto":
+        return parse_modes(cfg.loop_modes, device)
+    modes = auto_modes(device)
+    return modes + (["eager-fp16"] if device.type == "cuda" and modes[0] == "eager-bf16" else [])
+
+
+def loop_row(cfg, device, out, mode):
+    """Run train.py's main as `python train.py --preset P --precision P --compile C` does, for cfg.loop_steps steps
+    (no sample grid until the end, one save at the end, a log line halfway and at the end): the img/s of its last
+    log window, MFU, the peak memory above what was allocated before (CUDA), and the syncs of each steady-state
+    step. batch_size is the images of one forward (--batch-size / --grad-accum), what the memory estimate takes."""
+    train = script("train")
+    compiled, precision = mode.split("-")[0] == "compiled", mode.split("-")[1]
+    steps = cfg.loop_steps
+    run_dir = os.path.join(out, "loop")
+    argv = ["--preset", cfg.model, "--data", cfg.data, "--out", run_dir, "--device", cfg.device, "--precision",
+            precision, "--compile", str(compiled).lower(), "--max-steps", str(steps), "--log-every", str(steps // 2),
+            "--ckpt-every", str(steps), "--sample-every", "0", "--sample-per-class", "1", "--sample-steps", "2",
+            "--overwrite", "true"]
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()          # this mode compiles from scratch, and no earlier graph holds memory
+    counters.clear()
+    free_cuda_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    with sync_warnings(device) as caught, step_marks(train, lambda: count_syncs(caught)) as marks:
+        train.main(argv)
+    ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
+    config = ckpt["train_config"]
+    img_s = last_log(os.path.join(run_dir, "log.jsonl"))["img_per_s"]
+    per_step = steady_step_syncs(marks, steps // 2)
+    row = dict(mode=mode, status="ok", batch_size=config["batch_size"] // config["grad_accum"],
+               grad_accum=config["grad_accum"], data_images=len(ckpt["loader"]["perm"]), steps=len(marks),
+               img_per_s=img_s, mfu=None, peak_mem_gib=None, syncs_per_step=max(per_step, default=None),
+               steady_steps=len(per_step))
+    peak = peak_tflops(device)
+    if peak and img_s:
+        row["mfu"] = train_flops_per_image(build_config(cfg.model)) * img_s / 1e12 / peak
+    if device.type == "cuda":
+        row["peak_mem_gib"] = gib(torch.cuda.max_memory_allocated(device) - before)
+    if compiled:
+        row.update(compile_counts())
+    return row
+
+
+def loop_row_or_skip(cfg, device, out, mode):
+    """loop_row, or a row with status 'skipped (out of memory)': a card too small for the preset's batch is a fact
+    about the card, not a failure of the code (--grad-accum is the answer there)."""
+    try:
+        return loop_row(cfg, device, out, mode)
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        free_cuda_memory(device)
+        return dict(mode=mode, status="skipped (out of memory)")
+
+
+def check_loop(cfg, device, out):
+    """train.py's own loop in each --loop-modes mode, and the syncs of a new epoch's data order; ok if no
+    steady-state step and no new epoch syncs, and every compiled run is one graph that never recompiles."""
+    rows = [loop_row_or_skip(cfg, device, out, mode) for mode in loop_modes(cfg, device)]
+    torch._dynamo.reset()            # the last mode's graphs hold its model: free it for the parts after this one
+    free_cuda_memory(device)
+    new_epoch = new_epoch_syncs(cfg, device)
+    ran = [r for r in rows if r["status"] == "ok"]
+    bad = [f"{r['mode']}: {r['syncs_per_step']} syncs a step" for r in ran if r["syncs_per_step"]]
+    bad += [f"{r['mode']}: graph breaks or recompiles" for r in ran if r.get("graph_breaks") or r.get("recompiles")]
+    if new_epoch:
+        bad.append(f"a new epoch: {new_epoch} syncs")
+    notes = [f"{len(rows) - len(ran)} mode(s) skipped: out of memory"] if len(ran) < len(rows) else []
+    if device.type != "cuda":
+        notes.append("no CUDA: syncs not counted")
+    if bad:
+        status = f"FAILED ({'; '.join(bad)})"
+    elif not ran:
+        status = "skipped (every mode ran out of memory)"
+    else:
+        status = f"ok ({'; '.join(notes)})" if notes else "ok"
+    return dict(status=status, rows=rows, new_epoch_syncs=new_epoch)
+
+
+# --- the CUDA context ------------------------------------------------------------------------------
+
+def cuda_context_bytes(device):
+    """Card memory in use that torch's allocator does not hold: the CUDA context (the driver's state and every
+    kernel loaded so far: cuBLAS, cuDNN, attention, compiled Triton kernels), as the card's used memory
+    (torch.cuda.mem_get_info) minus torch.cuda.memory_reserved. On a card other processes use, theirs counts too."""
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free - torch.cuda.memory_reserved(device)
+
+
+# --- the attention kernel --------------------------------------------------------------------------
 
 def attention_kernel(capability):
     """The SDPA kernel training uses on a card of this compute capability, and its name: flash from 8.0 (Ampere)

@@ -33,6 +33,7 @@ residual add reads and writes fp32. Those ops are bound by memory bandwidth, not
 image, by dtype, say how much a bf16 stream could save; whether it is faster at equal loss needs a GPU run.
 The model's numerics are not changed by measuring it.
 """
+import re
 import time
 
 import torch
@@ -46,44 +47,52 @@ from ..rf import rf_loss
 FREQ_DIM = 256  # TimestepEmbedder's sinusoidal feature size (minisnr.model.TimestepEmbedder default)
 
 # Dense (no sparsity) bf16 tensor-core peak in TFLOP/s from NVIDIA's data sheets (GeForce cards:
-# with fp32 accumulation, as PyTorch uses). Matched in order as substrings of
-# torch.cuda.get_device_name(), so more specific names come first. V100 and T4 have no bf16:
-# their fp16 peak is listed. Cards not here get no MFU unless --peak-tflops is given.
+# with fp32 accumulation, as PyTorch uses), by the card's model as card_model() reads it from
+# torch.cuda.get_device_name(). Only an exact model matches: a name that merely contains a listed one
+# ("T400" contains "T4", "RTX A1000" "A100") and every variant not listed (Ti, SUPER, "4090 D", laptop parts,
+# whose SMs or clocks differ) get None: pass --peak-tflops rather than borrow a wrong peak. V100 and T4 have
+# no bf16: their fp16 peak is listed. The SXM form factor is the one a plain name means; PCIe and NVL cards
+# with other clocks are listed apart.
 # RTX 4080: "Peak BF16 Tensor TFLOPS with FP32 Accumulate" 97.5 (dense) in NVIDIA's Ada GPU architecture
 # whitepaper. The RTX 3060 and 4070 are in no whitepaper table; theirs is that table's per-SM rate, 512 dense
 # FLOPs a clock with fp32 accumulation on GA10x and AD10x (RTX 3070: 40.6 at 46 SMs and 1.725 GHz in the
 # Ampere GA102 whitepaper; RTX 4090: 165.2 at 128 SMs and 2.52 GHz), times NVIDIA's spec-page SMs and boost
 # clock: 3060, 28 SMs (3584 CUDA cores) at 1.777 GHz = 25.5; 4070, 46 SMs (5888) at 2.475 GHz = 58.3, which is
-# its spec page's 466 "AI TOPS" (fp8 with sparsity) / 8. Variants with other SM counts or clocks (Ti, SUPER,
-# laptop parts) get None: pass --peak-tflops rather than borrow a wrong peak.
-PEAK_BF16_TFLOPS = [
-    ("Laptop", None),       # mobile clocks depend on the laptop's power limit
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.4),        # SXM, e.g. "NVIDIA H100 80GB HBM3"
-    ("H200 NVL", 835.0),
-    ("H200", 989.4),
-    ("GH200", 989.4),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.0),
-    ("L40", 181.0),
-    ("L4", 121.0),
-    ("A10G", None),         # not published; pass --peak-tflops
-    ("A10", 125.0),
-    ("RTX A6000", 154.8),
-    ("RTX 4090", 165.2),
-    ("RTX 4080 SUPER", None),
-    ("RTX 4080", 97.5),
-    ("RTX 4070 Ti", None),  # also the "RTX 4070 Ti SUPER"
-    ("RTX 4070 SUPER", None),
-    ("RTX 4070", 58.3),
-    ("RTX 3090", 71.0),
-    ("RTX 3060 Ti", None),
-    ("RTX 3060", 25.5),
-    ("V100", 125.0),        # fp16
-    ("T4", 65.0),           # fp16
-]
+# its spec page's 466 "AI TOPS" (fp8 with sparsity) / 8. V100: 125 (SXM2) and 112 (PCIe) in its data sheet.
+PEAK_BF16_TFLOPS = {
+    "H100": 989.4,          # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    "H100 PCIE": 756.0,
+    "H100 NVL": 835.0,
+    "H200": 989.4,
+    "H200 NVL": 835.0,
+    "GH200": 989.4,
+    "A100": 312.0,          # "NVIDIA A100-SXM4-80GB"
+    "A100 PCIE": 312.0,
+    "A800": 312.0,
+    "A800 PCIE": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "A10": 125.0,           # not the A10G, whose peak is not published
+    "RTX A6000": 154.8,
+    "RTX 4090": 165.2,
+    "RTX 4080": 97.5,
+    "RTX 4070": 58.3,
+    "RTX 3090": 71.0,
+    "RTX 3060": 25.5,
+    "V100": 125.0,          # fp16, SXM2
+    "V100 PCIE": 112.0,     # fp16
+    "T4": 65.0,             # fp16
+}
+
+
+def card_model(name):
+    """The model in a CUDA device name, upper case, without the brand, the memory size and type and the SXM form
+    factor: "NVIDIA A100-SXM4-80GB" -> "A100", "Tesla V100-PCIE-32GB" -> "V100 PCIE", "NVIDIA GeForce RTX 4090 D"
+    -> "RTX 4090 D"."""
+    words = name.upper().replace("-", " ").split()
+    brand_or_memory = re.compile(r"NVIDIA|GEFORCE|TESLA|\d+GB?|HBM\w*|SXM\d*")
+    return " ".join(w for w in words if not brand_or_memory.fullmatch(w))
 
 
 # --- FLOPs ---------------------------------------------------------------------------------
@@ -115,14 +124,13 @@ def forward_flops_per_image(c: DiTConfig) -> int:
 # --- peaks: the card's data sheet and the measured roofline --------------------------------
 
 def peak_tflops(device, override=None):
-    """The dense bf16 peak TFLOP/s used for MFU: `override` (--peak-tflops), else a table lookup by CUDA card
-    name, else None."""
+    """The dense bf16 peak TFLOP/s used for MFU: `override` (--peak-tflops), else the table's peak for the CUDA card's
+    exact model (card_model), else None."""
     if override:
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+    return PEAK_BF16_TFLOPS.get(card_model(torch.cuda.get_device_name(device)))
 
 
 def matmul_tflops(device, precision, n=None, repeats=None):

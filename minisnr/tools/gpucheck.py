@@ -6,9 +6,12 @@
 Each part reports ok, FAILED (why) or skipped (why); the command exits 1 if any part failed.
 
     tests     pytest tests/test_cuda.py tests/test_compile.py tests/test_ddp.py (a subprocess)
-    syncs     5 training steps under torch.cuda.set_sync_debug_mode("warn"), in bf16 and in fp16 + GradScaler,
-              on data that lasts beyond them (steady state), then the draw of a new epoch's data order: every
-              host-device sync is one warning; the loop should have none
+    loop      train.py's own loop (its main, as `python train.py --preset P` runs it) for --loop-steps steps in each
+              --loop-modes mode: eager and compiled (training compiles by default) in the precision auto picks,
+              and eager fp16 + GradScaler on a bf16 card. Each row: img/s and MFU of the last log window, peak
+              memory, and the host-device syncs of every steady-state step (torch.cuda.set_sync_debug_mode
+              "warn": every step but the first and those after a log line), which should be none; then the syncs
+              of drawing a new epoch's data order
     flash     the attention kernel the card trains with, alone (sdpa_kernel), forward + backward at the preset's
               attention shapes, in the precision auto picks: flash from compute capability 8.0 (Ampere) on,
               memory-efficient before (T4, V100), where flash kernels do not exist
@@ -16,7 +19,9 @@ Each part reports ok, FAILED (why) or skipped (why); the command exits 1 if any 
               peak memory and, for compiled modes, graphs, graph breaks and recompiles (dynamo's counters);
               auto batches are 128 and 512 where the memory estimate fits them in the card's free memory, else
               the largest it fits; a row that still runs out of memory is skipped, not failed
-    memory    bench's memory estimate next to torch.cuda.max_memory_allocated for each eager row
+    memory    the memory estimate next to torch.cuda.max_memory_allocated for each bench and loop row, eager and
+              compiled; and the CUDA context, measured (the card's used memory minus what torch's allocator
+              holds), next to the 0.5 GiB minisnr.tools.memory assumes for it
     train     train.py --preset P --max-steps 2N: stop after N = --train-steps steps, then --resume true to 2N
     finetune  finetune.py on the first image of --data for --finetune-steps steps
     sample    sample.py without and with --lora, and with --style-steps 0:0.5; then how far merged-LoRA
@@ -37,16 +42,17 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..io.cli import knob, parse_config, run_main, UserError
-from ..io.device import pick_device, resolve_precision
+from ..io.device import pick_device
 from ..io.files import write_json
 from .bench import bench_mode, BenchConfig, parse_modes
-from .cudacheck import attention_kernel, check_flash, check_syncs, NO_CUDA  # noqa: F401 (attention_kernel: tests)
-from .memory import estimate_memory, gib, largest_batch
+from .cudacheck import attention_kernel, check_flash, check_loop, NO_CUDA  # noqa: F401 (attention_kernel: tests)
+from .cudacheck import auto_modes, compile_counts, cuda_context_bytes, free_cuda_memory, out_of_memory
+from .memory import CUDA_CONTEXT_BYTES, estimate_memory, gib, largest_batch
 from .report import describe_device
-from .scriptcheck import check_finetune, check_sample, check_train, REPO_ROOT
+from .scriptcheck import check_finetune, check_sample, check_train, data_loaded_once, REPO_ROOT
 
 TEST_FILES = ["tests/test_cuda.py", "tests/test_compile.py", "tests/test_ddp.py"]
-PARTS = ["tests", "syncs", "flash", "bench", "memory", "train", "finetune", "sample"]
+PARTS = ["tests", "loop", "flash", "bench", "memory", "train", "finetune", "sample"]
 
 
 @dataclass
@@ -56,6 +62,11 @@ class CheckConfig:
     out: str = knob("runs/gpucheck", "folder for the runs and gpu_check.json")
     device: str = knob("auto", "auto picks cuda, then mps, then cpu")
     model: str = knob("cifar", "train.py preset and DiT size to check")
+    loop_steps: int = knob(40, "steps of train.py's own loop per --loop-modes mode (a log line halfway: img/s is "
+                               "the second half's)")
+    loop_modes: str = knob("auto", "comma-separated modes for the loop part; auto = eager-P and compiled-P (where "
+                                   "the card compiles), P = what --precision auto picks, and eager-fp16 on a bf16 "
+                                   "card (for its GradScaler's syncs)")
     train_steps: int = knob(200, "train this many steps, stop, then resume to twice as many")
     finetune_steps: int = knob(100, "fine-tuning steps")
     bench_batches: str = knob("auto", "comma-separated batch sizes for the bench part; auto = 128 and 512, each "
@@ -71,8 +82,8 @@ class CheckConfig:
 PRESETS = {
     "cifar": {},
     # the CPU dry run: every part once, in seconds
-    "tiny": dict(model="tiny", train_steps=2, finetune_steps=2, bench_batches="4", bench_modes="eager-fp32",
-                 bench_steps=1, sample_n=1, sample_steps=2),
+    "tiny": dict(model="tiny", loop_steps=4, loop_modes="eager-fp32", train_steps=2, finetune_steps=2,
+                 bench_batches="4", bench_modes="eager-fp32", bench_steps=1, sample_n=1, sample_steps=2),
 }
 
 
@@ -94,23 +105,21 @@ def bench_config(cfg, batch_size, steps=None):
 
 
 def bench_modes(cfg, device):
-    """--bench-modes as a list; auto = eager and compiled in the precision --precision auto picks here."""
+    """--bench-modes as a list; auto = auto_modes: eager and compiled (where the card compiles) in the precision
+    --precision auto picks here."""
     if cfg.bench_modes != "auto":
         return parse_modes(cfg.bench_modes, device)
-    precision = resolve_precision("auto", device)
-    return [f"eager-{precision}", f"compiled-{precision}"]
+    return auto_modes(device)
 
 
 def bench_one(cfg, device, batch_size, mode):
-    """One bench row, plus dynamo's graph, graph-break and recompile counts for a compiled mode."""
+    """One bench row, plus dynamo's graph, graph-break and recompile counts for a compiled mode. data_images: bench
+    keeps 4 batches of images on the device, as train.py keeps its data set (for the memory estimate)."""
     from torch._dynamo.utils import counters
     counters.clear()
     row = bench_mode(mode, bench_config(cfg, batch_size, cfg.bench_steps), device)
-    if row["compiled"]:
-        graphs = counters["stats"]["unique_graphs"]
-        breaks = sum(counters["graph_break"].values())
-        row.update(graphs=graphs, graph_breaks=breaks, recompiles=graphs - 1 - breaks)
-    return row
+    row["data_images"] = 4 * batch_size
+    return dict(row, **compile_counts()) if row["compiled"] else row
 
 
 def bench_batches(cfg, device, modes):
@@ -133,12 +142,10 @@ def bench_row_or_skip(cfg, device, batch_size, mode):
     too small for a batch is a fact about the card, not a failure of the code."""
     try:
         return dict(bench_one(cfg, device, batch_size, mode), status="ok")
-    except RuntimeError as e:   # torch.OutOfMemoryError, or dynamo's wrap of one raised while it compiles
-        if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
+    except RuntimeError as e:
+        if not out_of_memory(e):
             raise
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_cuda_memory(device)
         return dict(mode=mode, batch_size=batch_size, compiled=mode.startswith("compiled"),
                     status="skipped (out of memory)")
 
@@ -153,30 +160,36 @@ def check_bench(cfg, device):
     ran = [r for r in rows if r["status"] == "ok"]
     bad = [r["mode"] for r in ran if r["compiled"] and (r["graph_breaks"] or r["recompiles"])]
     skipped = len(rows) - len(ran)
-    keep = ("mode", "batch_size", "status", "img_per_s", "mfu", "peak_mem_gib", "compile_s", "graphs", "graph_breaks",
-            "recompiles")
+    keep = ("mode", "batch_size", "data_images", "status", "img_per_s", "mfu", "peak_mem_gib", "compile_s", "graphs",
+            "graph_breaks", "recompiles")
     status = "ok" if not bad else f"FAILED (graph breaks or recompiles in {', '.join(bad)})"
     if skipped and not bad:
         status = f"ok ({skipped} row(s) skipped: out of memory)" if ran else "skipped (every row ran out of memory)"
     return dict(status=status, rows=[{k: r.get(k) for k in keep} for r in rows])
 
 
-def check_memory(cfg, device, bench_rows):
-    """The bench's memory estimate next to the measured peak of each eager bench row (CUDA only)."""
+def check_memory(cfg, device, results):
+    """The memory estimate next to the measured peak of every bench and loop row that ran, eager and compiled (training
+    compiles by default); and the CUDA context, which the peaks do not see, measured (CUDA only)."""
     rows = []
-    for r in bench_rows:
-        if not r["mode"].startswith("eager") or r.get("status", "ok") != "ok":
-            continue
-        precision = r["mode"].split("-")[1]
-        # bench keeps 4 batches of images on the device, as train.py keeps its data set
-        est = gib(estimate_memory(cfg.model, r["batch_size"], precision, data_images=4 * r["batch_size"])["total"])
-        rows.append(dict(mode=r["mode"], batch_size=r["batch_size"], estimate_gib=round(est, 3),
-                         measured_gib=None if r["peak_mem_gib"] is None else round(r["peak_mem_gib"], 3)))
+    for part in ("bench", "loop"):
+        for r in results.get(part, {}).get("rows", []):
+            if r["status"] != "ok":
+                continue
+            precision = r["mode"].split("-")[1]
+            est = gib(estimate_memory(cfg.model, r["batch_size"], precision, data_images=r["data_images"])["total"])
+            rows.append(dict(part=part, mode=r["mode"], batch_size=r["batch_size"], estimate_gib=round(est, 3),
+                             measured_gib=None if r["peak_mem_gib"] is None else round(r["peak_mem_gib"], 3)))
+    if not rows:
+        return dict(status="skipped (no bench or loop row ran)")
     if device.type != "cuda":
         return dict(status=f"{NO_CUDA}: estimate only", rows=rows)
     # the estimate is meant as an upper-bound-like steady state; allow the allocator some slack above it
-    low = [r for r in rows if r["measured_gib"] > 1.15 * r["estimate_gib"]]
-    return dict(status="ok" if not low else "FAILED (the estimate is more than 15% below the measured peak)", rows=rows)
+    low = [f"{r['part']} {r['mode']}" for r in rows if r["measured_gib"] > 1.15 * r["estimate_gib"]]
+    status = "ok" if not low else f"FAILED (the estimate is more than 15% below the measured peak: {', '.join(low)})"
+    # measured after the bench and loop parts, so the context holds the kernels training loads, as in training
+    return dict(status=status, rows=rows, cuda_context_gib=round(gib(cuda_context_bytes(device)), 3),
+                assumed_cuda_context_gib=gib(CUDA_CONTEXT_BYTES))
 
 
 # --- driver ------------------------------------------------------------------------------------
@@ -215,10 +228,10 @@ def run_checks(cfg, device, skip):
     out, results = cfg.out, {}
     parts = {
         "tests": lambda: check_tests(cfg, device),
-        "syncs": lambda: check_syncs(cfg, device),
+        "loop": lambda: check_loop(cfg, device, out),
         "flash": lambda: check_flash(cfg, device),
         "bench": lambda: check_bench(cfg, device),
-        "memory": lambda: needs(results, "bench") or check_memory(cfg, device, results["bench"]["rows"]),
+        "memory": lambda: check_memory(cfg, device, results),
         "train": lambda: check_train(cfg, device, out),
         "finetune": lambda: needs(results, "train") or check_finetune(cfg, device, out),
         "sample": lambda: needs(results, "train", "finetune") or check_sample(cfg, device, out),
@@ -243,10 +256,13 @@ def main(argv=None):
     cfg, args = parse_config(CheckConfig, PRESETS, argv, description=__doc__.splitlines()[0])
     if not cfg.data or not os.path.isdir(cfg.data):
         raise UserError(f"--data {cfg.data!r} is not a folder; pass an ImageFolder, e.g. ../shared/data/cifar10/train")
+    if cfg.loop_steps < 4:       # a steady-state step needs one before it (the first) and none of the log steps
+        raise UserError(f"--loop-steps must be >= 4, got {cfg.loop_steps}")
     skip, device = parse_skip(cfg.skip), pick_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     t0 = time.perf_counter()
-    results = run_checks(cfg, device, skip)
+    with data_loaded_once():
+        results = run_checks(cfg, device, skip)
     line = summary(results, device, time.perf_counter() - t0)
     path = os.path.join(cfg.out, "gpu_check.json")
     write_json({"summary": line, "device": describe_device(device), "torch": torch.__version__,

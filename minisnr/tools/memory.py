@@ -49,8 +49,8 @@ from ..rf import rf_loss
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # The CUDA context (the driver's state and the loaded kernels) takes card memory that torch's allocator never
-# reports. 0.5 GiB is an assumption, typical of recent drivers with lazily loaded kernels; the first GPU run
-# (minisnr.tools.gpucheck) measures it.
+# reports. 0.5 GiB is an assumption, typical of recent drivers with lazily loaded kernels, until a GPU run of
+# minisnr.tools.gpucheck measures it (its memory part's cuda_context_gib).
 CUDA_CONTEXT_BYTES = 2 ** 29
 CIFAR10_TRAIN_IMAGES = 50_000
 

@@ -7,6 +7,8 @@
 
 Each check_* takes gpucheck's flags (cfg), the device and the output folder, and returns its result dict.
 """
+import contextlib
+import functools
 import importlib
 import json
 import os
@@ -31,6 +33,20 @@ def script(name):
     if REPO_ROOT not in sys.path:
         sys.path.insert(0, REPO_ROOT)
     return importlib.import_module(name)
+
+
+@contextlib.contextmanager
+def data_loaded_once():
+    """train.py's load_dataset remembered while the body runs: decoding CIFAR-10's 50,000 PNGs takes half a minute
+    or more, and the loop and train parts run train.py five times on them. Only the reading is shared: each run
+    puts the images on its device and trains as its own command line would."""
+    train = script("train")
+    real = train.load_dataset
+    train.load_dataset = functools.lru_cache(maxsize=1)(real)
+    try:
+        yield
+    finally:
+        train.load_dataset = real
 
 
 def last_log(path):

@@ -13,6 +13,7 @@ import torch
 
 from ..io.checkpoint import SHIPPED_BASE, model_memory_problem, model_shape_problem
 from ..io.cli import UserError, knob
+from ..io.device import cuda_can_compile
 from ..io.files import require_file
 from ..io.safety import check_device, check_out_not_input, check_seed, guard_run_folder
 from ..lora import DEFAULT_TARGETS
@@ -114,7 +115,8 @@ class TrainConfig:
                                   "GPUs, else fp32")
     compile: bool = knob(None, "torch.compile the model: faster on GPU after a one-off compile of a minute or two "
                                "(default: true on CUDA for models of 1M+ parameters, every size but tiny; false "
-                               "on CPU/MPS; false for debugging)")
+                               "on CPU/MPS and on cards inductor cannot compile for: compute capability below 7.0, "
+                               "no Triton; false for debugging)")
 
     # the script, recorded in the run's manifest: another script's run is not this one's to replace
     SCRIPT: ClassVar = "train.py"
@@ -131,8 +133,9 @@ class TrainConfig:
         out = {k: v for k, v in fields.items() if v is not None}
         return dict(out, img_size=self.img_size, class_dropout=self.class_dropout)
 
-    def validate(self):
-        """Check the flags before any work starts; raise UserError with a one-line fix for bad input."""
+    def validate(self, guard_folder=True):
+        """Check the flags before any work starts; raise UserError with a one-line fix for bad input. Under torchrun
+        only rank 0 checks --out (guard_folder), the folder whose lock it takes (train.py main)."""
         check_at_least(self, 1, ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "sample_steps",
                                  "sample_per_class"))
         check_at_least(self, 0, ("sample_every", "stop_after"), " (0 = off)")
@@ -170,7 +173,8 @@ class TrainConfig:
         check_seed(self.seed)
         check_device(self.device)
         check_out_not_input(self.out, [("--data", data_folder(self.data))])
-        guard_run_folder(self.out, self.SCRIPT, self.RUN_FILES, self.resume, self.overwrite)
+        if guard_folder:
+            guard_run_folder(self.out, self.SCRIPT, self.RUN_FILES, self.resume, self.overwrite)
 
 
 def data_folder(spec):
@@ -196,16 +200,18 @@ PRESETS = {
 # named it. Eager under autocast runs LayerNorm, modulate, the gates and the residual adds in fp32, as ~1,500 small
 # kernels a step; compiled, they fuse, and the minute of compiling pays for itself within the first thousand steps
 # or so. Below that size (the test-sized tiny model, ~0.2M) runs are short checks, where the compile would be most
-# of the time. On a CPU or MPS the compile costs more than it saves, so those stay eager.
+# of the time. On a CPU or MPS the compile costs more than it saves, so those stay eager; so does a card or platform
+# inductor cannot build kernels for (cuda_can_compile: a GTX 10xx, Windows without Triton).
 COMPILE_MIN_PARAMS = 1_000_000
 
 
 def use_compile(config: TrainConfig, device):
-    """--compile if given, else compile on CUDA for models of COMPILE_MIN_PARAMS parameters or more (whatever
-    --preset named the model: --model cifar without --preset cifar compiles too)."""
+    """--compile if given, else compile on CUDA cards inductor can build for (cuda_can_compile), for models of
+    COMPILE_MIN_PARAMS parameters or more (whatever --preset named the model: --model cifar without --preset cifar
+    compiles too)."""
     if config.compile is not None:
         return config.compile
-    if device.type != "cuda":
+    if device.type != "cuda" or not cuda_can_compile(device):
         return False
     with torch.device("meta"):       # the parameter count without memory or init cost
         n_params = build_model(config.model, **config.model_overrides()).num_params()

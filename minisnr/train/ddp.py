@@ -4,6 +4,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..io.cli import UserError
+
 
 # broadcast_buffers=False: the DiT's buffers (the fixed positional embedding) never change, so broadcasting them
 # from rank 0 before every forward is wasted work. gradient_as_bucket_view=True: the gradients are views into
@@ -23,6 +25,18 @@ def setup_distributed(device):
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def barrier(local_rank):
+    """Under DDP, wait until every rank gets here; otherwise go on at once. NCCL is told the rank's GPU (torchrun's
+    LOCAL_RANK), which it would otherwise guess, with a warning. When a rank stopped before getting here (rank 0
+    refusing --out, in one line), the others stop with one line too, not with the process group's traceback."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier(device_ids=[local_rank] if dist.get_backend() == "nccl" else None)
+    except RuntimeError:
+        raise UserError("another process of this torchrun stopped before training; its error says why") from None
 
 
 def wrap_for_training(model, compile, world, device, ema=None):

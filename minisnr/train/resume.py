@@ -133,8 +133,15 @@ def restore(state, optimizer, scaler, device, master=True):
     """Load the optimizer, grad-scaler and RNG states (checked by then); returns the step to continue from.
 
     A bf16 or fp32 run saves its disabled GradScaler as {}; resumed in fp16 (--precision auto on an older
-    GPU), the enabled scaler starts from its initial loss scale, which it adapts within a few steps."""
+    GPU), the enabled scaler starts from its initial loss scale, which it adapts within a few steps.
+
+    The optimizer keeps the kernel this run built it with: load_state_dict copies the saved group's `fused` and
+    `foreach` over it, so a state saved on a CPU (foreach) would make a GPU's fused AdamW a foreach one, which an
+    fp16 GradScaler then hands found_inf (an AssertionError at the first step) and which bf16 runs slower."""
+    kernels = [{k: group[k] for k in ("fused", "foreach")} for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    for group, kernel in zip(optimizer.param_groups, kernels):
+        group.update(kernel)
     if state["scaler"] or not scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])          # a disabled scaler ignores what it is given
     elif master:

@@ -14,6 +14,7 @@
 The loss is summed on the device and read back only at log steps, so a step never waits for the GPU. A reader
 learning the method can skip this file: it changes nothing that is trained.
 """
+import contextlib
 import json
 import os
 import signal
@@ -36,7 +37,9 @@ from .ddp import any_rank, any_rank_tensor
 class Throughput:
     """Images per second over each log window. The run's first step is left out of the first window: it
     includes torch.compile's compilation (a minute or more on a GPU) and CUDA's warm-up, and would make the
-    first logged img/s meaningless. Costs one device sync per run, after that first step."""
+    first logged img/s meaningless. So is the time between pause() and resume() (a sample grid, a save): it is
+    not training, and a window holding it would report too few img/s. Costs one device sync after the first step
+    and one at each pause, where the run waits for the device anyway (it copies images or weights to the host)."""
 
     def __init__(self, device, images_per_step):
         self.device, self.images_per_step = device, images_per_step
@@ -49,6 +52,15 @@ class Throughput:
             self.start, self.first = time.time(), False
         else:
             self.steps += 1
+
+    def pause(self):
+        """Stop the clock once the queued steps have run (they belong to the window); see resume()."""
+        sync(self.device)
+        self.paused_at = time.time()
+
+    def resume(self):
+        """Start the clock again: the window's time goes on as if the pause had not been."""
+        self.start += time.time() - self.paused_at
 
     def rate(self):
         """img/s of the counted steps since the last call (None if there were none); starts a new window.
@@ -238,11 +250,23 @@ class Run:
             self.stopped = step % self.log_every == 0 and any_rank(self.interrupt.set, self.device)
         return self.stopped
 
+    @contextlib.contextmanager
+    def untimed(self):
+        """Leave what the body does (a sample grid, a save) out of the logged img/s: it is not training."""
+        if self.speed:
+            self.speed.pause()
+        try:
+            yield
+        finally:
+            if self.speed:
+                self.speed.resume()
+
     def save(self, step, save_fn):
         """Check for NaN, then let the master call save_fn() (which writes the resumable state atomically)."""
         self.check_finite(step)
         if self.master:
-            self.write(save_fn)
+            with self.untimed():
+                self.write(save_fn)
             self.saved_step = step
 
     def finish(self, step, save_fn):
