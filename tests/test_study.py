@@ -78,8 +78,8 @@ def test_study_main_and_controls_end_to_end_and_resumes(tiny, tmp_path, capsys):
     runs = 2 * 2 * 2                                           # 2 styles x 2 samplers x (1 reference set x 2 seeds)
     assert log.count("fine-tuned") == runs, f"expected {runs} fine-tunes, log:\n{log[-1500:]}"
     results = json.load(open(os.path.join(out, "results.json")))
-    assert len(results["runs"]) == runs and results["label"] == "null" and results["label_rule"] is None
-    control = results["runs"][f"k1/{TEST_STYLES[0]}/ref0/seed0/null/sd3"]
+    assert len(results["runs"]) == runs and results["label"] == "every" and results["label_rule"] is None
+    control = results["runs"][f"k1/{TEST_STYLES[0]}/ref0/seed0/every/sd3"]
     assert {"0:1", "scale0.5", "scale0.75"} <= set(control), "the control samples the baseline at planted strengths"
     assert {"style_acc", "content_acc", "kid", "palette", "hf", "ref_class", "nn_ref"} <= set(control["0:1"])
     assert results["fixed"][f"{TEST_STYLES[0]}/0"]["copy"]["nn_ref"] == 0, "a copy of the reference is at distance 0"
@@ -125,7 +125,7 @@ def test_references_are_shared_by_samplers_differ_by_set_and_are_never_scored(ti
     another set uses another image; k = 2 uses 2 images of 2 classes; no reference is ever scored."""
     s = study.Study(study.build_parser().parse_args(argv(tiny, str(tmp_path / "s"), "--refs", "2")))
     s.prepare()
-    s.label = "null"
+    s.label = "null"                       # as if the rule had picked it
     style = TEST_STYLES[0]
     cfgs = {(ref, seed, name): s.finetune_config(1, style, ref, seed, study_protocol.CHOSEN, name)
             for ref in (0, 1) for seed in (0, 1) for name in study.SAMPLERS}
@@ -168,7 +168,7 @@ def test_label_rule_picks_the_lower_dev_kid_of_null_and_every():
     s.results = {"runs": runs_with(lambda lab, name, st: {"null": 0.5, "every": 0.9, "ref": 0.1}[lab])}
     assert s.choose_label()[0] == "null", "ref never becomes the default, and every loses here"
     s.results = {"runs": {}}
-    assert s.choose_label() == ("null", "not applied: the dev runs of label 'null' are missing")
+    assert s.choose_label() == (s.args.label, "not applied: the dev runs of label 'null' are missing")
 
 
 def test_windows_calibration_and_convergence(tiny, tmp_path):
@@ -177,7 +177,7 @@ def test_windows_calibration_and_convergence(tiny, tmp_path):
     study.main(argv(tiny, out, "--split", "test", "--parts", "windows,calibration,convergence",
                     "--styles", TEST_STYLES[0], "--window-samplers", "sd3-paper,sf-paper", "--sample-seeds", "1"))
     results = json.load(open(os.path.join(out, "results.json")))
-    lam = results["runs"][f"k1/{TEST_STYLES[0]}/ref0/seed0/null/sd3-paper"]
+    lam = results["runs"][f"k1/{TEST_STYLES[0]}/ref0/seed0/every/sd3-paper"]
     assert set(study_protocol.windows_at(study.LAM_THRESHOLDS)) <= set(lam), "adapters get the lam windows"
     assert set(results["calibration"]) == {TEST_STYLES[0]}
     assert {"t0.25/cfg1", "t0.75/cfg3"} <= set(results["calibration"][TEST_STYLES[0]])

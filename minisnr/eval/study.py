@@ -34,6 +34,7 @@ import math
 from ..io.checkpoint import SHIPPED_BASE
 from ..io.cli import run_main, UserError
 from ..io.files import require_file
+from ..train.config import FinetuneConfig
 from .study_runner import Study
 # the protocol's names and the scores cache, also importable from here (study.SAMPLERS, study.read_cached_scores)
 from .study_protocol import (DEFAULT, JUDGE_EPOCHS, LABELS, LAM_THRESHOLDS, PAPER_MU_HERE,  # noqa: F401
@@ -61,7 +62,7 @@ def build_parser():
     p.add_argument("--ks", default="1", help="style-set sizes: 1 reference as in the paper; 1,8 adds a style set of 8")
     p.add_argument("--refs", type=int, default=2, help="reference sets per style (each its own test image)")
     p.add_argument("--seeds", type=int, default=2, help="training seeds per reference set; 2 give the null control")
-    p.add_argument("--label", default="null", choices=LABELS,
+    p.add_argument("--label", default=FinetuneConfig().style_class, choices=LABELS,
                    help="the label of the main runs when the dev label runs are not part of this run")
     p.add_argument("--steps", type=int, default=0, help="fine-tuning steps per run (0 = finetune.py's default)")
     p.add_argument("--samples-per-class", type=int, default=5, help="scored samples per class per sampling seed")

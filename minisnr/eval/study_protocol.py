@@ -63,7 +63,6 @@ LABELS = ("null", "ref", "every")
 LABEL_SAMPLERS = ("sd3", "sf-paper")
 LABEL_WINDOWS = ("0:1", "cfg1")                 # the style on throughout, sampled at --cfg and at CFG 1
 LABEL_CANDIDATES = ("null", "every")            # the two that need no class, so the default works for a painting
-LABEL_BEFORE = "null"                           # finetune.py's label before this rule was applied
 LABEL_RULE = ("finetune.py's default label is the one of 'null' and 'every' (the two that need no class, so the "
               "default works for a painting) with the lower class KID at the study's CFG on the dev styles at "
               "k = 1, averaged over SD3 (0, 1) and sf-paper; 'ref' (the reference's class, what --class gives) is "
