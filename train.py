@@ -24,7 +24,7 @@ from minisnr.io.safety import hold_run_folder
 from minisnr.model import build_model
 from minisnr.rf import generate, NoiseSampler, rf_loss
 from minisnr.train.config import PRESETS, TrainConfig, use_compile
-from minisnr.train.ddp import barrier, cleanup_distributed, rank_device, setup_distributed, wrap_for_training
+from minisnr.train.ddp import barrier, cleanup_distributed, DDP_OPTIONS, rank_device, setup_distributed
 from minisnr.train.resume import resume_pretrain, rng_state
 from minisnr.train.run import Run
 
@@ -103,9 +103,18 @@ def train(config: TrainConfig, rank=0, local_rank=0, world=1):
                          shift=config.shift)
     ckpt_path = os.path.join(config.out, "ckpt.pt")
     step = resume(ckpt_path, config, model, ema, optimizer, scaler, loader, device, rank=rank) if config.resume else 0
+    # --- the module the loop trains: DDP-wrapped under torchrun, then compiled. torch.compile(DDP(model)) is the
+    # documented order: dynamo splits the graph at DDP's gradient buckets, so each all-reduce overlaps the backward.
+    train_model = model                                       # `model` itself stays the plain module we save
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **DDP_OPTIONS)
+        if not config.resume:
+            ema.load_state_dict(model.state_dict())          # DDP copied rank 0's weights: the EMA starts from them
     compiled = use_compile(config, device)
-    train_model = wrap_for_training(model, compiled, world, device, None if config.resume else ema)  # DDP, compile
-    model.train()                                             # `model` itself stays the plain module we save
+    if compiled:
+        train_model = torch.compile(train_model)
+    model.train()
     if master:
         print(f"model {config.model}: {model.num_params() / 1e6:.2f}M params | data {len(data)} images, "
               f"{len(data.classes)} classes | device {device} | precision {precision} | compile {compiled} | "

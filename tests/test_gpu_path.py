@@ -179,10 +179,11 @@ def test_train_compiles_the_ddp_wrapped_model(monkeypatch, image_folder, tmp_pat
     (dynamo's DDP optimizer then overlaps the gradient all-reduce with the backward); a fake DDP and a fake
     compile record the order on a CPU."""
     import train
-    calls = []
+    calls, options = [], []
     monkeypatch.setattr(train, "setup_distributed", lambda device: (0, 0, 2))
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
-                        lambda module, device_ids=None, **options: FakeDDP(module, device_ids, calls, **options))
+                        lambda module, device_ids=None, **kw: options.append(kw) or FakeDDP(module, device_ids, calls,
+                                                                                           **kw))
 
     def fake_compile(module, **kwargs):
         calls.append(("compile", type(module).__name__))
@@ -191,19 +192,10 @@ def test_train_compiles_the_ddp_wrapped_model(monkeypatch, image_folder, tmp_pat
     train.main(["--preset", "tiny", "--device", "cpu", "--data", image_folder, "--out", str(tmp_path / "run"),
                 "--max-steps", "1", "--batch-size", "4", "--compile", "true"])
     assert calls == [("ddp", "DiT"), ("compile", "FakeDDP")]
-
-
-def test_ddp_skips_the_buffer_broadcast_and_the_gradient_copy(monkeypatch):
-    """DDP is built with broadcast_buffers=False (the DiT's only buffer, the positional embedding, never changes)
-    and gradient_as_bucket_view=True (gradients live in the all-reduce buckets: no copy in and out of them)."""
-    from minisnr.train.ddp import wrap_for_training
-    calls = []
-    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
-                        lambda module, device_ids=None, **options: FakeDDP(module, device_ids, calls, **options))
-    model = build_tiny()
-    assert [name for name, _ in model.named_buffers()] == ["pos_embed"]
-    wrapped = wrap_for_training(model, False, 2, torch.device("cpu"))
-    assert wrapped.options == dict(broadcast_buffers=False, gradient_as_bucket_view=True)
+    # DDP skips the buffer broadcast (the DiT's only buffer, the positional embedding, never changes) and the
+    # gradient copy (gradients live in the all-reduce buckets)
+    assert [name for name, _ in build_tiny().named_buffers()] == ["pos_embed"]
+    assert options == [dict(broadcast_buffers=False, gradient_as_bucket_view=True)]
 
 
 def fake_triton(monkeypatch, installed):

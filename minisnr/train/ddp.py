@@ -1,4 +1,4 @@
-"""Several GPUs: DistributedDataParallel set-up, the wrap, and the ranks' vote to stop."""
+"""Several GPUs: DistributedDataParallel set-up and options, and the ranks' vote to stop (train.py wraps)."""
 import os
 
 import torch
@@ -37,19 +37,6 @@ def barrier(local_rank):
         dist.barrier(device_ids=[local_rank] if dist.get_backend() == "nccl" else None)
     except RuntimeError:
         raise UserError("another process of this torchrun stopped before training; its error says why") from None
-
-
-def wrap_for_training(model, compile, world, device, ema=None):
-    """The module the loop trains: DDP-wrapped when world > 1, then compiled. torch.compile(DDP(model)) is
-    the documented order: dynamo's DDP optimizer then splits the graph at DDP's gradient buckets, so each
-    bucket's all-reduce overlaps the rest of the backward. `model` itself stays the plain one we save.
-    DDP broadcasts rank 0's initial weights into every rank's model; a new run's `ema` is then reset to them."""
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **DDP_OPTIONS)
-        if ema is not None:
-            ema.load_state_dict(model.module.state_dict())
-    return torch.compile(model) if compile else model
 
 
 def cleanup_distributed():
