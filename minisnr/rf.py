@@ -68,7 +68,7 @@ def sample_logit_normal(n, m=0.0, s=1.0, device="cpu", generator=None):
 # The SD3 paper's resolution argument moves log-SNR by the log of that ratio: lam here = lam there + ln(262144/3072)
 # = lam there + 4.45. So the paper's sampler at minisnr's resolution is mu = -6 + 4.45 = -1.55 (the same rule maps
 # the paper's SD3 baseline, shift 3, to shift 0.32 here). Every default mu in minisnr is this one number; whether it
-# is a good choice at 32x32 is what the study measures (README, "The study").
+# is a good choice at 32x32 is what the study measures (minisnr/eval/README.md).
 STYLE_FRIENDLY_MU = -1.55
 
 

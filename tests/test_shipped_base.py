@@ -17,7 +17,7 @@ import finetune
 import sample
 from minisnr.io.checkpoint import SHIPPED_BASE, load_pretrained, weights_hash
 
-# Written by `python -m minisnr.tools.ship_base`; the README's "The base model" gives the same numbers.
+# Written by `python -m minisnr.tools.ship_base`; minisnr/tools/README.md gives the same numbers.
 SHIPPED_SHA256 = "9bb2ad1a8954d0c7407f2cb3a792660f33e161f799f7f07adfbef9634580d23d"
 SHIPPED_WEIGHTS_HASH = "d5e172fa491b7366"
 GRID = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "shipped_base_grid.png")

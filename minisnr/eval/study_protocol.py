@@ -52,7 +52,7 @@ SAMPLERS = {
 HEADLINE = ("sd3", "sf-paper", "sd3-paper")      # native baseline, the default sampler, the translated baseline
 MAIN = HEADLINE + ("sf-pos",)                    # the main table: the headline and the position-only row
 NOISE_FLOOR = ("sf+0", "sd3")    # the same law of lam drawn two ways: only with --samplers, its gap is chance
-DEFAULT = "sf-paper"             # finetune.py's sampler, kept by the last round's dev rule (README, "The study")
+DEFAULT = "sf-paper"             # finetune.py's sampler, kept by the dev rule (minisnr/eval/README.md)
 PRINCIPAL = "kid"                # the metric of the rules and the headline: per-class KID to S(real test images)
 
 # --- which label the style is trained on ------------------------------------------------------------

@@ -239,7 +239,7 @@ class FinetuneConfig:
                                                 "(lam ~ N(mu,sigma))")
     mu: float = knob(STYLE_FRIENDLY_MU, "style-friendly: mean log-SNR, lower = noisier; -1.55 is the paper's -6 "
                                         "moved to 32x32, kept by the study's dev-style rule (no sampler beat it on "
-                                        "class KID; README, 'The study')")
+                                        "class KID; minisnr/eval/README.md)")
     sigma: float = knob(2.0, "style-friendly: std of the log-SNR, as in the paper (FLUX: 3)")
     m: float = knob(0.0, "logit-normal: mean of logit(t) (SD3 default 0)")
     s: float = knob(1.0, "logit-normal: std of logit(t) (SD3 default 1)")
