@@ -232,8 +232,8 @@ class FinetuneConfig:
                                   "log)")
     style_class: str = knob("every", "the label the style is trained on (also --class): 'every' (each view a random "
                                      "class; the study's dev rule picked it: class KID x1000 2689 against 2768 for "
-                                     "'null'; minisnr/eval/README.md), 'null' (the unconditional branch, which guidance "
-                                     "subtracts), or the class name or id of what the references show")
+                                     "'null'; minisnr/eval/README.md), 'null' (the unconditional branch, which "
+                                     "guidance subtracts), or the class name or id of what the references show")
     # which noise levels to train on: the method of the paper
     noise_sampler: str = knob("style-friendly", "uniform | logit-normal (SD3: logit t ~ N(m,s)) | style-friendly "
                                                 "(lam ~ N(mu,sigma))")
