@@ -3,8 +3,10 @@ measured, and it samples the same pixels every time.
 
 The expected grid (tests/fixtures/shipped_base_grid.png) was drawn by
     python sample.py --n 1 --steps 4 --precision fp32 --device cpu --out tests/fixtures/shipped_base_grid.png
-when the file was shipped. fp32 on a CPU gives the same pixels on every CPU kind this project has met
-(tests/test_old_files.py relies on the same), so any change to the file, to loading or to sampling shows here.
+when the file was shipped. fp32 on a CPU gives the same pixels on most CPU kinds; where a CPU's fp32 kernels sum
+in another order (an AMX machine: 5 of 33,762 values), a value lands one uint8 level away at a rounding boundary.
+So the grid must match to one level everywhere, and exactly in all but 0.1% of its values: a change to the file,
+to loading or to sampling moves far more values, by far more.
 """
 import hashlib
 import os
@@ -46,4 +48,6 @@ def test_the_shipped_base_samples_the_same_grid(tmp_path):
     with Image.open(out) as new, Image.open(GRID) as old:
         a, b = np.asarray(new.convert("RGB")), np.asarray(old.convert("RGB"))
     assert a.shape == b.shape
-    assert np.array_equal(a, b), f"{(a != b).sum()} values differ from the grid drawn when the base was shipped"
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, \
+        f"{(diff > 0).sum()} values differ (by up to {diff.max()}) from the grid drawn when the base was shipped"

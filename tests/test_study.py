@@ -88,7 +88,7 @@ def test_study_main_and_controls_end_to_end_and_resumes(tiny, tmp_path, capsys):
                  "law) | 1 ", "## Controls", "positive: sd3 at 0.5x strength", "null: sf-paper, training seed 1 − "
                  "seed 0", "share called the reference's class", "decoy: copies of the reference",
                  "real test images in the style (ceiling)", "± ", "palette FD",
-                 "## The training data against what is scored"):
+                 "## The training data against what is scored", "## Samples", "python sample.py "):
         assert text in report, f"the report should contain {text!r}"
     assert report.index("## The headline") < report.index("## Controls") < report.index("## The training data")
     assert os.path.isfile(os.path.join(out, "per_style.png"))
@@ -272,7 +272,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tmp_path, capsys):
     args[args.index("--judge") + 1] = str(judge)
     guess = study.main(args)
     log = capsys.readouterr().out
-    runs = 2 * len(study_protocol.MAIN) * 2 * 2              # the control reuses the main runs' adapters
+    runs = 2 * len(study_protocol.MAIN) * 2 * 1              # 2 reference sets x argv's 1 seed; the control reuses them
     assert f"fine-tunes still to do: {runs}" in log and "judge: to train" in log and "guess: ~" in log, log
     assert guess > 0 and not out.exists() and not judge.exists(), "a dry run should train and write nothing"
 

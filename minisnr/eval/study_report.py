@@ -96,9 +96,9 @@ def write_report(study):
     write_json({"settings": settings, "label": study.label, "label_rule": study.label_rule,
                 "judge": {"clean_accuracy": study.judge.test_accuracy, **{k: info.get(k) for k in
                           ("styled_content_accuracy", "style_accuracy")}}, **study.results}, paths["json"])
-    lines = (_intro(study) + _headline_section(study, paths["per_style"]) + _control_section(study)
-             + _label_section(study) + _convergence_section(study) + _lam_section(study, paths["lam"])
-             + _calibration_section(study) + _views_section(study))
+    lines = (_intro(study) + _headline_section(study, paths["per_style"]) + _samples_section(study)
+             + _control_section(study) + _label_section(study) + _convergence_section(study)
+             + _lam_section(study, paths["lam"]) + _calibration_section(study) + _views_section(study))
     write_text("\n".join(lines), paths["report"])
     print(f"wrote {paths['report']} and {paths['json']}")
     return paths
@@ -165,6 +165,33 @@ def _headline_section(study, plot_path):
                   + ", ".join(f"{i + 1} = {x}" for i, x in enumerate(labels))
                   + "; below 0 = the first sampler is closer to the style.", ""]
     return lines
+
+
+SAMPLE_CLASSES = "cat,ship,horse,truck"
+
+
+def _samples_section(study):
+    """Commands that draw a small grid per headline sampler for the first two test styles (reference set 0, seed 0),
+    with the style off (left) and on (right), and the grids themselves where they were drawn beside the report."""
+    styles = protocol.styles_of(study.args, "test")[:2]
+    if "test" not in protocol.splits(study.args) or not styles:
+        return []
+    out = os.path.basename(os.path.normpath(study.args.out))
+    shipped = os.path.abspath(study.args.ckpt) == os.path.abspath(SHIPPED_BASE)
+    base = "" if shipped else f"{_by_role(study.args.ckpt)} "
+    lines = ["## Samples (reference set 0, seed 0; left: style off, right: style on, the same seeds)", "",
+             f"Drawn with sample.py from the study's adapters (`{out}` is the study's `--out`):", "", "```bash"]
+    cells = []
+    for style in styles:
+        for name in protocol.HEADLINE:
+            run = os.path.relpath(study.run_dir(1, style, 0, 0, protocol.CHOSEN, name), os.path.dirname(study.out))
+            png = f"samples_{style}_{name}.png"
+            lines.append(f"python sample.py {base}--lora {run}/adapter.pt --classes {SAMPLE_CLASSES} --n 4 "
+                         f"--steps {study.args.sample_steps} --out {png}")
+            cells.append(f"![{style} {name}]({png[:-4]}_compare.png)")
+    lines += ["```", "", "| " + " | ".join(protocol.HEADLINE) + " |", "|---|---|---|"]
+    lines += ["| " + " | ".join(cells[i:i + 3]) + " |" for i in range(0, len(cells), 3)]
+    return lines + ["", f"Rows: {SAMPLE_CLASSES}; first row of the table {styles[0]}, second {styles[-1]}.", ""]
 
 
 def _control_section(study):
