@@ -16,7 +16,7 @@ from PIL import Image
 from minisnr.eval import evaluate, metrics
 from minisnr.io.data import ImageSet
 from minisnr.eval.probe import get_probe, load_probe
-from minisnr.eval.probe_train import train_probe
+from minisnr.eval.probe import train_probe
 from minisnr.io.cli import UserError
 from minisnr.eval.styles import apply_style, DEV_STYLES, style_pil, STYLES, TEST_STYLES
 
@@ -201,7 +201,7 @@ def test_judge_trunks_weigh_equally_in_kid():
     """A judge's pooled features are its two trunks side by side, each divided by its RMS over a fixed reference set
     (feature_scale). Making one trunk's features 10x larger (its last BatchNorm's weight and bias, through the ReLU)
     then changes nothing once the scales are measured again, while without them the KID moves with that scale."""
-    from minisnr.eval.probe_train import trunk_scales
+    from minisnr.eval.probe import trunk_scales
     data = fake_dataset()
     judge = train_probe(data, data, epochs=1, batch_size=12, widths=(8, 8, 16), styles=("tritone", "night"),
                         log=lambda *_: None)

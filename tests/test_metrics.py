@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from minisnr.eval import metrics, stats
 from minisnr.io.data import ImageSet
 from minisnr.eval.judge_views import shuffle_pixels, styled_batch
-from minisnr.eval.probe_train import train_probe
+from minisnr.eval.probe import train_probe
 from minisnr.eval.styles import match_colours, STYLES
 
 CLASSES = ["disc", "bar", "cross"]

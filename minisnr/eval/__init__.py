@@ -3,16 +3,15 @@
 The yardstick
     styles.py            eleven ground-truth styles as pixel transforms (dev and test splits)
     style_ops.py         the pixel arithmetic the styles share: luma, contrast, palettes, edges
-    probe_net.py         the probe's network: a small CIFAR classifier; the judge adds a trunk that names the style
-    probe_train.py       training the probe and the judge
+    probe.py             the probe and the judge: a small CIFAR classifier (the judge adds a trunk that names the
+                         style), its training, and its cache file (get_probe loads one, or trains and keeps it)
     judge_views.py       the judge's training views: styled images, decoys and generator flaws
-    probe.py             the probe and the judge as cache files: get_probe loads one, or trains and keeps it
     metrics.py           per-class KID and FD, style and content accuracy, Gram similarity
     stats.py             paired differences with Student-t confidence intervals
 
 The study (python -m minisnr.eval.study) and compare (python -m minisnr.eval.compare)
     study.py             the study's command line
-    study_protocol.py    what is compared: samplers, fine-tuning variants, windows, pairs and the plan
+    study_protocol.py    what is compared: samplers, frames, labels, controls, windows and the plan
     study_runner.py      carries the plan out: fine-tunes, samples and scores, resumable
     study_samples.py     the style on in a sampling window; the samples and scores kept per run
     study_report.py      the study's tables and plots

@@ -1,6 +1,6 @@
 """The judge's training views: real images put through a random ground-truth style, decoys and generator flaws.
 
-The study's judge (probe_train.py with `styles`) must learn what a style is, not a shortcut to it. So its
+The study's judge (probe.py's train_probe with `styles`) must learn what a style is, not a shortcut to it. So its
 "none" class also holds a decoy that carries a style's colours and grain but no picture (a styled image's pixels
 shuffled), and half of all views get the flaws of generated images (blur, noise, a colour shift), so that an
 imperfect rendering of a style is still that style.

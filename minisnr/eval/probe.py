@@ -1,32 +1,340 @@
-"""The probe and the judge as cache files: load one, or train it once (a few CPU minutes) and keep it.
+"""The probe and the judge: the small CNN that minisnr's metrics look through, its training, and its cache file.
 
     get_probe(path, train_data, test_data)               # the plain probe: python -m minisnr.eval.evaluate probe
     get_probe(path, ..., styles=tuple(STYLES))           # the study's judge, which also names the style
 
-The probe (probe_net.py) is a small CNN classifier of the base dataset, trained by probe_train.py; the judge is
-the same network with a second trunk that learns which ground-truth style a view is in.
+The paper scores style with DINO / CLIP-I image embeddings and content with CLIP text scores. None of those exist
+for 32x32 CIFAR-10 offline, so minisnr trains its own probe, a 4-layer conv net with BatchNorm, once (a few CPU
+minutes), and caches it to a file:
 
-The cache file holds the weights, the class names, the probe's own test accuracy and the
-mean / spread of the Gram statistics of natural images (used to standardise style
-descriptors). It is written atomically and read with torch.load(weights_only=True).
+    x (N, 3, 32, 32) in [-1, 1]
+    conv1  4x4 stride 2, BN, ReLU     (N, w0, 16, 16)      style layer
+    conv2  3x3, BN, ReLU              (N, w1, 16, 16)      style layer, then 2x2 max-pool
+    conv3  3x3, BN, ReLU              (N, w2,  8,  8)      style layer, then 2x2 max-pool
+    conv4  3x3, BN, ReLU              (N, w2,  4,  4)
+    pool   global average             (N, w2)              "pooled": the feature for Fréchet distance
+    head   linear                     (N, classes)         logits
 
-Caveat: every number computed with this probe (FD, style similarity, accuracy) is only
-comparable with other numbers from the same probe file inside minisnr. It is NOT
-FID (no Inception network), NOT DINO or CLIP similarity, and must never be put next to
-published values.
+What the evaluation uses (metrics.py calls Probe.run on uint8 images, in batches): logits (class accuracy of
+samples, content accuracy of styled samples), pooled (N, w2) (Fréchet distance and KID), and grams, the style maps
+{"rgb": x, "conv1", "conv2", "conv3"} as Gram vectors (style similarity). Probe.logits(x) and Probe.features(x)
+give the same for one batch of [-1, 1] tensors, for exploring the probe by hand.
+
+A judge (the study's) is the same network with a second trunk of the same shape, `style_net`, that learns which
+ground-truth style a view is in (judge_views.py makes its views); its "pooled" features are both trunks' side by
+side, each divided by its own RMS over a fixed reference set (Probe.feature_scale), so that the two trunks weigh
+equally in KID and FD: raw, their scales were whatever training left them, and so was their share of the distance.
+
+Training: SGD with Nesterov momentum, weight decay 5e-4 (none on BatchNorm), label smoothing 0.1, a one-cycle LR
+(linear warm-up for 15% of the steps, then linear decay to 0), crop + flip augmentation, fp32. A judge sees every
+view through a random ground-truth style and trains its style trunk beside the class trunk; each trunk has its own
+weights, so the two losses do not compete.
+
+The cache file holds the weights, the class names, the probe's own test accuracy and the mean / spread of the Gram
+statistics of natural images (used to standardise style descriptors). It is written atomically and read with
+torch.load(weights_only=True). Every number computed with a probe is comparable only with other numbers from the
+same probe file inside minisnr: it is NOT FID (no Inception network), NOT DINO or CLIP similarity, and must never
+be put next to published values.
 """
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from ..io.checkpoint import safe_load
 from ..io.cli import CheckpointError, UserError
-from ..io.data import load_dataset
+from ..io.data import load_dataset, to_model_range
 from ..io.files import atomic_save
-from .probe_net import DEFAULT_WIDTHS, Probe, ProbeNet, STYLE_LAYERS
-from .judge_views import JUDGE_VERSION
-from .probe_train import train_probe
+from .judge_views import JUDGE_VERSION, styled_batch
+from .metrics import gram_vector
+from .styles import apply_style
+
+
+STYLE_LAYERS = ("rgb", "conv1", "conv2", "conv3")   # where style (Gram) statistics are read; "rgb" is the input
+DEFAULT_WIDTHS = (24, 48, 96)
+
+# --- the network ---------------------------------------------------------------------------------
+
+
+def _conv_bn(c_in, c_out, kernel, stride, padding):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+
+class ProbeNet(nn.Module):
+    """The probe's network (see the module docstring for the layer shapes). With num_styles > 0 it is a judge:
+    a second ProbeNet of the same shape, `style_net`, classifies the style. Two trunks, because the class head
+    must learn to ignore style and the style head to see it; one shared trunk learned neither well."""
+
+    def __init__(self, num_classes, widths=DEFAULT_WIDTHS, num_styles=0):
+        super().__init__()
+        w0, w1, w2 = widths
+        self.conv1 = _conv_bn(3, w0, 4, 2, 1)     # stride 2 straight away: 16x16 maps keep the probe cheap on a CPU
+        self.conv2 = _conv_bn(w0, w1, 3, 1, 1)
+        self.conv3 = _conv_bn(w1, w2, 3, 1, 1)
+        self.conv4 = _conv_bn(w2, w2, 3, 1, 1)
+        self.head = nn.Linear(w2, num_classes)
+        self.style_net = ProbeNet(num_styles, widths) if num_styles else None   # "none" + one logit per style
+
+    def forward_features(self, x):
+        """x (N, 3, H, W) in [-1, 1] -> (logits (N, K), pooled (N, w2), style maps {name: (N, C, h, w)})."""
+        h1 = self.conv1(x)                          # (N, w0, 16, 16)
+        h2 = self.conv2(h1)                         # (N, w1, 16, 16)
+        h3 = self.conv3(F.max_pool2d(h2, 2))        # (N, w2, 8, 8)
+        h4 = self.conv4(F.max_pool2d(h3, 2))        # (N, w2, 4, 4)
+        pooled = h4.mean(dim=(2, 3))                # (N, w2)
+        return self.head(pooled), pooled, {"rgb": x, "conv1": h1, "conv2": h2, "conv3": h3}
+
+    def forward(self, x):
+        """Logits (N, K) of x (N, 3, H, W) in [-1, 1]."""
+        return self.forward_features(x)[0]
+
+
+# --- a trained probe ------------------------------------------------------------------------------
+
+@dataclass
+class Probe:
+    """A trained ProbeNet in eval mode plus what the cache file records about it.
+
+    net:           the ProbeNet
+    classes:       class names, in label order (must match the DiT checkpoint's)
+    test_accuracy: top-1 accuracy on the test split it was trained against
+    style_mean, style_std: per style layer, the mean and floored std of natural images' Gram vectors
+    info:          everything else in the cache (epochs, seconds, data specs, ...)
+    styles:        the judge's style names, style head index order ("none" first); [] for a plain probe
+    feature_scale: a judge's [class trunk, style trunk] RMS of the pooled features over its reference set
+                   (trunk_scales); run() divides each trunk's block by it. [] = unscaled
+    """
+    net: ProbeNet
+    classes: list
+    test_accuracy: float
+    style_mean: list
+    style_std: list
+    info: dict = field(default_factory=dict)
+    styles: list = field(default_factory=list)
+    feature_scale: list = field(default_factory=list)
+
+    @property
+    def device(self):
+        """The device the probe's weights live on."""
+        return next(self.net.parameters()).device
+
+    @torch.no_grad()
+    def logits(self, x, batch_size=500):
+        """Class logits (N, K) of images x (N, 3, 32, 32) in [-1, 1]."""
+        self.net.eval()
+        return torch.cat([self.net(x[i:i + batch_size].to(self.device)).float().cpu()
+                          for i in range(0, len(x), batch_size)])
+
+    @torch.no_grad()
+    def features(self, x):
+        """(pooled (N, w2), style maps {"rgb": (N, 3, 32, 32), "conv1": (N, w0, 16, 16), ...}) for x in [-1, 1].
+
+        One batch, kept whole: use run() for large sets, which reduces the maps to Gram vectors per batch."""
+        self.net.eval()
+        _, pooled, maps = self.net.forward_features(x.to(self.device))
+        return pooled.float().cpu(), {k: v.float().cpu() for k, v in maps.items()}
+
+    @torch.no_grad()
+    def run(self, images, batch_size=250):
+        """Everything the metrics need from uint8 images (N, 3, 32, 32), in batches:
+        {"logits": (N, K), "pooled": (N, w2), "grams": [per STYLE_LAYERS (N, C(C+1)/2)]}. A judge also gives
+        "style_logits" (N, len(styles)), and its "pooled" is both trunks' features side by side, (N, 2 w2), each
+        block divided by its feature_scale: the two trunks then have RMS 1 on the reference set and equal weight."""
+        self.net.eval()
+        logits, pooled, styles, grams = [], [], [], [[] for _ in STYLE_LAYERS]
+        for i in range(0, len(images), batch_size):
+            x = to_model_range(images[i:i + batch_size].to(self.device))
+            lg, pl, maps = self.net.forward_features(x)
+            if self.net.style_net is not None:   # a judge: features see class and style; Gram maps are the style's
+                st, st_pooled, maps = self.net.style_net.forward_features(x)
+                styles.append(st.float().cpu())
+                blocks = [pl, st_pooled]
+                if self.feature_scale:                                                    # equal weights
+                    blocks = [b / scale for b, scale in zip(blocks, self.feature_scale)]
+                pl = torch.cat(blocks, dim=1)                                             # (B, 2 w2)
+            logits.append(lg.float().cpu())
+            pooled.append(pl.float().cpu())
+            for store, name in zip(grams, STYLE_LAYERS):
+                store.append(gram_vector(maps[name].float()).cpu())
+        out = {"logits": torch.cat(logits), "pooled": torch.cat(pooled), "grams": [torch.cat(g) for g in grams]}
+        if styles:
+            out["style_logits"] = torch.cat(styles)
+        return out
+
+
+# === training ========================================================================================
+
+# --- pieces of a training step ---------------------------------------------------------------------
+
+def augment(x, generator, pad=4):
+    """Random crop after `pad` pixels of reflection padding, and random horizontal flip, per image.
+    x (B, 3, H, W) float -> (B, 3, H, W)."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")                      # (B, 3, H+2p, W+2p)
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    rows = (oy[:, None] + torch.arange(h))[:, :, None]                           # (B, H, 1)
+    cols = (ox[:, None] + torch.arange(w))[:, None, :]                           # (B, 1, W)
+    flip = torch.rand(b, generator=generator) < 0.5
+    cols = torch.where(flip[:, None, None], cols.flip(-1), cols)
+    batch = torch.arange(b)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def accuracy(net, images, labels, batch_size=500):
+    """Top-1 accuracy of `net` on uint8 images (N, 3, H, W) with labels (N,)."""
+    net.eval()
+    device = next(net.parameters()).device
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        x = to_model_range(images[i:i + batch_size].to(device))
+        correct += (net(x).argmax(1).cpu() == labels[i:i + batch_size]).sum().item()
+    return correct / max(1, len(images))
+
+
+def _sgd(net, lr):
+    """SGD with Nesterov momentum and weight decay 5e-4, but none on BatchNorm weights and biases."""
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.ndim == 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
+                           lr=lr, momentum=0.9, nesterov=True)
+
+
+
+def _train_step(net, opt, images, labels, styles, generator, device):
+    """One SGD step on uint8 images (B, 3, H, W); returns (loss, correct class predictions)."""
+    raw, sid = styled_batch(images, styles, generator) if styles else (images, None)
+    x = augment(to_model_range(raw), generator).to(device)
+    y = labels.to(device)
+    logits = net(x)
+    loss = F.cross_entropy(logits, y, label_smoothing=0.1)
+    if styles:   # the style trunk has its own weights, so the two losses do not compete
+        loss = loss + F.cross_entropy(net.style_net(x), sid.to(device), label_smoothing=0.1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item(), (logits.argmax(1) == y).sum().item()
+
+
+def _fit(net, train_set, epochs, batch_size, lr, generator, device, styles, log):
+    """`epochs` passes over train_set in shuffled batches, with the one-cycle LR; one log line per epoch."""
+    opt = _sgd(net, lr)
+    steps_per_epoch = len(train_set) // batch_size
+    total = epochs * steps_per_epoch
+    warm = max(1, int(0.15 * total))
+    start, step = time.time(), 0
+    for epoch in range(epochs):
+        net.train()
+        perm = torch.randperm(len(train_set.labels), generator=generator)
+        loss_sum, correct = 0.0, 0
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            for g in opt.param_groups:
+                g["lr"] = lr * ((step + 1) / warm if step < warm else max(0.0, (total - step) / (total - warm)))
+            loss, hits = _train_step(net, opt, train_set.images[idx], train_set.labels[idx], styles, generator,
+                                     device)
+            step += 1
+            loss_sum += loss
+            correct += hits
+        log(f"probe epoch {epoch + 1}/{epochs}: loss {loss_sum / max(1, steps_per_epoch):.3f}, "
+            f"train acc {correct / max(1, steps_per_epoch * batch_size):.3f} ({time.time() - start:.0f}s)")
+
+
+# --- training a probe ------------------------------------------------------------------------------
+
+def train_probe(train_set, test_set, epochs=3, batch_size=128, lr=0.1, widths=DEFAULT_WIDTHS, seed=0,
+                device="cpu", stats_images=5000, log=print, styles=()):
+    """Train a ProbeNet on `train_set` (an ImageSet), measure it on `test_set`, and return a Probe.
+
+    The recipe is in the module docstring. Also records natural-image Gram statistics on up to `stats_images`
+    training images, which style similarity uses to standardise its descriptors.
+
+    With `styles` (names from minisnr/eval/styles.py) it trains the judge instead: every view is passed through a
+    random style (styled_batch), the class head learns the class whatever the style, and the style trunk learns
+    which style ("none" or one of `styles`) the view is in. Both losses are summed.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise UserError(f"probe epochs and batch size must be >= 1 (got {epochs}, {batch_size})")
+    batch_size = min(batch_size, len(train_set))
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    style_names = ["none", *styles] if styles else []
+    net = ProbeNet(len(train_set.classes), widths, num_styles=len(style_names)).to(device)
+    start, cpu_start = time.time(), time.process_time()
+    _fit(net, train_set, epochs, batch_size, lr, gen, device, styles, log)
+    seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
+    net.eval()
+    probe = Probe(net, list(train_set.classes), accuracy(net, test_set.images, test_set.labels), [], [],
+                  {"epochs": epochs, "batch_size": batch_size, "lr": lr, "widths": list(widths), "seed": seed,
+                   "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1),
+                   "threads": torch.get_num_threads(), "n_train": len(train_set), "n_test": len(test_set)},
+                  style_names)
+    if styles:   # each trunk's RMS on a fixed reference set, so that its two feature blocks weigh equally
+        probe.feature_scale = trunk_scales(probe, train_set.images, seed, stats_images)
+        probe.info["judge_version"] = JUDGE_VERSION
+    probe.style_mean, probe.style_std = _style_stats(probe, train_set.images, seed, stats_images)
+    if styles:
+        probe.info.update(judge_accuracy(probe, test_set))
+    log(f"probe test accuracy {probe.test_accuracy:.4f} on {len(test_set)} test images; trained in {seconds:.0f}s "
+        f"({cpu_seconds:.0f} CPU-s on {torch.get_num_threads()} thread(s))")
+    return probe
+
+
+def _style_stats(probe, images, seed, n):
+    """Natural-image Gram statistics ([mean], [floored std] per style layer), from a fixed random subset of up
+    to n `images`."""
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 1))[:n]
+    grams = probe.run(images[pick])["grams"]
+    return [g.mean(0) for g in grams], [_floored_std(g) for g in grams]
+
+
+@torch.no_grad()
+def trunk_scales(probe, images, seed, n):
+    """A judge's [class trunk, style trunk] RMS of the pooled features, over a fixed reference set: up to n of the
+    training `images` (a seeded subset), image i put through style i mod (1 + styles) in the judge's order
+    ("none" first), so that every style the judge scores is in it. Probe.run divides each block by its RMS."""
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 2))[:n]
+    ref = images[pick].clone()
+    for k, name in enumerate(probe.styles[1:], start=1):
+        every = torch.arange(k, len(ref), len(probe.styles))
+        ref[every] = apply_style(name, ref[every])
+    kept, probe.feature_scale = probe.feature_scale, []          # measure the raw features
+    try:
+        pooled = probe.run(ref)["pooled"]
+    finally:
+        probe.feature_scale = kept
+    return [block.pow(2).mean().sqrt().clamp(min=1e-6).item() for block in pooled.chunk(2, dim=1)]
+
+
+@torch.no_grad()
+def judge_accuracy(probe, test_set):
+    """How well a judge sees through styles, on the test split passed through each of its styles:
+    {"styled_content_accuracy": class head on styled images (the content ceiling),
+     "style_accuracy": style head right, per style name and "mean"}."""
+    per_style, content = {}, []
+    for k, name in enumerate(probe.styles):
+        images = test_set.images if name == "none" else apply_style(name, test_set.images)
+        out = probe.run(images)
+        per_style[name] = (out["style_logits"].argmax(1) == k).float().mean().item()
+        if name != "none":
+            content.append((out["logits"].argmax(1) == test_set.labels).float().mean().item())
+    per_style["mean"] = sum(per_style.values()) / len(per_style)
+    return {"styled_content_accuracy": sum(content) / len(content), "style_accuracy": per_style}
+
+
+def _floored_std(g):
+    """Per-entry std over images (K,), floored at 10% of its mean so near-constant entries cannot blow up."""
+    std = g.std(0) if len(g) > 1 else torch.ones(g.shape[1])
+    return std.clamp(min=max(1e-6, 0.1 * std.mean().item()))
+
+
+# === the cache file ==================================================================================
 
 PROBE_FORMAT = "minisnr-probe-v1"
 

@@ -73,8 +73,7 @@ def time_sampling_pass(base, ctx, n, steps):
 def time_judge_training(train_data, epochs, batch_size=128):
     """Seconds to train the judge: a few of its SGD steps on random images, times its steps (a folder's images are
     counted, CIFAR-10 has 50,000), plus loading the images."""
-    from .probe_net import DEFAULT_WIDTHS, ProbeNet
-    from .probe_train import _sgd, _train_step
+    from .probe import _sgd, _train_step, DEFAULT_WIDTHS, ProbeNet
     from .styles import STYLES
     n = 50_000 if train_data.startswith("cifar10") else \
         sum(len(files) for _, _, files in os.walk(train_data))
