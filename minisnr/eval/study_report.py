@@ -176,18 +176,17 @@ def _samples_section(study):
     styles = protocol.styles_of(study.args, "test")[:2]
     if "test" not in protocol.splits(study.args) or not styles:
         return []
-    out = os.path.basename(os.path.normpath(study.args.out))
     shipped = os.path.abspath(study.args.ckpt) == os.path.abspath(SHIPPED_BASE)
     base = "" if shipped else f"{_by_role(study.args.ckpt)} "
     lines = ["## Samples (reference set 0, seed 0; left: style off, right: style on, the same seeds)", "",
-             f"Drawn with sample.py from the study's adapters (`{out}` is the study's `--out`):", "", "```bash"]
+             "Drawn with sample.py from the study's adapters (OUT is the study's `--out`):", "", "```bash"]
     cells = []
     for style in styles:
         for name in protocol.HEADLINE:
-            run = os.path.relpath(study.run_dir(1, style, 0, 0, protocol.CHOSEN, name), os.path.dirname(study.out))
+            run = "OUT/" + os.path.relpath(study.run_dir(1, style, 0, 0, protocol.CHOSEN, name), study.out)
             png = f"samples_{style}_{name}.png"
             lines.append(f"python sample.py {base}--lora {run}/adapter.pt --classes {SAMPLE_CLASSES} --n 4 "
-                         f"--steps {study.args.sample_steps} --out {png}")
+                         f"--steps {study.args.sample_steps} --out OUT/{png}")
             cells.append(f"![{style} {name}]({png[:-4]}_compare.png)")
     lines += ["```", "", "| " + " | ".join(protocol.HEADLINE) + " |", "|---|---|---|"]
     lines += ["| " + " | ".join(cells[i:i + 3]) + " |" for i in range(0, len(cells), 3)]
