@@ -112,8 +112,10 @@ def test_labels_part_trains_each_label_and_applies_the_rule_on_dev(tiny, tmp_pat
     assert all(set(w) == {"0:1", "cfg1"} for w in results["runs"].values())
     assert results["label"] in study_protocol.LABEL_CANDIDATES
     assert results["label_rule"].startswith(study_protocol.LABEL_RULE), results["label_rule"]
-    adapters = {lab: torch.load(os.path.join(out, "runs", "k1", DEV_STYLES[0], "ref0_seed0", lab, "sd3", "adapter.pt"),
-                                weights_only=True)["meta"]["style_class"] for lab in study.LABELS}
+    folder = os.path.join(out, "runs", "k1", DEV_STYLES[0], "ref0_seed0")
+    metas = {lab: torch.load(os.path.join(folder, lab, "sd3", "adapter.pt"), weights_only=True)["meta"]
+             for lab in study.LABELS}
+    adapters = {lab: meta["style_class"] for lab, meta in metas.items()}
     assert adapters["every"] == "every" and adapters["null"] == 3 and adapters["ref"] in (0, 1, 2), adapters
     report = open(os.path.join(out, "report.md")).read()
     assert "## Which label the style is trained on" in report and "sf-paper: 'every' − 'null' at CFG 1" in report
