@@ -395,7 +395,7 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
         assert all(TMP_FILE.match(f) for f in stray), f"unexpected files after SIGKILL: {stray}"
         if kill == 0:
             r = run_real(*argv[1:], "--resume", "true")
-            assert r.rc == 1 and f"rm {out / '.minisnr.lock'}" in error_line(r.err), r.err[-2000:]
+            assert r.rc == 1 and f"rm -- {out / '.minisnr.lock'}" in error_line(r.err), r.err[-2000:]
         os.remove(out / ".minisnr.lock")       # what that line tells the user to do
         assert not earlier_tmp & set(stray), f"a resumed run must delete the .tmp files of the previous kill: {stray}"
         earlier_tmp |= set(stray)

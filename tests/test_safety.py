@@ -713,7 +713,7 @@ def test_a_stale_lock_is_reported_with_the_command_that_clears_it(tmp_path):
     gone.wait()
     import socket
     (out / LOCK).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
-    with pytest.raises(UserError, match=f"stale lock from process {gone.pid}.*rm {out / LOCK}"):
+    with pytest.raises(UserError, match=f"stale lock from process {gone.pid}.*rm -- {out / LOCK}"):
         check_lock(str(out))
 
 
@@ -743,7 +743,8 @@ def test_a_full_disk_is_one_line_naming_the_last_good_checkpoint(runs, tmp_path)
                                                                     "--ckpt-every", "1", "--max-steps", "4"]
     script = (f"mount -t tmpfs -o size=5m tmpfs {mnt} && "
               f"{' '.join(map(shlex_quote, train))} 2>{tmp_path}/e1.txt; echo $? > {tmp_path}/rc1; "
-              f"python -c 'import torch; print(torch.load(\"{out}/ckpt.pt\", weights_only=True)[\"step\"])' "
+              f"{shlex_quote(sys.executable)} -c 'import torch; print(torch.load(\"{out}/ckpt.pt\", "
+              f"weights_only=True)[\"step\"])' "
               f"> {tmp_path}/step.txt; "
               f"{' '.join(map(shlex_quote, train + ['--resume', 'true']))} 2>{tmp_path}/e2.txt; "
               f"echo $? > {tmp_path}/rc2")
