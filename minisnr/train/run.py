@@ -133,7 +133,7 @@ class Run:
         """Training starts: delete a replaced run's files (--overwrite true: exactly those its manifest lists) and
         a killed save's NAME.<random>.minisnr.tmp, record this run's files in the manifest, then open the log; a
         resumed run's log keeps only the steps up to its state (they are trained again)."""
-        self.manifest = RunManifest(config.out, config.SCRIPT)
+        self.manifest = RunManifest(config.out, config.SCRIPT, config.inputs())
         if config.overwrite:
             self.manifest.remove_files()
         elif config.resume:  # a run from before manifests: the state it resumes from proved it a run
