@@ -14,6 +14,7 @@ from functools import partial
 
 from minisnr.io.sample_folder import sample_to_folder
 from minisnr.io.checkpoint import apply_adapter, load_pretrained, path_for_record, require_file, SHIPPED_BASE
+from minisnr.io.checkpoint import trained_on
 from minisnr.io.cli import OneLineErrorParser, UserError, finite_float, parse_classes, parse_style_window, run_main
 from minisnr.io.device import autocast_context, resolve_precision
 from minisnr.io.images import save_image_grid, save_style_off_on
@@ -23,8 +24,10 @@ from minisnr.rf import generate
 
 # One PNG grid holds at most this many images: a bigger one is more than any viewer opens.
 MAX_GRID_IMAGES = 10_000
-# --png-dir writes one file per sample, resumably: 100,000 per class is twice FID's 50,000 over 10 classes per class
+# --png-dir writes one file per sample, resumably: 100,000 per class is twice FID's 50,000 over 10 classes per class,
+# and a million in all bounds the list of names however many class ids --classes repeats
 MAX_FOLDER_PER_CLASS = 100_000
+MAX_FOLDER_IMAGES = 1_000_000
 # Euler steps: quality stops changing long before this; checked before the step times are allocated
 MAX_STEPS = 10_000
 MAX_CFG = 100.0          # guidance above ~20 only saturates; 1e308 would give inf
@@ -75,17 +78,22 @@ def main(argv=None):
     """Command-line entry point: load a checkpoint (and adapter), Euler-sample a grid per class, save it."""
     args = build_parser().parse_args(argv)
     start, end = check_args(args)
-    compare_path = os.path.splitext(args.out)[0] + "_compare.png"
-    for path in [args.out] + ([compare_path] if args.lora is not None else []):  # before any work: nothing is lost
-        check_output(path, "--out", inputs=(args.ckpt, args.lora))
     device = check_device(args.device)
     precision = resolve_precision(args.precision, device)
     model, ckpt = load_pretrained(args.ckpt, use_ema=not args.raw, device=device)
+    data = trained_on(ckpt)   # the checkpoint's training data: no sample may join it (the next run would learn it)
+    compare_path = os.path.splitext(args.out)[0] + "_compare.png"
+    for path in [args.out] + ([compare_path] if args.lora is not None else []):  # before any work: nothing is lost
+        check_output(path, "--out", inputs=(args.ckpt, args.lora), data=data)
     classes = ckpt.get("classes") or [str(i) for i in range(model.config.num_classes)]
     ids = parse_classes(args.classes, classes)
     if args.png_dir is not None:  # every sample its own PNG, in batches, resumable (minisnr/io/sample_folder.py)
+        if args.n * len(ids) > MAX_FOLDER_IMAGES:   # checked before the file names are listed
+            raise UserError(f"--n {args.n} x {len(ids)} classes = {args.n * len(ids):,} files, more than one --png-dir "
+                            f"takes ({MAX_FOLDER_IMAGES:,}); lower --n or pass fewer --classes")
         return sample_to_folder(model, args.png_dir, classes, ids, args.n, steps=args.steps, cfg=args.cfg,
-                                seed=args.seed, ema=not args.raw, device=device, precision=precision, source=args.ckpt)
+                                seed=args.seed, ema=not args.raw, device=device, precision=precision, source=args.ckpt,
+                                data=data)
     if args.n * len(ids) > MAX_GRID_IMAGES:   # checked before the labels are built
         raise UserError(f"--n {args.n} x {len(ids)} classes = {args.n * len(ids)} images, more than one grid holds "
                         f"({MAX_GRID_IMAGES}); lower --n, or pass fewer --classes and run it again")

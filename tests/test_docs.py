@@ -162,3 +162,13 @@ def test_every_documented_command_exists_with_its_flags(readme):
     that command (or its subcommand) knows: documentation cannot rot silently."""
     problems = command_problems(readme.read_text(encoding="utf-8"))
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_cited_test_exists(readme):
+    """A README that backs a promise with `test_...` names a test function that is in tests/, so a renamed or
+    removed test cannot leave a promise without its check."""
+    defined = {name for path in (REPO / "tests").glob("test_*.py")
+               for name in re.findall(r"^def (test_\w+)", path.read_text(encoding="utf-8"), flags=re.M)}
+    cited = set(re.findall(r"`(test_\w+)`", readme.read_text(encoding="utf-8")))
+    assert cited <= defined, f"cited tests that do not exist: {sorted(cited - defined)}"

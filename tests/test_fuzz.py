@@ -1,12 +1,16 @@
-"""Random bad values for every numeric and name flag of train.py, finetune.py and sample.py (issue #23).
+"""Random bad values for every numeric and name flag of train.py, finetune.py and sample.py (issue #23), and of the
+tools bench, evaluate (probe, base, fid), compare and gpucheck (issue #30).
 
 Each case overrides 1-3 flags of a command that works with huge, tiny and non-ASCII values, and asserts: one
 'error:' line (plus 'warning:' lines) or success, no traceback, no hang (a 60 s alarm per case), a bounded peak
 memory, and nothing written on failure. Cost: the cases run in this process, each up to the point where training
 would start (Run is replaced by a stand-in that stops there, so a case never trains): that is every check that
 can refuse, the lock, the data, the base and the resume state. sample.py runs whole, with generate() stubbed.
-A few cases then run as real scripts (test_real_runs), which do train.
+A few cases then run as real scripts (test_real_runs), which do train. The tools run in this process too, each up to
+its first piece of work (bench's timing or memory estimate, the probe or the model of evaluate, clean-fid, compare's
+judge, gpucheck's parts), which a stand-in replaces: that is every check that can refuse.
 """
+import argparse
 import dataclasses
 import importlib.util
 import io
@@ -23,7 +27,9 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT, write_image_folder
-from minisnr.io.cli import run_main
+from minisnr.eval import compare, evaluate, fid
+from minisnr.io.cli import finite_float, run_main
+from minisnr.tools import bench, gpucheck
 from minisnr.train.config import FinetuneConfig, TrainConfig
 from test_reliability import FINETUNE, SAMPLE, TRAIN, run_scripts
 from test_safety import snapshot
@@ -32,7 +38,8 @@ SEED, CASES, REAL_CASES = 23, 300, 6
 INTS = ["0", "-1", "1", "99999999999", str(2 ** 63), str(-2 ** 63), str(10 ** 30), "²", "١٢", "1_0"]
 FLOATS = ["1e308", "-1e308", "5e-324", "0", "-0.0", "99999999999", "1e-30", "٣.٥", "½", "inf"]
 NAMES = ["²", "日本語", "é", "\u200b", "💥", "", " ", "a" * 300, "..", "-x", "cat,²", "0:1:²"]
-PATH_FLAGS = {"data", "out", "style", "base", "ckpt", "lora", "png_dir"}
+PATH_FLAGS = {"data", "out", "style", "base", "ckpt", "lora", "png_dir", "json", "probe", "judge", "train_data",
+              "test_data"}
 BOOLS_AND_FIXED = {"resume", "overwrite", "use_ema", "compile", "raw"}
 # the growth of this process's peak RSS allowed over all in-process cases (a tiny model and 24 small images)
 PEAK_GROWTH_BYTES = 1 << 30
@@ -202,6 +209,98 @@ def test_real_runs(world, tmp_path):
                 shutil.rmtree(scratch / leftover) if (scratch / leftover).is_dir() else os.remove(scratch / leftover)
     for (script, argv), r in zip(cases, results):
         assert r.rc == 0 or (r.rc in (1, 2) and one_error_line(r.err)), f"{script} {argv}: {r.rc} {r.err[-500:]}"
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    assert peak < 2 * 2 ** 30, f"a run peaked at {peak / 2 ** 30:.1f} GiB"
+    peak = max(r.peak_bytes for r in results)     # per run: the suite's other children do not count
+    assert 0 < peak < 2 * 2 ** 30, f"a run peaked at {peak / 2 ** 30:.1f} GiB"
     assert any(r.rc != 0 for r in results)
+
+
+# --- the tools (issue #30) -------------------------------------------------------------------------------------
+
+TOOL_CASES = 240
+
+
+def flags_of_parser(parser):
+    """(flag name, kind) for each option of an argparse parser that takes a value (not --help, not a switch)."""
+    kinds = {int: "int", float: "float", finite_float: "float"}
+    out = []
+    for action in parser._actions:
+        if action.option_strings and action.nargs != 0 and action.dest != "help":
+            name = action.dest
+            out.append((name, "path" if name in PATH_FLAGS else kinds.get(action.type, "name")))
+    return out
+
+
+def subparser(parser, name):
+    """The parser of subcommand `name` of an argparse parser."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+
+
+def tool_commands(world, scratch):
+    """{name: (main, argv of a working command, its flags)}: each command's flags drawn from its own parser."""
+    data, ckpt = world["data"], world["ckpt"]
+    p = evaluate.build_parser()
+    new = lambda name: os.path.join(scratch, name)  # noqa: E731
+    return {
+        "bench": (bench.main, ["--preset", "tiny", "--device", "cpu"], flags_of(bench.BenchConfig)),
+        "evaluate probe": (evaluate.main, ["probe", "--probe", new("p.pt"), "--train-data", data, "--test-data", data,
+                                           "--device", "cpu"], flags_of_parser(subparser(p, "probe"))),
+        "evaluate base": (evaluate.main, ["base", ckpt, "--probe", new("p.pt"), "--train-data", data, "--test-data",
+                                          data, "--device", "cpu"], flags_of_parser(subparser(p, "base"))),
+        "evaluate fid": (evaluate.main, ["fid", ckpt, "--device", "cpu", "--samples", "10"],
+                         flags_of_parser(subparser(p, "fid"))),
+        "compare": (compare.main, [ckpt, "--style", world["style"], "--out", new("cmp"), "--judge", new("j.pt"),
+                                   "--train-data", data, "--test-data", data, "--device", "cpu"],
+                    flags_of_parser(compare.build_parser())),
+        "gpucheck": (gpucheck.main, ["--preset", "tiny", "--device", "cpu", "--data", data, "--out", new("gpu")],
+                     flags_of(gpucheck.CheckConfig)),
+    }
+
+
+def draw_tool_case(rng, commands, scratch):
+    """(command, argv) with 1-3 flags of a working tool command replaced by random values."""
+    name = rng.choice(sorted(commands))
+    _, argv, flags = commands[name]
+    argv = list(argv)
+    for flag, kind in rng.sample(flags, min(len(flags), rng.randint(1, 3))):
+        argv.append(f"--{flag.replace('_', '-')}={draw_value(rng, kind, scratch)}")   # the last one given wins
+    return name, argv
+
+
+def test_random_bad_values_of_the_tools_are_one_line_and_write_nothing(world, tmp_path, monkeypatch):
+    """TOOL_CASES random combinations (seeded) of huge, tiny and non-ASCII values for every flag of bench,
+    evaluate probe/base/fid, compare and gpucheck that takes a value, in this process: each ends in one error line
+    with exit code 1 or 2, or reaches the command's first piece of work (a stand-in stops it there); never a
+    traceback or a hang; peak memory grows by less than 1 GiB; and a refusal writes nothing."""
+    def reached(*args, **kwargs):
+        raise ReachedTraining()
+    for module, name in [(bench, "run"), (bench, "print_memory_estimate"), (evaluate, "get_probe"),
+                         (evaluate, "Context"), (fid, "import_cleanfid"), (compare, "get_probe"),
+                         (gpucheck, "run_checks")]:
+        monkeypatch.setattr(module, name, reached)
+    rng, scratch = random.Random(SEED + 30), tmp_path / "scratch"
+    scratch.mkdir()
+    commands = tool_commands(world, str(scratch))
+    watched = [world["root"], scratch]
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    failures, outcomes = [], {}
+    for i in range(TOOL_CASES):
+        name, argv = draw_tool_case(rng, commands, str(scratch))
+        before = [snapshot(d) for d in watched]
+        code, err = call(commands[name][0], argv)
+        outcomes[code] = outcomes.get(code, 0) + 1
+        problem = None
+        if code in ("traceback", "hang", 0):
+            problem = f"{code}"
+        elif code != "reached" and not (code in (1, 2) and one_error_line(err)):
+            problem = f"exit code {code} with stderr {err[-300:]!r}"
+        elif code != "reached" and ([snapshot(d) for d in watched] != before or os.listdir(scratch)):
+            problem = "a refused command wrote or changed files"
+        if problem:
+            failures.append(f"case {i} {name} {argv}: {problem} {err[-200:]!r}")
+        for leftover in os.listdir(scratch) if code == "reached" else ():   # gpucheck makes --out as its work starts
+            shutil.rmtree(scratch / leftover) if (scratch / leftover).is_dir() else os.remove(scratch / leftover)
+    peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before
+    assert not failures, f"{len(failures)} of {TOOL_CASES} cases failed ({outcomes}):\n" + "\n".join(failures[:20])
+    assert peak_growth < PEAK_GROWTH_BYTES, f"peak memory grew by {peak_growth / 2 ** 20:.0f} MiB"
+    assert outcomes.get(1, 0) + outcomes.get(2, 0) > TOOL_CASES // 2, outcomes
+    assert outcomes.get("reached", 0) > 0, outcomes

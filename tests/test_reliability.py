@@ -58,6 +58,7 @@ class Result:
     rc: int
     out: str
     err: str
+    peak_bytes: int = 0      # the run's peak resident memory (fork runner only; 0 where not measured)
 
 
 def run_real(*argv, env=ENV):
@@ -92,7 +93,8 @@ for case in json.load(open(sys.argv[1])):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    _, status, usage = os.wait4(pid, 0)                          # this child's own peak, not the runner's
+    codes.append([os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024])
 json.dump(codes, open(sys.argv[2], "w"))
 '''
 
@@ -113,7 +115,8 @@ def run_scripts(workdir, *cases):
     assert p.returncode == 0, f"the fork runner itself failed: {p.stderr[-3000:]}"
     with open(codes_file) as f:
         codes = json.load(f)
-    return [Result(code, open(c["stdout"]).read(), open(c["stderr"]).read()) for code, c in zip(codes, spec)]
+    return [Result(code, open(c["stdout"]).read(), open(c["stderr"]).read(), peak)
+            for (code, peak), c in zip(codes, spec)]
 
 
 def error_line(err):
@@ -395,7 +398,7 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
         assert all(TMP_FILE.match(f) for f in stray), f"unexpected files after SIGKILL: {stray}"
         if kill == 0:
             r = run_real(*argv[1:], "--resume", "true")
-            assert r.rc == 1 and f"rm {out / '.minisnr.lock'}" in error_line(r.err), r.err[-2000:]
+            assert r.rc == 1 and f"rm -- {out / '.minisnr.lock'}" in error_line(r.err), r.err[-2000:]
         os.remove(out / ".minisnr.lock")       # what that line tells the user to do
         assert not earlier_tmp & set(stray), f"a resumed run must delete the .tmp files of the previous kill: {stray}"
         earlier_tmp |= set(stray)

@@ -16,6 +16,7 @@ import os
 import signal
 import struct
 import sys
+import time
 import zlib
 
 import pytest
@@ -23,8 +24,8 @@ import torch
 from PIL import Image
 
 from conftest import write_image_folder
-from minisnr.tools import bench, viz
-from minisnr.eval import evaluate, study
+from minisnr.tools import bench, gpucheck, ship_base, viz
+from minisnr.eval import compare, evaluate, study
 from minisnr.io.files import TMP_NAME
 from minisnr.io.files import atomic_write, remove_stale_tmp
 from minisnr.io.checkpoint import safe_load
@@ -713,7 +714,7 @@ def test_a_stale_lock_is_reported_with_the_command_that_clears_it(tmp_path):
     gone.wait()
     import socket
     (out / LOCK).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
-    with pytest.raises(UserError, match=f"stale lock from process {gone.pid}.*rm {out / LOCK}"):
+    with pytest.raises(UserError, match=f"stale lock from process {gone.pid}.*rm -- {out / LOCK}"):
         check_lock(str(out))
 
 
@@ -743,7 +744,8 @@ def test_a_full_disk_is_one_line_naming_the_last_good_checkpoint(runs, tmp_path)
                                                                     "--ckpt-every", "1", "--max-steps", "4"]
     script = (f"mount -t tmpfs -o size=5m tmpfs {mnt} && "
               f"{' '.join(map(shlex_quote, train))} 2>{tmp_path}/e1.txt; echo $? > {tmp_path}/rc1; "
-              f"python -c 'import torch; print(torch.load(\"{out}/ckpt.pt\", weights_only=True)[\"step\"])' "
+              f"{shlex_quote(sys.executable)} -c 'import torch; print(torch.load(\"{out}/ckpt.pt\", "
+              f"weights_only=True)[\"step\"])' "
               f"> {tmp_path}/step.txt; "
               f"{' '.join(map(shlex_quote, train + ['--resume', 'true']))} 2>{tmp_path}/e2.txt; "
               f"echo $? > {tmp_path}/rc2")
@@ -759,3 +761,408 @@ def test_a_full_disk_is_one_line_naming_the_last_good_checkpoint(runs, tmp_path)
 def shlex_quote(text):
     import shlex
     return shlex.quote(str(text))
+
+
+# --- issue #30: one rule for every output of every command, bounds in the tools, one line for every bad input -----
+
+def foreign_files(root):
+    """A user's files next to minisnr's: notes, a package.json (a JSON object), a photo named compare.png in a
+    compare --out, a gpu_check.json of their own in a gpucheck --out, a folder of JPEGs; {name: path}."""
+    os.makedirs(root / "compare_out")
+    os.makedirs(root / "gpu_out")
+    os.makedirs(root / "jpgs")
+    (root / "gpu_out" / "gpu_check.json").write_text('{"my": "own results"}')
+    (root / "notes.txt").write_text("my notes")
+    (root / "package.json").write_text('{"name": "my-package"}')
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "compare_out" / "compare.png")
+    Image.new("RGB", (8, 8), (4, 5, 6)).save(root / "jpgs" / "holiday.jpg")
+    return {name: str(root / name) for name in ("notes.txt", "package.json", "compare_out", "gpu_out", "jpgs")}
+
+
+@pytest.fixture(scope="module")
+def probe(runs):
+    """A plain probe of the tiny data set (one epoch), so that the evaluate rows do not train one."""
+    path = str(runs["root"] / "probe.pt")
+    evaluate.main(["probe", "--probe", path, "--train-data", runs["data"], "--test-data", runs["data"],
+                   "--probe-epochs", "1", "--device", "cpu"])
+    return path
+
+
+def tool_cases(runs, probe, root):
+    """(id, module, argv, text the one error line must contain): the rows of issue #30 run in this process. The
+    id starts with the issue's item number."""
+    f, data, ckpt = foreign_files(root), runs["data"], runs["ckpt"]
+    run = copy_run(runs["base"], root / "run")
+    base = ["base", ckpt, "--probe", probe, "--train-data", data, "--test-data", data, "--device", "cpu",
+            "--samples-per-class", 1, "--sample-steps", 1]
+    retrain = ["probe", "--retrain", "--train-data", data, "--test-data", data, "--probe-epochs", 1, "--device", "cpu"]
+    tiny = ["--preset", "tiny", "--device", "cpu", "--modes", "eager-fp32", "--warmup", 0, "--steps", 1]
+    memory = ["--preset", "tiny", "--estimate-memory", "true"]
+    cmp = [ckpt, "--style", runs["style"], "--judge", root / "judge.pt", "--train-data", data, "--test-data", data,
+           "--device", "cpu", "--n", 1, "--steps", 1, "--finetune-steps", 1]
+    return [
+        ("1-evaluate-probe-retrain-over-a-users-file", evaluate, retrain + ["--probe", f["notes.txt"]],
+         "not written by minisnr"),
+        ("1-evaluate-probe-inside-train-data", evaluate,
+         retrain + ["--probe", os.path.join(data, "zebra", "img_00.png")], "inside --train-data"),
+        ("3-bench-json-over-a-users-json-object", bench, memory + ["--json", f["package.json"]],
+         "not written by minisnr"),
+        ("3-bench-json-over-a-run-manifest", bench, memory + ["--json", os.path.join(run, ".minisnr-run.json")],
+         "not written by minisnr"),
+        ("3-evaluate-json-over-a-users-json-object", evaluate, base + ["--json", f["package.json"]],
+         "not written by minisnr"),
+        ("4-compare-over-a-users-compare-png", compare, cmp + ["--out", f["compare_out"]], "compare.png"),
+        ("every-output-ship-base-over-a-users-file", ship_base, [ckpt, "--out", f["notes.txt"]],
+         "not written by minisnr"),
+        ("every-output-fid-json-over-a-users-json-object", evaluate,
+         ["fid", ckpt, "--samples", 10, "--device", "cpu", "--json", f["package.json"]], "not written by minisnr"),
+        ("every-output-gpucheck-over-a-users-gpu-check-json", gpucheck,
+         ["--preset", "tiny", "--device", "cpu", "--data", data, "--out", f["gpu_out"]], "not written by minisnr"),
+        ("every-output-gpucheck-out-inside-data", gpucheck,
+         ["--preset", "tiny", "--device", "cpu", "--data", data, "--out", os.path.join(data, "zebra")], "--data"),
+        ("11-bench-batch-size-10^8", bench, tiny + ["--batch-size", 10 ** 8], "--batch-size must be in"),
+        ("11-bench-sample-images-10^9", bench, tiny + ["--sample-images", 10 ** 9], "--sample-images must be in"),
+        ("11-bench-steps-10^12", bench, tiny[:-1] + [10 ** 12], "--steps must be in"),
+        ("11-bench-threads-100000", bench, tiny + ["--threads", 100000], "--threads must be in"),
+        ("11-evaluate-samples-per-class-10^9", evaluate, base + ["--samples-per-class", 10 ** 9],
+         "--samples-per-class must be in"),
+        ("11-evaluate-sample-steps-10^11", evaluate, base + ["--sample-steps", 10 ** 11], "--sample-steps must be in"),
+        ("12-evaluate-seed-10^20", evaluate, base + ["--seed", 10 ** 20], "--seed"),
+        ("12-evaluate-device-meta", evaluate, base + ["--device", "meta"], "--device"),
+        ("12-bench-device-meta", bench, tiny + ["--device", "meta"], "--device"),
+        ("12-bench-json-with-a-trailing-slash", bench, memory + ["--json", str(root / "W" / "x") + os.sep],
+         "names a folder"),
+        ("14-evaluate-cfg-1e30", evaluate, base + ["--cfg", 1e30], "--cfg"),
+        ("14-compare-cfg-1e30", compare, cmp + ["--out", root / "cmp", "--cfg", 1e30], "--cfg"),
+    ]
+
+
+def test_every_tool_output_follows_the_rule_and_every_bad_value_is_one_line(runs, probe, tmp_path, capsys):
+    """Issue #30 items 1, 3, 4, 11, 12 and 14 in evaluate, bench, compare, gpucheck and ship_base: --probe over a
+    user's file or inside --train-data, --json over a user's JSON object or a run's manifest, compare over a user's
+    compare.png, gpucheck over a user's gpu_check.json or inside --data, ship_base over a user's file, counts
+    without a bound, a seed above 2^63, --device meta, a --json that ends with a slash, --cfg 1e30. Each is refused
+    in one line before any work, and no byte changes in the data, the base run or the users' files."""
+    root = tmp_path / "rows"
+    root.mkdir()
+    failures = []
+    for name, module, argv, hint in tool_cases(runs, probe, root):
+        before = [snapshot(d) for d in (root, runs["data"], runs["base"])]
+        code, err = run_module(module, argv, capsys)
+        try:
+            assert code == 1, f"expected exit code 1, got {code}: {err[-300:]}"
+            assert hint in error_line(err), f"the error should mention {hint!r}: {error_line(err)}"
+            assert [snapshot(d) for d in (root, runs["data"], runs["base"])] == before, "bytes changed"
+            assert not os.path.exists(root / "W"), "a folder was left behind"
+        except AssertionError as e:
+            failures.append(f"{name}: {str(e).splitlines()[0]}")
+    assert not failures, f"{len(failures)} rows failed:\n" + "\n".join(failures)
+
+
+def write_lock(folder, pid):
+    """A lock file naming process `pid` on this machine, in a new `folder`."""
+    import socket
+    os.makedirs(folder)
+    (folder / ".minisnr.lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+
+
+def script_cases(runs, root):
+    """(id, script, argv, text the one error line must contain, or 0 for success) of issue #30 for train.py,
+    finetune.py and sample.py; relative paths are relative to `root`, the runner's working folder."""
+    import subprocess
+    f, data, ckpt = foreign_files(root), runs["data"], runs["ckpt"]
+    T = TRAIN_ARGS + ["--data", data]
+    S = [ckpt, "--device", "cpu", "--steps", 1, "--n", 1]
+    write_lock(root / "pid_2^32", 2 ** 32)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    write_lock(root / "-run", gone.pid)
+    os.makedirs(root / "lock_dir" / ".minisnr.lock")
+    return [
+        ("5-sample-png-dir-inside-the-checkpoints-data", SAMPLE, S + ["--png-dir", os.path.join(data, "new_class")],
+         "the --data of the checkpoint's run"),
+        ("5-sample-png-dir-a-folder-of-jpegs", SAMPLE, S + ["--png-dir", f["jpgs"]], "already holds files"),
+        ("5-sample-out-inside-the-checkpoints-data", SAMPLE, S + ["--out", os.path.join(data, "zebra", "grid.png")],
+         "the --data of the checkpoint's run"),
+        ("12-train-lock-of-pid-2^32", TRAIN, T + ["--out", root / "pid_2^32"], "lock"),
+        ("12-train-device-meta", TRAIN, T + ["--out", root / "new_meta", "--device", "meta"], "--device"),
+        ("12-sample-device-meta", SAMPLE, S + ["--out", root / "new.png", "--device", "meta"], "--device"),
+        ("12-sample-out-with-a-trailing-slash", SAMPLE, S + ["--out", str(root / "W" / "newdir") + os.sep],
+         "names a folder"),
+        ("12-sample-out-a-254-character-name", SAMPLE, S + ["--out", root / ("a" * 250 + ".png")], 0),
+        ("14-finetune-alpha-1e30", FINETUNE, FT_ARGS + ["--base", ckpt, "--style", runs["style"], "--out",
+                                                        root / "new_alpha", "--alpha", 1e30], "--alpha"),
+        ("15-a-stale-lock-of-out--run", TRAIN, T + ["--out=-run"], "rm -- -run/.minisnr.lock"),
+        ("15-a-lock-that-is-a-folder", TRAIN, T + ["--out", root / "lock_dir"], "rmdir -- "),
+        ("15-train-shift-1e300", TRAIN, T + ["--out", root / "new_shift", "--shift", 1e300], "--shift"),
+        ("15-train-m-1e300", TRAIN, T + ["--out", root / "new_m", "--m", 1e300], "--m"),
+    ]
+
+
+def test_the_scripts_outputs_follow_the_rule_and_every_bad_value_is_one_line(runs, tmp_path):
+    """Issue #30 items 5, 12, 14 and 15 through the real scripts: a --png-dir or --out inside the data the
+    checkpoint was trained on or in a folder of a user's JPEGs, a lock naming pid 2^32, --device meta, an --out that
+    ends with a slash, --alpha 1e30, the rm of a stale lock under --out=-run and of a lock that is a folder, --shift
+    and --m that make p(t) meaningless: one line each, no byte changed. A legal 254-character name is written."""
+    root = tmp_path / "rows"
+    root.mkdir()
+    rows = script_cases(runs, root)
+    before = [snapshot(d) for d in (runs["data"], runs["base"])]
+    results = run_scripts(root, *[(script, argv) for _, script, argv, _ in rows])
+    failures = []
+    for (name, _, argv, expected), r in zip(rows, results):
+        try:
+            if expected == 0:
+                assert r.rc == 0, f"expected success, got {r.rc}: {r.err[-500:]}"
+            else:
+                assert r.rc == 1, f"expected exit code 1, got {r.rc}: {r.err[-500:]}"
+                assert expected in error_line(r.err), f"the error should mention {expected!r}: {error_line(r.err)}"
+        except AssertionError as e:
+            failures.append(f"{name}: {str(e).splitlines()[0]}")
+    assert not failures, f"{len(failures)} of {len(rows)} rows failed:\n" + "\n".join(failures)
+    assert [snapshot(d) for d in (runs["data"], runs["base"])] == before, "bytes changed in the data or the base run"
+    assert os.listdir(root / "jpgs") == ["holiday.jpg"] and not any(n.startswith("new") for n in os.listdir(root))
+    assert not os.path.exists(root / "W") and os.path.isfile(root / ("a" * 250 + ".png"))
+
+
+def run_bounded(argv, cwd, timeout=120, memory=None):
+    """`python ARGV` in a fresh process with a time limit and, if given, a limit on its data memory (bytes), so a
+    command that would grow without end gets MemoryError instead of the machine's OOM killer."""
+    import resource
+    import subprocess
+    from test_reliability import ENV, Result
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))) if memory else None
+    try:
+        p = subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=ENV, capture_output=True, text=True,
+                           timeout=timeout, stdin=subprocess.DEVNULL, preexec_fn=limit)
+    except subprocess.TimeoutExpired:
+        return Result("timeout", "", f"no answer within {timeout} s")
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
+def test_a_pipe_as_the_lock_or_the_manifest_is_one_line_not_a_hang(runs, tmp_path):
+    """Issue #30 item 13: a FIFO named .minisnr.lock or .minisnr-run.json used to block start-up for ever; each is
+    refused in one line, since the lock and the manifest are opened only if they are regular files."""
+    for name in (".minisnr.lock", ".minisnr-run.json"):
+        out = tmp_path / name.strip(".")
+        out.mkdir()
+        os.mkfifo(out / name)
+        r = run_bounded([TRAIN, *TRAIN_ARGS, "--data", runs["data"], "--out", out], tmp_path, timeout=60)
+        assert r.rc == 1, f"{name}: {r.rc} {r.err[-500:]}"
+        assert name in error_line(r.err) or "lock" in error_line(r.err)
+
+
+def test_what_grew_without_bound_is_one_line(runs, tmp_path):
+    """Issue #30 items 11 and 12, with the data memory of each command limited to 3 GiB so that the old behaviour
+    is a MemoryError, not the OOM killer: sample.py --png-dir with 60,000 class ids (a folder of 6e9 names), a lock
+    that is a link to /dev/zero (read without end), and a train.py batch whose activations do not fit (an allocation
+    traceback in the first step). Each is one line, and the run leaves no file."""
+    (tmp_path / "zero").mkdir()
+    os.symlink("/dev/zero", tmp_path / "zero" / ".minisnr.lock")
+    big = ["--img-size", 256, "--patch-size", 4, "--dim", 512, "--heads", 8, "--depth", 2, "--batch-size", 24]
+    rows = [
+        ([SAMPLE, runs["ckpt"], "--device", "cpu", "--n", 100000, "--classes", ",".join(["0"] * 60000), "--png-dir",
+          tmp_path / "many"], "--png-dir", tmp_path / "many"),
+        ([TRAIN, *TRAIN_ARGS, "--data", runs["data"], "--out", tmp_path / "zero"], "lock", None),
+        ([TRAIN, *TRAIN_ARGS, "--data", runs["data"], "--out", tmp_path / "big", *big], "--batch-size",
+         tmp_path / "big"),
+    ]
+    for argv, hint, out in rows:
+        r = run_bounded(argv, tmp_path, memory=3 * 2 ** 30)
+        assert r.rc == 1 and hint in error_line(r.err), f"{argv[:2]}: {r.rc} {r.err[-500:]}"
+        assert out is None or not os.path.exists(out), f"{out} was left behind"
+
+
+def test_resume_checks_the_real_inputs_not_the_strings(runs, tmp_path):
+    """Issue #30 item 9: the same relative --data d resumed from another working folder, where d holds other classes,
+    used to be accepted (and the checkpoint's class names rewritten), as was a --style image replaced at the same
+    path. The manifest records the real path and a fingerprint of each input; both resumes are refused in one line
+    naming the flag, the run's files keep their bytes, and the right resume still works."""
+    import shutil
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_image_folder(a / "d")
+    write_image_folder(b / "d")
+    os.rename(b / "d" / "zebra", b / "d" / "yak")
+    shutil.copy(runs["style"], a / "style.png")
+    out, ft = tmp_path / "run", tmp_path / "ft"
+    t = TRAIN_ARGS + ["--data", "d", "--out", out]
+    f = FT_ARGS + ["--base", runs["ckpt"], "--style", "style.png", "--out", ft]
+    for r in run_scripts(a, (TRAIN, t), (FINETUNE, f)):
+        assert r.rc == 0, r.err[-2000:]
+    before = snapshot(out), snapshot(ft)
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(a / "style.png")
+    [other_data] = run_scripts(b, (TRAIN, t + ["--resume", "true", "--max-steps", 3]))
+    [other_style] = run_scripts(a, (FINETUNE, f + ["--resume", "true", "--steps", 3]))
+    line = error_line(other_data.err)
+    assert other_data.rc == 1 and "--data 'd'" in line and str(b / "d") in line, line
+    line = error_line(other_style.err)
+    assert other_style.rc == 1 and "--style 'style.png' has changed" in line, line
+    assert (snapshot(out), snapshot(ft)) == before
+    [same] = run_scripts(a, (TRAIN, t + ["--resume", "true", "--max-steps", 3]))
+    assert same.rc == 0 and safe_load(str(out / "ckpt.pt"))["classes"] == ["apple", "mango", "zebra"], same.err[-2000:]
+
+
+def test_overwrite_never_deletes_the_lock_or_the_manifest(tmp_path):
+    """Issue #30 item 10: a hand-edited manifest that lists .minisnr.lock and .minisnr-run.json: --overwrite's
+    remove_files deletes the run's files and neither of those, so the live run keeps its lock."""
+    from minisnr.io.safety import LOCK, MANIFEST, RunManifest, hold_run_folder
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"x")
+    (out / MANIFEST).write_text(json.dumps({"format": "minisnr-run-v1", "script": "train.py",
+                                            "files": ["ckpt.pt", LOCK, MANIFEST]}))
+    with hold_run_folder(str(out), "train.py"):
+        assert RunManifest(str(out), "train.py").remove_files() == ["ckpt.pt"]
+        assert (out / LOCK).is_file() and (out / MANIFEST).is_file()
+
+
+def test_a_repeated_sigterm_never_loses_the_save(runs, tmp_path):
+    """Issue #30 item 7: two SIGTERMs 5-10 ms apart (a job manager repeating itself) used to lose the save in 2 of 4
+    trials (the second one interrupted the step or the save: exit 130 or 143 with no ckpt.pt). In each of 3 trials
+    now the run saves the step it reached and exits 143, and that checkpoint loads."""
+    import random
+    import subprocess
+    from test_reliability import ENV, wait_until
+    rng = random.Random(30)
+    for trial in range(3):
+        out = tmp_path / f"run{trial}"
+        argv = [sys.executable, TRAIN, *TRAIN_ARGS, "--data", runs["data"], "--out", out, "--max-steps", 100000,
+                "--ckpt-every", 100000, "--log-every", 1, "--batch-size", 4]
+        p = subprocess.Popen([str(a) for a in argv], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_until(lambda: len(log_steps(out / "log.jsonl")) >= 2 or p.poll() is not None, what="training")
+            p.send_signal(signal.SIGTERM)
+            time.sleep(rng.uniform(0.005, 0.01))
+            p.send_signal(signal.SIGTERM)
+            err = p.communicate(timeout=300)[1].decode()
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert p.returncode == 143 and "Traceback" not in err, f"trial {trial}: {p.returncode} {err[-1000:]}"
+        assert safe_load(str(out / "ckpt.pt"))["step"] == log_steps(out / "log.jsonl")[-1], f"trial {trial}"
+
+
+def test_a_signal_waits_for_the_save_it_arrives_in(tmp_path):
+    """Issue #30 item 7, the save itself: a SIGTERM that arrives while Run.write saves (whose handler ends the process,
+    as after the training loop) used to cut the save short; now it takes effect once the file is written. Both ways
+    a signal comes: to the process, and to another thread of it (a thread's signal mask would miss that one)."""
+    import threading
+    from minisnr.io.files import atomic_save
+    from minisnr.train.run import Run
+    idle = threading.Event()
+    other = threading.Thread(target=idle.wait)
+    other.start()
+    kills = {"process": lambda: os.kill(os.getpid(), signal.SIGTERM),
+             "another thread": lambda: signal.pthread_kill(other.ident, signal.SIGTERM)}
+
+    def exit_143(signum, frame):
+        raise SystemExit(143)
+    previous = signal.signal(signal.SIGTERM, exit_143)
+    try:
+        for way, kill in kills.items():
+            path = tmp_path / f"{way}.pt"
+            run = Run.__new__(Run)                     # only write() is used: no log, no manifest
+            run.saved_step, run.state_path = None, str(path)
+            with pytest.raises(SystemExit):
+                run.write(lambda: (kill(), time.sleep(0.05), atomic_save({"step": 7}, str(path))))
+            assert os.path.isfile(path) and safe_load(str(path))["step"] == 7, f"a signal to the {way}"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        idle.set()
+        other.join()
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs a private mount namespace (unshare --user --mount)")
+def test_a_bind_mount_does_not_hide_the_data(runs, tmp_path):
+    """Issue #30 item 6: --out equal to --data through a bind mount (two paths to one folder, as Docker volumes make)
+    has other real paths; the device and inode of the folders give it away. train.py --out ALIAS and sample.py
+    --png-dir ALIAS/yak (ALIAS a bind mount of the checkpoint's --data) are refused in one line, nothing written."""
+    import subprocess
+    from test_reliability import ENV, REPO_ROOT
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    commands = [[TRAIN, *TRAIN_ARGS, "--data", runs["data"], "--out", alias],
+                [SAMPLE, runs["ckpt"], "--device", "cpu", "--n", 1, "--steps", 1, "--png-dir", alias / "yak"]]
+    script = f"mount --bind {shlex_quote(runs['data'])} {alias}"
+    for i, argv in enumerate(commands):
+        script += f"; {shlex_quote(sys.executable)} {' '.join(map(shlex_quote, argv))} 2>{tmp_path}/e{i}.txt"
+        script += f"; echo $? > {tmp_path}/rc{i}"
+    before = snapshot(runs["data"])
+    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=REPO_ROOT, env=ENV,
+                   timeout=600, check=True)
+    for i, flag in enumerate(["--out", "--png-dir"]):
+        line = error_line((tmp_path / f"e{i}.txt").read_text())
+        assert (tmp_path / f"rc{i}").read_text().strip() == "1" and line.startswith(f"error: {flag}"), line
+        assert "the checkpoint's run" in line or "is --data" in line, line
+    assert snapshot(runs["data"]) == before
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs a private tmpfs (unshare --user --mount)")
+def test_a_disk_full_from_the_start_is_the_documented_line_and_leaves_no_file(runs, tmp_path):
+    """Issue #30 item 8: on an 8 KB tmpfs train.py fails at its first write of the log; the error is the documented
+    line (no space left on OUT; no checkpoint was saved yet), and --out keeps no manifest, log or lock, so the
+    corrected command is not refused."""
+    import subprocess
+    from test_reliability import ENV, REPO_ROOT
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    out = mnt / "run"
+    train = [sys.executable, TRAIN, *TRAIN_ARGS, "--data", runs["data"], "--out", out]
+    script = (f"mount -t tmpfs -o size=8k tmpfs {mnt} && {' '.join(map(shlex_quote, train))} 2>{tmp_path}/e.txt; "
+              f"echo $? > {tmp_path}/rc; find {mnt} -mindepth 1 > {tmp_path}/left.txt")
+    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=REPO_ROOT, env=ENV,
+                   timeout=600, check=True)
+    line = error_line((tmp_path / "e.txt").read_text())
+    assert (tmp_path / "rc").read_text().strip() == "1", line
+    assert line == f"error: no space left on {out}; no checkpoint was saved yet", line
+    assert (tmp_path / "left.txt").read_text() == "", "files were left on the full disk"
+
+
+SPAWNS = {"run", "Popen", "check_output", "check_call", "call", "system", "spawnv", "execv", "execvp"}
+
+
+def bare_pythons(source):
+    """The strings that reach a process-starting call (subprocess.run, os.system, ...) of `source` and start a bare
+    `python`: in the call's arguments, or in a name those arguments use that the same function assigns."""
+    import ast
+    import re
+    bare = re.compile(r"(^|[\s;&|(`'\"])python3?( +-[cm] | +\S+\.py\b)")
+    found = []
+    for func in ast.walk(ast.parse(source)):
+        if not isinstance(func, (ast.FunctionDef, ast.Module)):
+            continue
+        assigned = {}
+        for node in ast.walk(func):
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    if isinstance(target, ast.Name):
+                        assigned.setdefault(target.id, []).append(node.value)
+        for call in ast.walk(func):
+            name = getattr(call, "func", None)
+            if not isinstance(call, ast.Call) or getattr(name, "attr", getattr(name, "id", None)) not in SPAWNS:
+                continue
+            todo, seen = [*call.args, *(k.value for k in call.keywords)], set()
+            while todo:
+                node = todo.pop()
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.Name) and sub.id not in seen:
+                        seen.add(sub.id)
+                        todo.extend(assigned.get(sub.id, []))
+                    if isinstance(sub, ast.Constant) and isinstance(sub.value, str) and (
+                            sub.value in ("python", "python3") or bare.search(sub.value)):
+                        found.append(f"{sub.lineno}: {sub.value[:60]!r}")
+    return sorted(set(found))
+
+
+def test_tests_spawn_the_interpreter_that_runs_them():
+    """Issue #30 item 16: a test that starts a bare `python` (in an argument list or a shell command) runs whatever
+    python is first on PATH, not the interpreter of the suite (a virtual environment used without activating it).
+    No test may start one; they use sys.executable. The scan itself is checked on both spellings."""
+    import pathlib
+    assert bare_pythons('def f(tmp):\n    script = f"cd {tmp} && python train.py --x 1"\n'
+                        '    subprocess.run(["sh", "-c", script])\n') != []
+    assert bare_pythons('def f():\n    subprocess.run(["python", "-m", "pytest"])\n') != []
+    assert bare_pythons('def f():\n    subprocess.run([sys.executable, "train.py"])\n    x = "python a.py"\n') == []
+    found = [f"{path.name}:{line}" for path in sorted(pathlib.Path(__file__).parent.glob("*.py"))
+             for line in bare_pythons(path.read_text(encoding="utf-8"))]
+    assert not found, "tests that start a bare python:\n" + "\n".join(found)

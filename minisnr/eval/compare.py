@@ -22,17 +22,18 @@ import os
 import torch
 
 from ..io.checkpoint import apply_adapter, load_pretrained
-from ..io.cli import run_main, UserError
-from ..io.data import StyleViews, load_images
+from ..io.cli import finite_float, OneLineErrorParser, run_main, UserError
+from ..io.data import data_folder, StyleViews, load_images
 from ..io.device import autocast_context, pick_device, resolve_precision
-from ..io.files import check_writable, require_file
+from ..io.files import require_file
 from ..io.images import save_image_grid
+from ..io.safety import check_out_not_input, check_output, check_seed
 from ..lora import merge_lora, set_style_scale
 from ..rf import generate, NoiseSampler, to_uint8
 from . import metrics
-from ..train.config import FinetuneConfig
+from ..train.config import FinetuneConfig, MAX_CFG, MAX_SAMPLE_STEPS, MAX_STEPS
 from .finetune_run import finetune
-from .probe import get_probe
+from .probe import get_probe, PROBE_FORMAT
 from .study_protocol import JUDGE_EPOCHS, JUDGE_LR
 from .styles import STYLES
 
@@ -44,14 +45,14 @@ RUNS = {"sd3": ("SD3's sampler", {"noise_sampler": "logit-normal", "m": 0.0, "s"
 
 def build_parser():
     """compare's flags, each with its reason."""
-    p = argparse.ArgumentParser(prog="python -m minisnr.eval.compare", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineErrorParser(prog="python -m minisnr.eval.compare", description=__doc__.splitlines()[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("ckpt", help="base checkpoint written by train.py")
     p.add_argument("--style", required=True, help="your style image (or a folder, or a comma-separated list)")
     p.add_argument("--out", default="runs/compare", help="folder for the two fine-tunes and compare.png")
     p.add_argument("--n", type=int, default=4, help="samples per class and sampler in the picture")
     p.add_argument("--steps", type=int, default=32, help="Euler steps per sample")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--cfg", type=finite_float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--finetune-steps", type=int, default=0, help="fine-tuning steps (0 = finetune.py's default)")
     p.add_argument("--seed", type=int, default=0, help="fine-tuning and sampling seed, the same for both samplers")
     p.add_argument("--judge", default="runs/judge.pt", help="the study's judge; trained there if missing")
@@ -60,6 +61,27 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32")
     return p
+
+
+MAX_N = 100   # samples per class and column (the picture has 3 columns of them per class), checked before any work
+
+
+def check_args(args):
+    """One-line errors for values no run could use; the outputs (OUT/compare.png, the judge if it must be trained,
+    the fine-tunes' folders) checked as every output is, before the judge trains or anything is fine-tuned."""
+    bounds = {"n": (1, MAX_N), "steps": (1, MAX_SAMPLE_STEPS), "finetune_steps": (0, MAX_STEPS), "cfg": (0, MAX_CFG)}
+    for name, (low, high) in bounds.items():
+        if not low <= getattr(args, name) <= high:
+            raise UserError(f"--{name.replace('_', '-')} must be in [{low:,}, {high:,}], got {getattr(args, name):,}")
+    check_seed(args.seed)
+    pick_device(args.device)
+    require_file(args.ckpt, "checkpoint", "pass the ckpt.pt written by train.py as the first argument")
+    styles = [("--style", p) for p in args.style.split(",") if p]
+    check_out_not_input(args.out, styles, base=args.ckpt)
+    check_output(os.path.join(args.out, "compare.png"), "--out", inputs=[args.ckpt])
+    data = [("--train-data", data_folder(args.train_data)), ("--test-data", data_folder(args.test_data))]
+    if not os.path.exists(args.judge):   # trained and saved there
+        check_output(args.judge, "--judge", inputs=[args.ckpt], data=data + styles, kind=PROBE_FORMAT)
 
 
 # --- the two fine-tunes and their samples ----------------------------------------------------------
@@ -113,10 +135,7 @@ def painting_crops(style, size, n=64, seed=0):
 def main(argv=None):
     """Parse argv, fine-tune twice, sample, write the picture and print the scores; returns the scores."""
     args = build_parser().parse_args(argv)
-    if args.n < 1 or args.steps < 1 or args.finetune_steps < 0 or not 0 <= args.cfg < float("inf"):
-        raise UserError("--n and --steps must be >= 1, --finetune-steps >= 0 and --cfg a finite number >= 0")
-    require_file(args.ckpt, "checkpoint", "pass the ckpt.pt written by train.py as the first argument")
-    check_writable(args.out)
+    check_args(args)
     device = pick_device(args.device)
     ctx = autocast_context(device, resolve_precision(args.precision, device))
     judge = get_probe(args.judge, args.train_data, args.test_data, epochs=JUDGE_EPOCHS, lr=JUDGE_LR, device=device,

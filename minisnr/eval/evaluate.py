@@ -24,11 +24,12 @@ import time
 
 from ..io.cli import OneLineErrorParser, run_main, UserError
 from ..io.device import pick_device
-from ..io.files import check_writable, write_json
-from ..io.safety import check_output
+from ..io.data import data_folder
+from ..io.safety import check_output, check_seed, write_result
+from ..train.config import MAX_CFG, MAX_SAMPLE_STEPS
 from . import fid, metrics
 from .evaluate_context import add_common_flags, Context
-from .probe import describe, get_probe
+from .probe import describe, get_probe, PROBE_FORMAT
 
 
 # --- probe: train or load the cached probe ------------------------------------------------------------------
@@ -67,8 +68,6 @@ def add_base_parser(sub, formatter_class):
 
 def cmd_base(args):
     """Class accuracy and FD (probe features) of the base model's class-conditional samples."""
-    if args.samples_per_class < 1:
-        raise UserError(f"--samples-per-class must be >= 1, got {args.samples_per_class}")
     c = Context(args)
     test = c.test_set
     t0 = time.time()
@@ -90,7 +89,7 @@ def cmd_base(args):
     print(f"  FD {result['fd']:.2f} vs {len(test)} real test images (probe features; biased upwards at small N)")
     print(f"  HF energy {result['hf_samples']:.4f} (real test images {result['hf_real']:.4f})")
     if args.json:
-        write_json(result, args.json)
+        write_result(result, args.json)
         print(f"wrote {args.json}")
     return result
 
@@ -115,27 +114,35 @@ def build_parser():
 
 
 def check_outputs(args):
-    """Every file or folder a subcommand will write, checked before any work (a probe trained for an hour
-    must not fail at its save): never an input, never a file minisnr did not write, always writable."""
-    inputs = [getattr(args, "ckpt", None), getattr(args, "adapter", None)]
-    if args.probe in inputs or (os.path.isdir(args.probe)):
-        raise UserError(f"--probe {args.probe!r} is a folder or an input of this command; pass the probe file")
+    """Every file a subcommand will write, checked before any work (a probe trained for an hour must not fail at its
+    save) by the rule of every output (safety.check_output): never an input, never inside --train-data or
+    --test-data, never in place of a file minisnr did not write, always writable."""
+    inputs = [getattr(args, "ckpt", None)]
+    data = [("--train-data", data_folder(args.train_data)), ("--test-data", data_folder(args.test_data))]
+    if os.path.isdir(args.probe):
+        raise UserError(f"--probe {args.probe!r} is a folder; pass the probe file")
     if not os.path.exists(args.probe) or getattr(args, "retrain", False):  # the probe will be trained and saved
-        check_writable(os.path.dirname(os.path.abspath(args.probe)), "--probe")
+        check_output(args.probe, "--probe", inputs=inputs, data=data, kind=PROBE_FORMAT)
     if getattr(args, "json", None) is not None:
-        check_output(args.json, "--json", inputs=inputs + [args.probe], kind="json")
-    if getattr(args, "out", None) is not None:
-        check_writable(args.out)
+        check_output(args.json, "--json", inputs=inputs + [args.probe], data=data, kind="json")
+
+
+# Upper bounds of the counts, checked before anything is allocated (sample.py's and train.py's where they match)
+MAX_PER_CLASS = 10_000       # --samples-per-class: 100,000 images over CIFAR-10's classes, all kept in memory
+MAX_PROBE_EPOCHS = 1_000     # a probe converges in a few
 
 
 def check_flags(args):
     """One-line errors for the probe and sampling flags that no run could use."""
-    if getattr(args, "sample_steps", 1) < 1:
-        raise UserError(f"--sample-steps must be >= 1, got {args.sample_steps}")
-    if getattr(args, "cfg", 1.0) < 0:
-        raise UserError(f"--cfg must be >= 0, got {args.cfg}")
-    if args.probe_epochs < 1:
-        raise UserError(f"--probe-epochs must be >= 1, got {args.probe_epochs}")
+    bounds = {"sample_steps": (1, MAX_SAMPLE_STEPS), "cfg": (0, MAX_CFG), "probe_epochs": (1, MAX_PROBE_EPOCHS),
+              "samples_per_class": (1, MAX_PER_CLASS)}
+    for name, (low, high) in bounds.items():
+        value = getattr(args, name, None)
+        if value is not None and not low <= value <= high:
+            raise UserError(f"--{name.replace('_', '-')} must be in [{low:,}, {high:,}], got {value:,}")
+    if getattr(args, "seed", None) is not None:
+        check_seed(args.seed)
+    pick_device(args.device)
 
 
 def main(argv=None):

@@ -23,11 +23,13 @@ sampling. The probe FD (python -m minisnr.eval.evaluate base) needs neither.
 import os
 import platform
 
-from ..io.files import require_file, write_json
-from ..io.checkpoint import load_pretrained
-from ..io.cli import UserError
+from ..io.files import require_file
+from ..io.checkpoint import load_pretrained, trained_on
+from ..io.cli import finite_float, UserError
 from ..io.device import pick_device, resolve_precision
+from ..io.safety import check_output, check_seed, write_result
 from ..io.sample_folder import SETTINGS_FILE, sample_to_folder  # noqa: F401 (fid.SETTINGS_FILE, as before)
+from ..train.config import MAX_CFG, MAX_SAMPLE_STEPS
 
 MODE = "legacy_tensorflow"   # clean-fid's mode that reproduces the TensorFlow Inception FID of the papers
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -94,7 +96,7 @@ def add_parser(sub, formatter_class):
     q.add_argument("--png-dir", default=None,
                    help="sample folder (resumed if it exists); default: fid_samples beside CKPT")
     q.add_argument("--sample-steps", type=int, default=50, help="Euler steps per sample (as sample.py)")
-    q.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (as sample.py)")
+    q.add_argument("--cfg", type=finite_float, default=3.0, help="classifier-free guidance scale (as sample.py)")
     q.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     q.add_argument("--raw", action="store_true", help="use the raw trained weights instead of the EMA weights")
     q.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
@@ -103,26 +105,34 @@ def add_parser(sub, formatter_class):
     return q
 
 
+MAX_SAMPLES = 1_000_000   # files in the sample folder (as sample.py --png-dir): 20 times FID's 50,000
+
+
 def check_args(args, num_classes=len(CIFAR10_CLASSES)):
-    """One-line errors for flags no run could use."""
-    if args.samples < num_classes or args.samples % num_classes:
-        raise UserError(f"--samples must be a positive multiple of the {num_classes} classes (class-balanced), "
-                        f"got {args.samples}")
-    if args.sample_steps < 1:
-        raise UserError(f"--sample-steps must be >= 1, got {args.sample_steps}")
-    if args.cfg < 0:
-        raise UserError(f"--cfg must be >= 0, got {args.cfg} (1 = no guidance)")
+    """One-line errors for flags no run could use, and --json checked as every output is (check_output)."""
+    if not num_classes <= args.samples <= MAX_SAMPLES or args.samples % num_classes:
+        raise UserError(f"--samples must be a multiple of the {num_classes} classes (class-balanced) in "
+                        f"[{num_classes}, {MAX_SAMPLES:,}], got {args.samples:,}")
+    if not 1 <= args.sample_steps <= MAX_SAMPLE_STEPS:
+        raise UserError(f"--sample-steps must be in [1, {MAX_SAMPLE_STEPS:,}], got {args.sample_steps:,}")
+    if not 0 <= args.cfg <= MAX_CFG:
+        raise UserError(f"--cfg must be in [0, {MAX_CFG:g}] (1 = no guidance), got {args.cfg}")
+    check_seed(args.seed)
+    pick_device(args.device)
     require_file(args.ckpt, "checkpoint", "pass the ckpt.pt written by train.py (OUT/ckpt.pt)")
+    if args.json:
+        check_output(args.json, "--json", inputs=[args.ckpt], kind="json")
 
 
 def load_cifar_model(args, device):
-    """The checkpoint's DiT, refused in one line unless it was trained on CIFAR-10's ten classes."""
+    """The checkpoint's DiT and the data it records (trained_on), refused in one line unless it was trained on
+    CIFAR-10's ten classes."""
     model, ckpt = load_pretrained(args.ckpt, use_ema=not args.raw, device=device)
     classes = ckpt.get("classes") or CIFAR10_CLASSES[:model.config.num_classes]
     if list(classes) != CIFAR10_CLASSES:
         raise UserError(f"FID against CIFAR-10 needs a model trained on its 10 classes; {args.ckpt!r} has "
                         f"{len(classes)} ({', '.join(list(classes)[:4])}...)")
-    return model
+    return model, trained_on(ckpt)
 
 
 def cmd_fid(args):
@@ -133,12 +143,12 @@ def cmd_fid(args):
     precision = resolve_precision(args.precision, device)
     features = inception(cleanfid, device)  # both downloads first: fail in seconds, not after hours of sampling
     reference_stats(cleanfid)
-    model = load_cifar_model(args, device)
+    model, data = load_cifar_model(args, device)
     folder = args.png_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "fid_samples")
     per_class = args.samples // len(CIFAR10_CLASSES)
     sample_to_folder(model, folder, CIFAR10_CLASSES, range(len(CIFAR10_CLASSES)), per_class,
                      steps=args.sample_steps, cfg=args.cfg, seed=args.seed, ema=not args.raw, device=device,
-                     precision=precision, source=args.ckpt)
+                     precision=precision, source=args.ckpt, data=data)
     del model
     score = folder_fid(cleanfid, folder, features, device)
     result = {"fid": score, "samples": args.samples, "png_dir": folder, "ckpt": args.ckpt, "library": "clean-fid",
@@ -147,5 +157,5 @@ def cmd_fid(args):
               "precision": precision}
     print(f"FID {score:.2f} ({args.samples} samples in {folder} against CIFAR-10 train; clean-fid {MODE})")
     if args.json:
-        write_json(result, args.json)
+        write_result(result, args.json)
     return result

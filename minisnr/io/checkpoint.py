@@ -17,6 +17,7 @@ import torch
 from ..lora import inject_lora, load_lora_state_dict, lora_state_dict
 from ..model import DiT, DiTConfig
 from .cli import CheckpointError
+from .data import data_folder
 from .files import atomic_save, require_file
 
 
@@ -123,6 +124,13 @@ def memory_bytes():
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
+
+
+def trained_on(ckpt):
+    """[(what, folder)]: the data folder a train.py checkpoint records (its --data), which no output of a command
+    that reads the checkpoint may join; [] for a checkpoint that records none (the shipped base)."""
+    spec = ckpt.get("train_config", {}).get("data") if isinstance(ckpt.get("train_config"), dict) else None
+    return [("the --data of the checkpoint's run", data_folder(spec))] if isinstance(spec, str) and spec else []
 
 
 def model_memory_problem(arch, bytes_per_param, what):

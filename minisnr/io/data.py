@@ -175,9 +175,15 @@ def load_dataset(spec, size=32, train=True, flag="--data") -> ImageSet:
     `flag` is the command-line flag that gave `spec`, named in the error messages.
     """
     if spec == "cifar10" or spec.startswith("cifar10:"):
-        root = spec.split(":", 1)[1] if ":" in spec else "data"
-        return load_cifar10(root, train=train, size=size, flag=flag)
+        return load_cifar10(data_folder(spec), train=train, size=size, flag=flag)
     return load_image_folder(spec, size, flag)
+
+
+def data_folder(spec):
+    """The folder that a --data spec reads: 'cifar10' downloads into ./data, 'cifar10:DIR' into DIR."""
+    if spec == "cifar10" or spec.startswith("cifar10:"):
+        return spec.split(":", 1)[1] if ":" in spec else "data"
+    return spec
 
 
 def load_images(paths, max_side=None):

@@ -20,13 +20,16 @@ from .cli import CheckpointError, DiskFullError
 # file is likely to match, so remove_stale_tmp can delete exactly these and nothing else
 TMP_SUFFIX = ".minisnr.tmp"
 TMP_NAME = re.compile(r"^.+\.[a-z0-9_]{8}" + re.escape(TMP_SUFFIX) + "$")
+NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, XFS, btrfs, APFS, NTFS)
 
 
 def atomic_write(path, write_fn):
     """Call write_fn(tmp_path), fsync, then rename tmp_path onto `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=folder)
+    # NAME cut so that NAME.<8 random>.minisnr.tmp stays a legal name when NAME itself is a long legal one
+    name = os.fsencode(os.path.basename(path))[:NAME_MAX - 10 - len(TMP_SUFFIX)].decode("utf-8", "ignore")
+    fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=TMP_SUFFIX, dir=folder)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)

@@ -4,14 +4,21 @@
     ownership         a run lists the files it creates in OUT/.minisnr-run.json first; --overwrite deletes only those
     one at a time     OUT/.minisnr.lock, created with O_EXCL, keeps a second run out while one runs
     out of inputs     --out never is, contains or sits inside --data or --style, nor is the --base's folder
-    a resumed run     continues with the flags it was started with; any other flag that changes the result is named
-    an output file    never one of the command's inputs, never a file minisnr did not write, always writable
+    a resumed run     continues with the flags and the inputs it was started with (their real paths, and a
+                      fingerprint of the data folder and the style files recorded in the manifest)
+    every output      check_output, for every file any command writes (--out, --json, --probe, --judge, the
+                      files of --out and --png-dir): never one of the command's inputs, never inside its data
+                      folders, never in place of a file minisnr did not write (known by what minisnr writes into
+                      its own files), a name the file system takes, in a writable folder
     a resumed state   its step, RNG, data order and optimizer are checked against what they must be
 
-Each refusal is a one-line UserError (printed by runtime.run_main), raised before anything is written.
+Folders are compared by real path and by device and inode, so neither a link, '..' nor a bind mount (two paths to
+one folder) hides that two paths are one. The lock and the manifest are opened only if they are regular files.
+Each refusal is a one-line UserError (printed by cli.run_main), raised before anything is written.
 """
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import shlex
@@ -20,12 +27,11 @@ import socket
 import stat
 import threading
 import time
-
-import torch
+import zipfile
 
 from .cli import UserError
 from .device import pick_device
-from .files import check_writable, write_json
+from .files import check_writable, NAME_MAX, write_json
 
 
 # --- run folders ------------------------------------------------------------------------------
@@ -57,8 +63,9 @@ def check_layout(out, patterns):
                                 f"goes; move it away or pass another --out")
 
 
-def guard_run_folder(out, script, patterns, resume, overwrite):
+def guard_run_folder(out, script, patterns, resume, overwrite, inputs=()):
     """Refuse to start where a run already is (a forgotten --resume would destroy it), in one line; read-only.
+    A resumed run's `inputs` ((flag, path) pairs) must be those its manifest recorded (check_inputs).
 
     With --overwrite true the run deletes the old run's files itself when training starts (RunManifest), so that
     an interrupted new run never leaves the old run's results beside its own; only files a manifest of the same
@@ -75,6 +82,8 @@ def guard_run_folder(out, script, patterns, resume, overwrite):
     if manifest and manifest["script"] != script:
         raise UserError(f"--out {out!r} holds a {manifest['script']} run ({MANIFEST}); {script} does not write into "
                         f"it: pass another --out")
+    if manifest and resume:
+        check_inputs(manifest.get("inputs"), list(inputs))
     old = run_files(out, patterns)
     names = lambda paths: ", ".join(os.path.relpath(p, out) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
     if old and not resume and not overwrite:
@@ -91,28 +100,83 @@ def guard_run_folder(out, script, patterns, resume, overwrite):
 
 
 def _within(path, folder):
-    """True if `path` is `folder` or below it (both real paths)."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+    """True if `path` is `folder` or lies below it. Real paths are compared, and each existing folder on the way up
+    from `path` by device and inode: a bind mount (one folder under two paths, as Docker volumes make) has other
+    real paths but the same device and inode."""
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
+        return True
+    try:
+        target = os.stat(top)
+    except OSError:
+        return False
+    while True:
+        try:
+            if os.path.samestat(os.stat(real), target):
+                return True
+        except OSError:  # not there yet (an --out to be created), or not readable
+            pass
+        if os.path.dirname(real) == real:
+            return False
+        real = os.path.dirname(real)
 
 
-def check_out_not_input(out, inputs, base=None):
-    """Refuse an --out that is, contains or sits inside one of `inputs` ((flag, file or folder) pairs: what a later
-    run reads, which this run's files would join), or that is or contains the folder of the --base file `base`.
-    Real paths are compared, so links and '..' do not hide it."""
-    real_out = os.path.realpath(out)
-    for flag, given in inputs:
+def check_out_not_input(out, inputs, base=None, flag="--out"):
+    """Refuse an output folder `out` that is, contains or sits inside one of `inputs` ((flag, file or folder) pairs:
+    what a later run reads, which this command's files would join), or that is or contains the folder of the
+    --base file `base`. Links, '..' and bind mounts do not hide it (_within)."""
+    for what, given in inputs:
         if not given:
             continue
-        real = os.path.realpath(given)
-        if _within(real_out, real) or _within(real, real_out):
-            where = ("is" if real == real_out else "sits inside" if _within(real_out, real) else "contains")
-            raise UserError(f"--out {out!r} {where} {flag} {given!r}: the run's files would become input of the next "
-                            f"run on it; pass an --out outside it")
+        inside, around = _within(out, given), _within(given, out)
+        if inside or around:
+            where = "is" if inside and around else "sits inside" if inside else "contains"
+            raise UserError(f"{flag} {out!r} {where} {what} {given!r}: the files written there would become input "
+                            f"of the next run on it; pass another {flag} outside it")
     if base:
         folder = os.path.dirname(os.path.realpath(base))
-        if _within(folder, real_out):
-            raise UserError(f"--out {out!r} {'is' if folder == real_out else 'contains'} the folder of --base "
-                            f"{base!r}, another script's run; pass another --out (a folder inside it is fine)")
+        if _within(folder, out):
+            where = "is" if _within(out, folder) else "contains"
+            raise UserError(f"{flag} {out!r} {where} the folder of --base {base!r}, another script's run; pass "
+                            f"another {flag} (a folder inside it is fine)")
+
+
+# --- what a resumed run checks its inputs against -----------------------------------------------
+
+def fingerprint(path):
+    """A cheap fingerprint of an input, recorded in the manifest when a run starts and compared when it resumes:
+    its real path, and for a folder its sub-folders (the classes), its number of files and a hash of their names
+    two levels down; for a regular file a hash of its bytes (a style image replaced at the same path)."""
+    real = os.path.realpath(path)
+    if os.path.isdir(real):
+        classes = sorted(e.name for e in os.scandir(real) if e.is_dir())
+        names = sorted(f"{c}/{e.name}" for c in classes for e in os.scandir(os.path.join(real, c)) if e.is_file())
+        names += sorted(e.name for e in os.scandir(real) if e.is_file())
+        digest = hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        return {"real": real, "classes": classes, "files": len(names), "names": digest}
+    if os.path.isfile(real):  # not a pipe or a device, whose reading would block or never end
+        digest = hashlib.sha256()
+        with open(real, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return {"real": real, "sha256": digest.hexdigest()[:16]}
+    return {"real": real}
+
+
+def check_inputs(recorded, inputs):
+    """--resume true: each input ((flag, path) pairs) given as when the run started must still be the same folder or
+    file, by real path and fingerprint. An input given otherwise is left to the resume's comparison of the flags,
+    which names it with every other changed flag; a run from before fingerprints (`recorded` not a list) passes."""
+    for (flag, given), was in zip(inputs, recorded if isinstance(recorded, list) else []):
+        if not isinstance(was, dict) or was.get("given") != given:
+            continue
+        now = dict(fingerprint(given), given=given)
+        if now == was:
+            continue
+        what = (f"is {now['real']}, not the run's {was.get('real')}" if now["real"] != was.get("real")
+                else "has changed since the run started (other classes, files or bytes)")
+        raise UserError(f"--resume true: {flag} {given!r} {what}; resume with the run's own {flag}, or start a new "
+                        f"run in another --out")
 
 
 # --- who owns a run folder: the manifest ----------------------------------------------------------
@@ -123,19 +187,25 @@ MANIFEST = ".minisnr-run.json"
 MANIFEST_FORMAT = "minisnr-run-v1"
 
 
+def read_small_json(path, limit=10_000_000):
+    """The JSON in `path` if it is a regular file (not a link, a pipe or a device, whose reading could block or
+    never end) of at most `limit` bytes; None otherwise, or when it is not JSON."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode) or os.path.getsize(path) > limit:
+            return None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def read_manifest(out):
-    """OUT's manifest as {"script": ..., "files": [...]}, None when there is none, or "damaged" when there is a
-    file of that name that is not one minisnr wrote (so nothing it lists can be trusted)."""
+    """OUT's manifest as {"script": ..., "files": [...], "inputs": ...}, None when there is none, or "damaged" when
+    there is a file of that name that is not one minisnr wrote (so nothing it lists can be trusted)."""
     path = os.path.join(out, MANIFEST)
     if not os.path.lexists(path):
         return None
-    try:
-        if os.path.islink(path) or os.path.getsize(path) > 10_000_000:  # a run lists a few thousand names at most
-            return "damaged"
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        return "damaged"
+    manifest = read_small_json(path)  # a run lists a few thousand names at most
     if not isinstance(manifest, dict):
         return "damaged"
     files = manifest.get("files")
@@ -160,18 +230,22 @@ def _inside(out, rel):
 
 
 class RunManifest:
-    """The manifest of the run starting in `out`: claim(name) records a file before it is first written."""
+    """The manifest of the run starting in `out`: claim(name) records a file before it is first written, and the
+    fingerprints of the run's `inputs` ((flag, path) pairs), which a resumed run keeps from its start."""
 
-    def __init__(self, out, script):
+    def __init__(self, out, script, inputs=()):
         self.out, self.script = out, script
         old = read_manifest(out)
         self.files = list(old["files"]) if isinstance(old, dict) and old["script"] == script else []
+        self.inputs = [dict(fingerprint(path), given=path) for _, path in inputs]
 
     def remove_files(self):
         """--overwrite true: delete the old run's files, each only if it is a regular file inside OUT (a link is
         never followed, nor deleted); empty folders it listed stay. Returns the names removed."""
         removed = []
         for rel in self.files:
+            if rel in (LOCK, MANIFEST):  # never a manifest's to delete, whatever a hand-edited one lists
+                continue
             path = _inside(self.out, rel)
             if path and stat.S_ISREG(os.lstat(path).st_mode if os.path.lexists(path) else 0):
                 os.remove(path)
@@ -191,8 +265,8 @@ class RunManifest:
         new = [n.replace(os.sep, "/") for n in names if n.replace(os.sep, "/") not in self.files]
         if new or not os.path.exists(os.path.join(self.out, MANIFEST)):
             self.files += new
-            write_json({"format": MANIFEST_FORMAT, "script": self.script, "files": self.files},
-                       os.path.join(self.out, MANIFEST))
+            write_json({"format": MANIFEST_FORMAT, "script": self.script, "files": self.files,
+                        "inputs": self.inputs}, os.path.join(self.out, MANIFEST))
 
 
 # --- one run per folder: the lock -----------------------------------------------------------------
@@ -201,13 +275,13 @@ LOCK = ".minisnr.lock"
 
 
 def _lock_holder(path):
-    """(pid, host) written in a lock file; (None, None) when it cannot be read."""
+    """(pid, host) written in a lock file; (None, None) when it is not a regular file that names a process."""
+    holder = read_small_json(path, limit=10_000)
     try:
-        with open(path, encoding="utf-8") as f:
-            holder = json.load(f)
-        return int(holder["pid"]), str(holder["host"])
-    except (OSError, ValueError, KeyError, TypeError):
+        pid, host = int(holder["pid"]), str(holder["host"])
+    except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: "pid": Infinity
         return None, None
+    return (pid, host) if 0 < pid < 2 ** 31 else (None, None)  # os.kill takes a C int; 0 and -1 are groups
 
 
 def _alive(pid):
@@ -227,7 +301,8 @@ def check_lock(out):
     if not os.path.lexists(path):
         return
     pid, host = _lock_holder(path)
-    clear = f"rm {shlex.quote(path)}"
+    remove = "rmdir" if os.path.isdir(path) and not os.path.islink(path) else "rm"
+    clear = f"{remove} -- {shlex.quote(path)}"  # '--': an --out like -run is not an option of rm
     if pid is not None and host == socket.gethostname() and not _alive(pid):
         raise UserError(f"--out {out!r} has a stale lock from process {pid}, which is no longer running (killed or "
                         f"crashed); if no other run uses this folder, clear it with: {clear}")
@@ -240,7 +315,7 @@ def clear_stale_lock(out):
     """Remove OUT's lock if the process that wrote it on this machine is gone; True if one was removed.
     For a caller that owns the folder (the study's own fine-tunes), so a killed run does not stop the next."""
     path = os.path.join(out, LOCK)
-    pid, host = _lock_holder(path) if os.path.isfile(path) and not os.path.islink(path) else (None, None)
+    pid, host = _lock_holder(path)
     if pid is not None and host == socket.gethostname() and not _alive(pid):
         os.remove(path)
         return True
@@ -269,8 +344,14 @@ def hold_run_folder(out, script, enabled=True):
         raise UserError(f"--out {out!r} is in use by another run; pass another --out") from None
     except OSError as e:
         raise UserError(f"cannot create the lock {path!r} ({e.strerror}); pass a writable --out") from None
-    with os.fdopen(fd, "w") as f:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "script": script, "started": time.time()}, f)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "script": script, "started": time.time()}, f)
+    except OSError as e:  # a full disk: no half-written lock may stay to refuse the next run
+        os.remove(path)
+        _remove_empty(missing)
+        raise UserError(f"cannot write the lock {path!r} ({e.strerror}); free some space or pass another --out") \
+            from None
     previous = signal.getsignal(signal.SIGTERM)
     if previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_143)
@@ -281,52 +362,78 @@ def hold_run_folder(out, script, enabled=True):
             signal.signal(signal.SIGTERM, previous)
         if _lock_holder(path)[0] == os.getpid():
             os.remove(path)
-        for d in missing:
-            try:
-                os.rmdir(d)
-            except OSError:  # the run wrote files there: they stay
-                break
+        _remove_empty(missing)
+
+
+def _remove_empty(folders):
+    """Remove the folders a run created (deepest first) while they are empty."""
+    for d in folders:
+        try:
+            os.rmdir(d)
+        except OSError:  # the run wrote files there: they stay
+            break
 
 
 def _exit_143(signum, frame):
     raise SystemExit(128 + signum)
 
 
-# --- output files -----------------------------------------------------------------------------
+# --- output files: one rule for every command ---------------------------------------------------
+# minisnr knows its own files by what it writes into them: a PNG's 'minisnr' text chunk, the "format" key of a
+# result JSON (not of the manifest or a user's package.json), the "format" string in a torch file's data.pkl.
 
-def _same_file(a, b):
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
+RESULT_FORMAT = "minisnr-result-v1"
+
+
+def write_result(obj, path):
+    """Write a command's result (--json) as JSON marked as minisnr's, so a later run may replace it."""
+    write_json({"format": RESULT_FORMAT, **obj}, path)
 
 
 def _written_by_minisnr(path, kind):
-    """True if the existing file at `path` looks like one minisnr writes: a PNG with a 'minisnr' text chunk,
-    or a JSON object."""
+    """True if `path` is a regular file holding what minisnr writes as `kind`: 'png' (a 'minisnr' text chunk),
+    'json' (a result of write_result), or the format string of a torch file, e.g. 'minisnr-probe-v1'."""
     try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
         if kind == "png":
             from PIL import Image
-            with Image.open(path) as img:
-                return img.format == "PNG" and "minisnr" in getattr(img, "text", {})
-        with open(path, encoding="utf-8") as f:
-            return isinstance(json.load(f), dict)
-    except Exception:  # unreadable, not an image, not JSON: not ours
+            with Image.open(path) as img:  # the text chunk comes before the pixels: nothing is decoded
+                return img.format == "PNG" and "minisnr" in img.info
+        if kind == "json":
+            result = read_small_json(path)
+            return isinstance(result, dict) and result.get("format") == RESULT_FORMAT
+        with zipfile.ZipFile(path) as z:  # torch.save's zip: NAME/data.pkl holds the pickled dict, not the tensors
+            [pkl] = [i for i in z.infolist() if i.filename.endswith("/data.pkl")]
+            return pkl.file_size < 10_000_000 and kind.encode() in z.read(pkl)
+    except Exception:  # unreadable, not an image, not JSON, not a zip: not ours
         return False
 
 
-def check_output(path, flag, inputs=(), kind="png"):
-    """Refuse, in one line and before any work, an output path that is empty, a folder, one of the command's
-    `inputs`, or an existing file minisnr did not write (kind 'png' or 'json'); make sure its folder is writable."""
+def check_output(path, flag, inputs=(), data=(), kind="png"):
+    """The rule for every file a command writes, checked before any work (a one-line UserError otherwise): `path`
+    names a file (not a folder, no trailing slash, a name the file system takes); it is none of the command's
+    `inputs` (paths) and lies in none of its `data` folders ((flag, folder) pairs: a training set it would
+    poison); an existing file there is one minisnr wrote (`kind`, see _written_by_minisnr); its folder is
+    writable."""
     if not path:
         raise UserError(f"{flag} is empty; pass the file to write")
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path!r} is a folder; pass the file to write inside it")
+    name = os.path.basename(path)
+    if os.path.isdir(path) or name in ("", ".", ".."):
+        raise UserError(f"{flag} {path!r} names a folder, not a file; pass the file to write")
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise UserError(f"{flag}: the file name is {len(os.fsencode(name))} bytes long, more than the {NAME_MAX} a "
+                        f"file system takes; pass a shorter name")
     for given in inputs:
-        if given and os.path.exists(given) and os.path.exists(path) and _same_file(path, given):
+        if given and os.path.exists(given) and (os.path.realpath(path) == os.path.realpath(given) or (
+                os.path.exists(path) and os.path.samefile(path, given))):
             raise UserError(f"{flag} {path!r} is also an input of this command ({given}); writing it would destroy "
                             f"that input, so pass another {flag}")
-    if os.path.lexists(path) and not (os.path.isfile(path) and _written_by_minisnr(path, kind)):
+    for what, folder in data:
+        if folder and _within(path, folder):
+            raise UserError(f"{flag} {path!r} lies inside {what} {folder!r}: the file would become input of the "
+                            f"next run on it; pass a {flag} outside it")
+    if os.path.lexists(path) and not _written_by_minisnr(path, kind):
         raise UserError(f"{flag} {path!r} exists and was not written by minisnr; move it away or pass another {flag}")
     check_writable(os.path.dirname(os.path.abspath(path)), flag)
 
@@ -340,8 +447,5 @@ def check_seed(seed, flag="--seed"):
 
 
 def check_device(name):
-    """The device named by --device, refused in one line when it is not there (pick_device covers CUDA)."""
-    device = pick_device(name)
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps was asked for but this machine has no usable Apple GPU; use --device cpu")
-    return device
+    """The device named by --device, refused in one line when it is not there (pick_device)."""
+    return pick_device(name)

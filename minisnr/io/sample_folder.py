@@ -10,7 +10,6 @@ skipped, and a missing one is drawn again, identical to what the first run would
 settings live in the folder's minisnr_samples.json; a rerun with other settings is refused, because
 one folder must hold samples of one model and one sampler.
 """
-import json
 import os
 
 from ..rf import generate
@@ -18,6 +17,7 @@ from .checkpoint import weights_hash
 from .cli import UserError
 from .device import autocast_context
 from .files import check_writable, remove_stale_tmp, write_json
+from .safety import check_out_not_input, read_small_json
 from .images import save_png
 
 SETTINGS_FILE = "minisnr_samples.json"
@@ -41,36 +41,39 @@ def file_names(settings):
     return [f"{i:0{width}d}_{safe[i % len(names)]}.png" for i in range(n)]
 
 
-def claim_folder(folder, settings, source):
+def claim_folder(folder, settings, source, data=()):
     """Make `folder` ours for these settings: a new or empty folder gets the settings file; a folder with
-    the same settings is resumed; anything else is refused in one line (before any sampling)."""
+    the same settings is resumed; anything else (a folder of files minisnr did not write, one inside `data`,
+    the (what, folder) pairs of the data the model was trained on) is refused in one line (before any sampling)."""
+    check_out_not_input(folder, data, flag="--png-dir")
     path = os.path.join(folder, SETTINGS_FILE)
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                old = json.load(f)["settings"]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path} is not a minisnr settings file; pass a new or empty folder") from None
+    if os.path.lexists(path):
+        old = read_small_json(path)
+        old = old.get("settings") if isinstance(old, dict) else None
+        if not isinstance(old, dict):
+            raise UserError(f"{path} is not a minisnr settings file; pass a new or empty folder")
         changed = [k for k in settings if old.get(k) != settings[k]]
         if changed:
             k = changed[0]
             raise UserError(f"{folder!r} holds samples made with {k}={old.get(k)!r}, not {settings[k]!r}; "
                             f"rerun with the same settings to resume, or pass a new folder")
         return
-    if os.path.isdir(folder) and any(f.lower().endswith(".png") for f in os.listdir(folder)):
-        raise UserError(f"{folder!r} already holds PNG files but no {SETTINGS_FILE}; pass a new or empty folder")
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    if names:  # a class folder of a data set, a run, a user's pictures: PNGs written there would join them
+        what = "PNG files" if any(f.lower().endswith(".png") for f in names) else f"files ({', '.join(names[:3])})"
+        raise UserError(f"{folder!r} already holds {what} but no {SETTINGS_FILE}; pass a new or empty folder")
     check_writable(folder, "--png-dir")
     write_json({"settings": settings, "ckpt": source, "files": len(file_names(settings)),
                 "names": "INDEX_CLASS.png; sample i has class class_ids[i % len(class_ids)]",
                 "noise": f"batch k (files k*batch ...) starts from seed seed*{SEED_STRIDE}+k"}, path)
 
 
-def write_sample_folder(model, folder, settings, ctx, source=""):
+def write_sample_folder(model, folder, settings, ctx, source="", data=()):
     """Draw every sample of `settings` into `folder`, one PNG each, BATCH at a time with a progress bar.
     Existing files are kept; returns (number of files, number written now)."""
     from PIL import Image
     from tqdm import tqdm
-    claim_folder(folder, settings, source)
+    claim_folder(folder, settings, source, data)
     remove_stale_tmp(folder)  # a killed run's half-written NAME.<random>.tmp files
     names, have = file_names(settings), set(os.listdir(folder))
     labels = [settings["class_ids"][i % len(settings["class_ids"])] for i in range(len(names))]
@@ -90,10 +93,11 @@ def write_sample_folder(model, folder, settings, ctx, source=""):
 
 
 def sample_to_folder(model, folder, classes, class_ids, per_class, *, steps, cfg, seed, ema, device, precision,
-                     source=""):
-    """sample.py --png-dir and `evaluate fid` in one call: settings, then the (resumed) folder."""
+                     source="", data=()):
+    """sample.py --png-dir and `evaluate fid` in one call: settings, then the (resumed) folder, which may not lie
+    in `data` ((what, folder) pairs: the data the model was trained on)."""
     settings = sample_settings(model, classes, class_ids, per_class, steps=steps, cfg=cfg, seed=seed, ema=ema,
                                precision=precision)
-    total, written = write_sample_folder(model, folder, settings, autocast_context(device, precision), source)
+    total, written = write_sample_folder(model, folder, settings, autocast_context(device, precision), source, data)
     print(f"{folder}: {total} PNGs ({written} drawn now, {total - written} kept from before)")
     return total

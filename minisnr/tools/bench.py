@@ -30,19 +30,21 @@ The FLOP count, MFU, the roofline and --traffic (the bytes the fp32 residual str
 minisnr.tools.flops; the memory estimate (--estimate-memory true), from the model's saved tensors, in .memory.
 """
 import gc
+import os
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from ..io.checkpoint import model_shape_problem
+from ..io.checkpoint import model_memory_problem, model_shape_problem
 from ..io.cli import knob, parse_config, run_main, UserError
 from ..io.data import ImageSet, InMemoryLoader
-from ..io.device import autocast_context, cpu_has_fast_bf16, cuda_has_fast_bf16, make_grad_scaler, pick_device, sync
-from ..io.files import write_json
-from ..io.safety import check_output, check_seed
+from ..io.device import (autocast_context, cpu_has_fast_bf16, cuda_has_fast_bf16, make_grad_scaler, out_of_memory,
+                         pick_device, sync)
+from ..io.safety import check_output, check_seed, write_result
 from ..model import build_config, build_model, DIT_PRESETS, DiTConfig
 from ..rf import euler_sample, NoiseSampler, rf_loss
+from ..train.config import MAX_BATCH, MAX_SAMPLE_STEPS, TRAIN_BYTES_PER_PARAM
 from .flops import add_roofline, add_traffic, peak_tflops, train_flops_per_image
 from .memory import gib, parse_gib_list, print_memory_estimate
 from .report import format_table, header_line, run_meta
@@ -196,8 +198,6 @@ def bench_mode(mode, cfg: BenchConfig, device):
     c = model_config(cfg)
     warmup = cfg.warmup if cfg.warmup is not None else (1 if device.type == "cpu" else 5)
     steps = cfg.steps if cfg.steps is not None else (3 if device.type == "cpu" else 20)
-    if steps < 1 or warmup < 0:
-        raise UserError("--steps must be >= 1 and --warmup >= 0")
     step, model = make_train_step(cfg, device, precision, compiled)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -275,21 +275,35 @@ def run(cfg: BenchConfig):
     return results, meta, device
 
 
+# Upper bounds, checked before anything is allocated (train.py's where they mean the same): far above what a
+# benchmark needs, low enough that a typo is one line instead of a run that never ends or exhausts the memory.
+MAX_TIMED_STEPS = 10_000     # --steps and --warmup
+MAX_SAMPLE_IMAGES = 10_000   # --sample-images: one noise tensor and one CFG batch of them
+
+
 def validate(cfg: BenchConfig):
     """Check the flags before any work starts; one-line UserError for a shape or size that cannot run."""
-    problem = model_shape_problem(dict(DIT_PRESETS.get(cfg.preset, {}), **cfg.model_overrides()))
+    arch = dict(DIT_PRESETS.get(cfg.preset, {}), **cfg.model_overrides())
+    problem = model_shape_problem(arch)
     if cfg.preset in DIT_PRESETS and problem:
         raise UserError(f"impossible model shape: {problem}; fix --img-size/--patch-size/--dim/--depth/--heads")
-    for name in ("batch_size", "sample_steps"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("threads", "sample_images", "grad_clip"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    problem = cfg.preset in DIT_PRESETS and model_memory_problem(arch, TRAIN_BYTES_PER_PARAM, "training")
+    if problem:
+        raise UserError(f"--preset {cfg.preset} with --dim/--depth/--patch-size as given: {problem}; pass a smaller "
+                        f"--dim or --depth")
+    bounds = {"batch_size": (1, MAX_BATCH["train.py"]), "sample_steps": (1, MAX_SAMPLE_STEPS),
+              "steps": (1, MAX_TIMED_STEPS), "warmup": (0, MAX_TIMED_STEPS), "sample_images": (0, MAX_SAMPLE_IMAGES),
+              "threads": (0, os.cpu_count() or 1), "grad_clip": (0, float("inf"))}
+    for name, (low, high) in bounds.items():
+        value = getattr(cfg, name)
+        if value is not None and not low <= value <= high:
+            raise UserError(f"--{name.replace('_', '-')} must be in [{low:,}, {high:,}], got {value:,}"
+                            + (" (this machine's cores)" if name == "threads" and value > high else ""))
     if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
         raise UserError(f"--peak-tflops must be > 0, got {cfg.peak_tflops}")
     parse_gib_list(cfg.fit_gib)
     check_seed(cfg.seed)
+    pick_device(cfg.device)
     if cfg.json:
         check_output(cfg.json, "--json", kind="json")
 
@@ -302,13 +316,19 @@ def main(argv=None):
         device = pick_device(cfg.device)
         est = print_memory_estimate(cfg, model_config(cfg), device)
         if cfg.json:
-            write_json({"memory_estimate": est, "config": asdict(cfg)}, cfg.json)
+            write_result({"memory_estimate": est, "config": asdict(cfg)}, cfg.json)
         return est
-    results, meta, device = run(cfg)
+    try:
+        results, meta, device = run(cfg)
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise
+        raise UserError(f"out of memory at --batch-size {cfg.batch_size}: lower it (--estimate-memory true estimates "
+                        f"what a batch needs)") from None
     print()
     print(format_table(results, device))
     if cfg.json:
-        write_json({"meta": meta, "results": results}, cfg.json)
+        write_result({"meta": meta, "results": results}, cfg.json)
     return results
 
 

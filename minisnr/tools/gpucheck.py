@@ -43,8 +43,9 @@ import torch
 
 from ..io.cli import knob, parse_config, run_main, UserError
 from ..io.device import pick_device
-from ..io.files import write_json
-from .bench import bench_mode, BenchConfig, parse_modes
+from ..io.safety import check_out_not_input, check_output, write_result
+from ..train.config import MAX_BATCH, MAX_SAMPLE_PER_CLASS, MAX_SAMPLE_STEPS, PRESETS as TRAIN_PRESETS
+from .bench import bench_mode, BenchConfig, MAX_TIMED_STEPS, parse_modes
 from .cudacheck import attention_kernel, check_flash, check_loop, NO_CUDA  # noqa: F401 (attention_kernel: tests)
 from .cudacheck import auto_modes, compile_counts, cuda_context_bytes, free_cuda_memory, out_of_memory
 from .memory import CUDA_CONTEXT_BYTES, estimate_memory, gib, largest_batch
@@ -251,13 +252,38 @@ def summary(results, device, seconds):
             f"{counts['skipped']} skipped in {seconds:.0f} s")
 
 
+MAX_CHECK_STEPS = 100_000   # --train-steps and --finetune-steps: a check, not a run
+
+
+def validate(cfg):
+    """One-line errors for values no check could use, and the outputs checked before any part runs: --out is not,
+    does not contain and does not sit inside --data, and OUT/gpu_check.json is checked as every output is."""
+    if not cfg.data or not os.path.isdir(cfg.data):
+        raise UserError(f"--data {cfg.data!r} is not a folder; pass an ImageFolder, e.g. ../shared/data/cifar10/train")
+    if cfg.model not in TRAIN_PRESETS:
+        raise UserError(f"unknown --model {cfg.model!r}; choose a train.py preset: {', '.join(TRAIN_PRESETS)}")
+    bounds = {"loop_steps": MAX_CHECK_STEPS, "train_steps": MAX_CHECK_STEPS, "finetune_steps": MAX_CHECK_STEPS,
+              "bench_steps": MAX_TIMED_STEPS, "sample_n": MAX_SAMPLE_PER_CLASS, "sample_steps": MAX_SAMPLE_STEPS}
+    for name, high in bounds.items():
+        if not 1 <= getattr(cfg, name) <= high:
+            raise UserError(f"--{name.replace('_', '-')} must be in [1, {high:,}], got {getattr(cfg, name):,}")
+    if cfg.loop_steps < 4:       # a steady-state step needs one before it (the first) and none of the log steps
+        raise UserError(f"--loop-steps must be >= 4, got {cfg.loop_steps}")
+    batches = cfg.bench_batches.split(",")
+    if cfg.bench_batches != "auto" and not all(b.isascii() and b.isdigit() and 1 <= int(b) <= MAX_BATCH["train.py"]
+                                               for b in batches):
+        raise UserError(f"--bench-batches must be auto or batch sizes in [1, {MAX_BATCH['train.py']:,}] separated by "
+                        f"commas, got {cfg.bench_batches!r}")
+    if cfg.bench_modes != "auto":
+        parse_modes(cfg.bench_modes, pick_device(cfg.device))
+    check_out_not_input(cfg.out, [("--data", cfg.data)])
+    check_output(os.path.join(cfg.out, "gpu_check.json"), "--out", kind="json")
+
+
 def main(argv=None):
     """Command-line entry point: run the checks, print each part and one summary line, write OUT/gpu_check.json."""
     cfg, args = parse_config(CheckConfig, PRESETS, argv, description=__doc__.splitlines()[0])
-    if not cfg.data or not os.path.isdir(cfg.data):
-        raise UserError(f"--data {cfg.data!r} is not a folder; pass an ImageFolder, e.g. ../shared/data/cifar10/train")
-    if cfg.loop_steps < 4:       # a steady-state step needs one before it (the first) and none of the log steps
-        raise UserError(f"--loop-steps must be >= 4, got {cfg.loop_steps}")
+    validate(cfg)
     skip, device = parse_skip(cfg.skip), pick_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     t0 = time.perf_counter()
@@ -265,8 +291,8 @@ def main(argv=None):
         results = run_checks(cfg, device, skip)
     line = summary(results, device, time.perf_counter() - t0)
     path = os.path.join(cfg.out, "gpu_check.json")
-    write_json({"summary": line, "device": describe_device(device), "torch": torch.__version__,
-                "config": asdict(cfg), "preset": args.preset, "parts": results}, path)
+    write_result({"summary": line, "device": describe_device(device), "torch": torch.__version__,
+                  "config": asdict(cfg), "preset": args.preset, "parts": results}, path)
     print(f"{line}; details in {path}")
     if any(r["status"].startswith("FAILED") for r in results.values()):
         sys.exit(1)

@@ -183,8 +183,8 @@ def parse_gib_list(text):
         sizes = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
         sizes = [0.0]
-    if any(not s > 0 for s in sizes):
-        raise UserError(f"--fit-gib {text!r} must be card sizes in GiB separated by commas, e.g. 8,12,24")
+    if any(not 0 < s <= 1e6 for s in sizes):  # a million GiB: beyond it, GiB to bytes overflows to inf
+        raise UserError(f"--fit-gib {text!r} must be card sizes in GiB (at most 1e6) separated by commas, e.g. 8,12,24")
     return sizes
 
 

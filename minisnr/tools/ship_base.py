@@ -9,14 +9,14 @@ changes the images by rounding only. fp16 rather than bf16: the weights are smal
 fp16's 10-bit mantissa keeps 8x more precision than bf16's 7 bits. The file records where it came from and prints
 its SHA-256 and weights hash, which adapters fine-tuned on it carry (finetune.py: base_weights_hash).
 """
-import argparse
 import hashlib
 
 import torch
 
 from ..io.checkpoint import SHIPPED_BASE, load_pretrained, weights_hash
-from ..io.cli import run_main, UserError
+from ..io.cli import OneLineErrorParser, run_main, UserError
 from ..io.files import atomic_save, require_file
+from ..io.safety import check_output
 
 FORMAT = "minisnr-base-v1"
 
@@ -42,11 +42,12 @@ def ship(ckpt_path, out_path=SHIPPED_BASE, note=""):
 
 def main(argv=None):
     """Command line: write the shipped base from a checkpoint and print its size and hashes."""
-    p = argparse.ArgumentParser(prog="python -m minisnr.tools.ship_base", description=__doc__.splitlines()[0])
+    p = OneLineErrorParser(prog="python -m minisnr.tools.ship_base", description=__doc__.splitlines()[0])
     p.add_argument("ckpt", help="checkpoint written by train.py")
     p.add_argument("--out", default=SHIPPED_BASE, help="where to write the fp16 EMA weights")
     p.add_argument("--note", default="", help="a line recorded in the file (e.g. its measured quality)")
     args = p.parse_args(argv)
+    check_output(args.out, "--out", inputs=[args.ckpt], kind=FORMAT)   # only a shipped base of its own is replaced
     sha, whash, size = ship(args.ckpt, args.out, args.note)
     print(f"wrote {args.out}: {size / 1e6:.2f} MB, sha256 {sha}, weights hash {whash}")
     return sha

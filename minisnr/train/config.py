@@ -13,6 +13,7 @@ import torch
 
 from ..io.checkpoint import SHIPPED_BASE, model_memory_problem, model_shape_problem
 from ..io.cli import UserError, knob
+from ..io.data import data_folder
 from ..io.device import cuda_can_compile
 from ..io.files import require_file
 from ..io.safety import check_device, check_out_not_input, check_seed, guard_run_folder
@@ -21,8 +22,14 @@ from ..model import build_model, DIT_PRESETS
 from ..rf import SAMPLERS as NOISE_SAMPLERS, STYLE_FRIENDLY_MU
 
 
+# Bounds that keep p(t) meaningful: beyond |logit t| ~ 17 every t rounds to 0 or 1 in fp32 (lam = -2 logit t), and
+# a shift k near 1e308 overflows k t into NaN. The study's samplers use |m|, |mu| <= 6, s, sigma <= 3, k in 0.3..8.
+NOISE_BOUNDS = {"m": 10.0, "s": 10.0, "mu": 20.0, "sigma": 20.0}
+SHIFT_BOUNDS = (1e-3, 1e3)
+
+
 def check_noise_flags(config):
-    """One-line UserError, naming the flag, unless the p(t) flags describe a distribution."""
+    """One-line UserError, naming the flag, unless the p(t) flags describe a distribution the arithmetic can draw."""
     if config.noise_sampler not in NOISE_SAMPLERS:
         raise UserError(f"--noise-sampler {config.noise_sampler!r} is unknown; choose one of "
                         f"{', '.join(NOISE_SAMPLERS)}")
@@ -30,8 +37,13 @@ def check_noise_flags(config):
         value = getattr(config, name)
         if not math.isfinite(value):
             raise UserError(f"--{name} must be a finite number, got {value}")
-        if name in ("s", "sigma", "shift") and value <= 0:
-            raise UserError(f"--{name} must be > 0, got {value}" + ("; 1 means no shift" if name == "shift" else ""))
+        if name in ("s", "sigma") and value <= 0:
+            raise UserError(f"--{name} must be > 0, got {value}")
+    for name, bound in NOISE_BOUNDS.items():
+        if abs(getattr(config, name)) > bound:
+            raise UserError(f"--{name} must be in [-{bound:g}, {bound:g}], got {getattr(config, name)}")
+    if not SHIFT_BOUNDS[0] <= config.shift <= SHIFT_BOUNDS[1]:
+        raise UserError(f"--shift must be in [{SHIFT_BOUNDS[0]:g}, {SHIFT_BOUNDS[1]:g}] (1 = none), got {config.shift}")
 
 
 def check_at_least(config, minimum, names, note=""):
@@ -52,6 +64,7 @@ MAX_REF_SIZE = 1_024         # the short side references are resized to (they lo
 MAX_LR = 1_000.0             # Adam(W) moves each weight by about lr per step (useful: 1e-5 to 1e-2); the bound
                              # stops a typo like 1e308, while an lr that diverges is still caught by the NaN guard
 MAX_CFG = 100.0              # guidance scale of the sample grids: above ~20 images saturate; 1e308 gives inf
+MAX_ALPHA = 10_000.0         # LoRA alpha: the update is scaled by alpha / rank; 1e30 leaves every lora_B at 0
 TRAIN_BYTES_PER_PARAM = 20   # fp32 weights, gradients, AdamW's two moments and the EMA copy
 
 
@@ -133,6 +146,10 @@ class TrainConfig:
         out = {k: v for k, v in fields.items() if v is not None}
         return dict(out, img_size=self.img_size, class_dropout=self.class_dropout)
 
+    def inputs(self):
+        """(flag, path) of what the run reads: --out stays out of it, and a resume must find it unchanged."""
+        return [("--data", data_folder(self.data))]
+
     def validate(self, guard_folder=True):
         """Check the flags before any work starts; raise UserError with a one-line fix for bad input. Under torchrun
         only rank 0 checks --out (guard_folder), the folder whose lock it takes (train.py main)."""
@@ -172,16 +189,9 @@ class TrainConfig:
         check_noise_flags(self)
         check_seed(self.seed)
         check_device(self.device)
-        check_out_not_input(self.out, [("--data", data_folder(self.data))])
+        check_out_not_input(self.out, self.inputs())
         if guard_folder:
-            guard_run_folder(self.out, self.SCRIPT, self.RUN_FILES, self.resume, self.overwrite)
-
-
-def data_folder(spec):
-    """The folder that --data reads: 'cifar10' downloads into ./data, 'cifar10:DIR' into DIR."""
-    if spec == "cifar10" or spec.startswith("cifar10:"):
-        return spec.split(":", 1)[1] if ":" in spec else "data"
-    return spec
+            guard_run_folder(self.out, self.SCRIPT, self.RUN_FILES, self.resume, self.overwrite, self.inputs())
 
 
 # Named groups of defaults; --preset picks one and single flags override it.
@@ -279,6 +289,10 @@ class FinetuneConfig:
     RESUME_FREE: ClassVar = {"resume", "overwrite", "out", "base", "steps", "log_every", "ckpt_every", "sample_steps",
                              "sample_cfg", "sample_per_class", "device", "precision", "compile"}
 
+    def inputs(self):
+        """(flag, path) of what the fine-tune reads: --out stays out of it, and a resume must find it unchanged."""
+        return [("--style", p) for p in self.style.split(",") if p]
+
     def lora(self):
         """(targets, rank, alpha) of the LoRA layers: alpha defaults to the rank (scale 1), as in the paper."""
         return tuple(t for t in self.targets.split(",") if t), self.rank, self.alpha or self.rank
@@ -309,10 +323,11 @@ class FinetuneConfig:
             raise UserError(f"--sample-config must be >= 0, got {self.sample_cfg}")
         if self.grad_clip < 0:
             raise UserError(f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
-        if self.alpha is not None and self.alpha <= 0:
-            raise UserError(f"--alpha must be > 0 (the LoRA update is scaled by alpha/rank), got {self.alpha}")
+        if self.alpha is not None and not 0 < self.alpha <= MAX_ALPHA:
+            raise UserError(f"--alpha must be in (0, {MAX_ALPHA:g}] (the LoRA update is scaled by alpha/rank), got "
+                            f"{self.alpha}")
         check_noise_flags(self)
         check_seed(self.seed)
         check_device(self.device)
-        check_out_not_input(self.out, [("--style", p) for p in self.style.split(",") if p], base=self.base)
-        guard_run_folder(self.out, self.SCRIPT, self.RUN_FILES, self.resume, self.overwrite)
+        check_out_not_input(self.out, self.inputs(), base=self.base)
+        guard_run_folder(self.out, self.SCRIPT, self.RUN_FILES, self.resume, self.overwrite, self.inputs())

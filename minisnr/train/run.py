@@ -8,7 +8,7 @@
             run.step(step, losses, t)           # device tensors: no sync; a log line every log_every steps
             if step % ckpt_every == 0:
                 run.save(step, save)            # checks for NaN first, so a saved state is a good one
-    run.finish(step, save)                      # NaN check, final save, log closed
+    run.finish(step, save)                      # NaN check, final save, log closed, signals as before
     run.exit_if_interrupted(step)               # 130 (Ctrl-C) or 143 (SIGTERM): the run is not finished
 
 The loss is summed on the device and read back only at log steps, so a step never waits for the GPU. A reader
@@ -19,13 +19,14 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import torch
 from tqdm import tqdm
 
 from ..io.cli import DiskFullError, UserError
-from ..io.device import sync
+from ..io.device import out_of_memory, sync
 from ..rf import bin_losses
 from ..io.files import disk_full, open_log, remove_stale_tmp
 from ..io.safety import MANIFEST, RunManifest
@@ -74,7 +75,8 @@ class Throughput:
 class InterruptFlag:
     """Turns the first Ctrl-C (SIGINT) or SIGTERM into a flag the loop checks, so it can save and exit cleanly.
     SIGTERM is what `timeout`, `docker stop`, SLURM preemption and torchrun (passing on its own SIGTERM) send.
-    `signum` records which signal came; a second signal of either kind interrupts immediately."""
+    `signum` records which signal came. A second Ctrl-C interrupts at once (but never a save: signals_held);
+    a second SIGTERM changes nothing, since its sender (a job manager repeating itself) wants the save."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -85,9 +87,9 @@ class InterruptFlag:
     def __enter__(self):
         self._previous = {s: signal.getsignal(s) for s in self.SIGNALS}
         def handler(signum, frame):
-            if self.set:
+            if self.set and signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            self.set, self.signum = True, signum
+            self.set, self.signum = True, self.signum or signum
         for s in self.SIGNALS:
             signal.signal(s, handler)
         return self
@@ -101,6 +103,25 @@ class InterruptFlag:
     def exit_code(self):
         """128 + the signal number, as a shell reports a process ended by it: 130 for Ctrl-C, 143 for SIGTERM."""
         return 128 + (self.signum or signal.SIGINT)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold Ctrl-C and SIGTERM back while the body (a save) runs; they arrive when it is done, so no signal cuts a
+    save short and leaves the run without its state. Python runs handlers in the main thread whichever thread the
+    signal reached, so swapping the handlers holds it where a signal mask (one thread's) would not."""
+    if threading.current_thread() is not threading.main_thread():   # only the main thread may set handlers
+        yield
+        return
+    pending = []
+    held = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
+        for s in pending:                          # now the previous handler acts on it
+            signal.raise_signal(s)
 
 
 # --- the harness -------------------------------------------------------------------------------
@@ -138,7 +159,7 @@ class Run:
         """Training starts: delete a replaced run's files (--overwrite true: exactly those its manifest lists) and
         a killed save's NAME.<random>.minisnr.tmp, record this run's files in the manifest, then open the log; a
         resumed run's log keeps only the steps up to its state (they are trained again)."""
-        self.manifest = RunManifest(config.out, config.SCRIPT)
+        self.manifest = RunManifest(config.out, config.SCRIPT, config.inputs())
         if config.overwrite:
             self.manifest.remove_files()
         elif config.resume:  # a run from before manifests: the state it resumes from proved it a run
@@ -160,9 +181,11 @@ class Run:
         return f"the last good checkpoint is step {self.saved_step} ({self.state_path})"
 
     def write(self, write_fn, *args, **kwargs):
-        """write_fn(*args, **kwargs); a full disk becomes one line that says which state survives."""
+        """write_fn(*args, **kwargs), with signals held until it is done; a full disk becomes one line that says
+        which state survives."""
         try:
-            return write_fn(*args, **kwargs)
+            with signals_held():
+                return write_fn(*args, **kwargs)
         except DiskFullError as e:
             raise DiskFullError(f"{e}; {self.last_good()}") from None
 
@@ -172,16 +195,25 @@ class Run:
 
     def __exit__(self, *exc):
         self.bar.close()
-        if isinstance(exc[1], UserError):
+        if exc[1] is not None:    # else the signals stay a flag until finish() has saved: a second one waits too
             self.abandon()
-        return self.interrupt.__exit__(*exc)
+            self.interrupt.__exit__(*exc)
+        if out_of_memory(exc[1]):  # one line instead of the allocator's traceback
+            raise UserError(f"out of memory in step {self.bar.n + 1}: a batch of this size does not fit on "
+                            f"{self.device}; lower --batch-size (train.py: or raise --grad-accum; `python -m "
+                            f"minisnr.tools.bench --estimate-memory true` estimates what a batch needs)") from None
+        return False
 
     def abandon(self):
-        """A new run that failed before its first save has nothing to resume: the files it wrote (its log, early
-        sample grids, its manifest) go, so the corrected command starts in a clean --out. A resumed run's stay."""
+        """A new run that ended before its first save (an error, a full disk, a second Ctrl-C) has nothing to
+        resume: the files it wrote (its log, early sample grids, its manifest) go, so the corrected command starts
+        in a clean --out. A resumed run's stay."""
         if not (self.master and self.fresh and self.saved_step is None and self.manifest):
             return
-        self.log_file.close()
+        try:
+            self.log_file.close()
+        except OSError:  # a full disk cannot take the log's last line; the log is deleted below anyway
+            pass
         self.manifest.remove_files()
         path = os.path.join(self.manifest.out, MANIFEST)
         if os.path.isfile(path) and not os.path.islink(path):
@@ -265,17 +297,20 @@ class Run:
         """Check for NaN, then let the master call save_fn() (which writes the resumable state atomically)."""
         self.check_finite(step)
         if self.master:
-            with self.untimed():
+            with self.untimed(), signals_held():  # the step is recorded before a held signal can end the process
                 self.write(save_fn)
-            self.saved_step = step
+                self.saved_step = step
 
     def finish(self, step, save_fn):
-        """After the loop: the NaN check, the final save and the end of the log."""
+        """After the loop: the NaN check, the final save and the end of the log; then Ctrl-C and SIGTERM are as they
+        were before the run."""
         try:
             self.save(step, save_fn)
-        except UserError:
+        except BaseException:
             self.abandon()
             raise
+        finally:
+            self.interrupt.__exit__(None, None, None)
         if self.master:
             self.log_file.close()
 
