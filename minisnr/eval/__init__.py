@@ -1,8 +1,8 @@
 """Measuring the method: the judge, the metrics, the ground-truth styles, the study and the evaluate commands.
 
 The yardstick
-    styles.py            eleven ground-truth styles as pixel transforms (dev and test splits)
-    style_ops.py         the pixel arithmetic the styles share: luma, contrast, palettes, edges
+    styles.py            eleven ground-truth styles as pixel transforms (dev and test splits), and the pixel
+                         arithmetic they share: luma, contrast, palettes, edges
     probe.py             the probe and the judge: a small CIFAR classifier (the judge adds a trunk that names the
                          style), its training, and its cache file (get_probe loads one, or trains and keeps it)
     judge_views.py       the judge's training views: styled images, decoys and generator flaws
