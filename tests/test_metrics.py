@@ -14,8 +14,7 @@ import torch.nn.functional as F
 
 from minisnr.eval import metrics, stats
 from minisnr.io.data import ImageSet
-from minisnr.eval.judge_views import shuffle_pixels, styled_batch
-from minisnr.eval.probe import train_probe
+from minisnr.eval.probe import degrade, shuffle_pixels, styled_batch, train_probe
 from minisnr.eval.styles import match_colours, STYLES
 
 CLASSES = ["disc", "bar", "cross"]
@@ -123,7 +122,6 @@ def test_styled_batch_labels_match_what_was_applied():
 
 def test_degrade_changes_only_the_chosen_share_and_keeps_flat_images_near():
     """degrade leaves images it does not pick untouched, and moves the ones it picks only a little."""
-    from minisnr.eval.judge_views import degrade
     flat = torch.full((200, 3, 8, 8), 120, dtype=torch.uint8)
     out = degrade(flat, torch.Generator().manual_seed(0), chance=0.5)
     changed = (out != flat).flatten(1).any(1)
@@ -139,12 +137,19 @@ def gaussian_blur(images, sigma):
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
+def flaw_hf_span(images, draws=4):
+    """The range of sharpness the judge learns to accept: the 10% and 90% quantiles of the HF energy of uint8
+    `images`, each given the generator flaws `draws` times."""
+    g = torch.Generator().manual_seed(0)
+    hf = torch.cat([metrics.high_frequency_energy(degrade(images, g, chance=1.0)) for _ in range(draws)])
+    return torch.quantile(hf, 0.1).item(), torch.quantile(hf, 0.9).item()
+
+
 def test_flaws_span_the_softness_of_real_samples():
     """For every style, the 10-90% range of the HF energy of flawed targets (flaw_hf_span) holds the same targets
     under a plain blur (Gaussian std 1 px, and a 3x3 box), and reaches below 60% of the clean targets' HF: real
     samples sit at 20-55% of their targets' HF (0.09 against 0.16-0.41), so the judge must have seen that softness.
     The old flaws (3-tap blur of std <= 1, more noise) stayed above the std-1 blur on 9 of 11 styles."""
-    from minisnr.eval.judge_views import flaw_hf_span
     images = torch.cat([shapes(6, c, seed=20 + c) for c in range(3)])
     for name, style in STYLES.items():
         targets = style(images)

@@ -4,8 +4,8 @@ The yardstick
     styles.py            eleven ground-truth styles as pixel transforms (dev and test splits), and the pixel
                          arithmetic they share: luma, contrast, palettes, edges
     probe.py             the probe and the judge: a small CIFAR classifier (the judge adds a trunk that names the
-                         style), its training, and its cache file (get_probe loads one, or trains and keeps it)
-    judge_views.py       the judge's training views: styled images, decoys and generator flaws
+                         style), its training (the judge's on styled images, decoys and generator flaws), and its
+                         cache file (get_probe loads one, or trains and keeps it)
     metrics.py           per-class KID and FD, style and content accuracy, Gram similarity
     stats.py             paired differences with Student-t confidence intervals
 

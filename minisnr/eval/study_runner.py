@@ -22,8 +22,7 @@ from ..rf import add_noise, euler_sample, generate, rf_loss, to_uint8
 from ..train.config import FinetuneConfig
 from . import metrics, stats, study_protocol as protocol
 from .finetune_run import finetune
-from .judge_views import shuffle_pixels
-from .probe import get_probe
+from .probe import get_probe, shuffle_pixels
 from .study_report import write_report
 from .study_samples import cached_samples, read_cached_scores, sample_key, sample_window, save_samples
 from .styles import get_style, match_colours, STYLES
