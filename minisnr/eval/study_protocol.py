@@ -15,7 +15,7 @@ Two frames, because the paper ran at 1 megapixel and minisnr runs at 32x32 pixel
   is within 0.6 of SD3's own N(0, 2), so that row is read against sd3.
 
 The unit of every statistic is the style: a style's score is the mean over its runs (reference sets x training
-seeds) and sampling-noise seeds; CIs are over styles (stats.py).
+seeds) and sampling-noise seeds; CIs are over styles (study_report.py).
 """
 import math
 

@@ -315,16 +315,12 @@ DEV_STYLES = ("tritone", "halftone", "cartoon", "mosaic")
 TEST_STYLES = ("sepia-vignette", "pixel-art", "blueprint", "hatching", "night", "sunset", "neon")
 
 
-def get_style(name):
-    """The Style called `name`, or a one-line error listing the valid names."""
+def apply_style(name, images):
+    """Apply the named style to uint8 images (N, 3, H, W) or (3, H, W); returns the same shape, uint8. An unknown
+    name is a one-line error listing the valid names."""
     if name not in STYLES:
         raise UserError(f"unknown style {name!r}; choose from {', '.join(STYLES)}")
-    return STYLES[name]
-
-
-def apply_style(name, images):
-    """Apply the named style to uint8 images (N, 3, H, W) or (3, H, W); returns the same shape, uint8."""
-    return get_style(name)(images)
+    return STYLES[name](images)
 
 
 def style_pil(name, img):
