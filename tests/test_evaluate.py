@@ -230,7 +230,7 @@ def test_judge_trunks_weigh_equally_in_kid():
 def test_stale_judge_is_retrained_and_a_current_one_reused(tmp_path, image_folder):
     """get_probe retrains a cached judge of an older recipe (no judge_version, or another), reuses a current one,
     and the cache keeps the feature scales."""
-    from minisnr.eval.judge_views import JUDGE_VERSION
+    from minisnr.eval.probe import JUDGE_VERSION
     path, said = str(tmp_path / "judge.pt"), []
     kw = dict(epochs=1, widths=(8, 8, 16), batch_size=8, styles=("tritone",), log=said.append)
     judge = get_probe(path, image_folder, image_folder, **kw)

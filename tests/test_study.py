@@ -135,7 +135,8 @@ def test_references_are_shared_by_samplers_differ_by_set_and_are_never_scored(ti
         assert len({c.style for (r, _, _), c in cfgs.items() if r == ref}) == 1, "one reference per set"
     assert {c.seed for c in cfgs.values()} == {0, 1} and {c.style_class for c in cfgs.values()} == {"null"}
     assert cfgs[0, 0, "sd3"].style != cfgs[1, 0, "sd3"].style, "reference sets should use different images"
-    assert cfgs[0, 0, "sf-4"].mu == -4 and cfgs[0, 0, "sd3-paper"].shift == pytest.approx(study.PAPER_SD3_SHIFT)
+    assert cfgs[0, 0, "sf-4"].mu == -4
+    assert cfgs[0, 0, "sd3-paper"].shift == pytest.approx(study_protocol.PAPER_SD3_SHIFT)
     assert cfgs[0, 0, "sf-pos"].mu == pytest.approx(-6 + math.log(16), abs=0.005)
     assert s.finetune_config(1, style, 0, 0, "ref", "sd3").style_class == s.classes[s.reference_indices(0, 1)[1][0]]
     s.label = "every"

@@ -1,26 +1,17 @@
 """Metrics for generated images, computed through the probe (probe.py) or on raw pixels.
 
-All images are uint8 (N, 3, 32, 32). The probe's outputs come from Probe.run(images):
-{"logits": (N, K), "pooled": (N, D), "grams": [per style layer (N, C(C+1)/2)]}, plus
-"style_logits" (N, S) from a judge (a probe with a style trunk; see study.py).
+All images are uint8 (N, 3, 32, 32); measure() runs the probe once over a set and keeps what the metrics need.
 
     class / content accuracy   fraction of samples of class c that the probe calls c (higher = better)
     Fréchet distance (FD)      ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) between Gaussians
                                fitted to the probe's pooled features of two sets (lower = closer)
-    style similarity           per style layer l (rgb, conv1, conv2, conv3): the Gram matrix G_l = F F^T / (h w)
-                               of the feature maps F (C, h w), its upper triangle standardised by natural-image
-                               statistics, z_l = (g_l - mean_l) / std_l; cosine(z_l(sample), mean_ref z_l),
-                               averaged over layers. In [-1, 1]; 1 = the reference's statistics exactly,
-                               about 0 = as (un)alike as two random natural images (higher = more similar)
-    KID                        unbiased squared MMD of the features with kernel (x.y / D + 1)^3 (lower = closer);
-                               per_class averages it (or FD) over classes: samples of class c against targets of c
+    KID                        unbiased squared MMD of the same features (lower = closer); per_class averages it
+                               (or FD) over classes: samples of class c against targets of c
     style accuracy             fraction of images the judge's style trunk assigns to the target style
-    high-frequency energy      fraction of the luma's spectral energy (DC removed) at radius > cutoff
-                               cycles/pixel of the 2D FFT; 0.25 is half the Nyquist frequency
+    style similarity           cosine of standardised Gram vectors to the references' mean (higher = more similar)
+    high-frequency energy      fraction of the luma's spectral energy above a cutoff frequency
     nearest distance           RMS pixel distance in [0, 1] from a sample to the nearest reference: 0 = a copy
-    palette FD                 FD between Gaussians fitted to the two sets' per-pixel RGB colours in [0, 1]
-                               (mean colour and 3x3 colour covariance): the colour scheme alone, wherever the
-                               colours are (lower = closer); per_class(palette_fd, images, ...) works on images
+    palette FD                 FD between the two sets' per-pixel RGB colours: the colour scheme alone
 
 Why standardise the Gram vectors: after ReLU every feature is >= 0, so raw Gram vectors
 of any two images point into the same orthant and their cosine is ~0.9 whatever the
@@ -106,8 +97,6 @@ def kid(features_a, features_b, degree=3):
     on the spread of the sets, which at 10 samples per class can be larger than the differences it should show."""
     a, b = features_a.double(), features_b.double()
     m, n, d = len(a), len(b), a.shape[1]
-    if m < 2 or n < 2:
-        raise ValueError(f"KID needs at least 2 feature vectors per set, got {m} and {n}")
     k_aa, k_bb, k_ab = ((x @ y.T / d + 1) ** degree for x, y in ((a, a), (b, b), (a, b)))
     within_a = (k_aa.sum() - k_aa.diagonal().sum()) / (m * (m - 1))          # off-diagonal means: unbiased
     within_b = (k_bb.sum() - k_bb.diagonal().sum()) / (n * (n - 1))
@@ -134,15 +123,12 @@ def style_accuracy(style_logits, style_index):
 
 # --- style similarity ----------------------------------------------------------------------------
 
-def style_descriptors(grams, mean, std):
-    """Standardise per-layer Gram vectors: [(N, K_l)] -> [(N, K_l)] with z = (g - mean_l) / std_l."""
-    return [(g - m) / s for g, m, s in zip(grams, mean, std)]
-
-
 def style_similarity(desc, ref_desc, skip_rgb=False):
-    """Per-sample style similarity (N,) in [-1, 1]: cosine between each sample's standardised Gram vector and
-    the mean of the references', per layer, averaged over layers. desc, ref_desc: [(N, K_l)], [(R, K_l)].
-    skip_rgb leaves out the first layer, the raw pixels, whose Gram matrix is mostly the mean colour."""
+    """Per-sample style similarity (N,) in [-1, 1]: per style layer l (rgb, conv1, conv2, conv3), the cosine
+    between each sample's standardised Gram vector z_l = (g_l - mean_l) / std_l (measure's "style") and the mean of
+    the references', averaged over layers. 1 = the reference's statistics exactly, about 0 = as (un)alike as two
+    random natural images. desc, ref_desc: [(N, K_l)], [(R, K_l)]. skip_rgb leaves out the first layer, the raw
+    pixels, whose Gram matrix is mostly the mean colour."""
     first = 1 if skip_rgb else 0
     per_layer = [F.cosine_similarity(d, r.mean(dim=0, keepdim=True), dim=1, eps=1e-8)
                  for d, r in zip(desc[first:], ref_desc[first:])]
@@ -180,8 +166,6 @@ def palette_fd(images, target_images):
     return frechet_from_stats(*gaussian_stats(colours(images)), *gaussian_stats(colours(target_images)))
 
 
-# --- one call for a set of images ---------------------------------------------------------------
-
 def nearest_distance(images, refs):
     """Per image, the RMS pixel distance (in [0, 1]) to the nearest of the references: 0 is an exact copy.
     images (N, 3, H, W) and refs (K, 3, H, W), uint8 -> (N,)."""
@@ -190,12 +174,16 @@ def nearest_distance(images, refs):
     return (torch.cdist(a.double(), b.double()).min(dim=1).values / math.sqrt(a.shape[1])).float()
 
 
+# --- one call for a set of images ---------------------------------------------------------------
+
+
 def measure(probe, images):
-    """Run the probe once over uint8 images (N, 3, H, W) and keep what the metrics need:
-    {"logits": (N, K), "pooled": (N, D), "style": standardised descriptors [(N, K_l)], "hf": (N,)}."""
+    """Run the probe once over uint8 images (N, 3, H, W) and keep what the metrics need: {"logits": (N, K),
+    "pooled": (N, D), "style": the Gram vectors standardised by natural-image statistics [(N, K_l)], "hf": (N,)},
+    and a judge's "style_logits" (N, S)."""
     out = probe.run(images)
     got = {"logits": out["logits"], "pooled": out["pooled"],
-           "style": style_descriptors(out["grams"], probe.style_mean, probe.style_std),
+           "style": [(g - m) / s for g, m, s in zip(out["grams"], probe.style_mean, probe.style_std)],
            "hf": high_frequency_energy(images)}
     if "style_logits" in out:
         got["style_logits"] = out["style_logits"]

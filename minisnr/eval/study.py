@@ -4,29 +4,14 @@
     python -m minisnr.eval.study --out runs/study                    # everything; interrupt and rerun to resume
     python -m minisnr.eval.study --parts labels,main --split test    # a subset
 
-What it does, and why each piece is there:
-- Ground truth. A style is a known transform S (styles.py). The model is fine-tuned on S(a test image) and asked
-  for every class; "class c in the style" should look like S(real test images of class c). The references are never
-  among the scored images.
-- Dev and test styles. finetune.py's default label is chosen on DEV_STYLES by a rule written down before the run
-  (study_protocol.LABEL_RULE); TEST_STYLES are only reported.
-- The native frame first (study_protocol.py): SD3's own law, which pretrained the base, against the paper's
-  sampler; the paper's pair translated to 32x32 beside it, and the position-only translation.
-- The style is the statistical unit: its replicates (2 reference sets x 2 training seeds) and sampling-noise seeds
-  are averaged within a style, and CIs are over styles (stats.py).
-- Two controls: a positive one (the baseline's adapters at half and three quarters of their strength, a difference
-  that exists by construction) and a null one (the same sampler from another training seed: chance alone).
-- The judge (probe.py with styles): style accuracy, content accuracy and per-class KID from its features, a
-  palette distance that needs no judge, and a copying check (samples called the reference's class, distance to it).
-- Which label the style is trained on (null, the reference's class, every class), at CFG 1 and 3.
-- Where is the style decided (the paper's Fig. 4): the style switched on only below or above a log-SNR threshold,
-  on adapters trained from the least noise to the most, beside a calibration that needs no fine-tune.
-- Convergence: the headline samplers after 300 and 1000 fine-tuning steps.
-- Fine-tuning is finetune.py, run as a user runs it (finetune_run.py): the adapters are the ones a user gets.
+A style is a known transform S (styles.py), so "class c in the style" has a ground truth: S(real test images of
+class c). Each run is finetune.py, run as a user runs it, on S(a test image) that is never scored. finetune.py's
+defaults are chosen on the dev styles by rules written before the run; the test styles are only reported, with CIs
+over styles (the style is the unit: its replicates are averaged first). minisnr/eval/README.md describes every part:
+the two frames, the controls, the judge and its metrics, the label rule, the lam windows and convergence.
 
-Results: OUT/report.md, OUT/results.json and plots. Finished runs are reused. This module is the command line; the
-protocol is study_protocol.py, the runner study_runner.py, the kept samples study_samples.py, the report
-study_report.py.
+Results: OUT/report.md, OUT/results.json and plots; finished runs are reused. The protocol is study_protocol.py,
+the runner study_runner.py, the report study_report.py.
 """
 import argparse
 import math
@@ -35,11 +20,8 @@ from ..io.checkpoint import SHIPPED_BASE
 from ..io.cli import run_main, UserError
 from ..io.files import require_file
 from ..train.config import FinetuneConfig
-from .study_runner import Study
-# the protocol's names and the scores cache, also importable from here (study.SAMPLERS, study.read_cached_scores)
-from .study_protocol import (DEFAULT, JUDGE_EPOCHS, LABELS, LAM_THRESHOLDS, PAPER_MU_HERE,  # noqa: F401
-                             PAPER_SD3_SHIFT, PARTS, SAMPLERS, WINDOW_SAMPLERS)
-from .study_samples import read_cached_scores  # noqa: F401
+from .study_protocol import JUDGE_EPOCHS, LABELS, LAM_THRESHOLDS, PARTS, SAMPLERS, WINDOW_SAMPLERS
+from .study_runner import read_cached_scores, Study  # noqa: F401 (the scores cache: study.read_cached_scores)
 
 
 # --- command line --------------------------------------------------------------------------------

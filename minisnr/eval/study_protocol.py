@@ -1,21 +1,14 @@
 """The study's protocol: which samplers it compares, in which frame, on which styles, and the rules that pick
 finetune.py's defaults. Everything here is fixed before any run, so nothing is chosen after seeing the test styles.
 
-Two frames, because the paper ran at 1 megapixel and minisnr runs at 32x32 pixels:
-
-- The native frame (the headline): SD3's own sampler, logit-normal (0, 1) = lam ~ N(0, 2), which is also the law
-  train.py pretrained the base with, against the style-friendly sampler. The baseline keeps the model's own
-  pretraining law fixed, so a difference is the fine-tuning sampler's alone.
-- The paper's frame, translated by ONE rule for both arms. The SD3 paper's resolution argument moves log-SNR by
-  the log of the ratio of the number of values the noise covers: lam_32 = lam_1MP + ln(128*128*16 / (32*32*3))
-  = lam_1MP + 4.45. The paper's baseline (SD3.5, shift 3 at 1 MP: lam ~ N(-2.2, 2)) becomes lam ~ N(+2.25, 2)
-  here, a baseline that trains at less noise than the base was pretrained with; its sampler (lam ~ N(-6, 2))
-  becomes lam ~ N(-1.55, 2), finetune.py's default. Counting positions only (the 16 latent channels are not
-  independent values) the offset is ln(128*128 / (32*32)) = +2.77: mu -6 becomes -3.23, and the baseline N(+0.57, 2)
-  is within 0.6 of SD3's own N(0, 2), so that row is read against sd3.
+Two frames, because the paper ran at 1 megapixel and minisnr runs at 32x32 pixels (minisnr/eval/README.md gives
+the argument). The native frame, the headline: SD3's own logit-normal (0, 1), the law train.py pretrained the base
+with, against the style-friendly sampler, so a difference is the fine-tuning sampler's alone. Beside it, the
+paper's pair translated to 32x32 by one log-SNR offset for both arms (below), and the translation that counts
+positions only.
 
 The unit of every statistic is the style: a style's score is the mean over its runs (reference sets x training
-seeds) and sampling-noise seeds; CIs are over styles (stats.py).
+seeds) and sampling-noise seeds; CIs are over styles (study_report.py).
 """
 import math
 
@@ -27,7 +20,8 @@ REF_CLASSES = ("horse", "ship", "cat", "truck", "bird", "frog")     # reference 
 PARTS = ("labels", "main", "control", "convergence", "windows", "calibration")
 
 # --- translating the paper's noise levels to 32x32 pixels -------------------------------------------
-# The paper's latents: 1024x1024 images -> 128x128x16 values. minisnr's images: 32x32x3 values.
+# The SD3 paper's resolution argument: log-SNR moves by the log of the ratio of the number of values the noise
+# covers. The paper's latents: 1024x1024 images -> 128x128x16 values. minisnr's images: 32x32x3 values.
 LAM_OFFSET = math.log(128 * 128 * 16 / (32 * 32 * 3))             # +4.45: lam here = lam there + LAM_OFFSET
 LAM_OFFSET_POSITIONS = math.log(128 * 128 / (32 * 32))           # +2.77: the same, counting positions only
 PAPER_MU = -6.0                                                   # the paper's style-friendly mean, at 1 MP
@@ -44,14 +38,15 @@ SAMPLERS = {
     "sd3-paper": (f"SD3 as the paper ran it, translated (shift 3 at 1 MP = {PAPER_SD3_SHIFT:.2f} here)",
                   f"N({-2 * math.log(PAPER_SD3_SHIFT):+.2f}, 2)",
                   NoiseSampler("logit-normal", m=0.0, s=1.0, shift=PAPER_SD3_SHIFT)),
+    # its translated baseline N(+0.57, 2) is within 0.6 of SD3's own N(0, 2), so the sf-pos row is read against sd3
     "sf-pos": (f"style-friendly, mu -6 translated by positions only ({PAPER_MU_POSITIONS:+.2f} here)",
                f"N({PAPER_MU_POSITIONS:+.2f}, 2)", NoiseSampler("style-friendly", mu=PAPER_MU_POSITIONS, sigma=2.0)),
+    # a mu sweep; sf+0 draws SD3's law of lam another way, so `--samplers sf+0,sd3` gives a gap that is chance
     **{f"sf{mu:+d}": (f"style-friendly mu={mu:+d} sigma=2", f"N({mu:+d}, 2)",
                       NoiseSampler("style-friendly", mu=float(mu), sigma=2.0)) for mu in (2, 0, -2, -4, -6)},
 }
 HEADLINE = ("sd3", "sf-paper", "sd3-paper")      # native baseline, the default sampler, the translated baseline
 MAIN = HEADLINE + ("sf-pos",)                    # the main table: the headline and the position-only row
-NOISE_FLOOR = ("sf+0", "sd3")    # the same law of lam drawn two ways: only with --samplers, its gap is chance
 DEFAULT = "sf-paper"             # finetune.py's sampler, kept by the dev rule (minisnr/eval/README.md)
 PRINCIPAL = "kid"                # the metric of the rules and the headline: per-class KID to S(real test images)
 
@@ -127,19 +122,13 @@ def main_samplers(args):
 
 def thresholds(args):
     """The log-SNR thresholds X of the lam windows: --lam-thresholds (default LAM_THRESHOLDS)."""
-    text = getattr(args, "lam_thresholds", "")
+    text = args.lam_thresholds
     return [float(x) if "." in x else int(x) for x in text.split(",")] if text else list(LAM_THRESHOLDS)
-
-
-def lam_windows(args):
-    """The sampling windows of the lam part, at --lam-thresholds."""
-    return windows_at(thresholds(args))
 
 
 def window_samplers(args):
     """The samplers whose adapters the lam windows run on: --window-samplers, else WINDOW_SAMPLERS."""
-    chosen = getattr(args, "window_samplers", "")
-    return chosen.split(",") if chosen else list(WINDOW_SAMPLERS)
+    return args.window_samplers.split(",") if args.window_samplers else list(WINDOW_SAMPLERS)
 
 
 def plan(args, parts, default_steps=300):
@@ -163,7 +152,7 @@ def plan(args, parts, default_steps=300):
         out += [(k1, st, 0, 0, CHOSEN, name, steps, ("0:1",)) for steps in convergence_steps(args, default_steps)
                 for st in test[:CONVERGENCE_STYLES] for name in CONVERGENCE_SAMPLERS]
     if "windows" in parts:
-        out += [(k1, st, 0, 0, CHOSEN, name, 0, ("0:1",) + lam_windows(args)) for st in test
+        out += [(k1, st, 0, 0, CHOSEN, name, 0, ("0:1",) + windows_at(thresholds(args))) for st in test
                 for name in window_samplers(args)]
     return out
 

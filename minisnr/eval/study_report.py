@@ -1,18 +1,31 @@
 """The study's report: markdown tables with CIs over styles, results.json and the plots (see study.py).
 
-Every comparison is paired: for each style, the mean over its seeds of one sampler minus the same mean of the
-other, then the mean ± 95% CI (Student t, df = styles - 1) of those differences, the share of styles where the
-first is better, and d_z (the mean over the spread between styles). Numbers come from the judge (probe.py) and
-the palette distance (metrics.py); they compare minisnr runs with each other only.
+Every comparison is paired: two samplers are fine-tuned on the same styles, references and seeds and sampled from
+the same noise, so each style gives one difference d_i = score(first sampler) - score(second), each score the
+style's mean over its replicates. Pairing removes what the two share (an easy style, a lucky reference). We report
+
+    mean       d_bar = sum(d_i) / n
+    95% CI     d_bar +- t_{0.975, n-1} * sd(d) / sqrt(n)        (Student t; the styles are few)
+    better on  share of styles where the first is better (ties count half)
+    d_z        d_bar / sd(d): the difference over the style-to-style spread
+
+A CI that covers 0 means the data cannot tell the two apart. The positive control (a difference planted by
+construction) shows what size of difference the same CI can see.
+
+The styles must be independent units: the replicates of one style share the style, so their scores are averaged
+first, and n is the number of styles. Counting (style, replicate) pairs instead would shrink the CI by
+sqrt(replicates) without any new information about how the samplers behave on a style the study has not seen.
+Numbers come from the judge (probe.py) and the palette distance (metrics.py); they compare minisnr runs with each
+other only.
 """
 import math
 import os
+from statistics import NormalDist
 
 from ..io.checkpoint import SHIPPED_BASE
 from ..io.files import write_json, write_text
 from ..tools.plot import line_plot
 from . import study_protocol as protocol
-from .stats import effect_size, fmt_diff, paired
 from .study_protocol import SAMPLERS
 
 METRICS = (("style_acc", "style acc ↑", True, 1), ("content_acc", "content acc ↑", True, 1),
@@ -29,6 +42,33 @@ def _mean(values):
     return sum(values) / len(values)
 
 
+# --- paired differences over styles ----------------------------------------------------------------------
+
+def t_quantile(p, df):
+    """Quantile of Student's t with df degrees of freedom, by the Cornish-Fisher expansion around the normal
+    quantile (Abramowitz & Stegun 26.7.5). Within 0.02 of the exact value for df >= 3 (2.201 at df = 11)."""
+    z = NormalDist().inv_cdf(p)
+    g1 = (z ** 3 + z) / 4
+    g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
+    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
+    g4 = (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160
+    return z + g1 / df + g2 / df ** 2 + g3 / df ** 3 + g4 / df ** 4
+
+
+def paired(a, b, higher_is_better=True):
+    """The differences a - b of two score lists paired by position (one number per style): {"n", "mean",
+    "sd", "ci" (the 95% CI's half-width; sd and ci are nan for n < 2), "wins" (the share where a is better, ties
+    count half)}."""
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = _mean(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("nan")
+    ci = t_quantile(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
+    sign = 1 if higher_is_better else -1
+    wins = sum(1.0 if sign * d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / n
+    return {"n": n, "mean": mean, "sd": sd, "ci": ci, "wins": wins}
+
+
 def comparison(study, a, b, styles, k, metric, window_a="0:1", window_b="0:1", side_a=None, side_b=None):
     """paired() over styles of sampler a (in window_a) minus sampler b (in window_b), or None if runs are missing.
     side_a/side_b: {"label": ..., "reps": [(ref, seed), ...], "steps": N} narrowing each side's runs."""
@@ -36,17 +76,18 @@ def comparison(study, a, b, styles, k, metric, window_a="0:1", window_b="0:1", s
     vb = study.style_values(b, styles, k, window_b, metric, **(side_b or {}))
     if va is None or vb is None:
         return None
-    higher = dict((m, h) for m, _, h, _ in METRICS).get(metric, True)
-    return dict(paired(va, vb, higher_is_better=higher), a=_mean(va), b=_mean(vb))
+    higher = dict((m, h) for m, _, h, _ in METRICS)[metric]
+    return paired(va, vb, higher_is_better=higher)
 
 
 def _cells(d, scale):
-    """Markdown cells: Δ ± CI, share of styles where the first is better, d_z."""
+    """Markdown cells: Δ ± CI (values times `scale`), share of styles where the first is better, d_z."""
     if d is None:
         return "| | | "
-    dz = effect_size(d)
-    return f"| {fmt_diff(d, scale, 3 if scale == 1 else 1)} | {d['wins']:.0%} | {dz:+.2f} " if not math.isnan(dz) \
-        else f"| {fmt_diff(d, scale, 3 if scale == 1 else 1)} | {d['wins']:.0%} | - "
+    digits = 3 if scale == 1 else 1
+    ci = "?" if math.isnan(d["ci"]) else f"{d['ci'] * scale:.{digits}f}"
+    dz = "-" if math.isnan(d["sd"]) or d["sd"] == 0 else f"{d['mean'] / d['sd']:+.2f}"
+    return f"| {d['mean'] * scale:+.{digits}f} ± {ci} | {d['wins']:.0%} | {dz} "
 
 
 def comparison_table(study, rows, styles):
@@ -309,7 +350,7 @@ def _lam_section(study, plot_path):
     styles, k = protocol.styles_of(study.args, "test"), protocol.ks(study.args)[0]
     rows, first = [], {"reps": [(0, 0)]}
     for name in protocol.window_samplers(study.args):
-        for w in protocol.lam_windows(study.args):
+        for w in protocol.windows_at(protocol.thresholds(study.args)):
             rows.append((f"{name}: on while {w[3:]} − on throughout", name, name, k, w, "0:1", first, first))
     table = comparison_table(study, rows, styles)
     if len(table) <= 2:

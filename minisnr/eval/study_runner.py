@@ -1,10 +1,15 @@
 """The study's runner: fine-tunes (finetune.py, in its own process), samples and scores the runs of the plan.
 
-All state lives under --out, so a rerun continues where the last one stopped: a finished fine-tune is reused
-(finetune_run.py), and so are the samples and scores of each sampling window (study_samples.py). The protocol
-(what is compared, and the rule that picks the default) is study_protocol.py; the report is study_report.py.
+All state lives under --out, so a rerun continues where the last one stopped. A run folder
+(OUT/runs/kK/STYLE/refR_seedS/LABEL/SAMPLER) holds finetune.py's files (finetune_run.py reuses a finished
+fine-tune), then samples/WINDOW.pt (the uint8 samples of one sampling window, 300 KB per 100) and scores.json.
+Both carry a key of what they depend on, so a changed setting samples or scores again, and a new judge (or a new
+metric) rescores without sampling again. The protocol (what is compared, and the rule that picks the default) is
+study_protocol.py; the report is study_report.py.
 """
 import copy
+import json
+import math
 import os
 import time
 
@@ -15,74 +20,66 @@ from ..io.cli import UserError
 from ..io.data import load_dataset, load_images
 from ..io.views import StyleViews
 from ..io.device import autocast_context, pick_device, resolve_precision, sync
-from ..io.files import check_writable, write_json
+from ..io.files import atomic_save, check_writable, write_json
 from ..io.images import save_png
-from ..lora import inject_lora, lora_parameters
-from ..rf import add_noise, euler_sample, generate, rf_loss, to_uint8
+from ..lora import inject_lora, lora_parameters, merge_lora, set_style_scale, unmerge_lora
+from ..rf import add_noise, euler_sample, generate, lam_of_t, rf_loss, to_uint8
 from ..train.config import FinetuneConfig
-from . import metrics, stats, study_protocol as protocol
+from . import metrics, study_protocol as protocol
 from .finetune_run import finetune
-from .judge_views import shuffle_pixels
-from .probe import get_probe
+from .probe import _sgd, _train_step, DEFAULT_WIDTHS, get_probe, ProbeNet, shuffle_pixels
 from .study_report import write_report
-from .study_samples import cached_samples, read_cached_scores, sample_key, sample_window, save_samples
-from .styles import get_style, match_colours, STYLES
+from .styles import apply_style, match_colours, STYLES
 
 
-# --- the dry run's clock: time what the run repeats, once each ---------------------------------------------
+# --- what is kept of each run ------------------------------------------------------------------------
 
-FINETUNE_START_S = 6.0    # one finetune.py process: Python, torch's imports, the base and the references, the save
-
-
-def _timed(fn, repeats):
-    """Seconds per call of fn(), after one warm-up call."""
-    fn()
-    start = time.time()
-    for _ in range(repeats):
-        fn()
-    return (time.time() - start) / repeats
+def sample_key(args):
+    """What the samples depend on besides the adapter: a changed key means sampling again."""
+    return {k: getattr(args, k) for k in ("samples_per_class", "sample_steps", "cfg", "sample_seed")}
 
 
-def time_finetune_step(base, ctx, config):
-    """Seconds of one finetune.py step (forward and backward of a rank-`config.rank` LoRA model, Adam)."""
-    model = copy.deepcopy(base)
-    targets, rank, alpha = config.lora()
-    inject_lora(model, targets=targets, rank=rank, alpha=alpha)
-    params = list(lora_parameters(model))
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    device = params[0].device
-    c, size = model.config, model.config.img_size
-    x0 = torch.randn(config.batch_size, c.in_channels, size, size, device=device)
-    y = torch.zeros(config.batch_size, dtype=torch.long, device=device)
-
-    def step():
-        with ctx:
-            loss = rf_loss(model, x0, y, torch.rand(config.batch_size, device=device)).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-    return _timed(step, 5)
+def samples_path(run_dir, window):
+    """RUN_DIR/samples/WINDOW.pt, with the window spelled for a file name: 'lam<=-2@1' -> 'lam_le_-2_seed1'."""
+    name = window.replace(":", "_").replace("<=", "_le_").replace(">", "_gt_").replace("@", "_seed")
+    return os.path.join(run_dir, "samples", name + ".pt")
 
 
-def time_sampling_pass(base, ctx, n, steps):
-    """Seconds of one sampling pass: n images, `steps` Euler steps with CFG (timed at 2 steps, scaled)."""
-    return _timed(lambda: generate(base, [0] * n, steps=2, ctx=ctx), 1) * steps / 2
+def cached_samples(run_dir, window, key):
+    """(images, labels) saved for this window under the same sample key, or None."""
+    path = samples_path(run_dir, window)
+    if not os.path.exists(path):
+        return None
+    blob = torch.load(path, weights_only=True)    # tensors and plain data only
+    return (blob["images"], blob["labels"]) if blob.get("key") == key else None
 
 
-def time_judge_training(train_data, epochs, batch_size=128):
-    """Seconds to train the judge: a few of its SGD steps on random images, times its steps (a folder's images are
-    counted, CIFAR-10 has 50,000), plus loading the images."""
-    from .probe import _sgd, _train_step, DEFAULT_WIDTHS, ProbeNet
-    from .styles import STYLES
-    n = 50_000 if train_data.startswith("cifar10") else \
-        sum(len(files) for _, _, files in os.walk(train_data))
-    net = ProbeNet(10, DEFAULT_WIDTHS, num_styles=len(STYLES) + 1)
-    opt, gen = _sgd(net, 0.05), torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8)
-    labels = torch.randint(0, 10, (batch_size,))
-    step_s = _timed(lambda: _train_step(net, opt, images, labels, tuple(STYLES), gen, "cpu"), 3)
-    return step_s * epochs * (n // batch_size) + n / 1500       # loading: ~1500 JPEGs a second
+def save_samples(run_dir, window, images_labels, key):
+    """Keep (images, labels) of one window beside the run, under its sample key; returns them."""
+    path = samples_path(run_dir, window)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_save({"key": key, "images": images_labels[0], "labels": images_labels[1]}, path)
+    return images_labels
+
+
+def read_cached_scores(path, key):
+    """{window: {metric: number}} cached in a run's scores.json under the same `key`, else {} (score again).
+    A damaged cache (not UTF-8, not JSON, not that shape, a number that is not finite) is just a miss."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            blob = json.load(f)
+    except (OSError, ValueError):                       # missing, a folder, invalid UTF-8 or JSON
+        return {}
+    scores = blob.get("scores") if isinstance(blob, dict) and blob.get("key") == key else None
+    ok = isinstance(scores, dict) and all(
+        isinstance(w, dict) and all(type(v) in (int, float) and math.isfinite(v) for v in w.values())
+        for w in scores.values())
+    return scores if ok else {}
+
+
+def mean_dict(rows):
+    """The key-by-key mean of dicts of numbers with the same keys (scores over sampling seeds)."""
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
 
 def run_key(k, style, ref, seed, label, sampler, steps=0):
@@ -91,6 +88,33 @@ def run_key(k, style, ref, seed, label, sampler, steps=0):
 
 
 SCORES_VERSION = 2      # 2: the copying check (ref_class, nn_ref) joined the scores
+
+
+def sample_window(model, window, sample):
+    """sample(model, hook) with the style on only in `window`: '0:1' on throughout (the LoRA merged), 'scaleX' on
+    throughout at X times its strength (the positive control's planted difference), 'lam<=X' only while the step's
+    log-SNR is <= X (the noisy start of the trajectory), 'lam>X' only while it is > X (the clean end)."""
+    if window == "0:1":
+        set_style_scale(model, 1.0)
+        merge_lora(model)
+        try:
+            return sample(model)
+        finally:
+            unmerge_lora(model)
+    if window.startswith("scale"):
+        set_style_scale(model, float(window[len("scale"):]))
+        hook = None
+    else:
+        early = window.startswith("lam<=")
+        lam_max = float(window.split("=" if early else ">")[-1])
+
+        def hook(i, t):
+            lam = lam_of_t(torch.tensor(t, dtype=torch.float64)).item() if t < 1 else -math.inf
+            set_style_scale(model, 1.0 if (lam <= lam_max) == early else 0.0)
+    try:
+        return sample(model, hook)
+    finally:
+        set_style_scale(model, 1.0)
 
 
 class Study:
@@ -104,7 +128,6 @@ class Study:
         self.default_steps = args.steps or FinetuneConfig().steps
         self.sample_seeds = [args.sample_seed + i for i in range(args.sample_seeds)]
         self.t0, self.done, self.total = time.time(), 0, 0
-        self.reference_class = {}   # style -> class id of the reference being scored (the copying check)
 
     # setting up -----------------------------------------------------------------------------
     def prepare(self):
@@ -135,7 +158,7 @@ class Study:
     def target(self, style):
         """Judge features (N, D), labels (N,) and uint8 images of the target distribution S(real test images)."""
         if style not in self.targets:
-            images = get_style(style)(self.test.images[self.target_idx])
+            images = apply_style(style, self.test.images[self.target_idx])
             self.targets[style] = (metrics.measure(self.judge, images)["pooled"], self.test.labels[self.target_idx],
                                    images)
         return self.targets[style]
@@ -155,10 +178,10 @@ class Study:
                 for j, c in enumerate(picks)], picks
 
     def references(self, style, ref, k):
-        """(what finetune.py --style gets, the class name of the first reference, uint8 (k, 3, H, W)) of one
+        """(what finetune.py --style gets, the class id of the first reference, uint8 (k, 3, H, W)) of one
         reference set of a style at size k; the PNGs are written once under OUT/references/."""
         idx, picks = self.reference_indices(ref, k)
-        styled = get_style(style)(self.test.images[idx])
+        styled = apply_style(style, self.test.images[idx])
         folder = os.path.join(self.out, "references", f"{style}_ref{ref}_k{k}")
         for i, img in enumerate(styled):
             path = os.path.join(folder, f"{i}.png")
@@ -166,7 +189,7 @@ class Study:
                 from PIL import Image
                 save_png(Image.fromarray(img.permute(1, 2, 0).numpy()), path)
         style_arg = os.path.join(folder, "0.png") if k == 1 else folder
-        return style_arg, self.classes[picks[0]], styled
+        return style_arg, picks[0], styled
 
     # fine-tuning ----------------------------------------------------------------------------
     def label_of(self, label):
@@ -185,8 +208,8 @@ class Study:
         noise, label = protocol.SAMPLERS[sampler][2], self.label_of(label)
         return FinetuneConfig(                                      # a misspelt flag is a TypeError here
             base=self.args.ckpt, style=path, out=self.run_dir(k, style, ref, seed, label, sampler, steps), seed=seed,
-            style_class=cls if label == "ref" else label, noise_sampler=noise.kind, m=noise.m, s=noise.s,
-            mu=noise.mu, sigma=noise.sigma, shift=noise.shift, steps=steps or self.default_steps,
+            style_class=self.classes[cls] if label == "ref" else label, noise_sampler=noise.kind, m=noise.m,
+            s=noise.s, mu=noise.mu, sigma=noise.sigma, shift=noise.shift, steps=steps or self.default_steps,
             sample_per_class=0, device=self.args.device, precision=self.args.precision)
 
     def adapter(self, *run):
@@ -202,12 +225,11 @@ class Study:
                           seed=seed, ctx=self.ctx, step_hook=hook)
         return images, torch.tensor(labels)
 
-    def score(self, images, labels, style, refs):
+    def score(self, images, labels, style, refs, ref_class):
         """The judge's numbers for one set of images asked to be `labels` in `style`, and how close they come to
-        copying the references `refs` (uint8 (k, 3, H, W); the first one's class is ref_class)."""
+        copying the references `refs` (uint8 (k, 3, H, W); the first one's class id is ref_class)."""
         got = metrics.measure(self.judge, images)
         feats, target_labels, target_images = self.target(style)
-        ref_class = self.reference_class.get(style, 0)
         return {"style_acc": metrics.style_accuracy(got["style_logits"], self.judge.styles.index(style)),
                 "content_acc": metrics.class_accuracy(got["logits"], labels),
                 "kid": metrics.per_class(metrics.kid, got["pooled"], labels, feats, target_labels),
@@ -219,41 +241,35 @@ class Study:
                 "ref_class": (got["logits"].argmax(1) == ref_class).float().mean().item(),
                 "nn_ref": metrics.nearest_distance(images, refs).mean().item()}
 
-    def score_windows(self, adapter, style, refs, todo):
-        """{'WINDOW@SEED': scores} of one adapter, sampling only what has no samples kept. 'cfgC' is the style on
-        throughout, sampled at CFG C."""
-        run_dir, key, model, out = os.path.dirname(adapter), sample_key(self.args), None, {}
+    def scores(self, k, style, ref, seed, label, sampler, steps, windows):
+        """{window: scores averaged over the sampling seeds} of one run; fine-tunes, samples and scores only what
+        is not kept yet. Window 'cfgC' is the style on throughout, sampled at CFG C."""
+        adapter, ft_s = self.adapter(k, style, ref, seed, label, sampler, steps)
+        _, ref_class, refs = self.references(style, ref, k)
+        run_dir, model = os.path.dirname(adapter), None
+        path = os.path.join(run_dir, "scores.json")
+        key = dict(sample_key(self.args), targets_per_class=self.args.targets_per_class,   # what scores depend on
+                   judge=[os.path.basename(self.args.judge), self.judge.test_accuracy], version=SCORES_VERSION)
+        cached = read_cached_scores(path, key)
+        todo = [f"{w}@{s}" for w in windows for s in self.sample_seeds if f"{w}@{s}" not in cached]
+        t0 = time.time()
         for name in todo:
-            window, seed = name.split("@")
-            images = cached_samples(run_dir, name, key)
+            window, sample_seed = name.split("@")
+            images = cached_samples(run_dir, name, sample_key(self.args))
             if images is None:
                 if model is None:
                     model = copy.deepcopy(self.base)
                     apply_adapter(model, adapter)
                     model.to(self.device)
                 cfg = float(window[3:]) if window.startswith("cfg") else None
-                sample = lambda m, hook=None: self.sample(m, hook, seed=int(seed), cfg=cfg)    # noqa: E731
-                images = save_samples(run_dir, name, sample_window(model, "0:1" if cfg else window,
-                                                                   self.args.sample_steps, sample), key)
-            out[name] = self.score(*images, style, refs)
-        return out
-
-    def scores(self, k, style, ref, seed, label, sampler, steps, windows):
-        """{window: scores averaged over the sampling seeds} of one run; fine-tunes and samples what is missing."""
-        adapter, ft_s = self.adapter(k, style, ref, seed, label, sampler, steps)
-        self.reference_class[style] = self.reference_indices(ref, k)[1][0]
-        refs = self.references(style, ref, k)[2]
-        path = os.path.join(os.path.dirname(adapter), "scores.json")
-        key = dict(sample_key(self.args), targets_per_class=self.args.targets_per_class,   # what scores depend on
-                   judge=[os.path.basename(self.args.judge), self.judge.test_accuracy], version=SCORES_VERSION)
-        cached = read_cached_scores(path, key)
-        todo = [f"{w}@{s}" for w in windows for s in self.sample_seeds if f"{w}@{s}" not in cached]
-        t0 = time.time()
+                sample = lambda m, hook=None: self.sample(m, hook, seed=int(sample_seed), cfg=cfg)    # noqa: E731
+                images = save_samples(run_dir, name, sample_window(model, "0:1" if cfg else window, sample),
+                                      sample_key(self.args))
+            cached[name] = self.score(*images, style, refs, ref_class)
         if todo:
-            cached.update(self.score_windows(adapter, style, refs, todo))
             write_json({"key": key, "scores": cached}, path)
         self.done += 1
-        out = {w: stats.mean_dict([cached[f"{w}@{s}"] for s in self.sample_seeds]) for w in windows}
+        out = {w: mean_dict([cached[f"{w}@{s}"] for s in self.sample_seeds]) for w in windows}
         first = out[windows[0]]
         run = f"k{k} {style:>14} ref {ref} seed {seed} {self.label_of(label):>5} {sampler:>9}" + \
             (f" {steps} steps" if steps else "")
@@ -274,15 +290,14 @@ class Study:
         style) and three decoys a style metric must not reward: copies of the reference, its pixels shuffled, and
         natural images recoloured to the reference's colour statistics (a palette metric does reward that one:
         colour is part of a style; the report says which metric sees what)."""
-        _, _, refs = self.references(style, ref, 1)
-        self.reference_class[style] = self.reference_indices(ref, 1)[1][0]
+        _, ref_class, refs = self.references(style, ref, 1)
         real, labels = self.test.images[self.ceiling_idx], self.test.labels[self.ceiling_idx]
         many_refs = refs[:1].expand(len(real), -1, -1, -1).clone()
         shuffled = shuffle_pixels(many_refs, torch.Generator().manual_seed(ref))
-        base = stats.mean_dict([self.score(*self.base_images(s), style, refs) for s in self.sample_seeds])
-        sets = {"ceiling": (get_style(style)(real), labels), "copy": (many_refs, labels),
+        base = mean_dict([self.score(*self.base_images(s), style, refs, ref_class) for s in self.sample_seeds])
+        sets = {"ceiling": (apply_style(style, real), labels), "copy": (many_refs, labels),
                 "shuffled": (shuffled, labels), "colour-matched": (match_colours(real, many_refs), labels)}
-        return {"base": base, **{name: self.score(*imgs, style, refs) for name, imgs in sets.items()}}
+        return {"base": base, **{name: self.score(*imgs, style, refs, ref_class) for name, imgs in sets.items()}}
 
     def views_check(self, style, n=256):
         """Do the fine-tuning views look like what is scored? For the k = 1 reference of seed 0, as finetune.py
@@ -309,9 +324,8 @@ class Study:
         """How much of a style the base alone keeps: real styled test images (the ceiling set) noised to t and
         integrated back to t = 0 by the base model (no adapter). {'tT/cfgC': scores}."""
         real, labels = self.test.images[self.ceiling_idx], self.test.labels[self.ceiling_idx]
-        refs = self.references(style, 0, 1)[2]
-        self.reference_class[style] = self.reference_indices(0, 1)[1][0]
-        x0 = get_style(style)(real).float().div(127.5).sub(1)                        # (N, 3, H, W) in [-1, 1]
+        _, ref_class, refs = self.references(style, 0, 1)
+        x0 = apply_style(style, real).float().div(127.5).sub(1)                      # (N, 3, H, W) in [-1, 1]
         eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(self.args.sample_seed))
         out = {}
         for t in protocol.CALIBRATION_T:
@@ -321,7 +335,7 @@ class Study:
                 with torch.no_grad(), self.ctx:
                     x = euler_sample(self.base.eval(), x_t, labels.to(self.device), steps, cfg,
                                      self.base.config.num_classes, t_start=t)
-                out[f"t{t:g}/cfg{cfg:g}"] = self.score(to_uint8(x).cpu(), labels, style, refs)
+                out[f"t{t:g}/cfg{cfg:g}"] = self.score(to_uint8(x).cpu(), labels, style, refs, ref_class)
         return out
 
     # the parts ------------------------------------------------------------------------------
@@ -341,16 +355,17 @@ class Study:
                 for ref in range(a.refs):
                     self.results["fixed"][f"{style}/{ref}"] = self.fixed_rows(style, ref)
                 self.results["views"][style] = self.views_check(style)
-        dev = protocol.styles_of(a, "dev") if "dev" in protocol.splits(a) else []
         for run in plan:
-            if self.label_rule is None and run[4] == protocol.CHOSEN and dev and "labels" in parts:
-                self.label, self.label_rule = self.choose_label()              # every dev label run is done by now
-            self.record(*run)
+            if run[4] != protocol.CHOSEN:             # the label runs, first in the plan
+                self.record(*run)
+        if "labels" in parts and "dev" in protocol.splits(a) and protocol.styles_of(a, "dev"):
+            self.label, self.label_rule = self.choose_label()
+        for run in plan:
+            if run[4] == protocol.CHOSEN:
+                self.record(*run)
         if "calibration" in parts:
             for style in protocol.styles_of(a, "test"):
                 self.results["calibration"][style] = self.calibration(style)
-        if self.label_rule is None and dev and "labels" in parts:
-            self.label, self.label_rule = self.choose_label()
         return write_report(self)
 
     def dry_run(self, plan, parts):
@@ -416,3 +431,57 @@ class Study:
                 + f" -> {best}")
         print(f"default label from the dev styles: {best} ({rule})", flush=True)
         return best, rule
+
+
+# --- the dry run's clock: time what the run repeats, once each ---------------------------------------------
+
+FINETUNE_START_S = 6.0    # one finetune.py process: Python, torch's imports, the base and the references, the save
+
+
+def _timed(fn, repeats):
+    """Seconds per call of fn(), after one warm-up call."""
+    fn()
+    start = time.time()
+    for _ in range(repeats):
+        fn()
+    return (time.time() - start) / repeats
+
+
+def time_finetune_step(base, ctx, config):
+    """Seconds of one finetune.py step (forward and backward of a rank-`config.rank` LoRA model, Adam)."""
+    model = copy.deepcopy(base)
+    targets, rank, alpha = config.lora()
+    inject_lora(model, targets=targets, rank=rank, alpha=alpha)
+    params = list(lora_parameters(model))
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    device = params[0].device
+    c, size = model.config, model.config.img_size
+    x0 = torch.randn(config.batch_size, c.in_channels, size, size, device=device)
+    y = torch.zeros(config.batch_size, dtype=torch.long, device=device)
+
+    def step():
+        with ctx:
+            loss = rf_loss(model, x0, y, torch.rand(config.batch_size, device=device)).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+    return _timed(step, 5)
+
+
+def time_sampling_pass(base, ctx, n, steps):
+    """Seconds of one sampling pass: n images, `steps` Euler steps with CFG (timed at 2 steps, scaled)."""
+    return _timed(lambda: generate(base, [0] * n, steps=2, ctx=ctx), 1) * steps / 2
+
+
+def time_judge_training(train_data, epochs, batch_size=128):
+    """Seconds to train the judge: a few of its SGD steps on random images, times its steps (a folder's images are
+    counted, CIFAR-10 has 50,000), plus loading the images."""
+    n = 50_000 if train_data.startswith("cifar10") else \
+        sum(len(files) for _, _, files in os.walk(train_data))
+    net = ProbeNet(10, DEFAULT_WIDTHS, num_styles=len(STYLES) + 1)
+    opt, gen = _sgd(net, 0.05), torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (batch_size,))
+    step_s = _timed(lambda: _train_step(net, opt, images, labels, tuple(STYLES), gen, "cpu"), 3)
+    return step_s * epochs * (n // batch_size) + n / 1500       # loading: ~1500 JPEGs a second
