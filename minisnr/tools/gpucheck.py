@@ -49,7 +49,7 @@ from .bench import bench_mode, BenchConfig, MAX_TIMED_STEPS, parse_modes
 from .cudacheck import attention_kernel, check_flash, check_loop, NO_CUDA  # noqa: F401 (attention_kernel: tests)
 from .cudacheck import auto_modes, compile_counts, cuda_context_bytes, free_cuda_memory, out_of_memory
 from .memory import CUDA_CONTEXT_BYTES, estimate_memory, gib, largest_batch
-from .report import describe_device
+from .bench import describe_device
 from .scriptcheck import check_finetune, check_sample, check_train, data_loaded_once, REPO_ROOT
 
 TEST_FILES = ["tests/test_cuda.py", "tests/test_compile.py", "tests/test_ddp.py"]
