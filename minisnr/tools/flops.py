@@ -97,28 +97,15 @@ def card_model(name):
 
 # --- FLOPs ---------------------------------------------------------------------------------
 
-def flop_terms(c: DiTConfig):
-    """The pieces of the FLOP count (see the module docstring): T, N_tok, N_img and the forward attention FLOPs
-    per image."""
+def train_flops_per_image(c: DiTConfig) -> int:
+    """Matmul FLOPs of one training step (forward + backward) per image: 6 * (T*N_tok + N_img) + 3 * L * 4*T^2*D,
+    the terms of the module docstring."""
     D, L, M = c.dim, c.depth, int(c.dim * c.mlp_ratio)
     T = (c.img_size // c.patch_size) ** 2
     P = c.patch_size * c.patch_size * c.in_channels
     n_tok = P * D + L * (3 * D * D + D * D + 2 * D * M) + D * P
     n_img = FREQ_DIM * D + D * D + L * 6 * D * D + 2 * D * D
-    attn_fwd = L * 4 * T * T * D
-    return dict(tokens=T, n_tok=n_tok, n_img=n_img, attn_fwd=attn_fwd)
-
-
-def train_flops_per_image(c: DiTConfig) -> int:
-    """Matmul FLOPs of one training step (forward + backward) per image: 6 * (T*N_tok + N_img) + 3 * L * 4*T^2*D."""
-    f = flop_terms(c)
-    return 6 * (f["tokens"] * f["n_tok"] + f["n_img"]) + 3 * f["attn_fwd"]
-
-
-def forward_flops_per_image(c: DiTConfig) -> int:
-    """Matmul FLOPs of one forward pass per image: 2 * (T*N_tok + N_img) + L * 4*T^2*D (a third of training)."""
-    f = flop_terms(c)
-    return 2 * (f["tokens"] * f["n_tok"] + f["n_img"]) + f["attn_fwd"]
+    return 6 * (T * n_tok + n_img) + 3 * L * 4 * T * T * D
 
 
 # --- peaks: the card's data sheet and the measured roofline --------------------------------
@@ -135,12 +122,8 @@ def peak_tflops(device, override=None):
 
 def matmul_tflops(device, precision, n=None, repeats=None):
     """Achieved TFLOP/s of one (n, n) @ (n, n) matmul at `precision` (2 n^3 FLOPs), best of `repeats`.
-
-    Matrix products are where a training step's FLOPs go, and a large square one is the easiest
-    case for the hardware, so this is a practical peak (a roofline): img/s cannot exceed
-    matmul TFLOP/s / FLOPs per image, however the step is written. On a CPU without a datasheet
-    peak, "of matmul peak" in the table plays the role of MFU.
-    """
+    Matrix products are where a training step's FLOPs go, and a large square one is the easiest case for the
+    hardware, so this is a practical peak; on a CPU without a data-sheet peak, "of matmul peak" plays MFU's role."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     n = n or (8192 if device.type == "cuda" else 1024)
     repeats = repeats or (20 if device.type == "cuda" else 3)
@@ -221,17 +204,14 @@ def elementwise_bytes(c: DiTConfig, precision):
 
 
 def add_traffic(results, c: DiTConfig):
-    """Add elementwise_bytes_per_image to each bench row (one measurement per precision); returns traffic_lines."""
-    moved = {p: elementwise_bytes(c, p) for p in dict.fromkeys(r["precision"] for r in results)}
-    for r in results:
-        r["elementwise_bytes_per_image"] = moved[r["precision"]]
-    return traffic_lines(results)
-
-
-def traffic_lines(results):
-    """One line per precision: MiB per image that the non-matmul ops move, and the fp32 share of it."""
+    """Add elementwise_bytes_per_image to each bench row (one measurement per precision); returns one line per
+    precision: MiB per image that the non-matmul ops move, and the fp32 share of it."""
     lines = []
-    for precision, moved in {r["precision"]: r["elementwise_bytes_per_image"] for r in results}.items():
+    for precision in dict.fromkeys(r["precision"] for r in results):
+        moved = elementwise_bytes(c, precision)
+        for r in results:
+            if r["precision"] == precision:
+                r["elementwise_bytes_per_image"] = moved
         total = sum(moved.values())
         lines.append(f"non-matmul ops in {precision}: {total / 2 ** 20:.1f} MiB moved per image, "
                      f"fp32 share {moved.get('float32', 0) / max(total, 1):.0%} (measured on the CPU)")
