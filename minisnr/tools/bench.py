@@ -6,28 +6,17 @@
     python -m minisnr.tools.bench --preset cifar --batch-size 128 --estimate-memory true  # no timing, the estimate
     python -m minisnr.tools.bench --modes eager-fp32 --roofline true  # also the matmul rate: the most img/s here
 
-In the spirit of nanoGPT's bench.py: no data files, no logging, no checkpoints; only the
-step that train.py runs, timed. Each mode gets a fresh, identically seeded setup:
+In the spirit of nanoGPT's bench.py: no data files, no logging, no checkpoints; only the step that train.py
+runs (train_step), timed on random uint8 images already on the device, so every step includes the on-device
+scale and flip. Each mode "<eager|compiled>-<fp32|bf16|fp16>" gets a fresh, identically seeded setup: compiled
+wraps the model in torch.compile and bf16/fp16 are autocast (fp16 with a GradScaler), as train.py's --compile
+and --precision do; on CUDA fp32 means TF32 matmuls, as for train.py. The --warmup steps are not timed; for a
+compiled mode they include the compilation, "compile s" = warm-up time minus warm-up steps at the steady speed.
+On the CPU the table also shows the process CPU time per step: on a machine shared with other jobs, wall time
+depends on what else runs, while CPU time at --threads 1 hardly does, so it is the steadier number there.
 
-    model + EMA copy      minisnr.model.build_model(--preset, --dim/--depth/--heads/--patch-size overrides)
-    data                  an InMemoryLoader over random uint8 images already on the device, so every
-                          step includes the on-device uint8 -> [-1, 1] scale and the random flip
-    noise levels          a NoiseSampler (logit-normal, train.py's default)
-    step                  train.py's loop body at --grad-accum 1, written out again below (train_step): autocast
-                          forward, backward, grad clip, fused/foreach AdamW, zero_grad and the foreach EMA update
-
-A mode is "<eager|compiled>-<fp32|bf16|fp16>": compiled wraps the model in torch.compile as
-train.py --compile does; bf16/fp16 are autocast as train.py --precision does (fp16 adds the
-GradScaler). On CUDA fp32 means TF32 matmuls, as train.py enables them. --warmup steps run
-first and are not timed; for compiled modes they include the compilation, reported as
-"compile s" = warm-up time minus warm-up steps at the measured steady-state speed. Then
---steps steps are timed between two device synchronisations (torch.cuda.synchronize on CUDA).
-On the CPU the table also shows the process CPU time per step (time.process_time, all threads):
-on a machine shared with other jobs, wall time depends on what else runs, while CPU time at
---threads 1 hardly does, so it is the steadier number for comparing modes there.
-
-The FLOP count, MFU, the roofline and --traffic (the bytes the fp32 residual stream moves) are explained in
-minisnr.tools.flops; the memory estimate (--estimate-memory true), from the model's saved tensors, in .memory.
+The FLOP count, MFU, the roofline and --traffic are explained in minisnr.tools.flops; the memory estimate
+(--estimate-memory true) in minisnr.tools.memory.
 """
 import gc
 import os

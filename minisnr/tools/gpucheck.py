@@ -6,22 +6,18 @@
 Each part reports ok, FAILED (why) or skipped (why); the command exits 1 if any part failed. The parts, in order:
 
     tests     pytest tests/test_cuda.py tests/test_compile.py tests/test_ddp.py (a subprocess)
-    loop      train.py's own loop for --loop-steps steps in each --loop-modes mode: img/s and MFU of the last log
-              window, peak memory, and the host-device syncs of every steady-state step, which should be none;
-              then the syncs of drawing a new epoch's data order
-    flash     the attention kernel the card trains with, alone, forward + backward at the model's attention shapes
-    memory    the memory estimate next to each loop row's measured peak; the CUDA context, measured, next to the
-              0.5 GiB minisnr.tools.memory assumes for it
-    train     train.py --max-steps 2N: stop after N = --train-steps steps, then --resume true to 2N
-    finetune  finetune.py on the first image of --data for --finetune-steps steps
-    sample    sample.py without and with --lora, and with --style-steps 0:0.5; then how far merged-LoRA
-              sampling (what sample.py does) is from unmerged, in uint8 levels
+    loop      train.py's own loop in each --loop-modes mode: img/s, MFU, peak memory, syncs per step
+    flash     the attention kernel the card trains with, alone, at the model's attention shapes
+    memory    the memory estimate next to each loop row's measured peak; the CUDA context, measured
+    train     train.py for --train-steps steps, stopped, then --resume true to twice as many
+    finetune  finetune.py on the first image of --data
+    sample    sample.py without and with --lora and --style-steps; merged-LoRA sampling against unmerged
 
 The loop is train.py's main itself, not a copy of its step: the lr set each step, the grad-accum chunks, the
 NaN guard, the logging, and torch.compile as training runs it by default. The scripts run in this process (their
 main(argv)), as a user's command line would run them, with --overwrite true so that a second check into the same
 --out starts afresh. Dynamo is reset before each part, so no part runs on graphs (or recompiles of them) that an
-earlier part compiled. CIFAR-10 is passed as an ImageFolder (--data), so no part needs the internet.
+earlier part compiled.
 """
 import contextlib
 import functools
@@ -191,11 +187,10 @@ def step_marks(train, counter):
 
 def loop_row(cfg, device, out, mode):
     """Run train.py's main as `python train.py --preset P --precision P --compile C` does, for cfg.loop_steps steps
-    (no sample grid until the end, one save at the end, a log line halfway and at the end): the img/s of its last
-    log window, MFU, the peak memory above what was allocated before (CUDA), dynamo's graphs, graph breaks and
-    recompiles (compiled), and the syncs of each steady-state step: from one run.step() call to the next, leaving
-    out the first step (it compiles, and Throughput waits for it once) and every step after a log line (the log
-    reads the loss back). batch_size is the images of one forward, what the memory estimate takes."""
+    with a log line halfway: the img/s of the last log window, MFU, the peak memory above what was allocated
+    before (CUDA), dynamo's counts (compiled), and the syncs of each steady-state step: from one run.step() call to
+    the next, leaving out the first step (it compiles, and Throughput waits for it once) and every step after a
+    log line (the log reads the loss back). batch_size is the images of one forward, what the estimate takes."""
     from torch._dynamo.utils import counters
     train = script("train")
     compiled, precision = mode.split("-")[0] == "compiled", mode.split("-")[1]

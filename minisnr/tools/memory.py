@@ -3,35 +3,24 @@
     python -m minisnr.tools.bench --preset cifar --batch-size 128 --estimate-memory true
     python -m minisnr.tools.bench --preset cifar --estimate-memory true --fit-gib 8,12,24
 
-What a training step keeps (estimate_memory):
-
-    weights, gradients, AdamW's two moments, the EMA copy   bytes of model.parameters(), once each for weights,
-                                                           gradients and EMA and twice for AdamW: all fp32, since
-                                                           autocast keeps fp32 master weights (20 bytes a parameter)
-    activations saved for the backward                     activation_bytes: fixed + batch * per_image
-
-The activations are not described here a second time, layer by layer: activation_bytes runs the real
-model's training forward (rf_loss) on the CPU at batch 1 and at batch 2, under the autocast dtype being
-estimated, and adds up the bytes of the distinct storages autograd saves for the backward
-(torch.autograd.graph.saved_tensors_hooks; the parameters themselves are not counted). What batch 2 saves
-beyond batch 1 is one image's worth; what batch 1 saves beyond that does not grow with the batch (under
-autocast: the low-precision copy of each weight whose backward needs it). Every saved tensor is one or the
-other, so activations(B) = fixed + B * per_image holds exactly (tests/test_bench.py checks it at another batch).
+A training step keeps the weights, their gradients, AdamW's two moments and the EMA copy, all fp32 since
+autocast keeps fp32 master weights (20 bytes a parameter), and the activations autograd saves for the backward.
+Those are not described here a second time, layer by layer: activation_line runs the real model's training
+forward (rf_loss) on the CPU at batch 1 and at batch 2, under the autocast dtype being estimated, and adds up
+the distinct storages autograd saves (torch.autograd.graph.saved_tensors_hooks), parameters left out. What
+batch 2 saves beyond batch 1 is one image's worth; what batch 1 saves beyond that does not grow with the batch
+(under autocast: the low-precision copy of each weight), so activations(B) = fixed + B * per_image holds exactly
+(tests/test_bench.py checks it at another batch), and a new layer changes the estimate by itself.
 
 Why the CPU: any machine can run it, in about a second for the cifar preset, with no GPU memory; and CPU
 attention saves what CUDA's flash and memory-efficient kernels save (q, k, v, the output and a logsumexp,
-never the T x T weights). bench --measure-activations true takes the same sum on the chosen device at the
-full batch, and the GPU check (minisnr.tools.gpucheck) compares the total with CUDA's measured peak. The
-estimate leaves out the allocator's slack, temporaries freed during the forward and the backward's transient
-buffers; torch.compile's partitioner usually saves less than eager (it recomputes cheap elementwise ops in the
-backward).
+never the T x T weights). The GPU check compares the total with CUDA's measured peak. The estimate leaves out
+the allocator's slack, temporaries freed during the forward and the backward's transient buffers;
+torch.compile's partitioner usually saves less than eager (it recomputes cheap elementwise ops in the backward).
 
-What a card must hold besides (largest_batch, --fit-gib): the data set, which train.py keeps on the GPU as
-uint8 images and int64 labels (CIFAR-10: 147 MiB); under DDP the gradient buckets, which add nothing while DDP
-is built with gradient_as_bucket_view=True (minisnr.train.ddp: the gradients are views into the buckets) and a
-second copy of the gradients without it; and the CUDA context, which max_memory_allocated does not see, taken
-to be CUDA_CONTEXT_BYTES. A new layer, another mlp_ratio or a kernel that saves differently changes the
-estimate by itself.
+A card must hold besides (largest_batch, --fit-gib) the data set, which train.py keeps on the GPU as uint8
+images and int64 labels (CIFAR-10: 147 MiB), and the CUDA context, which max_memory_allocated does not see,
+taken to be CUDA_CONTEXT_BYTES.
 """
 import functools
 
