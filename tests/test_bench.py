@@ -66,7 +66,7 @@ def test_activation_estimate_matches_saved_tensors(precision, shape):
     head count and depth) needs no edit to the estimate: it follows the model."""
     model = build_model("tiny", **shape)
     measured = memory.measure_activation_bytes(model, 5, precision, bench.pick_device("cpu"))
-    assert memory.activation_bytes(model.config, 5, precision) == measured
+    assert memory.estimate_memory(model.config, 5, precision)["activations"] == measured
 
 
 def test_memory_estimate_parts():
@@ -75,7 +75,8 @@ def test_memory_estimate_parts():
     assert est["n_params"] == n
     assert (est["params"], est["grads"], est["adamw"], est["ema"]) == (4 * n, 4 * n, 8 * n, 4 * n)
     assert est["total"] == 20 * n + est["activations"]
-    assert est["activations"] == memory.activation_bytes(build_model("tiny").config, 16, "fp32")
+    fixed, per_image = memory.activation_line("tiny", "fp32")
+    assert est["activations"] == fixed + 16 * per_image
 
 
 def test_largest_batch_is_the_largest_that_fits():

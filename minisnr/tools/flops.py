@@ -46,19 +46,14 @@ from ..rf import rf_loss
 
 FREQ_DIM = 256  # TimestepEmbedder's sinusoidal feature size (minisnr.model.TimestepEmbedder default)
 
-# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s from NVIDIA's data sheets (GeForce cards:
-# with fp32 accumulation, as PyTorch uses), by the card's model as card_model() reads it from
-# torch.cuda.get_device_name(). Only an exact model matches: a name that merely contains a listed one
-# ("T400" contains "T4", "RTX A1000" "A100") and every variant not listed (Ti, SUPER, "4090 D", laptop parts,
-# whose SMs or clocks differ) get None: pass --peak-tflops rather than borrow a wrong peak. V100 and T4 have
-# no bf16: their fp16 peak is listed. The SXM form factor is the one a plain name means; PCIe and NVL cards
-# with other clocks are listed apart.
-# RTX 4080: "Peak BF16 Tensor TFLOPS with FP32 Accumulate" 97.5 (dense) in NVIDIA's Ada GPU architecture
-# whitepaper. The RTX 3060 and 4070 are in no whitepaper table; theirs is that table's per-SM rate, 512 dense
-# FLOPs a clock with fp32 accumulation on GA10x and AD10x (RTX 3070: 40.6 at 46 SMs and 1.725 GHz in the
-# Ampere GA102 whitepaper; RTX 4090: 165.2 at 128 SMs and 2.52 GHz), times NVIDIA's spec-page SMs and boost
-# clock: 3060, 28 SMs (3584 CUDA cores) at 1.777 GHz = 25.5; 4070, 46 SMs (5888) at 2.475 GHz = 58.3, which is
-# its spec page's 466 "AI TOPS" (fp8 with sparsity) / 8. V100: 125 (SXM2) and 112 (PCIe) in its data sheet.
+# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s from NVIDIA's data sheets and whitepapers (GeForce: with
+# fp32 accumulation, as PyTorch uses), by the card's exact model (card_model): a name that merely contains a listed
+# one ("T400", "RTX A1000") and every variant not listed (Ti, SUPER, "4090 D", laptop parts, whose SMs or clocks
+# differ) get None, so pass --peak-tflops rather than borrow a wrong peak. A plain name means the SXM form factor;
+# PCIe and NVL cards with other clocks are listed apart. V100 and T4 have no bf16: their fp16 peak is listed. The
+# RTX 3060 and 4070 are in no whitepaper: theirs is the whitepapers' 512 dense FLOPs a clock per SM on GA10x and
+# AD10x (RTX 3070, 4090) times the spec page's SMs and boost clock (3060: 28 SMs at 1.777 GHz; 4070: 46 at 2.475,
+# its 466 fp8-with-sparsity "AI TOPS" / 8).
 PEAK_BF16_TFLOPS = {
     "H100": 989.4,          # SXM, e.g. "NVIDIA H100 80GB HBM3"
     "H100 PCIE": 756.0,

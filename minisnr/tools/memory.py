@@ -86,13 +86,6 @@ def activation_line(config, precision):
     return _activation_line(tuple(sorted(c.to_dict().items())), precision)
 
 
-def activation_bytes(config, batch_size, precision="fp32"):
-    """Bytes of the tensors autograd saves in one eager training forward (rf_loss) at this batch size:
-    fixed + batch_size * per_image from activation_line. config: a DiTConfig, a preset name or a config dict."""
-    fixed, per_image = activation_line(config, precision)
-    return fixed + batch_size * per_image
-
-
 # --- the estimate ------------------------------------------------------------------------------
 
 def param_bytes(c):
@@ -124,8 +117,9 @@ def estimate_memory(config, batch_size, precision="bf16", data_images=0, ddp=Fal
     from ..train.ddp import DDP_OPTIONS
     config = build_config(config)
     n, weights = param_bytes(config)
+    fixed, per_image = activation_line(config, precision)
     out = dict(n_params=n, params=weights, grads=weights, adamw=2 * weights, ema=weights,
-               activations=activation_bytes(config, batch_size, precision), data=data_bytes(config, data_images),
+               activations=fixed + batch_size * per_image, data=data_bytes(config, data_images),
                ddp_buckets=weights if ddp and not DDP_OPTIONS["gradient_as_bucket_view"] else 0)
     out["total"] = sum(out[k] for k in ("params", "grads", "adamw", "ema", "activations", "data", "ddp_buckets"))
     return out
