@@ -49,8 +49,6 @@ DIT_PRESETS = {
     "cpu": dict(patch_size=4, dim=192, depth=6, heads=3),
     # a consumer-GPU model, DiT-S/2 (~33M params, 256 tokens)
     "cifar": dict(patch_size=2, dim=384, depth=12, heads=6),
-    # the shape of a well-known minimal rectified-flow CIFAR DiT, used by minisnr.tools.bench for comparison
-    "anchor": dict(patch_size=2, dim=256, depth=10, heads=8),
 }
 
 

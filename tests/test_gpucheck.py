@@ -1,7 +1,7 @@
 """minisnr.tools.gpucheck: the one-command GPU check, run as its CPU-only dry run (tiny preset, tiny data).
 
-On a CPU the CUDA-only parts must say "skipped (no CUDA)" rather than pass; everything else (bench,
-memory estimate, train + resume, fine-tune, sample.py with and without the adapter) really runs.
+On a CPU the CUDA-only parts must say "skipped (no CUDA)" rather than pass; everything else (train.py's loop,
+the memory estimate, train + resume, fine-tune, sample.py with and without the adapter) really runs.
 """
 import json
 import subprocess
@@ -9,19 +9,19 @@ import subprocess
 import pytest
 import torch
 
-from minisnr.tools import cudacheck, gpucheck
+from minisnr.tools import gpucheck
 from minisnr.io.cli import UserError
 
 DRY_RUN = ["--preset", "tiny", "--device", "cpu"]
 
 
 def test_cpu_dry_run_runs_every_part_and_writes_one_summary(image_folder, tmp_path, capsys):
-    """--preset tiny --device cpu: train.py's loop, bench, train (stop + resume), fine-tune and sample are ok; flash
+    """--preset tiny --device cpu: train.py's loop, train (stop + resume), fine-tune and sample are ok; flash
     says skipped (no CUDA), the loop that syncs are not counted there; one summary line is printed and the same
     results are written as JSON."""
     out = tmp_path / "check"
     results = gpucheck.main(DRY_RUN + ["--data", image_folder, "--out", str(out), "--skip", "tests"])
-    for part in ("bench", "train", "finetune", "sample"):
+    for part in ("train", "finetune", "sample"):
         assert results[part]["status"] == "ok", (part, results[part])
     assert results["loop"]["status"] == "ok (no CUDA: syncs not counted)" and results["loop"]["new_epoch_syncs"] is None
     loop = results["loop"]["rows"][0]
@@ -29,8 +29,8 @@ def test_cpu_dry_run_runs_every_part_and_writes_one_summary(image_folder, tmp_pa
     assert loop["img_per_s"] > 0 and loop["steady_steps"] == 1 and loop["syncs_per_step"] == 0
     assert results["flash"]["status"] == "skipped (no CUDA)"
     assert results["memory"]["status"].startswith("skipped (no CUDA)")
-    assert [r["part"] for r in results["memory"]["rows"]] == ["bench", "loop"]
-    assert all(r["estimate_gib"] > 0 for r in results["memory"]["rows"])
+    assert [(r["mode"], r["batch_size"]) for r in results["memory"]["rows"]] == [("eager-fp32", 16)]
+    assert results["memory"]["rows"][0]["estimate_gib"] > 0
     assert results["tests"]["status"] == "skipped (--skip)"
     assert results["train"]["step"] == 4                      # 2 steps, stop, resume to 4
     gap = results["sample"]["merged_vs_unmerged"]
@@ -38,7 +38,7 @@ def test_cpu_dry_run_runs_every_part_and_writes_one_summary(image_folder, tmp_pa
     assert all(results["sample"]["written"].values())
     printed = capsys.readouterr().out.splitlines()
     verdict = [line for line in printed if line.startswith("gpu check on ")]
-    assert len(verdict) == 1 and "5 ok, 0 failed, 3 skipped" in verdict[0], verdict
+    assert len(verdict) == 1 and "4 ok, 0 failed, 3 skipped" in verdict[0], verdict
     saved = json.loads((out / "gpu_check.json").read_text())
     assert saved["summary"] in verdict[0] and saved["parts"]["train"]["step"] == 4
 
@@ -62,9 +62,16 @@ def test_tests_part_runs_the_gpu_test_files(monkeypatch, image_folder, tmp_path)
 
 
 def test_bad_flags_are_one_line_user_errors(image_folder, tmp_path):
-    """An unknown --skip part or a missing --data folder is a UserError naming the fix, before any work."""
+    """An unknown --skip part, a missing --data folder or a flag of the removed bench part is a UserError naming
+    the fix, before any work."""
     with pytest.raises(UserError, match="choose from tests"):
         gpucheck.main(DRY_RUN + ["--data", image_folder, "--out", str(tmp_path / "a"), "--skip", "tset"])
+    with pytest.raises(UserError, match="bench is now the loop part"):
+        gpucheck.main(DRY_RUN + ["--data", image_folder, "--out", str(tmp_path / "a"), "--skip", "bench"])
+    for flag, fix in [("--bench-modes", "--loop-modes"), ("--bench-steps", "--loop-steps"),
+                      ("--bench-batches", "minisnr.tools.bench --batch-size")]:
+        with pytest.raises(UserError, match=fix):
+            gpucheck.main(DRY_RUN + ["--data", image_folder, "--out", str(tmp_path / "a"), f"{flag}=4"])
     with pytest.raises(UserError, match="ImageFolder"):
         gpucheck.main(DRY_RUN + ["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "b")])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -73,50 +80,30 @@ def test_bad_flags_are_one_line_user_errors(image_folder, tmp_path):
 def test_a_second_check_into_the_same_out_passes(image_folder, tmp_path):
     """The train and fine-tune parts pass --overwrite true, so re-running the check into the same --out starts
     those runs afresh instead of being refused by the run guard (and skipping every later part)."""
-    argv = DRY_RUN + ["--data", image_folder, "--out", str(tmp_path / "check"), "--skip", "tests,bench,memory"]
+    argv = DRY_RUN + ["--data", image_folder, "--out", str(tmp_path / "check"), "--skip", "tests,memory"]
     for _ in range(2):
         results = gpucheck.main(argv)
         assert [results[p]["status"] for p in ("train", "finetune", "sample")] == ["ok"] * 3, results
         assert results["train"]["step"] == 4
 
 
-def test_a_bench_row_out_of_memory_is_skipped_not_failed(monkeypatch, image_folder, tmp_path):
-    """A batch that does not fit the card is reported as a skipped row (a faked torch.OutOfMemoryError here);
-    the bench part stays ok, says so, and the memory part compares only the rows that ran."""
-    real = gpucheck.bench_one
+def test_a_loop_mode_out_of_memory_is_skipped_not_failed(monkeypatch, image_folder, tmp_path):
+    """A mode that does not fit the card is reported as a skipped row (a faked torch.OutOfMemoryError here);
+    the loop part stays ok, says so, and the memory part compares only the rows that ran."""
+    real = gpucheck.loop_row
 
-    def bench_one(cfg, device, batch_size, mode):
-        if batch_size == 8:
+    def loop_row(cfg, device, out, mode):
+        if mode == "compiled-fp32":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(cfg, device, batch_size, mode)
-    monkeypatch.setattr(gpucheck, "bench_one", bench_one)
-    results = gpucheck.main(DRY_RUN + ["--data", image_folder, "--out", str(tmp_path / "c"), "--bench-batches", "4,8",
-                                       "--skip", "tests,loop,train,finetune,sample"])
-    bench = results["bench"]
-    assert bench["status"] == "ok (1 row(s) skipped: out of memory)", bench
-    assert [(r["batch_size"], r["status"]) for r in bench["rows"]] == [(4, "ok"), (8, "skipped (out of memory)")]
-    assert [r["batch_size"] for r in results["memory"]["rows"]] == [4]
-
-
-@pytest.mark.parametrize("free_gib", [8, 24, 80])
-def test_auto_bench_batches_fit_the_cards_free_memory(monkeypatch, free_gib):
-    """--bench-batches auto: 128 and 512, each cut to the largest micro-batch the memory estimate fits in 85% of
-    the card's free memory (a faked torch.cuda.mem_get_info), so no 8-24 GB card runs a row it cannot hold."""
-    from minisnr.io.cli import parse_config
-    from minisnr.tools.memory import estimate_memory
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_gib * 2 ** 30, free_gib * 2 ** 30))
-    cfg, _ = parse_config(gpucheck.CheckConfig, gpucheck.PRESETS, [])
-    batches = gpucheck.bench_batches(cfg, torch.device("cuda"), ["eager-bf16", "compiled-bf16"])
-    assert batches and max(batches) <= 512 and len(set(batches)) == len(batches)
-    for b in batches:
-        assert estimate_memory("cifar", b, "bf16", data_images=4 * 512)["total"] <= 0.85 * free_gib * 2 ** 30
-    if free_gib == 80:
-        assert batches == [128, 512]
-    else:
-        fit = batches[-1]
-        assert fit < 512 and estimate_memory("cifar", fit + 1, "bf16", data_images=4 * 512)["total"] > \
-            0.85 * free_gib * 2 ** 30
-    assert gpucheck.bench_batches(cfg, torch.device("cpu"), ["eager-fp32"]) == [128]
+        return real(cfg, device, out, mode)
+    monkeypatch.setattr(gpucheck, "loop_row", loop_row)
+    results = gpucheck.main(DRY_RUN + ["--data", image_folder, "--out", str(tmp_path / "c"), "--loop-modes",
+                                       "eager-fp32,compiled-fp32", "--skip", "tests,train,finetune,sample"])
+    loop = results["loop"]
+    assert loop["status"] == "ok (1 mode(s) skipped: out of memory; no CUDA: syncs not counted)", loop
+    assert [(r["mode"], r["status"]) for r in loop["rows"]] == [("eager-fp32", "ok"),
+                                                                ("compiled-fp32", "skipped (out of memory)")]
+    assert [r["mode"] for r in results["memory"]["rows"]] == ["eager-fp32"]
 
 
 @pytest.mark.parametrize("capability, kernel", [((7, 0), "memory-efficient"), ((7, 5), "memory-efficient"),
@@ -131,12 +118,12 @@ def test_attention_part_checks_the_kernel_the_card_has(capability, kernel):
 
 
 def test_every_part_starts_with_dynamo_reset(monkeypatch, image_folder, tmp_path):
-    """Each part resets dynamo first, so the train part does not recompile the bench's graphs for its own batch
+    """Each part resets dynamo first, so the train part does not recompile the loop's graphs for its own batch
     and report a compile-laden img/s."""
     resets = []
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
     gpucheck.main(DRY_RUN + ["--data", image_folder, "--out", str(tmp_path / "c"),
-                             "--skip", "tests,loop,bench,train,finetune,sample"])
+                             "--skip", "tests,loop,train,finetune,sample"])
     assert len(resets) == 2                                   # flash and memory ran (as skipped on a CPU)
 
 
@@ -172,8 +159,8 @@ def test_the_loop_part_measures_train_pys_own_loop_compiled_and_its_syncs_per_st
 
 
 def test_memory_part_compares_compiled_rows_too_and_measures_the_cuda_context(monkeypatch):
-    """Training compiles by default, so the estimate is compared with compiled rows as well as eager ones, from the
-    bench and from train.py's loop; and the CUDA context is measured from torch.cuda's memory: the card's used
+    """Training compiles by default, so the estimate is compared with compiled rows of train.py's loop as well as
+    eager ones; and the CUDA context is measured from torch.cuda's memory: the card's used
     memory (mem_get_info, faked: 16 GiB, 10 free) minus what torch's allocator holds (memory_reserved, faked: 5)."""
     from minisnr.io.cli import parse_config
     from minisnr.tools.memory import estimate_memory
@@ -182,19 +169,17 @@ def test_memory_part_compares_compiled_rows_too_and_measures_the_cuda_context(mo
     cfg, _ = parse_config(gpucheck.CheckConfig, gpucheck.PRESETS, ["--preset", "tiny"])
     estimate = estimate_memory("tiny", 4, "bf16", data_images=16)["total"] / 2 ** 30
     row = lambda mode, peak: dict(mode=mode, status="ok", batch_size=4, data_images=16, peak_mem_gib=peak)
-    results = {"bench": {"rows": [row("eager-bf16", estimate), row("compiled-bf16", 0.9 * estimate)]},
-               "loop": {"rows": [row("eager-bf16", estimate), row("compiled-bf16", 1.2 * estimate),
+    results = {"loop": {"rows": [row("eager-bf16", 0.9 * estimate), row("compiled-bf16", 1.2 * estimate),
                                  dict(mode="eager-fp16", status="skipped (out of memory)")]}}
     memory = gpucheck.check_memory(cfg, torch.device("cuda"), results)
-    assert [(r["part"], r["mode"]) for r in memory["rows"]] == [
-        ("bench", "eager-bf16"), ("bench", "compiled-bf16"), ("loop", "eager-bf16"), ("loop", "compiled-bf16")]
-    assert memory["status"] == "FAILED (the estimate is more than 15% below the measured peak: loop compiled-bf16)"
+    assert [r["mode"] for r in memory["rows"]] == ["eager-bf16", "compiled-bf16"]
+    assert memory["status"] == "FAILED (the estimate is more than 15% below the measured peak: compiled-bf16)"
     assert memory["cuda_context_gib"] == 1.0 and memory["assumed_cuda_context_gib"] == 0.5
 
 
 @pytest.mark.parametrize("capability, triton", [((6, 1), True), ((8, 0), False), ((8, 0), True), ((7, 5), True)])
 def test_auto_modes_leave_out_compiling_where_the_card_cannot(monkeypatch, capability, triton):
-    """The bench and loop parts' auto modes follow train.py's compile default: no compiled mode on a card below
+    """The loop part's auto modes follow train.py's compile default: no compiled mode on a card below
     compute capability 7.0 or without Triton (its GPUTooOldForTriton or TritonMissing would fail the part). The
     loop adds eager fp16 on a bf16 card, for the GradScaler's syncs."""
     from test_gpu_path import fake_cuda, fake_triton
@@ -206,8 +191,7 @@ def test_auto_modes_leave_out_compiling_where_the_card_cannot(monkeypatch, capab
     cuda = torch.device("cuda")
     precision = "bf16" if capability >= (8, 0) else "fp16"
     expected = [f"eager-{precision}"] + ([f"compiled-{precision}"] if capability >= (7, 0) and triton else [])
-    assert gpucheck.bench_modes(cfg, cuda) == expected
-    assert cudacheck.loop_modes(cfg, cuda) == expected + (["eager-fp16"] if precision == "bf16" else [])
+    assert gpucheck.loop_modes(cfg, cuda) == expected + (["eager-fp16"] if precision == "bf16" else [])
 
 
 def test_the_check_reads_the_data_once_for_all_its_train_py_runs(monkeypatch, image_folder, tmp_path):
@@ -221,6 +205,6 @@ def test_the_check_reads_the_data_once_for_all_its_train_py_runs(monkeypatch, im
         return real(*args, **kwargs)
     monkeypatch.setattr(train, "load_dataset", counting_load)
     results = gpucheck.main(DRY_RUN + ["--data", image_folder, "--out", str(tmp_path / "c"),
-                                       "--skip", "tests,bench,memory,finetune,sample"])
+                                       "--skip", "tests,memory,finetune,sample"])
     assert results["loop"]["status"].startswith("ok") and results["train"]["status"] == "ok"
     assert reads == [(image_folder, 32)] and train.load_dataset is counting_load

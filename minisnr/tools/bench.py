@@ -6,31 +6,21 @@
     python -m minisnr.tools.bench --preset cifar --batch-size 128 --estimate-memory true  # no timing, the estimate
     python -m minisnr.tools.bench --modes eager-fp32 --roofline true  # also the matmul rate: the most img/s here
 
-In the spirit of nanoGPT's bench.py: no data files, no logging, no checkpoints; only the
-step that train.py runs, timed. Each mode gets a fresh, identically seeded setup:
+In the spirit of nanoGPT's bench.py: no data files, no logging, no checkpoints; only the step that train.py
+runs (train_step), timed on random uint8 images already on the device, so every step includes the on-device
+scale and flip. Each mode "<eager|compiled>-<fp32|bf16|fp16>" gets a fresh, identically seeded setup: compiled
+wraps the model in torch.compile and bf16/fp16 are autocast (fp16 with a GradScaler), as train.py's --compile
+and --precision do; on CUDA fp32 means TF32 matmuls, as for train.py. The --warmup steps are not timed; for a
+compiled mode they include the compilation, "compile s" = warm-up time minus warm-up steps at the steady speed.
+On the CPU the table also shows the process CPU time per step: on a machine shared with other jobs, wall time
+depends on what else runs, while CPU time at --threads 1 hardly does, so it is the steadier number there.
 
-    model + EMA copy      minisnr.model.build_model(--preset, --dim/--depth/--heads/--patch-size overrides)
-    data                  an InMemoryLoader over random uint8 images already on the device, so every
-                          step includes the on-device uint8 -> [-1, 1] scale and the random flip
-    noise levels          a NoiseSampler (logit-normal, train.py's default)
-    step                  train.py's loop body at --grad-accum 1, written out again below (train_step): autocast
-                          forward, backward, grad clip, fused/foreach AdamW, zero_grad and the foreach EMA update
-
-A mode is "<eager|compiled>-<fp32|bf16|fp16>": compiled wraps the model in torch.compile as
-train.py --compile does; bf16/fp16 are autocast as train.py --precision does (fp16 adds the
-GradScaler). On CUDA fp32 means TF32 matmuls, as train.py enables them. --warmup steps run
-first and are not timed; for compiled modes they include the compilation, reported as
-"compile s" = warm-up time minus warm-up steps at the measured steady-state speed. Then
---steps steps are timed between two device synchronisations (torch.cuda.synchronize on CUDA).
-On the CPU the table also shows the process CPU time per step (time.process_time, all threads):
-on a machine shared with other jobs, wall time depends on what else runs, while CPU time at
---threads 1 hardly does, so it is the steadier number for comparing modes there.
-
-The FLOP count, MFU, the roofline and --traffic (the bytes the fp32 residual stream moves) are explained in
-minisnr.tools.flops; the memory estimate (--estimate-memory true), from the model's saved tensors, in .memory.
+The FLOP count, MFU, the roofline and --traffic are explained in minisnr.tools.flops; the memory estimate
+(--estimate-memory true) in minisnr.tools.memory.
 """
 import gc
 import os
+import platform
 import time
 from dataclasses import asdict, dataclass
 
@@ -46,16 +36,17 @@ from ..model import build_config, build_model, DIT_PRESETS, DiTConfig
 from ..rf import euler_sample, NoiseSampler, rf_loss
 from ..train.config import MAX_BATCH, MAX_SAMPLE_STEPS, TRAIN_BYTES_PER_PARAM
 from .flops import add_roofline, add_traffic, peak_tflops, train_flops_per_image
-from .memory import gib, parse_gib_list, print_memory_estimate
-from .report import format_table, header_line, run_meta
+from .memory import gib, param_bytes, parse_gib_list, print_memory_estimate
 
 MODES = [f"{c}-{p}" for c in ("eager", "compiled") for p in ("fp32", "bf16", "fp16")]
+# the method's sizes, and the shape of a well-known minimal rectified-flow CIFAR DiT to compare with
+PRESETS = dict(DIT_PRESETS, anchor=dict(patch_size=2, dim=256, depth=10, heads=8))
 
 
 @dataclass
 class BenchConfig:
     """Every bench flag, its default and its one-line reason (shown by --help)."""
-    preset: str = knob("anchor", f"DiT size preset, one of {sorted(DIT_PRESETS)}")
+    preset: str = knob("anchor", f"DiT size preset, one of {sorted(PRESETS)}")
     dim: int = knob(None, "override the preset's width D")
     depth: int = knob(None, "override the preset's number of blocks")
     heads: int = knob(None, "override the preset's attention heads")
@@ -93,9 +84,7 @@ class BenchConfig:
 
 def model_config(cfg: BenchConfig) -> DiTConfig:
     """The DiTConfig to benchmark: the named preset with any --dim/--depth/... overrides."""
-    if cfg.preset not in DIT_PRESETS:
-        raise UserError(f"unknown preset {cfg.preset!r}; choose one of {sorted(DIT_PRESETS)}")
-    return build_config(cfg.preset, **cfg.model_overrides())
+    return build_config(dict(PRESETS[cfg.preset], **cfg.model_overrides()))
 
 
 # --- timing --------------------------------------------------------------------------------
@@ -148,16 +137,16 @@ def train_step(model, optimizer, scaler, ctx, x0, y, t, grad_clip, params, ema_p
     return loss.detach().mean()
 
 
-def make_train_step(cfg: BenchConfig, device, precision, compiled, data_batches=4):
-    """A fresh, seeded setup of train.py's step for cfg's model and batch on `data_batches` batches of random images
-    on the device. Returns (step, model): step() runs train_step + ema_update once and returns the loss tensor."""
+def make_train_step(cfg: BenchConfig, device, precision, compiled):
+    """A fresh, seeded setup of train.py's step for cfg's model and batch on 4 batches of random images on the
+    device. Returns (step, model): step() runs train_step once and returns the loss tensor."""
     c = model_config(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(c).to(device)
     ema = build_model(c).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    loader = InMemoryLoader(random_images(c, data_batches * cfg.batch_size, cfg.seed), cfg.batch_size, device, cfg.seed)
+    loader = InMemoryLoader(random_images(c, 4 * cfg.batch_size, cfg.seed), cfg.batch_size, device, cfg.seed)
     fused = device.type == "cuda"                              # as train.py builds it
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, fused=fused,
                                   foreach=None if fused else True)
@@ -193,7 +182,7 @@ def time_steps(step, warmup, steps, device):
 
 
 def bench_mode(mode, cfg: BenchConfig, device):
-    """Time train_step (with its EMA update) for one mode. Returns a dict of results."""
+    """Time train_step for one mode. Returns a dict of results."""
     compiled, precision = mode.split("-")[0] == "compiled", mode.split("-")[1]
     c = model_config(cfg)
     warmup = cfg.warmup if cfg.warmup is not None else (1 if device.type == "cpu" else 5)
@@ -247,6 +236,67 @@ def bench_sampler(model, c: DiTConfig, cfg: BenchConfig, device, ctx):
     return dict(sample_ms_per_image=1000 * elapsed / n, sample_steps=cfg.sample_steps)
 
 
+# --- the report --------------------------------------------------------------------------------
+
+def describe_device(device):
+    """A short human name for the device, for the bench table's header and the GPU check's summary."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return str(device)
+
+
+def run_meta(cfg, c, device):
+    """The run's metadata for the header and the JSON: device, torch, model, size, batch, FLOPs, MFU peak and
+    every flag."""
+    return dict(device=describe_device(device), torch=torch.__version__, preset=cfg.preset, model=c.to_dict(),
+                n_params=param_bytes(c)[0], tokens=(c.img_size // c.patch_size) ** 2, batch_size=cfg.batch_size,
+                flops_per_image=train_flops_per_image(c), peak_tflops=peak_tflops(device, cfg.peak_tflops),
+                config=asdict(cfg))
+
+
+def header_line(meta, c):
+    """The line printed before timing: device, torch, model shape and size, batch and FLOPs per image."""
+    return (f"bench: {meta['device']} | torch {meta['torch']} | preset {meta['preset']} D={c.dim} L={c.depth} "
+            f"heads={c.heads} p={c.patch_size} ({meta['tokens']} tokens, {meta['n_params'] / 1e6:.2f}M params) | "
+            f"batch {meta['batch_size']} | {meta['flops_per_image'] / 1e9:.3f} GFLOP/img (fwd+bwd)")
+
+
+def format_table(results, device):
+    """Markdown table of bench results; 'vs eager-fp32' is the img/s ratio to that row of the same run
+    (on the CPU also the ratio of CPU time per step, which other jobs on the machine disturb less)."""
+    base = next((r for r in results if r["mode"] == "eager-fp32"), None)
+    cols = ["mode", "ms/step", "img/s", "vs eager-fp32", "GFLOP/img", "TFLOP/s", "compile s"]
+    if device.type == "cpu":
+        cols[2:2] = ["CPU ms/step"]
+        cols[5:5] = ["vs eager-fp32 by CPU time"]
+    if any(r["mfu"] is not None for r in results):
+        cols.append("MFU")
+    if any("matmul_tflops" in r for r in results):
+        cols += ["matmul TFLOP/s", "of matmul peak", "img/s ceiling"]
+    if device.type == "cuda":
+        cols.append("peak mem GiB")
+    if any("sample_ms_per_image" in r for r in results):
+        cols.append("sample ms/img")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
+    for r in results:
+        row = {"mode": r["mode"], "ms/step": f"{r['ms_per_step']:.1f}", "CPU ms/step": f"{r['cpu_ms_per_step']:.1f}",
+               "img/s": f"{r['img_per_s']:.2f}",
+               "vs eager-fp32": f"{r['img_per_s'] / base['img_per_s']:.2f}x" if base else "-",
+               "vs eager-fp32 by CPU time": f"{base['cpu_ms_per_step'] / r['cpu_ms_per_step']:.2f}x" if base else "-",
+               "GFLOP/img": f"{r['flops_per_image'] / 1e9:.3f}", "TFLOP/s": f"{r['tflops']:.4f}",
+               "compile s": f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "-",
+               "MFU": f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-",
+               "peak mem GiB": f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-",
+               "sample ms/img": f"{r['sample_ms_per_image']:.1f}" if "sample_ms_per_image" in r else "-"}
+        if "matmul_tflops" in r:
+            row.update({"matmul TFLOP/s": f"{r['matmul_tflops']:.4f}", "img/s ceiling": f"{r['roofline_img_s']:.1f}",
+                        "of matmul peak": f"{100 * r['tflops'] / r['matmul_tflops']:.0f}%"})
+        lines.append("| " + " | ".join(row[k] for k in cols) + " |")
+    return "\n".join(lines)
+
+
 def run(cfg: BenchConfig):
     """Run every requested mode; returns (results, meta, device). The table is printed by main()."""
     device = pick_device(cfg.device)  # on CUDA it also enables TF32 for fp32 matmuls, as for train.py
@@ -283,11 +333,13 @@ MAX_SAMPLE_IMAGES = 10_000   # --sample-images: one noise tensor and one CFG bat
 
 def validate(cfg: BenchConfig):
     """Check the flags before any work starts; one-line UserError for a shape or size that cannot run."""
-    arch = dict(DIT_PRESETS.get(cfg.preset, {}), **cfg.model_overrides())
+    if cfg.preset not in PRESETS:
+        raise UserError(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
+    arch = dict(PRESETS[cfg.preset], **cfg.model_overrides())
     problem = model_shape_problem(arch)
-    if cfg.preset in DIT_PRESETS and problem:
+    if problem:
         raise UserError(f"impossible model shape: {problem}; fix --img-size/--patch-size/--dim/--depth/--heads")
-    problem = cfg.preset in DIT_PRESETS and model_memory_problem(arch, TRAIN_BYTES_PER_PARAM, "training")
+    problem = model_memory_problem(arch, TRAIN_BYTES_PER_PARAM, "training")
     if problem:
         raise UserError(f"--preset {cfg.preset} with --dim/--depth/--patch-size as given: {problem}; pass a smaller "
                         f"--dim or --depth")

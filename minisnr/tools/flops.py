@@ -46,19 +46,14 @@ from ..rf import rf_loss
 
 FREQ_DIM = 256  # TimestepEmbedder's sinusoidal feature size (minisnr.model.TimestepEmbedder default)
 
-# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s from NVIDIA's data sheets (GeForce cards:
-# with fp32 accumulation, as PyTorch uses), by the card's model as card_model() reads it from
-# torch.cuda.get_device_name(). Only an exact model matches: a name that merely contains a listed one
-# ("T400" contains "T4", "RTX A1000" "A100") and every variant not listed (Ti, SUPER, "4090 D", laptop parts,
-# whose SMs or clocks differ) get None: pass --peak-tflops rather than borrow a wrong peak. V100 and T4 have
-# no bf16: their fp16 peak is listed. The SXM form factor is the one a plain name means; PCIe and NVL cards
-# with other clocks are listed apart.
-# RTX 4080: "Peak BF16 Tensor TFLOPS with FP32 Accumulate" 97.5 (dense) in NVIDIA's Ada GPU architecture
-# whitepaper. The RTX 3060 and 4070 are in no whitepaper table; theirs is that table's per-SM rate, 512 dense
-# FLOPs a clock with fp32 accumulation on GA10x and AD10x (RTX 3070: 40.6 at 46 SMs and 1.725 GHz in the
-# Ampere GA102 whitepaper; RTX 4090: 165.2 at 128 SMs and 2.52 GHz), times NVIDIA's spec-page SMs and boost
-# clock: 3060, 28 SMs (3584 CUDA cores) at 1.777 GHz = 25.5; 4070, 46 SMs (5888) at 2.475 GHz = 58.3, which is
-# its spec page's 466 "AI TOPS" (fp8 with sparsity) / 8. V100: 125 (SXM2) and 112 (PCIe) in its data sheet.
+# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s from NVIDIA's data sheets and whitepapers (GeForce: with
+# fp32 accumulation, as PyTorch uses), by the card's exact model (card_model): a name that merely contains a listed
+# one ("T400", "RTX A1000") and every variant not listed (Ti, SUPER, "4090 D", laptop parts, whose SMs or clocks
+# differ) get None, so pass --peak-tflops rather than borrow a wrong peak. A plain name means the SXM form factor;
+# PCIe and NVL cards with other clocks are listed apart. V100 and T4 have no bf16: their fp16 peak is listed. The
+# RTX 3060 and 4070 are in no whitepaper: theirs is the whitepapers' 512 dense FLOPs a clock per SM on GA10x and
+# AD10x (RTX 3070, 4090) times the spec page's SMs and boost clock (3060: 28 SMs at 1.777 GHz; 4070: 46 at 2.475,
+# its 466 fp8-with-sparsity "AI TOPS" / 8).
 PEAK_BF16_TFLOPS = {
     "H100": 989.4,          # SXM, e.g. "NVIDIA H100 80GB HBM3"
     "H100 PCIE": 756.0,
@@ -97,28 +92,15 @@ def card_model(name):
 
 # --- FLOPs ---------------------------------------------------------------------------------
 
-def flop_terms(c: DiTConfig):
-    """The pieces of the FLOP count (see the module docstring): T, N_tok, N_img and the forward attention FLOPs
-    per image."""
+def train_flops_per_image(c: DiTConfig) -> int:
+    """Matmul FLOPs of one training step (forward + backward) per image: 6 * (T*N_tok + N_img) + 3 * L * 4*T^2*D,
+    the terms of the module docstring."""
     D, L, M = c.dim, c.depth, int(c.dim * c.mlp_ratio)
     T = (c.img_size // c.patch_size) ** 2
     P = c.patch_size * c.patch_size * c.in_channels
     n_tok = P * D + L * (3 * D * D + D * D + 2 * D * M) + D * P
     n_img = FREQ_DIM * D + D * D + L * 6 * D * D + 2 * D * D
-    attn_fwd = L * 4 * T * T * D
-    return dict(tokens=T, n_tok=n_tok, n_img=n_img, attn_fwd=attn_fwd)
-
-
-def train_flops_per_image(c: DiTConfig) -> int:
-    """Matmul FLOPs of one training step (forward + backward) per image: 6 * (T*N_tok + N_img) + 3 * L * 4*T^2*D."""
-    f = flop_terms(c)
-    return 6 * (f["tokens"] * f["n_tok"] + f["n_img"]) + 3 * f["attn_fwd"]
-
-
-def forward_flops_per_image(c: DiTConfig) -> int:
-    """Matmul FLOPs of one forward pass per image: 2 * (T*N_tok + N_img) + L * 4*T^2*D (a third of training)."""
-    f = flop_terms(c)
-    return 2 * (f["tokens"] * f["n_tok"] + f["n_img"]) + f["attn_fwd"]
+    return 6 * (T * n_tok + n_img) + 3 * L * 4 * T * T * D
 
 
 # --- peaks: the card's data sheet and the measured roofline --------------------------------
@@ -135,12 +117,8 @@ def peak_tflops(device, override=None):
 
 def matmul_tflops(device, precision, n=None, repeats=None):
     """Achieved TFLOP/s of one (n, n) @ (n, n) matmul at `precision` (2 n^3 FLOPs), best of `repeats`.
-
-    Matrix products are where a training step's FLOPs go, and a large square one is the easiest
-    case for the hardware, so this is a practical peak (a roofline): img/s cannot exceed
-    matmul TFLOP/s / FLOPs per image, however the step is written. On a CPU without a datasheet
-    peak, "of matmul peak" in the table plays the role of MFU.
-    """
+    Matrix products are where a training step's FLOPs go, and a large square one is the easiest case for the
+    hardware, so this is a practical peak; on a CPU without a data-sheet peak, "of matmul peak" plays MFU's role."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     n = n or (8192 if device.type == "cuda" else 1024)
     repeats = repeats or (20 if device.type == "cuda" else 3)
@@ -221,17 +199,14 @@ def elementwise_bytes(c: DiTConfig, precision):
 
 
 def add_traffic(results, c: DiTConfig):
-    """Add elementwise_bytes_per_image to each bench row (one measurement per precision); returns traffic_lines."""
-    moved = {p: elementwise_bytes(c, p) for p in dict.fromkeys(r["precision"] for r in results)}
-    for r in results:
-        r["elementwise_bytes_per_image"] = moved[r["precision"]]
-    return traffic_lines(results)
-
-
-def traffic_lines(results):
-    """One line per precision: MiB per image that the non-matmul ops move, and the fp32 share of it."""
+    """Add elementwise_bytes_per_image to each bench row (one measurement per precision); returns one line per
+    precision: MiB per image that the non-matmul ops move, and the fp32 share of it."""
     lines = []
-    for precision, moved in {r["precision"]: r["elementwise_bytes_per_image"] for r in results}.items():
+    for precision in dict.fromkeys(r["precision"] for r in results):
+        moved = elementwise_bytes(c, precision)
+        for r in results:
+            if r["precision"] == precision:
+                r["elementwise_bytes_per_image"] = moved
         total = sum(moved.values())
         lines.append(f"non-matmul ops in {precision}: {total / 2 ** 20:.1f} MiB moved per image, "
                      f"fp32 share {moved.get('float32', 0) / max(total, 1):.0%} (measured on the CPU)")

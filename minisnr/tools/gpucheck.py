@@ -3,57 +3,54 @@
     python -m minisnr.tools.gpucheck --data ../shared/data/cifar10/train --out runs/gpucheck     # one GPU, no internet
     python -m minisnr.tools.gpucheck --preset tiny --device cpu --data DIR --out DIR            # CPU dry run (CI)
 
-Each part reports ok, FAILED (why) or skipped (why); the command exits 1 if any part failed.
+Each part reports ok, FAILED (why) or skipped (why); the command exits 1 if any part failed. The parts, in order:
 
     tests     pytest tests/test_cuda.py tests/test_compile.py tests/test_ddp.py (a subprocess)
-    loop      train.py's own loop (its main, as `python train.py --preset P` runs it) for --loop-steps steps in each
-              --loop-modes mode: eager and compiled (training compiles by default) in the precision auto picks,
-              and eager fp16 + GradScaler on a bf16 card. Each row: img/s and MFU of the last log window, peak
-              memory, and the host-device syncs of every steady-state step (torch.cuda.set_sync_debug_mode
-              "warn": every step but the first and those after a log line), which should be none; then the syncs
-              of drawing a new epoch's data order
-    flash     the attention kernel the card trains with, alone (sdpa_kernel), forward + backward at the preset's
-              attention shapes, in the precision auto picks: flash from compute capability 8.0 (Ampere) on,
-              memory-efficient before (T4, V100), where flash kernels do not exist
-    bench     minisnr.tools.bench's training step at each --bench-batches for each --bench-modes: img/s, MFU,
-              peak memory and, for compiled modes, graphs, graph breaks and recompiles (dynamo's counters);
-              auto batches are 128 and 512 where the memory estimate fits them in the card's free memory, else
-              the largest it fits; a row that still runs out of memory is skipped, not failed
-    memory    the memory estimate next to torch.cuda.max_memory_allocated for each bench and loop row, eager and
-              compiled; and the CUDA context, measured (the card's used memory minus what torch's allocator
-              holds), next to the 0.5 GiB minisnr.tools.memory assumes for it
-    train     train.py --preset P --max-steps 2N: stop after N = --train-steps steps, then --resume true to 2N
-    finetune  finetune.py on the first image of --data for --finetune-steps steps
-    sample    sample.py without and with --lora, and with --style-steps 0:0.5; then how far merged-LoRA
-              sampling (what sample.py does) is from unmerged, in uint8 levels, in the precision auto picks
+    loop      train.py's own loop in each --loop-modes mode: img/s, MFU, peak memory, syncs per step
+    flash     the attention kernel the card trains with, alone, at the model's attention shapes
+    memory    the memory estimate next to each loop row's measured peak; the CUDA context, measured
+    train     train.py for --train-steps steps, stopped, then --resume true to twice as many
+    finetune  finetune.py on the first image of --data
+    sample    sample.py without and with --lora and --style-steps; merged-LoRA sampling against unmerged
 
-The scripts run in this process (their main(argv)), as a user's command line would run them, with
---overwrite true so that a second check into the same --out starts afresh. Dynamo is reset before each part,
-so no part runs on graphs (or recompiles of them) that an earlier part compiled. CIFAR-10 is passed as an
-ImageFolder (--data), so no part needs the internet.
+The loop is train.py's main itself, not a copy of its step: the lr set each step, the grad-accum chunks, the
+NaN guard, the logging, and torch.compile as training runs it by default. The scripts run in this process (their
+main(argv)), as a user's command line would run them, with --overwrite true so that a second check into the same
+--out starts afresh. Dynamo is reset before each part, so no part runs on graphs (or recompiles of them) that an
+earlier part compiled.
 """
+import contextlib
+import functools
 import gc
+import importlib
+import json
 import os
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 
+from ..io.checkpoint import apply_adapter, load_pretrained
 from ..io.cli import knob, parse_config, run_main, UserError
-from ..io.device import pick_device
+from ..io.data import IMAGE_EXTENSIONS, InMemoryLoader
+from ..io.device import autocast_context, cuda_can_compile, out_of_memory, pick_device, resolve_precision
 from ..io.safety import check_out_not_input, check_output, write_result
-from ..train.config import MAX_BATCH, MAX_SAMPLE_PER_CLASS, MAX_SAMPLE_STEPS, PRESETS as TRAIN_PRESETS
-from .bench import bench_mode, BenchConfig, MAX_TIMED_STEPS, parse_modes
-from .cudacheck import attention_kernel, check_flash, check_loop, NO_CUDA  # noqa: F401 (attention_kernel: tests)
-from .cudacheck import auto_modes, compile_counts, cuda_context_bytes, free_cuda_memory, out_of_memory
-from .memory import CUDA_CONTEXT_BYTES, estimate_memory, gib, largest_batch
-from .report import describe_device
-from .scriptcheck import check_finetune, check_sample, check_train, data_loaded_once, REPO_ROOT
+from ..lora import merge_lora, set_style_scale
+from ..model import build_config
+from ..rf import generate
+from ..train.config import MAX_SAMPLE_PER_CLASS, MAX_SAMPLE_STEPS, PRESETS as TRAIN_PRESETS
+from .bench import describe_device, parse_modes, random_images
+from .flops import peak_tflops, train_flops_per_image
+from .memory import CUDA_CONTEXT_BYTES, estimate_memory, gib
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEST_FILES = ["tests/test_cuda.py", "tests/test_compile.py", "tests/test_ddp.py"]
-PARTS = ["tests", "loop", "flash", "bench", "memory", "train", "finetune", "sample"]
+PARTS = ["tests", "loop", "flash", "memory", "train", "finetune", "sample"]
+NO_CUDA = "skipped (no CUDA)"
+MAX_CHECK_STEPS = 100_000   # --loop-steps, --train-steps and --finetune-steps: a check, not a run
 
 
 @dataclass
@@ -70,11 +67,6 @@ class CheckConfig:
                                    "card (for its GradScaler's syncs)")
     train_steps: int = knob(200, "train this many steps, stop, then resume to twice as many")
     finetune_steps: int = knob(100, "fine-tuning steps")
-    bench_batches: str = knob("auto", "comma-separated batch sizes for the bench part; auto = 128 and 512, each "
-                                      "cut to the largest the memory estimate fits in the card's free memory")
-    bench_modes: str = knob("auto", "comma-separated bench modes; auto = eager-P,compiled-P, P = what --precision "
-                                    "auto picks")
-    bench_steps: int = knob(20, "timed bench steps per mode (after 5 warm-up steps)")
     sample_n: int = knob(4, "images per class for sample.py")
     sample_steps: int = knob(32, "Euler steps for sample.py")
     skip: str = knob("", f"comma-separated parts to leave out, from {', '.join(PARTS)}")
@@ -83,12 +75,15 @@ class CheckConfig:
 PRESETS = {
     "cifar": {},
     # the CPU dry run: every part once, in seconds
-    "tiny": dict(model="tiny", loop_steps=4, loop_modes="eager-fp32", train_steps=2, finetune_steps=2,
-                 bench_batches="4", bench_modes="eager-fp32", bench_steps=1, sample_n=1, sample_steps=2),
+    "tiny": dict(model="tiny", loop_steps=4, loop_modes="eager-fp32", train_steps=2, finetune_steps=2, sample_n=1,
+                 sample_steps=2),
 }
+# the bench part timed a copy of train.py's step; the loop part measures the same img/s in train.py itself
+BENCH_GONE = "the GPU check's bench part was removed: the loop part measures img/s in train.py's own loop"
+REMOVED = {"--bench-batches": f"{BENCH_GONE}; time other batch sizes with python -m minisnr.tools.bench --batch-size N",
+           "--bench-modes": f"{BENCH_GONE}; use --loop-modes",
+           "--bench-steps": f"{BENCH_GONE}; use --loop-steps"}
 
-
-# --- parts that need CUDA ----------------------------------------------------------------------
 
 def check_tests(cfg, device):
     """Run the GPU-relevant test files with pytest in a subprocess; ok if they pass."""
@@ -98,99 +93,307 @@ def check_tests(cfg, device):
     return dict(status="ok" if proc.returncode == 0 else f"FAILED (pytest exit {proc.returncode})", result=last)
 
 
-# --- bench and memory --------------------------------------------------------------------------
+# --- the scripts, as a user runs them ----------------------------------------------------------
 
-def bench_config(cfg, batch_size, steps=None):
-    """The BenchConfig for this check's model at one batch size."""
-    return BenchConfig(preset=cfg.model, batch_size=batch_size, device=cfg.device, steps=steps)
-
-
-def bench_modes(cfg, device):
-    """--bench-modes as a list; auto = auto_modes: eager and compiled (where the card compiles) in the precision
-    --precision auto picks here."""
-    if cfg.bench_modes != "auto":
-        return parse_modes(cfg.bench_modes, device)
-    return auto_modes(device)
+def script(name):
+    """Import a top-level script (train, finetune, sample) from the repository root."""
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    return importlib.import_module(name)
 
 
-def bench_one(cfg, device, batch_size, mode):
-    """One bench row, plus dynamo's graph, graph-break and recompile counts for a compiled mode. data_images: bench
-    keeps 4 batches of images on the device, as train.py keeps its data set (for the memory estimate)."""
-    from torch._dynamo.utils import counters
-    counters.clear()
-    row = bench_mode(mode, bench_config(cfg, batch_size, cfg.bench_steps), device)
-    row["data_images"] = 4 * batch_size
-    return dict(row, **compile_counts()) if row["compiled"] else row
-
-
-def bench_batches(cfg, device, modes):
-    """--bench-batches as a list of ints. auto: 128 and 512, each cut to the largest micro-batch the memory
-    estimate fits in 85% of the card's free memory (the rest for the allocator's slack and the backward's
-    transient buffers, which the estimate leaves out); 128 off CUDA, where there is no card to size for."""
-    if cfg.bench_batches != "auto":
-        return [int(b) for b in cfg.bench_batches.split(",")]
-    if device.type != "cuda":
-        return [128]
-    gc.collect()
-    torch.cuda.empty_cache()                      # what earlier parts left in torch's cache is free for the bench
-    free, _ = torch.cuda.mem_get_info(device)
-    fit = min(largest_batch(cfg.model, 0.85 * free, m.split("-")[1], data_images=4 * 512) for m in modes)
-    return sorted({min(b, fit) for b in (128, 512)} - {0})
-
-
-def bench_row_or_skip(cfg, device, batch_size, mode):
-    """bench_one, or a row with status 'skipped (out of memory)' if the batch does not fit after all: a card
-    too small for a batch is a fact about the card, not a failure of the code."""
+@contextlib.contextmanager
+def data_loaded_once():
+    """train.py's load_dataset remembered while the body runs: decoding CIFAR-10's 50,000 PNGs takes half a minute
+    or more, and the loop and train parts run train.py five times on them. Only the reading is shared: each run
+    puts the images on its device and trains as its own command line would."""
+    train = script("train")
+    real = train.load_dataset
+    train.load_dataset = functools.lru_cache(maxsize=1)(real)
     try:
-        return dict(bench_one(cfg, device, batch_size, mode), status="ok")
-    except RuntimeError as e:
-        if not out_of_memory(e):
-            raise
-        free_cuda_memory(device)
-        return dict(mode=mode, batch_size=batch_size, compiled=mode.startswith("compiled"),
-                    status="skipped (out of memory)")
+        yield
+    finally:
+        train.load_dataset = real
 
 
-def check_bench(cfg, device):
-    """Bench each mode at each batch size; ok if every compiled mode that ran is one graph that never recompiles."""
-    modes = bench_modes(cfg, device)
-    batches = bench_batches(cfg, device, modes)
-    if not batches:
-        return dict(status="skipped (the memory estimate fits no batch in the card's free memory)", rows=[])
-    rows = [bench_row_or_skip(cfg, device, b, mode) for b in batches for mode in modes]
+def last_log(path):
+    """The last record of a log.jsonl."""
+    with open(path) as f:
+        return json.loads(f.read().splitlines()[-1])
+
+
+# --- train.py's own loop: img/s, MFU, peak memory, host-device syncs ---------------------------
+
+def loop_modes(cfg, device):
+    """--loop-modes as a list. auto: eager and compiled in the precision --precision auto picks, compiled only where
+    inductor can build kernels (train.py's compile default); plus eager fp16 on a CUDA card that trains in bf16:
+    fp16's GradScaler is where a sync would hide (a non-fused optimizer reads found_inf back every step)."""
+    if cfg.loop_modes != "auto":
+        return parse_modes(cfg.loop_modes, device)
+    precision = resolve_precision("auto", device)
+    modes = [f"eager-{precision}"]
+    if device.type != "cuda" or cuda_can_compile(device):
+        modes.append(f"compiled-{precision}")
+    if device.type == "cuda" and precision == "bf16":
+        modes.append("eager-fp16")
+    return modes
+
+
+def free_cuda_memory(device):
+    """Give back what earlier runs left in torch's cache, so a peak measured next is the next run's own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def sync_warnings(device):
+    """Record warnings inside; on CUDA every host-device sync is one of them (torch.cuda.set_sync_debug_mode
+    'warn'). Yields the list of warnings, which count_syncs counts."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield caught
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+
+
+def count_syncs(caught):
+    """How many of the recorded warnings are host-device syncs ("called a synchronizing CUDA operation")."""
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@contextlib.contextmanager
+def step_marks(train, counter):
+    """Record counter() at every run.step() call of train.py's loop, the boundaries of its steps: train.py is handed
+    a Run whose step() records first. Yields the list of marks, one per step."""
+    marks, real = [], train.Run
+
+    class MarkedRun(real):
+        """train.py's Run, recording counter() as each step ends."""
+
+        def step(self, *args, **kwargs):
+            marks.append(counter())
+            return super().step(*args, **kwargs)
+    train.Run = MarkedRun
+    try:
+        yield marks
+    finally:
+        train.Run = real
+
+
+def loop_row(cfg, device, out, mode):
+    """Run train.py's main as `python train.py --preset P --precision P --compile C` does, for cfg.loop_steps steps
+    with a log line halfway: the img/s of the last log window, MFU, the peak memory above what was allocated
+    before (CUDA), dynamo's counts (compiled), and the syncs of each steady-state step: from one run.step() call to
+    the next, leaving out the first step (it compiles, and Throughput waits for it once) and every step after a
+    log line (the log reads the loss back). batch_size is the images of one forward, what the estimate takes."""
+    from torch._dynamo.utils import counters
+    train = script("train")
+    compiled, precision = mode.split("-")[0] == "compiled", mode.split("-")[1]
+    steps, run_dir = cfg.loop_steps, os.path.join(out, "loop")
+    argv = ["--preset", cfg.model, "--data", cfg.data, "--out", run_dir, "--device", cfg.device, "--precision",
+            precision, "--compile", str(compiled).lower(), "--max-steps", str(steps), "--log-every", str(steps // 2),
+            "--ckpt-every", str(steps), "--sample-every", "0", "--sample-per-class", "1", "--sample-steps", "2",
+            "--overwrite", "true"]
+    torch._dynamo.reset()          # this mode compiles from scratch, and no earlier graph holds memory
+    counters.clear()
+    free_cuda_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    with sync_warnings(device) as caught, step_marks(train, lambda: count_syncs(caught)) as marks:
+        train.main(argv)
+    ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
+    config = ckpt["train_config"]
+    img_s = last_log(os.path.join(run_dir, "log.jsonl"))["img_per_s"]
+    per_step = [marks[i] - marks[i - 1] for i in range(2, len(marks)) if i % (steps // 2) != 0]
+    row = dict(mode=mode, status="ok", batch_size=config["batch_size"] // config["grad_accum"],
+               grad_accum=config["grad_accum"], data_images=len(ckpt["loader"]["perm"]), steps=len(marks),
+               img_per_s=img_s, mfu=None, peak_mem_gib=None, syncs_per_step=max(per_step, default=None),
+               steady_steps=len(per_step))
+    peak = peak_tflops(device)
+    if peak and img_s:
+        row["mfu"] = train_flops_per_image(build_config(cfg.model)) * img_s / 1e12 / peak
+    if device.type == "cuda":
+        row["peak_mem_gib"] = gib(torch.cuda.max_memory_allocated(device) - before)
+    if compiled:
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        row.update(graphs=graphs, graph_breaks=breaks, recompiles=max(0, graphs - 1 - breaks))
+    return row
+
+
+def new_epoch_syncs(cfg, device):
+    """Host-device syncs in drawing a new epoch's data order, which training does once an epoch (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    loader = InMemoryLoader(random_images(build_config(cfg.model), 64, 0), 16, device)
+    torch.cuda.synchronize(device)
+    with sync_warnings(device) as caught:
+        loader._new_epoch()
+    return count_syncs(caught)
+
+
+def check_loop(cfg, device, out):
+    """train.py's own loop in each --loop-modes mode, and the syncs of a new epoch's data order; ok if no
+    steady-state step and no new epoch syncs, and every compiled run is one graph that never recompiles. A mode
+    that runs out of memory is skipped, not failed: a card too small for the preset's batch is a fact about the
+    card, not a failure of the code (--grad-accum is the answer there)."""
+    rows = []
+    for mode in loop_modes(cfg, device):
+        try:
+            rows.append(loop_row(cfg, device, out, mode))
+        except RuntimeError as e:
+            if not out_of_memory(e):
+                raise
+            free_cuda_memory(device)
+            rows.append(dict(mode=mode, status="skipped (out of memory)"))
+    torch._dynamo.reset()            # the last mode's graphs hold its model: free it for the parts after this one
+    free_cuda_memory(device)
+    new_epoch = new_epoch_syncs(cfg, device)
     ran = [r for r in rows if r["status"] == "ok"]
-    bad = [r["mode"] for r in ran if r["compiled"] and (r["graph_breaks"] or r["recompiles"])]
-    skipped = len(rows) - len(ran)
-    keep = ("mode", "batch_size", "data_images", "status", "img_per_s", "mfu", "peak_mem_gib", "compile_s", "graphs",
-            "graph_breaks", "recompiles")
-    status = "ok" if not bad else f"FAILED (graph breaks or recompiles in {', '.join(bad)})"
-    if skipped and not bad:
-        status = f"ok ({skipped} row(s) skipped: out of memory)" if ran else "skipped (every row ran out of memory)"
-    return dict(status=status, rows=[{k: r.get(k) for k in keep} for r in rows])
+    bad = [f"{r['mode']}: {r['syncs_per_step']} syncs a step" for r in ran if r["syncs_per_step"]]
+    bad += [f"{r['mode']}: graph breaks or recompiles" for r in ran if r.get("graph_breaks") or r.get("recompiles")]
+    if new_epoch:
+        bad.append(f"a new epoch: {new_epoch} syncs")
+    notes = [f"{len(rows) - len(ran)} mode(s) skipped: out of memory"] if len(ran) < len(rows) else []
+    if device.type != "cuda":
+        notes.append("no CUDA: syncs not counted")
+    if bad:
+        status = f"FAILED ({'; '.join(bad)})"
+    elif not ran:
+        status = "skipped (every mode ran out of memory)"
+    else:
+        status = f"ok ({'; '.join(notes)})" if notes else "ok"
+    return dict(status=status, rows=rows, new_epoch_syncs=new_epoch)
+
+
+# --- the attention kernel and memory -----------------------------------------------------------
+
+def attention_kernel(capability):
+    """The SDPA kernel training uses on a card of this compute capability, and its name: flash from 8.0 (Ampere)
+    on; before that (T4 7.5, V100 7.0) flash kernels do not exist and the memory-efficient kernel runs."""
+    from torch.nn.attention import SDPBackend
+    if tuple(capability) >= (8, 0):
+        return SDPBackend.FLASH_ATTENTION, "flash"
+    return SDPBackend.EFFICIENT_ATTENTION, "memory-efficient"
+
+
+def check_flash(cfg, device):
+    """Run the card's attention kernel (attention_kernel) alone at the model's attention shapes, in the precision
+    --precision auto picks; ok if it accepts them. The result names the kernel."""
+    if device.type != "cuda":
+        return dict(status=NO_CUDA)
+    from torch.nn.attention import sdpa_kernel
+    backend, kernel = attention_kernel(torch.cuda.get_device_capability(device))
+    c = build_config(cfg.model)
+    tokens = (c.img_size // c.patch_size) ** 2
+    precision = resolve_precision("auto", device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    q, k, v = (torch.randn(8, c.heads, tokens, c.dim // c.heads, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))                                              # (N, H, T, D/H) each
+    shape = dict(kernel=kernel, heads=c.heads, tokens=tokens, head_dim=c.dim // c.heads, dtype=precision)
+    try:
+        with sdpa_kernel(backend):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+    except RuntimeError as e:
+        return dict(status=f"FAILED ({kernel} SDPA not eligible: {str(e).splitlines()[0]})", **shape)
+    return dict(status=f"ok ({kernel})", **shape)
 
 
 def check_memory(cfg, device, results):
-    """The memory estimate next to the measured peak of every bench and loop row that ran, eager and compiled (training
-    compiles by default); and the CUDA context, which the peaks do not see, measured (CUDA only)."""
+    """The memory estimate next to the measured peak of every loop row that ran, eager and compiled (training
+    compiles by default); and the CUDA context, which the peaks do not see: the card's used memory
+    (torch.cuda.mem_get_info) minus what torch's allocator holds. On a card other processes use, theirs counts too."""
     rows = []
-    for part in ("bench", "loop"):
-        for r in results.get(part, {}).get("rows", []):
-            if r["status"] != "ok":
-                continue
-            precision = r["mode"].split("-")[1]
-            est = gib(estimate_memory(cfg.model, r["batch_size"], precision, data_images=r["data_images"])["total"])
-            rows.append(dict(part=part, mode=r["mode"], batch_size=r["batch_size"], estimate_gib=round(est, 3),
+    for r in results.get("loop", {}).get("rows", []):
+        if r["status"] == "ok":
+            est = estimate_memory(cfg.model, r["batch_size"], r["mode"].split("-")[1], data_images=r["data_images"])
+            rows.append(dict(mode=r["mode"], batch_size=r["batch_size"], estimate_gib=round(gib(est["total"]), 3),
                              measured_gib=None if r["peak_mem_gib"] is None else round(r["peak_mem_gib"], 3)))
     if not rows:
-        return dict(status="skipped (no bench or loop row ran)")
+        return dict(status="skipped (no loop row ran)")
     if device.type != "cuda":
         return dict(status=f"{NO_CUDA}: estimate only", rows=rows)
     # the estimate is meant as an upper-bound-like steady state; allow the allocator some slack above it
-    low = [f"{r['part']} {r['mode']}" for r in rows if r["measured_gib"] > 1.15 * r["estimate_gib"]]
+    low = [r["mode"] for r in rows if r["measured_gib"] > 1.15 * r["estimate_gib"]]
     status = "ok" if not low else f"FAILED (the estimate is more than 15% below the measured peak: {', '.join(low)})"
-    # measured after the bench and loop parts, so the context holds the kernels training loads, as in training
-    return dict(status=status, rows=rows, cuda_context_gib=round(gib(cuda_context_bytes(device)), 3),
+    # measured after the loop part, so the context holds the kernels training loads, as in training
+    free, total = torch.cuda.mem_get_info(device)
+    context = total - free - torch.cuda.memory_reserved(device)
+    return dict(status=status, rows=rows, cuda_context_gib=round(gib(context), 3),
                 assumed_cuda_context_gib=gib(CUDA_CONTEXT_BYTES))
+
+
+# --- train, fine-tune and sample, end to end ---------------------------------------------------
+
+def check_train(cfg, device, out):
+    """train.py --preset P: --train-steps steps, stop, then --resume true to twice as many."""
+    train = script("train")
+    run = os.path.join(out, "train")
+    common = ["--preset", cfg.model, "--data", cfg.data, "--out", run, "--device", cfg.device,
+              "--max-steps", str(2 * cfg.train_steps)]                   # the LR schedule spans both halves
+    train.main(common + ["--stop-after", str(cfg.train_steps), "--overwrite", "true"])   # a re-run starts afresh
+    train.main(common + ["--stop-after", str(2 * cfg.train_steps), "--resume", "true"])
+    ckpt = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=True)
+    log = last_log(os.path.join(run, "log.jsonl"))
+    ok = ckpt["step"] == 2 * cfg.train_steps
+    return dict(status="ok" if ok else f"FAILED (resumed run ended at step {ckpt['step']})", step=ckpt["step"],
+                last_log=dict(loss=log["loss"], img_per_s=log["img_per_s"]))
+
+
+def first_image(folder):
+    """The first image file under an ImageFolder, in sorted order: the style reference for the check."""
+    for root, dirs, files in sorted(os.walk(folder)):
+        dirs.sort()
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                return os.path.join(root, name)
+    raise UserError(f"no image found under --data {folder!r}; pass an ImageFolder with class subfolders of images")
+
+
+def check_finetune(cfg, device, out):
+    """finetune.py on the trained checkpoint with the first image of --data as the style."""
+    style = first_image(cfg.data)
+    script("finetune").main(["--base", os.path.join(out, "train", "ckpt.pt"), "--style", style, "--out",
+                             os.path.join(out, "finetune"), "--steps", str(cfg.finetune_steps), "--device", cfg.device,
+                             "--sample-per-class", "1", "--sample-steps", str(cfg.sample_steps), "--overwrite", "true"])
+    log = last_log(os.path.join(out, "finetune", "log.jsonl"))
+    return dict(status="ok", style=style, last_log={k: log.get(k) for k in ("step", "loss")})
+
+
+def merged_gap(cfg, device, out):
+    """max and mean |merged - unmerged| LoRA sampling in uint8 levels, in the precision auto picks."""
+    model, _ = load_pretrained(os.path.join(out, "train", "ckpt.pt"), device=device)
+    apply_adapter(model, os.path.join(out, "finetune", "adapter.pt"))
+    model.to(device)
+    set_style_scale(model, 1.0)
+    precision = resolve_precision("auto", device)
+    ctx = autocast_context(device, precision)
+    labels = [c for c in range(model.config.num_classes) for _ in range(cfg.sample_n)]
+    unmerged = generate(model, labels, steps=cfg.sample_steps, seed=0, ctx=ctx).int()
+    merge_lora(model)
+    gap = (generate(model, labels, steps=cfg.sample_steps, seed=0, ctx=ctx).int() - unmerged).abs().float()
+    return dict(precision=precision, max_levels=gap.max().item(), mean_levels=round(gap.mean().item(), 3))
+
+
+def check_sample(cfg, device, out):
+    """sample.py plain, with --lora, and with --lora --style-steps 0:0.5; then the merged-vs-unmerged gap."""
+    sample = script("sample")
+    ckpt, adapter = os.path.join(out, "train", "ckpt.pt"), os.path.join(out, "finetune", "adapter.pt")
+    common = ["--n", str(cfg.sample_n), "--steps", str(cfg.sample_steps), "--device", cfg.device]
+    runs = {"plain": [], "lora": ["--lora", adapter], "style_steps": ["--lora", adapter, "--style-steps", "0:0.5"]}
+    written = {}
+    for name, extra in runs.items():
+        path = os.path.join(out, "samples", f"{name}.png")
+        sample.main([ckpt, *common, *extra, "--out", path])
+        written[name] = os.path.isfile(path)
+    ok = all(written.values())
+    return dict(status="ok" if ok else "FAILED (a grid is missing)", written=written,
+                merged_vs_unmerged=merged_gap(cfg, device, out))
 
 
 # --- driver ------------------------------------------------------------------------------------
@@ -206,22 +409,12 @@ def run_part(name, fn, results):
     res["seconds"] = round(time.perf_counter() - t0, 1)
     results[name] = res
     print(f"gpucheck: {name}: {res['status']} ({res['seconds']} s)", flush=True)
-    return res
 
 
 def needs(results, *parts):
     """A skip status if a part this one builds on did not succeed, else None."""
     bad = [p for p in parts if not results.get(p, {}).get("status", "").startswith("ok")]
     return dict(status=f"skipped ({', '.join(bad)} did not succeed)") if bad else None
-
-
-def parse_skip(text):
-    """--skip as a set of part names; an unknown name is a UserError listing the parts."""
-    skip = {p for p in text.split(",") if p}
-    unknown = skip - set(PARTS)
-    if unknown:
-        raise UserError(f"unknown --skip part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
-    return skip
 
 
 def run_checks(cfg, device, skip):
@@ -231,7 +424,6 @@ def run_checks(cfg, device, skip):
         "tests": lambda: check_tests(cfg, device),
         "loop": lambda: check_loop(cfg, device, out),
         "flash": lambda: check_flash(cfg, device),
-        "bench": lambda: check_bench(cfg, device),
         "memory": lambda: check_memory(cfg, device, results),
         "train": lambda: check_train(cfg, device, out),
         "finetune": lambda: needs(results, "train") or check_finetune(cfg, device, out),
@@ -245,56 +437,49 @@ def run_checks(cfg, device, skip):
     return results
 
 
-def summary(results, device, seconds):
-    """The one-line verdict: counts of ok, failed and skipped parts."""
-    counts = {k: sum(r["status"].startswith(k) for r in results.values()) for k in ("ok", "FAILED", "skipped")}
-    return (f"gpu check on {describe_device(device)}: {counts['ok']} ok, {counts['FAILED']} failed, "
-            f"{counts['skipped']} skipped in {seconds:.0f} s")
-
-
-MAX_CHECK_STEPS = 100_000   # --train-steps and --finetune-steps: a check, not a run
-
-
 def validate(cfg):
     """One-line errors for values no check could use, and the outputs checked before any part runs: --out is not,
-    does not contain and does not sit inside --data, and OUT/gpu_check.json is checked as every output is."""
+    does not contain and does not sit inside --data, and OUT/gpu_check.json is checked as every output is.
+    Returns the set of parts to skip."""
     if not cfg.data or not os.path.isdir(cfg.data):
         raise UserError(f"--data {cfg.data!r} is not a folder; pass an ImageFolder, e.g. ../shared/data/cifar10/train")
     if cfg.model not in TRAIN_PRESETS:
         raise UserError(f"unknown --model {cfg.model!r}; choose a train.py preset: {', '.join(TRAIN_PRESETS)}")
     bounds = {"loop_steps": MAX_CHECK_STEPS, "train_steps": MAX_CHECK_STEPS, "finetune_steps": MAX_CHECK_STEPS,
-              "bench_steps": MAX_TIMED_STEPS, "sample_n": MAX_SAMPLE_PER_CLASS, "sample_steps": MAX_SAMPLE_STEPS}
+              "sample_n": MAX_SAMPLE_PER_CLASS, "sample_steps": MAX_SAMPLE_STEPS}
     for name, high in bounds.items():
         if not 1 <= getattr(cfg, name) <= high:
             raise UserError(f"--{name.replace('_', '-')} must be in [1, {high:,}], got {getattr(cfg, name):,}")
     if cfg.loop_steps < 4:       # a steady-state step needs one before it (the first) and none of the log steps
         raise UserError(f"--loop-steps must be >= 4, got {cfg.loop_steps}")
-    batches = cfg.bench_batches.split(",")
-    if cfg.bench_batches != "auto" and not all(b.isascii() and b.isdigit() and 1 <= int(b) <= MAX_BATCH["train.py"]
-                                               for b in batches):
-        raise UserError(f"--bench-batches must be auto or batch sizes in [1, {MAX_BATCH['train.py']:,}] separated by "
-                        f"commas, got {cfg.bench_batches!r}")
-    if cfg.bench_modes != "auto":
-        parse_modes(cfg.bench_modes, pick_device(cfg.device))
+    if cfg.loop_modes != "auto":
+        parse_modes(cfg.loop_modes, pick_device(cfg.device))
+    skip = {p for p in cfg.skip.split(",") if p}
+    if skip - set(PARTS):
+        raise UserError(f"unknown --skip part(s) {', '.join(sorted(skip - set(PARTS)))}; choose from "
+                        f"{', '.join(PARTS)}" + (" (bench is now the loop part)" if "bench" in skip else ""))
     check_out_not_input(cfg.out, [("--data", cfg.data)])
     check_output(os.path.join(cfg.out, "gpu_check.json"), "--out", kind="json")
+    return skip
 
 
 def main(argv=None):
     """Command-line entry point: run the checks, print each part and one summary line, write OUT/gpu_check.json."""
-    cfg, args = parse_config(CheckConfig, PRESETS, argv, description=__doc__.splitlines()[0])
-    validate(cfg)
-    skip, device = parse_skip(cfg.skip), pick_device(cfg.device)
+    cfg, args = parse_config(CheckConfig, PRESETS, argv, description=__doc__.splitlines()[0], removed=REMOVED)
+    skip = validate(cfg)
+    device = pick_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     t0 = time.perf_counter()
     with data_loaded_once():
         results = run_checks(cfg, device, skip)
-    line = summary(results, device, time.perf_counter() - t0)
+    counts = {k: sum(r["status"].startswith(k) for r in results.values()) for k in ("ok", "FAILED", "skipped")}
+    line = (f"gpu check on {describe_device(device)}: {counts['ok']} ok, {counts['FAILED']} failed, "
+            f"{counts['skipped']} skipped in {time.perf_counter() - t0:.0f} s")
     path = os.path.join(cfg.out, "gpu_check.json")
     write_result({"summary": line, "device": describe_device(device), "torch": torch.__version__,
                   "config": asdict(cfg), "preset": args.preset, "parts": results}, path)
     print(f"{line}; details in {path}")
-    if any(r["status"].startswith("FAILED") for r in results.values()):
+    if counts["FAILED"]:
         sys.exit(1)
     return results
 

@@ -3,40 +3,24 @@
     python -m minisnr.tools.bench --preset cifar --batch-size 128 --estimate-memory true
     python -m minisnr.tools.bench --preset cifar --estimate-memory true --fit-gib 8,12,24
 
-What a training step keeps (estimate_memory):
-
-    weights, gradients, AdamW's two moments, the EMA copy   bytes of model.parameters(), once each for weights,
-                                                           gradients and EMA and twice for AdamW: all fp32, since
-                                                           autocast keeps fp32 master weights (20 bytes a parameter)
-    activations saved for the backward                     activation_bytes: fixed + batch * per_image
-
-The activations are not described here a second time, layer by layer: activation_bytes runs the real
-model's training forward (rf_loss) on the CPU at batch 1 and at batch 2, under the autocast dtype being
-estimated, and adds up the bytes of the distinct storages autograd saves for the backward
-(torch.autograd.graph.saved_tensors_hooks; the parameters themselves are not counted). What batch 2 saves
-beyond batch 1 is one image's worth; what batch 1 saves beyond that does not grow with the batch (under
-autocast: the low-precision copy of each weight whose backward needs it). Every saved tensor is one or the
-other, so activations(B) = fixed + B * per_image holds exactly (tests/test_bench.py checks it at another batch).
+A training step keeps the weights, their gradients, AdamW's two moments and the EMA copy, all fp32 since
+autocast keeps fp32 master weights (20 bytes a parameter), and the activations autograd saves for the backward.
+Those are not described here a second time, layer by layer: activation_line runs the real model's training
+forward (rf_loss) on the CPU at batch 1 and at batch 2, under the autocast dtype being estimated, and adds up
+the distinct storages autograd saves (torch.autograd.graph.saved_tensors_hooks), parameters left out. What
+batch 2 saves beyond batch 1 is one image's worth; what batch 1 saves beyond that does not grow with the batch
+(under autocast: the low-precision copy of each weight), so activations(B) = fixed + B * per_image holds exactly
+(tests/test_bench.py checks it at another batch), and a new layer changes the estimate by itself.
 
 Why the CPU: any machine can run it, in about a second for the cifar preset, with no GPU memory; and CPU
 attention saves what CUDA's flash and memory-efficient kernels save (q, k, v, the output and a logsumexp,
-never the T x T weights). bench --measure-activations true takes the same sum on the chosen device at the
-full batch, and the GPU check (minisnr.tools.gpucheck) compares the total with CUDA's measured peak. The
-estimate leaves out the allocator's slack, temporaries freed during the forward and the backward's transient
-buffers; torch.compile's partitioner usually saves less than eager (it recomputes cheap elementwise ops in the
-backward).
+never the T x T weights). The GPU check compares the total with CUDA's measured peak. The estimate leaves out
+the allocator's slack, temporaries freed during the forward and the backward's transient buffers;
+torch.compile's partitioner usually saves less than eager (it recomputes cheap elementwise ops in the backward).
 
-What a card must hold besides (largest_batch, --fit-gib): the data set, which train.py keeps on the GPU as
-uint8 images and int64 labels (CIFAR-10: 147 MiB); under DDP the gradient buckets, which add nothing while DDP
-is built with gradient_as_bucket_view=True (minisnr.train.ddp: the gradients are views into the buckets) and a
-second copy of the gradients without it; and the CUDA context, which max_memory_allocated does not see, taken
-to be CUDA_CONTEXT_BYTES.
-
-This derivation replaced a hand-kept formula that listed the DiT's saved tensors one by one. On torch 2.14
-the two agree to the byte for the tiny, cpu, cifar and anchor presets in fp32 and in bf16 (cifar: 91.45 MiB
-per image in fp32; 55.17 MiB per image plus 61.6 MiB of bf16 weight copies in bf16), so the largest cifar
-micro-batch in bf16 stays 136 for 8 GiB, 210 for 12 GiB and 433 for 24 GiB. The difference is what happens
-next: a new layer, another mlp_ratio or a kernel that saves differently now changes the estimate by itself.
+A card must hold besides (largest_batch, --fit-gib) the data set, which train.py keeps on the GPU as uint8
+images and int64 labels (CIFAR-10: 147 MiB), and the CUDA context, which max_memory_allocated does not see,
+taken to be CUDA_CONTEXT_BYTES.
 """
 import functools
 
@@ -57,15 +41,10 @@ CIFAR10_TRAIN_IMAGES = 50_000
 
 # --- what autograd saves ---------------------------------------------------------------------
 
-@torch.no_grad()
-def _param_storages(model):
-    return {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-
 def measure_activation_bytes(model, batch_size, precision, device):
     """Sum of the bytes of every distinct storage autograd saves in one eager rf_loss forward,
     not counting the parameters; measured with torch.autograd.graph.saved_tensors_hooks."""
-    params = _param_storages(model)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
     def pack(t):
@@ -107,23 +86,11 @@ def activation_line(config, precision):
     return _activation_line(tuple(sorted(c.to_dict().items())), precision)
 
 
-def activation_bytes(config, batch_size, precision="fp32"):
-    """Bytes of the tensors autograd saves in one eager training forward (rf_loss) at this batch size:
-    fixed + batch_size * per_image from activation_line. config: a DiTConfig, a preset name or a config dict."""
-    fixed, per_image = activation_line(config, precision)
-    return fixed + batch_size * per_image
-
-
 # --- the estimate ------------------------------------------------------------------------------
 
-def count_params(c):
-    """Parameter count, from a model built on the meta device (no memory, no init cost)."""
-    with torch.device("meta"):
-        return build_model(c).num_params()
-
-
 def param_bytes(c):
-    """(parameter count, bytes of the weights) from model.parameters() on the meta device."""
+    """(parameter count, bytes of the weights) from model.parameters() on the meta device (no memory, no init
+    cost)."""
     with torch.device("meta"):
         params = list(build_model(c).parameters())
     return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
@@ -135,13 +102,6 @@ def data_bytes(config, n_images):
     return n_images * (c.in_channels * c.img_size * c.img_size + 8)
 
 
-def ddp_bucket_bytes(grad_bytes):
-    """What DDP's gradient buckets add to the gradients: nothing when the gradients are views into them
-    (gradient_as_bucket_view=True, as minisnr.train.ddp builds it), a copy of them otherwise."""
-    from ..train.ddp import DDP_OPTIONS
-    return 0 if DDP_OPTIONS["gradient_as_bucket_view"] else grad_bytes
-
-
 def estimate_memory(config, batch_size, precision="bf16", data_images=0, ddp=False):
     """Estimated training memory in bytes (what torch's allocator holds, so not the CUDA context), as a dict:
     n_params, params, grads, adamw, ema, activations, data, ddp_buckets, total.
@@ -151,13 +111,16 @@ def estimate_memory(config, batch_size, precision="bf16", data_images=0, ddp=Fal
     kept on the device (train.py: the whole data set); `ddp` adds DDP's gradient buckets. The total is the sum:
     an upper-bound-like steady state that ignores the allocator's slack and the backward's transient buffers,
     and counts the gradients as if they coexisted with all the activations (in reality activations are freed
-    as the gradients appear).
+    as the gradients appear). DDP's gradient buckets add nothing when the gradients are views into them
+    (gradient_as_bucket_view=True, as minisnr.train.ddp builds it), a copy of them otherwise.
     """
+    from ..train.ddp import DDP_OPTIONS
     config = build_config(config)
     n, weights = param_bytes(config)
+    fixed, per_image = activation_line(config, precision)
     out = dict(n_params=n, params=weights, grads=weights, adamw=2 * weights, ema=weights,
-               activations=activation_bytes(config, batch_size, precision), data=data_bytes(config, data_images),
-               ddp_buckets=ddp_bucket_bytes(weights) if ddp else 0)
+               activations=fixed + batch_size * per_image, data=data_bytes(config, data_images),
+               ddp_buckets=weights if ddp and not DDP_OPTIONS["gradient_as_bucket_view"] else 0)
     out["total"] = sum(out[k] for k in ("params", "grads", "adamw", "ema", "activations", "data", "ddp_buckets"))
     return out
 
@@ -200,8 +163,6 @@ def print_memory_estimate(cfg, c, device):
                        ("adamw", "AdamW exp_avg + exp_avg_sq (fp32)"), ("ema", "EMA copy (fp32)"),
                        ("activations", "activations saved for backward"), ("total", "total")]:
         print(f"| {label} | {est[key] / 2 ** 20:.1f} | {gib(est[key]):.3f} |")
-    # what a card holds besides, at --fit-gib: the data kept on it and the CUDA context (DDP's buckets add nothing)
-    n_data = CIFAR10_TRAIN_IMAGES
     if cfg.measure_activations:
         torch.manual_seed(cfg.seed)
         model = build_model(c).to(device)
@@ -211,13 +172,14 @@ def print_memory_estimate(cfg, c, device):
               f"(estimate {est_act / 2 ** 20:.2f} MiB, estimate/measured = {est_act / max(measured, 1):.4f})")
         est["measured_activations"] = measured
     sizes = parse_gib_list(cfg.fit_gib)
+    # what a card holds besides, at --fit-gib: the data kept on it and the CUDA context (DDP's buckets add nothing)
+    n_data = CIFAR10_TRAIN_IMAGES
     if sizes:
         est["largest_batch"] = {f"{s:g}": largest_batch(c, s * 2 ** 30, cfg.precision, n_data,
                                                          context_bytes=CUDA_CONTEXT_BYTES) for s in sizes}
         print(f"\ncard sizes: the estimate plus {n_data} images kept on the GPU "
               f"({data_bytes(c, n_data) / 2 ** 20:.0f} MiB: CIFAR-10's training set) and "
-              f"{gib(CUDA_CONTEXT_BYTES):.1f} GiB "
-              f"assumed for the CUDA context")
+              f"{gib(CUDA_CONTEXT_BYTES):.1f} GiB assumed for the CUDA context")
         print(f"| card GiB | largest micro-batch ({cfg.precision}) | on the card at it, GiB |\n|---:|---:|---:|")
         for size, batch in est["largest_batch"].items():
             on_card = estimate_memory(c, batch, cfg.precision, n_data)["total"] + CUDA_CONTEXT_BYTES

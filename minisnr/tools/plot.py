@@ -5,7 +5,7 @@
               hlines=[{"label": "SD3 style sim", "y": 0.3, "color": (31, 119, 180)}],
               title="...", xlabel="mu", ylabel="score")
 
-Series are solid lines with markers; horizontal reference lines are dashed. The legend
+Series are solid lines with round markers; horizontal reference lines are dashed. The legend
 sits to the right of the axes so it never hides data. The PNG is written atomically.
 """
 import math
@@ -56,13 +56,8 @@ def _dashed(draw, p0, p1, colour, width=2, dash=7, gap=5):
         pos += dash + gap
 
 
-def _marker(draw, x, y, colour, kind="o", r=4):
-    if kind == "s":
-        draw.rectangle([x - r, y - r, x + r, y + r], fill=colour, outline=(0, 0, 0))
-    elif kind == "^":
-        draw.polygon([(x, y - r - 1), (x - r, y + r), (x + r, y + r)], fill=colour, outline=(0, 0, 0))
-    else:
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour, outline=(0, 0, 0))
+def _marker(draw, x, y, colour, r=4):
+    draw.ellipse([x - r, y - r, x + r, y + r], fill=colour, outline=(0, 0, 0))
 
 
 def _finite(v):
@@ -90,7 +85,7 @@ class _Frame:
         return self.ay1 - (y - self.ylo) / (self.yhi - self.ylo) * (self.ay1 - self.ay0)
 
 
-def _data_range(series, hlines, xticks, ylim):
+def _data_range(series, hlines, xticks):
     """(xlo, xhi, ylo, yhi): every finite point and reference line, padded so markers stay inside the box."""
     xs = [x for s in series for x, y in zip(s["x"], s["y"]) if _finite(x) and _finite(y)] + list(xticks or [])
     ys = [y for s in series for y in s["y"] if _finite(y)] + [h["y"] for h in hlines if _finite(h["y"])]
@@ -99,8 +94,6 @@ def _data_range(series, hlines, xticks, ylim):
     if xhi == xlo:
         xlo, xhi = xlo - 1, xhi + 1
     pad = 0.04 * (xhi - xlo)
-    if ylim is not None:
-        return xlo - pad, xhi + pad, ylim[0], ylim[1]
     ylo, yhi = min(ys), max(ys)
     span = (yhi - ylo) or 1.0
     return xlo - pad, xhi + pad, ylo - 0.08 * span, yhi + 0.08 * span
@@ -131,35 +124,27 @@ def _draw_data(draw, f, series, hlines):
     for i, h in enumerate(hlines):
         colour = tuple(h.get("color", COLOURS[i % len(COLOURS)]))
         if _finite(h["y"]):
-            _dashed(draw, (f.ax0, f.py(h["y"])), (f.ax1, f.py(h["y"])), colour, width=h.get("width", 2),
-                    dash=h.get("dash", 7), gap=h.get("gap", 5))
-        legend.append(("hline", h["label"], colour, h))
+            _dashed(draw, (f.ax0, f.py(h["y"])), (f.ax1, f.py(h["y"])), colour)
+        legend.append(("hline", h["label"], colour))
     for i, s in enumerate(series):
         colour = tuple(s.get("color", COLOURS[i % len(COLOURS)]))
         pts = [(f.px(x), f.py(y)) for x, y in sorted(zip(s["x"], s["y"])) if _finite(x) and _finite(y)]
-        if s.get("dashed"):
-            for a, b in zip(pts, pts[1:]):
-                _dashed(draw, a, b, colour)
-        elif len(pts) > 1:
+        if len(pts) > 1:
             draw.line(pts, fill=colour, width=2)
         for x, y in pts:
-            _marker(draw, x, y, colour, s.get("marker", "o"))
-        legend.append(("series", s["label"], colour, s))
+            _marker(draw, x, y, colour)
+        legend.append(("series", s["label"], colour))
     return legend
 
 
 def _draw_legend(draw, legend, lx, ly, small):
     """One row per entry from (lx, ly) down: a line sample (dashed for reference lines), its marker, its label."""
-    for kind, label, colour, spec in legend:
+    for kind, label, colour in legend:
         if kind == "hline":
-            _dashed(draw, (lx, ly + 7), (lx + 26, ly + 7), colour, width=spec.get("width", 2),
-                    dash=spec.get("dash", 7), gap=spec.get("gap", 5))
+            _dashed(draw, (lx, ly + 7), (lx + 26, ly + 7), colour)
         else:
-            if spec.get("dashed"):
-                _dashed(draw, (lx, ly + 7), (lx + 26, ly + 7), colour, dash=5, gap=3)
-            else:
-                draw.line([(lx, ly + 7), (lx + 26, ly + 7)], fill=colour, width=2)
-            _marker(draw, lx + 13, ly + 7, colour, spec.get("marker", "o"))
+            draw.line([(lx, ly + 7), (lx + 26, ly + 7)], fill=colour, width=2)
+            _marker(draw, lx + 13, ly + 7, colour)
         draw.text((lx + 32, ly), label, fill=(0, 0, 0), font=small)
         ly += 19
 
@@ -180,14 +165,14 @@ def _draw_titles(img, draw, f, title, xlabel, ylabel, font):
         img.paste(strip, (6, int((f.ay0 + f.ay1) / 2 - strip.height / 2)))
 
 
-def line_plot(path, series, hlines=(), title="", xlabel="", ylabel="", xticks=None, ylim=None, size=(780, 440)):
-    """Draw series (dicts: label, x, y, optional color, marker 'o'|'s'|'^', dashed) and horizontal dashed lines
-    (dicts: label, y, optional color) into a PNG at `path`. Non-finite points are skipped."""
-    width, height = size
+def line_plot(path, series, hlines=(), title="", xlabel="", ylabel="", xticks=None):
+    """Draw series (dicts: label, x, y, optional color) and horizontal dashed lines (dicts: label, y, optional
+    color) into a 780x440 PNG at `path`. Non-finite points are skipped."""
+    width, height = 780, 440
     left, right, top, bottom = 64, 230, 34, 52                    # margins; the legend lives in the right one
-    f = _Frame(left, top, width - right, height - bottom, *_data_range(series, hlines, xticks, ylim))
+    f = _Frame(left, top, width - right, height - bottom, *_data_range(series, hlines, xticks))
     font, small = _font(13), _font(11)
-    img = Image.new("RGB", size, (255, 255, 255))
+    img = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     _draw_grid(draw, f, xticks, small)
     legend = _draw_data(draw, f, series, hlines)

@@ -17,16 +17,12 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from ..io.cli import finite_float, OneLineErrorParser
+from ..io.cli import finite_float, OneLineErrorParser, run_main, UserError
 from ..io.data import open_image, resize_center_crop, to_model_range
-from ..rf import to_uint8
-from ..rf import add_noise, lam_of_t, NoiseSampler, t_of_lam
-from ..io.cli import run_main, UserError
 from ..io.images import save_png
 from ..io.safety import check_output, check_seed
-
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194)]
+from ..rf import add_noise, lam_of_t, NoiseSampler, t_of_lam, to_uint8
+from .plot import COLOURS
 
 # the samplers compared in the README picture: the uniform and SD3 baselines, and style-friendly settings
 DEFAULT_SAMPLERS = [
