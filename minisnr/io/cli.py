@@ -66,15 +66,6 @@ def knob(default, help, shown=None):
     return dataclasses.field(default=default, metadata={"help": help, "shown": shown})
 
 
-def _flag_type(field_type, default):
-    kind = field_type if isinstance(field_type, type) else type(default)
-    if kind is bool:
-        return parse_bool
-    if kind is float:
-        return finite_float
-    return kind
-
-
 def finite_float(text):
     """A float flag's value; 'nan' and 'inf' are refused, since no setting means them (they give black images)."""
     try:
@@ -110,7 +101,8 @@ def build_parser(config_cls, presets=None, description=None, extra=None, aliases
                             help="named group of defaults; other flags override single fields")
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
-        ftype = _flag_type(f.type, f.default)
+        kind = f.type if isinstance(f.type, type) else type(f.default)
+        ftype = {bool: parse_bool, float: finite_float}.get(kind, kind)
         by_preset = {name: p[f.name] for name, p in (presets or {}).items() if f.name in p}
         shown = f"default {f.metadata.get('shown') or f.default}"
         shown += "".join(f"; {name}: {v}" for name, v in by_preset.items())

@@ -140,14 +140,28 @@ def require_file(path, what, fix):
         raise CheckpointError(f"{what} {path!r} {problem}; {fix}")
 
 
-def check_writable(folder, flag="--out"):
-    """Make sure files can be written in `folder` (creating it if needed); one-line error otherwise.
-    Folders it had to create are removed again, so a command that fails later leaves nothing behind;
-    the writers create them when they first write."""
-    missing, p = [], os.path.abspath(folder)
-    while not os.path.exists(p):  # deepest first, for removal below
+def missing_folders(path):
+    """The folders of `path` (itself and those above it) that do not exist yet, deepest first."""
+    missing, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
         missing.append(p)
         p = os.path.dirname(p)
+    return missing
+
+
+def remove_empty(folders):
+    """Remove the folders a command created (deepest first) while they are empty: files written there stay."""
+    for d in folders:
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
+
+
+def check_writable(folder, flag="--out"):
+    """Make sure files can be written in `folder`; one-line error otherwise. Folders it had to create are removed
+    again, so a command that fails later leaves nothing behind; the writers create them when they first write."""
+    missing = missing_folders(folder)
     try:
         os.makedirs(folder, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_test.")
@@ -157,8 +171,4 @@ def check_writable(folder, flag="--out"):
         raise CheckpointError(f"cannot write to output folder {folder!r} ({e.strerror}); pass a writable folder "
                               f"with {flag}") from None
     finally:
-        for d in missing:
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
+        remove_empty(missing)

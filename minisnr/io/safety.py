@@ -1,20 +1,13 @@
-"""Guards that keep the user's files safe, checked before any work starts.
+"""Guards that keep the user's files safe, checked before any work starts (README, "Your runs are safe").
 
-    a run folder      --out holding a run is refused unless --resume true (continue it) or --overwrite true
-    ownership         a run lists the files it creates in OUT/.minisnr-run.json first; --overwrite deletes only those
-    one at a time     OUT/.minisnr.lock, created with O_EXCL, keeps a second run out while one runs
-    out of inputs     --out never is, contains or sits inside --data or --style, nor is the --base's folder
-    a resumed run     continues with the flags and the inputs it was started with (their real paths, and a
-                      fingerprint of the data folder and the style files recorded in the manifest)
-    every output      check_output, for every file any command writes (--out, --json, --probe, --judge, the
-                      files of --out and --png-dir): never one of the command's inputs, never inside its data
-                      folders, never in place of a file minisnr did not write (known by what minisnr writes into
-                      its own files), a name the file system takes, in a writable folder
-    a resumed state   its step, RNG, data order and optimizer are checked against what they must be
+    a run folder   refused unless --resume true or --overwrite true; OUT/.minisnr-run.json lists the files a run
+                   created, which is all --overwrite deletes; OUT/.minisnr.lock keeps a second run out
+    inputs         --out never is, contains or sits inside --data, --style or the --base's folder; a resumed run
+                   finds them unchanged (real paths and fingerprints in the manifest)
+    every output   check_output: never an input, never inside data, never in place of a file minisnr did not write
 
-Folders are compared by real path and by device and inode, so neither a link, '..' nor a bind mount (two paths to
-one folder) hides that two paths are one. The lock and the manifest are opened only if they are regular files.
-Each refusal is a one-line UserError (printed by cli.run_main), raised before anything is written.
+Folders are compared by real path and by device and inode, so neither a link, '..' nor a bind mount hides that two
+paths are one. Each refusal is a one-line UserError, raised before anything is written.
 """
 import contextlib
 import glob
@@ -31,7 +24,7 @@ import zipfile
 
 from .cli import UserError
 from .device import pick_device
-from .files import check_writable, NAME_MAX, write_json
+from .files import check_writable, missing_folders, NAME_MAX, remove_empty, write_json
 
 
 # --- run folders ------------------------------------------------------------------------------
@@ -330,10 +323,7 @@ def hold_run_folder(out, script, enabled=True):
     if not enabled:
         yield
         return
-    missing, p = [], os.path.abspath(out)
-    while not os.path.exists(p):  # deepest first, for removal at exit
-        missing.append(p)
-        p = os.path.dirname(p)
+    missing = missing_folders(out)  # removed at exit while empty
     check_writable(out)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, LOCK)
@@ -349,7 +339,7 @@ def hold_run_folder(out, script, enabled=True):
             json.dump({"pid": os.getpid(), "host": socket.gethostname(), "script": script, "started": time.time()}, f)
     except OSError as e:  # a full disk: no half-written lock may stay to refuse the next run
         os.remove(path)
-        _remove_empty(missing)
+        remove_empty(missing)
         raise UserError(f"cannot write the lock {path!r} ({e.strerror}); free some space or pass another --out") \
             from None
     previous = signal.getsignal(signal.SIGTERM)
@@ -362,16 +352,7 @@ def hold_run_folder(out, script, enabled=True):
             signal.signal(signal.SIGTERM, previous)
         if _lock_holder(path)[0] == os.getpid():
             os.remove(path)
-        _remove_empty(missing)
-
-
-def _remove_empty(folders):
-    """Remove the folders a run created (deepest first) while they are empty."""
-    for d in folders:
-        try:
-            os.rmdir(d)
-        except OSError:  # the run wrote files there: they stay
-            break
+        remove_empty(missing)
 
 
 def _exit_143(signum, frame):
@@ -446,6 +427,4 @@ def check_seed(seed, flag="--seed"):
         raise UserError(f"{flag} must be in [0, 2^63), got {seed}")
 
 
-def check_device(name):
-    """The device named by --device, refused in one line when it is not there (pick_device)."""
-    return pick_device(name)
+check_device = pick_device  # the device named by --device, refused in one line when it is not there

@@ -25,14 +25,6 @@ BATCH = 256                  # images per generate() call (a setting of the fold
 SEED_STRIDE = 1_000_000      # batch k of seed s uses seed s * SEED_STRIDE + k: distinct for up to 1e6 batches
 
 
-def sample_settings(model, classes, class_ids, per_class, *, steps, cfg, seed, ema, precision):
-    """Everything that decides a folder's pixels, as a JSON-able dict (compared on resume).
-    The weights are named by their hash, so a moved or renamed checkpoint still matches."""
-    return {"weights": weights_hash(model.state_dict()), "ema": ema, "classes": [classes[c] for c in class_ids],
-            "class_ids": list(class_ids), "per_class": per_class, "steps": steps, "cfg": cfg, "seed": seed,
-            "precision": precision, "batch": BATCH}
-
-
 def file_names(settings):
     """The folder's file names, in sample order: INDEX_CLASS.png, classes cycling so any prefix is balanced."""
     names, n = settings["classes"], settings["per_class"] * len(settings["classes"])
@@ -68,11 +60,17 @@ def claim_folder(folder, settings, source, data=()):
                 "noise": f"batch k (files k*batch ...) starts from seed seed*{SEED_STRIDE}+k"}, path)
 
 
-def write_sample_folder(model, folder, settings, ctx, source="", data=()):
-    """Draw every sample of `settings` into `folder`, one PNG each, BATCH at a time with a progress bar.
-    Existing files are kept; returns (number of files, number written now)."""
+def sample_to_folder(model, folder, classes, class_ids, per_class, *, steps, cfg, seed, ema, device, precision,
+                     source="", data=()):
+    """sample.py --png-dir and `evaluate fid`: draw every sample into `folder`, one PNG each, BATCH at a time, keeping
+    the files already there. The folder may not lie in `data` ((what, folder) pairs: the data the model was trained
+    on). Returns the number of files."""
     from PIL import Image
     from tqdm import tqdm
+    # everything that decides the pixels, compared on resume; the weights by their hash, so a moved checkpoint matches
+    settings = {"weights": weights_hash(model.state_dict()), "ema": ema, "classes": [classes[c] for c in class_ids],
+                "class_ids": list(class_ids), "per_class": per_class, "steps": steps, "cfg": cfg, "seed": seed,
+                "precision": precision, "batch": BATCH}
     claim_folder(folder, settings, source, data)
     remove_stale_tmp(folder)  # a killed run's half-written NAME.<random>.tmp files
     names, have = file_names(settings), set(os.listdir(folder))
@@ -83,21 +81,11 @@ def write_sample_folder(model, folder, settings, ctx, source="", data=()):
         missing = [i for i in range(start, min(start + BATCH, len(names))) if names[i] not in have]
         if not missing:
             continue
-        images = generate(model, labels[start:start + BATCH], steps=settings["steps"], cfg=settings["cfg"],
-                          seed=settings["seed"] * SEED_STRIDE + k, ctx=ctx, batch_size=BATCH)
+        images = generate(model, labels[start:start + BATCH], steps=steps, cfg=cfg, seed=seed * SEED_STRIDE + k,
+                          ctx=autocast_context(device, precision), batch_size=BATCH)
         for i in missing:  # (3, H, W) uint8 -> PNG, each written atomically
             save_png(Image.fromarray(images[i - start].permute(1, 2, 0).numpy()), os.path.join(folder, names[i]))
         bar.update(len(missing))
     bar.close()
-    return len(names), todo
-
-
-def sample_to_folder(model, folder, classes, class_ids, per_class, *, steps, cfg, seed, ema, device, precision,
-                     source="", data=()):
-    """sample.py --png-dir and `evaluate fid` in one call: settings, then the (resumed) folder, which may not lie
-    in `data` ((what, folder) pairs: the data the model was trained on)."""
-    settings = sample_settings(model, classes, class_ids, per_class, steps=steps, cfg=cfg, seed=seed, ema=ema,
-                               precision=precision)
-    total, written = write_sample_folder(model, folder, settings, autocast_context(device, precision), source, data)
-    print(f"{folder}: {total} PNGs ({written} drawn now, {total - written} kept from before)")
-    return total
+    print(f"{folder}: {len(names)} PNGs ({todo} drawn now, {len(names) - todo} kept from before)")
+    return len(names)

@@ -75,6 +75,22 @@ def check_at_most(config, maximum, names, why=""):
             raise UserError(f"--{name.replace('_', '-')} must be <= {maximum:,}{why}, got {getattr(config, name):,}")
 
 
+def check_common(config):
+    """The checks of the flags train.py and finetune.py share: counts, the LR, the sample grid, p(t), the seed and
+    the device."""
+    check_at_least(config, 1, ("batch_size", "log_every", "ckpt_every", "sample_steps"))
+    check_at_least(config, 0, ("grad_clip", "sample_cfg"))
+    check_at_most(config, MAX_STEPS, ("log_every", "ckpt_every"))
+    check_at_most(config, MAX_SAMPLE_STEPS, ("sample_steps",))
+    check_at_most(config, MAX_SAMPLE_PER_CLASS, ("sample_per_class",))
+    check_at_most(config, MAX_CFG, ("sample_cfg",))
+    if not 0 < config.lr <= MAX_LR:
+        raise UserError(f"--lr must be in (0, {MAX_LR:g}], got {config.lr}")
+    check_noise_flags(config)
+    check_seed(config.seed)
+    check_device(config.device)
+
+
 # --- train.py ------------------------------------------------------------------------------------
 
 @dataclass
@@ -153,14 +169,12 @@ class TrainConfig:
     def validate(self, guard_folder=True):
         """Check the flags before any work starts; raise UserError with a one-line fix for bad input. Under torchrun
         only rank 0 checks --out (guard_folder), the folder whose lock it takes (train.py main)."""
-        check_at_least(self, 1, ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "sample_steps",
-                                 "sample_per_class"))
+        check_common(self)
+        check_at_least(self, 1, ("grad_accum", "max_steps", "sample_per_class"))
         check_at_least(self, 0, ("sample_every", "stop_after"), " (0 = off)")
-        check_at_most(self, MAX_STEPS, ("max_steps", "stop_after", "warmup", "log_every", "sample_every",
-                                        "ckpt_every"))
+        check_at_least(self, 0, ("weight_decay", "warmup"))
+        check_at_most(self, MAX_STEPS, ("max_steps", "stop_after", "warmup", "sample_every"))
         check_at_most(self, MAX_BATCH["train.py"], ("batch_size",), " (images per step; see --grad-accum)")
-        check_at_most(self, MAX_SAMPLE_STEPS, ("sample_steps",))
-        check_at_most(self, MAX_SAMPLE_PER_CLASS, ("sample_per_class",))
         if self.batch_size % self.grad_accum:
             raise UserError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}, "
                             f"so every micro-batch has the same size")
@@ -178,17 +192,8 @@ class TrainConfig:
                             f"smaller --dim or --depth")
         if not 0 <= self.class_dropout < 1:
             raise UserError(f"--class-dropout must be in [0, 1), got {self.class_dropout}")
-        if not 0 < self.lr <= MAX_LR:
-            raise UserError(f"--lr must be in (0, {MAX_LR:g}], got {self.lr}")
-        check_at_most(self, MAX_CFG, ("sample_cfg",))
-        for name in ("weight_decay", "grad_clip", "warmup", "sample_cfg"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        check_noise_flags(self)
-        check_seed(self.seed)
-        check_device(self.device)
         check_out_not_input(self.out, self.inputs())
         if guard_folder:
             guard_run_folder(self.out, self.SCRIPT, self.RUN_FILES, self.resume, self.overwrite, self.inputs())
@@ -216,9 +221,7 @@ COMPILE_MIN_PARAMS = 1_000_000
 
 
 def use_compile(config: TrainConfig, device):
-    """--compile if given, else compile on CUDA cards inductor can build for (cuda_can_compile), for models of
-    COMPILE_MIN_PARAMS parameters or more (whatever --preset named the model: --model cifar without --preset cifar
-    compiles too)."""
+    """--compile if given, else true on CUDA cards inductor can build for, for models of COMPILE_MIN_PARAMS or more."""
     if config.compile is not None:
         return config.compile
     if device.type != "cuda" or not cuda_can_compile(device):
@@ -303,31 +306,19 @@ class FinetuneConfig:
             raise UserError("--style is required: an image, a folder of images, or a comma-separated list")
         require_file(self.base, "--base", "pass the ckpt.pt written by train.py (OUT/ckpt.pt)"
                      + ("; the shipped base is missing from this copy of minisnr" if self.base == SHIPPED_BASE else ""))
-        check_at_least(self, 1, ("steps", "batch_size", "rank", "log_every", "ckpt_every", "sample_steps",
-                                 "ref_size"))
+        check_common(self)
+        check_at_least(self, 1, ("steps", "rank", "ref_size"))
         check_at_least(self, 0, ("sample_per_class",), " (0 = no grid)")
-        check_at_most(self, MAX_STEPS, ("steps", "log_every", "ckpt_every"))
+        check_at_most(self, MAX_STEPS, ("steps",))
         check_at_most(self, MAX_BATCH["finetune.py"], ("batch_size",), " (views per step)")
         check_at_most(self, MAX_RANK, ("rank",))
         check_at_most(self, MAX_REF_SIZE, ("ref_size",), " pixels")
-        check_at_most(self, MAX_SAMPLE_STEPS, ("sample_steps",))
-        check_at_most(self, MAX_SAMPLE_PER_CLASS, ("sample_per_class",))
-        if not 0 < self.lr <= MAX_LR:
-            raise UserError(f"--lr must be in (0, {MAX_LR:g}], got {self.lr}")
-        check_at_most(self, MAX_CFG, ("sample_cfg",))
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 < self.crop_min <= 1:
             raise UserError(f"--crop-min must be in (0, 1], got {self.crop_min}")
-        if self.sample_cfg < 0:
-            raise UserError(f"--sample-config must be >= 0, got {self.sample_cfg}")
-        if self.grad_clip < 0:
-            raise UserError(f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.alpha is not None and not 0 < self.alpha <= MAX_ALPHA:
             raise UserError(f"--alpha must be in (0, {MAX_ALPHA:g}] (the LoRA update is scaled by alpha/rank), got "
                             f"{self.alpha}")
-        check_noise_flags(self)
-        check_seed(self.seed)
-        check_device(self.device)
         check_out_not_input(self.out, self.inputs(), base=self.base)
         guard_run_folder(self.out, self.SCRIPT, self.RUN_FILES, self.resume, self.overwrite, self.inputs())

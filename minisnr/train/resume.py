@@ -35,18 +35,16 @@ def set_rng_state(state, device):
 NOISE_FLAGS = {"uniform": set(), "logit-normal": {"m", "s"}, "style-friendly": {"mu", "sigma"}}
 
 
-def unused_noise_flags(flags):
-    """The noise-sampler flags that the run's --noise-sampler does not read (shift is read by every one)."""
-    used = NOISE_FLAGS.get(flags.get("noise_sampler"))
-    return set().union(*NOISE_FLAGS.values()) - used if used is not None else set()
-
-
 def refuse_changed_flags(saved, current, free, path):
     """Resuming under other flags would mix two runs and record the wrong one: name every flag that differs
-    from the run's own (`saved`), except the `free` ones, which do not change the result."""
+    from the run's own (`saved`), except the `free` ones, which do not change the result. Older files record
+    none (`saved` None)."""
+    if saved is None:
+        return
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path} does not record the flags of its run; the file is damaged or not minisnr's")
-    free = set(free) | unused_noise_flags(current)       # e.g. --mu under logit-normal changes nothing drawn
+    used = NOISE_FLAGS.get(current.get("noise_sampler"))   # e.g. --mu under logit-normal changes nothing drawn
+    free = set(free) | (set().union(*NOISE_FLAGS.values()) - used if used is not None else set())
     changed = [k for k in current if k not in free and k in saved and saved[k] != current[k]]
     if changed:
         diff = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {current[k]})" for k in changed)
@@ -123,12 +121,6 @@ def load_state(path, what, script, keys):
     return state
 
 
-def check_flags(saved, config, path):
-    """The flags a state was run with must be today's, apart from config.RESUME_FREE (older files record none)."""
-    if saved is not None:
-        refuse_changed_flags(saved, asdict(config), config.RESUME_FREE, path)
-
-
 def restore(state, optimizer, scaler, device, master=True):
     """Load the optimizer, grad-scaler and RNG states (checked by then); returns the step to continue from.
 
@@ -159,7 +151,7 @@ def resume_pretrain(path, config, model, ema, optimizer, scaler, loader, device,
     if not isinstance(have, dict):
         raise CheckpointError(f"{path} is not a checkpoint written by train.py; pass the --out folder of a "
                               f"train.py run")
-    check_flags(ckpt.get("train_config"), config, path)
+    refuse_changed_flags(ckpt.get("train_config"), asdict(config), config.RESUME_FREE, path)
     if have != want:
         diff = ", ".join(f"{k}={have.get(k)} (these flags give {v})" for k, v in want.items() if have.get(k) != v)
         raise CheckpointError(f"{path} was trained with {diff}; pass the same --preset/--model/--dim/--depth/"
@@ -177,23 +169,16 @@ def resume_pretrain(path, config, model, ema, optimizer, scaler, loader, device,
     ema.load_state_dict(ckpt["ema"])
     loader.load_state_dict(ckpt["loader"])
     step = restore(ckpt, optimizer, scaler, device, master=rank == 0)
-    say_world_change(ckpt["loader"], loader, path, step, rank)
+    world, batch = ckpt["loader"].get("world_size"), loader.batch_size   # older states do not record it
+    if rank == 0 and isinstance(world, int) and world != loader.world_size:  # allowed, but another global batch
+        print(f"note: {path} was trained on {world} process(es) x --batch-size {batch} = {world * batch} images a "
+              f"step; from step {step} this run takes {loader.world_size * batch}. Resume with {world} process(es) "
+              f"to keep the run's global batch")
     if rank > 0:  # other ranks' RNG streams were not saved; derive fresh ones from the step
         torch.manual_seed(config.seed + rank + 1_000_003 * step)
     else:
         print(f"resumed from {path} at step {step}")
     return step
-
-
-def say_world_change(saved, loader, path, step, rank):
-    """Say (on rank 0) that a run resumed on another number of processes trains on another global batch from
-    here on. The data order and the LR schedule go on exactly, so it is allowed, but it is no longer the run it
-    was. Older states do not record their number of processes, so nothing is said for them."""
-    world, batch = saved.get("world_size"), loader.batch_size
-    if rank == 0 and isinstance(world, int) and world != loader.world_size:
-        print(f"note: {path} was trained on {world} process(es) x --batch-size {batch} = {world * batch} images a "
-              f"step; from step {step} this run takes {loader.world_size * batch}. Resume with {world} process(es) "
-              f"to keep the run's global batch")
 
 
 def resume_finetune(path, config, model, optimizer, scaler, device, base):
@@ -205,7 +190,7 @@ def resume_finetune(path, config, model, optimizer, scaler, device, base):
     if state.get("base_weights_hash", base["base_weights_hash"]) != base["base_weights_hash"]:
         raise CheckpointError(f"{path} was started from other base weights (another checkpoint, or --use-ema "
                               f"changed); pass the --base and --use-ema it was started with")
-    check_flags(state.get("finetune_config"), config, path)
+    refuse_changed_flags(state.get("finetune_config"), asdict(config), config.RESUME_FREE, path)
     check_tensors(state["lora"], path, "adapter tensors")
     check_optimizer_state(state["optimizer"], lora_parameters(model), path)
     load_lora_state_dict(model, state["lora"])

@@ -30,7 +30,7 @@ from ..io.device import out_of_memory, sync
 from ..rf import bin_losses
 from ..io.files import disk_full, open_log, remove_stale_tmp
 from ..io.safety import MANIFEST, RunManifest
-from .ddp import any_rank, any_rank_tensor
+from .ddp import any_rank
 
 
 # --- pieces: img/s and the Ctrl-C flag --------------------------------------------------------------
@@ -267,7 +267,7 @@ class Run:
         """Stop with one line if a loss or a weight became NaN/inf: a step can leave NaN weights behind a
         finite loss (an overflowing gradient), so both are checked. Nothing is saved after that."""
         weights_ok = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
-        if any_rank_tensor(self.nonfinite | ~weights_ok).item():      # under DDP every rank stops, or none
+        if any_rank(self.nonfinite | ~weights_ok).item():      # under DDP every rank stops, or none
             kept = (f"so {self.state_path} keeps the last good state" if os.path.exists(self.state_path)
                     else "and no state was saved yet")
             raise UserError(f"loss or weights became non-finite by step {step}; stopping without saving, {kept}. "
@@ -276,10 +276,10 @@ class Run:
     def stop(self, step):
         """True once Ctrl-C or SIGTERM came. One process stops at once; under DDP a rank may see the signal a
         step before another, so the ranks vote at each log step (which syncs anyway) and stop together."""
-        if self.world == 1:
-            self.stopped = self.interrupt.set
-        else:
-            self.stopped = step % self.log_every == 0 and any_rank(self.interrupt.set, self.device)
+        self.stopped = self.interrupt.set
+        if self.world > 1:
+            vote = step % self.log_every == 0
+            self.stopped = vote and any_rank(torch.tensor(self.stopped, device=self.device)).item()
         return self.stopped
 
     @contextlib.contextmanager
