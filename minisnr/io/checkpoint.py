@@ -1,8 +1,7 @@
 """Checkpoints and adapters: loaded safely, checked before use, matched to their base model.
 
-Reads use torch.load(weights_only=True), which only rebuilds tensors and plain
-containers (dict, list, str, int, float, bool, None). A checkpoint downloaded from a
-stranger cannot run code when minisnr opens it, unlike a plain pickle.
+Reads use torch.load(weights_only=True), which only rebuilds tensors and plain containers (dict, list, str, int,
+float, bool, None): a checkpoint downloaded from a stranger cannot run code when minisnr opens it.
 """
 import hashlib
 import json
@@ -197,11 +196,8 @@ def trained_on(ckpt):
 
 
 def load_pretrained(path, use_ema=True, device="cpu"):
-    """Load a train.py checkpoint as a DiT in eval mode. Returns (model, checkpoint dict).
-
-    use_ema picks the EMA weights (smoother samples); False picks the raw trained weights. The shipped base
-    (SHIPPED_BASE) holds only its EMA weights, in fp16, under "model"; they load into the fp32 model exactly.
-    """
+    """Load a train.py checkpoint as a DiT in eval mode: (model, checkpoint dict). use_ema picks the EMA weights
+    (smoother samples), else the raw ones; the shipped base holds only its EMA weights, in fp16, under "model"."""
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path!r} is not a minisnr checkpoint (made by train.py); missing model or model_config")

@@ -30,15 +30,10 @@ from .files import check_writable, missing_folders, NAME_MAX, remove_empty, writ
 # --- run folders ------------------------------------------------------------------------------
 
 def run_files(out, patterns):
-    """The files of a run in `out`: paths matching `patterns` (globs relative to `out`), sorted. Links and other
-    non-folders of those names count too (a link is not followed), so check_layout can refuse them."""
-    return sorted(p for pattern in patterns for p in glob.glob(os.path.join(glob.escape(out), pattern))
-                  if os.path.islink(p) or not os.path.isdir(p))
-
-
-def check_layout(out, patterns):
-    """Refuse, in one line, an --out where a run's file is a link or a folder, or where a folder it writes into
-    (samples/) is a link or a file: a write through a link could land outside --out."""
+    """The files of a run in `out`, sorted: the paths matching `patterns` (globs relative to `out`). An --out where
+    one of them is a link or a folder, or where a folder the run writes into (samples/) is a link or a file, is
+    refused in one line: a write through a link could land outside --out."""
+    files = []
     for pattern in patterns:
         parts = pattern.split(os.sep)
         for i in range(1, len(parts)):
@@ -54,6 +49,8 @@ def check_layout(out, patterns):
                 what = "log file" if path.endswith("log.jsonl") else "file"
                 raise UserError(f"--out {out!r}: {os.path.relpath(path, out)} is {kind}, where the run's {what} "
                                 f"goes; move it away or pass another --out")
+            files.append(path)
+    return sorted(files)
 
 
 def guard_run_folder(out, script, patterns, resume, overwrite, inputs=()):
@@ -66,7 +63,7 @@ def guard_run_folder(out, script, patterns, resume, overwrite, inputs=()):
     """
     if resume and overwrite:
         raise UserError("--resume true and --overwrite true contradict each other; pass one of them")
-    check_layout(out, patterns)
+    old = run_files(out, patterns)
     check_lock(out)
     manifest = read_manifest(out)
     if manifest == "damaged":
@@ -77,7 +74,6 @@ def guard_run_folder(out, script, patterns, resume, overwrite, inputs=()):
                         f"it: pass another --out")
     if manifest and resume:
         check_inputs(manifest.get("inputs"), list(inputs))
-    old = run_files(out, patterns)
     names = lambda paths: ", ".join(os.path.relpath(p, out) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
     if old and not resume and not overwrite:
         raise UserError(f"--out {out!r} already holds a run ({names(old)}); continue it with --resume true, replace it "
@@ -250,7 +246,7 @@ class RunManifest:
         """A resumed run from before manifests: its run files (checked as a run's when it was loaded) are its own."""
         for path in run_files(self.out, patterns):
             rel = os.path.relpath(path, self.out).replace(os.sep, "/")
-            if rel not in self.files and not os.path.islink(path):
+            if rel not in self.files:
                 self.files.append(rel)
 
     def claim(self, *names):

@@ -2,13 +2,10 @@
 
     python sample.py runs/pretrain/ckpt.pt --png-dir runs/fid/samples --n 5000   # 50,000 PNGs; rerun to resume
 
-The sample folder. File i is INDEX_CLASS.png (e.g. 000123_ship.png) and has class class_ids[i % K],
-so any prefix of the folder is class-balanced. Samples are drawn in batches of BATCH; batch k starts
-from the noise of seed `seed * SEED_STRIDE + k`, so a batch's images depend only on the settings and
-k, never on which batches ran before. That is what makes a run resumable: files that exist are
-skipped, and a missing one is drawn again, identical to what the first run would have written. The
-settings live in the folder's minisnr_samples.json; a rerun with other settings is refused, because
-one folder must hold samples of one model and one sampler.
+File i is INDEX_CLASS.png (e.g. 000123_ship.png) of class class_ids[i % K], so any prefix is class-balanced.
+Batch k of BATCH starts from the noise of seed `seed * SEED_STRIDE + k`, so its images depend only on the settings
+and k: a rerun skips the files that exist and draws a missing one exactly as the first run would have. The
+settings live in minisnr_samples.json; a rerun with others is refused: one folder, one model and one sampler.
 """
 import os
 
@@ -34,9 +31,8 @@ def file_names(settings):
 
 
 def claim_folder(folder, settings, source, data=()):
-    """Make `folder` ours for these settings: a new or empty folder gets the settings file; a folder with
-    the same settings is resumed; anything else (a folder of files minisnr did not write, one inside `data`,
-    the (what, folder) pairs of the data the model was trained on) is refused in one line (before any sampling)."""
+    """Make `folder` ours for these settings: a new or empty folder gets the settings file, one with the same
+    settings is resumed, anything else (files minisnr did not write, a folder inside `data`) is refused in one line."""
     check_out_not_input(folder, data, flag="--png-dir")
     path = os.path.join(folder, SETTINGS_FILE)
     if os.path.lexists(path):

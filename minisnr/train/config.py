@@ -1,10 +1,8 @@
 """Every flag of train.py and finetune.py: its default, its one-line reason, and the checks run before any work.
 
-Each field of a config dataclass becomes a flag (minisnr.io.cli.parse_config): `batch_size` is
---batch-size, and its reason is its --help line. validate() raises a one-line UserError naming
-the flag to fix, before anything is loaded or written.
+Each field of a config dataclass becomes a flag (minisnr.io.cli.parse_config): `batch_size` is --batch-size, and its
+reason is its --help line. validate() raises a one-line UserError naming the flag to fix, before any work.
 """
-import math
 import os
 from dataclasses import dataclass
 from typing import ClassVar
@@ -33,15 +31,12 @@ def check_noise_flags(config):
     if config.noise_sampler not in NOISE_SAMPLERS:
         raise UserError(f"--noise-sampler {config.noise_sampler!r} is unknown; choose one of "
                         f"{', '.join(NOISE_SAMPLERS)}")
-    for name in ("m", "s", "mu", "sigma", "shift"):
+    for name, bound in NOISE_BOUNDS.items():
         value = getattr(config, name)
-        if not math.isfinite(value):
-            raise UserError(f"--{name} must be a finite number, got {value}")
+        if not abs(value) <= bound:  # NaN fails it too
+            raise UserError(f"--{name} must be in [-{bound:g}, {bound:g}], got {value}")
         if name in ("s", "sigma") and value <= 0:
             raise UserError(f"--{name} must be > 0, got {value}")
-    for name, bound in NOISE_BOUNDS.items():
-        if abs(getattr(config, name)) > bound:
-            raise UserError(f"--{name} must be in [-{bound:g}, {bound:g}], got {getattr(config, name)}")
     if not SHIFT_BOUNDS[0] <= config.shift <= SHIFT_BOUNDS[1]:
         raise UserError(f"--shift must be in [{SHIFT_BOUNDS[0]:g}, {SHIFT_BOUNDS[1]:g}] (1 = none), got {config.shift}")
 

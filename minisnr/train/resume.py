@@ -1,9 +1,8 @@
 """Resuming a run exactly: the RNG states, and the checks a saved state must pass before it is used.
 
-resume_pretrain and resume_finetune load OUT/ckpt.pt or OUT/state.pt back into a run that was just built
-with the same flags: weights, optimizer, grad scaler, RNG (and for train.py the EMA and the data order).
-Every part of the file is checked first, so a damaged or foreign file is one line naming it, never a
-traceback, and never a half-restored run.
+resume_pretrain and resume_finetune load OUT/ckpt.pt or OUT/state.pt back into a run just built with the same flags:
+weights, optimizer, grad scaler, RNG (and for train.py the EMA and the data order). Every part of the file is
+checked first, so a damaged or foreign file is one line naming it, never a traceback or a half-restored run.
 """
 import os
 from dataclasses import asdict
@@ -123,13 +122,9 @@ def load_state(path, what, script, keys):
 
 def restore(state, optimizer, scaler, device, master=True):
     """Load the optimizer, grad-scaler and RNG states (checked by then); returns the step to continue from.
-
-    A bf16 or fp32 run saves its disabled GradScaler as {}; resumed in fp16 (--precision auto on an older
-    GPU), the enabled scaler starts from its initial loss scale, which it adapts within a few steps.
-
+    A bf16 or fp32 run saves its disabled GradScaler as {}: resumed in fp16, the scaler starts afresh.
     The optimizer keeps the kernel this run built it with: load_state_dict copies the saved group's `fused` and
-    `foreach` over it, so a state saved on a CPU (foreach) would make a GPU's fused AdamW a foreach one, which an
-    fp16 GradScaler then hands found_inf (an AssertionError at the first step) and which bf16 runs slower."""
+    `foreach` over it, and a CPU's foreach AdamW on a GPU fails under an fp16 GradScaler (found_inf)."""
     kernels = [{k: group[k] for k in ("fused", "foreach")} for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
     for group, kernel in zip(optimizer.param_groups, kernels):

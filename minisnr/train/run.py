@@ -33,21 +33,17 @@ from ..io.safety import MANIFEST, RunManifest
 from .ddp import any_rank
 
 
-# --- pieces: img/s and the Ctrl-C flag --------------------------------------------------------------
-
 class Throughput:
-    """Images per second over each log window. The run's first step is left out of the first window: it
-    includes torch.compile's compilation (a minute or more on a GPU) and CUDA's warm-up, and would make the
-    first logged img/s meaningless. So is the time between pause() and resume() (a sample grid, a save): it is
-    not training, and a window holding it would report too few img/s. Costs one device sync after the first step
-    and one at each pause, where the run waits for the device anyway (it copies images or weights to the host)."""
+    """Images per second over each log window. Left out: the run's first step (torch.compile's compilation and
+    CUDA's warm-up) and the time between pause() and resume() (a sample grid, a save: not training). Costs one
+    device sync after the first step and one at each pause, where the run waits for the device anyway."""
 
     def __init__(self, device, images_per_step):
         self.device, self.images_per_step = device, images_per_step
         self.steps, self.start, self.first = 0, time.time(), True
 
     def step(self):
-        """Count one finished step (queued on the device; the first one is waited for and not counted)."""
+        """Count one finished step (the first one is waited for and not counted)."""
         if self.first:
             sync(self.device)
             self.start, self.first = time.time(), False
@@ -64,8 +60,7 @@ class Throughput:
         self.start += time.time() - self.paused_at
 
     def rate(self):
-        """img/s of the counted steps since the last call (None if there were none); starts a new window.
-        Call it after a device sync, so the steps have finished."""
+        """img/s of the counted steps since the last call (None if none; call it after a device sync)."""
         now = time.time()
         rate = self.steps * self.images_per_step / max(now - self.start, 1e-9) if self.steps else None
         self.steps, self.start = 0, now
@@ -123,8 +118,6 @@ def signals_held():
         for s in pending:                          # now the previous handler acts on it
             signal.raise_signal(s)
 
-
-# --- the harness -------------------------------------------------------------------------------
 
 def by_t_line(bin_sums, bin_counts, shown=5):
     """The mean loss in `shown` bins of t, clean (t near 0) to noise (t near 1), as one short string: '.03 .12 -'
