@@ -32,32 +32,25 @@ def run_main(main):
     try:
         return main()
     except UserError as e:
-        _close_progress_bars()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        message, code = f"error: {e}", 1
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):  # a bug or a system fault: the traceback helps
             raise
-        _close_progress_bars()  # a write outside atomic_write (the log, a PNG folder) found the disk full
-        print(f"error: no space left on the device ({e.filename or 'a write'}); free some space and run again",
-              file=sys.stderr)
-        sys.exit(1)
+        # a write outside atomic_write (the log, a PNG folder) found the disk full
+        message = f"error: no space left on the device ({e.filename or 'a write'}); free some space and run again"
+        code = 1
     except KeyboardInterrupt:
-        _close_progress_bars()
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        message, code = "interrupted", 130
     finally:
         warnings.formatwarning = format_warning
-
-
-def _close_progress_bars():
-    """End any open tqdm bar's line, so that a message printed next starts on a line of its own."""
-    try:
+    try:  # end any open tqdm bar's line, so that the message starts on a line of its own
         from tqdm import tqdm
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()
     except Exception:  # cosmetic only; never hide the real message
         pass
+    print(message, file=sys.stderr)
+    sys.exit(code)
 
 
 def knob(default, help, shown=None):

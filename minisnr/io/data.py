@@ -72,12 +72,9 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def open_image(path, max_side=None):
-    """Open and fully decode an image as RGB, or return None (with a warning) if it is unreadable or too large.
-
-    Its header is read first: a JPEG above MAX_PIXELS is decoded reduced, any other image above MAX_PIXELS
-    is skipped, so no file costs more memory than that to load. With `max_side`, the image is downscaled
-    to at most that on its long side as soon as it is decoded.
-    """
+    """Open and fully decode an image as RGB, or return None (with a warning) if it is unreadable or too large: from
+    its header, a JPEG above MAX_PIXELS is decoded reduced and any other image above it skipped. With `max_side`, the
+    image is downscaled to at most that on its long side as soon as it is decoded."""
     try:
         with Image.open(path) as img:
             w, h = img.size

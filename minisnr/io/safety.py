@@ -55,12 +55,9 @@ def run_files(out, patterns):
 
 def guard_run_folder(out, script, patterns, resume, overwrite, inputs=()):
     """Refuse to start where a run already is (a forgotten --resume would destroy it), in one line; read-only.
-    A resumed run's `inputs` ((flag, path) pairs) must be those its manifest recorded (check_inputs).
-
-    With --overwrite true the run deletes the old run's files itself when training starts (RunManifest), so that
-    an interrupted new run never leaves the old run's results beside its own; only files a manifest of the same
-    script lists can go, so another script's run, a user's files and a folder from before manifests are refused.
-    """
+    A resumed run's `inputs` ((flag, path) pairs) must be those its manifest recorded (check_inputs). --overwrite
+    true deletes only files a manifest of the same script lists, when training starts (RunManifest), so another
+    script's run, a user's files and a folder from before manifests are refused."""
     if resume and overwrite:
         raise UserError("--resume true and --overwrite true contradict each other; pass one of them")
     old = run_files(out, patterns)
@@ -195,11 +192,9 @@ def read_manifest(out):
     if not os.path.lexists(path):
         return None
     manifest = read_small_json(path)  # a run lists a few thousand names at most
-    if not isinstance(manifest, dict):
-        return "damaged"
-    files = manifest.get("files")
-    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("script"), str) \
-            or not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not (isinstance(files, list) and all(isinstance(f, str) for f in files)) \
+            or manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("script"), str):
         return "damaged"
     return manifest
 
@@ -388,11 +383,9 @@ def _written_by_minisnr(path, kind):
 
 
 def check_output(path, flag, inputs=(), data=(), kind="png"):
-    """The rule for every file a command writes, checked before any work (a one-line UserError otherwise): `path`
-    names a file (not a folder, no trailing slash, a name the file system takes); it is none of the command's
-    `inputs` (paths) and lies in none of its `data` folders ((flag, folder) pairs: a training set it would
-    poison); an existing file there is one minisnr wrote (`kind`, see _written_by_minisnr); its folder is
-    writable."""
+    """The rule for every file a command writes, checked before any work: `path` names a file the file system takes,
+    none of the command's `inputs`, in none of its `data` folders ((flag, folder) pairs: a training set it would
+    poison), replacing only a file minisnr wrote (`kind`, see _written_by_minisnr), in a writable folder."""
     if not path:
         raise UserError(f"{flag} is empty; pass the file to write")
     name = os.path.basename(path)

@@ -206,12 +206,11 @@ PRESETS = {
                  ckpt_every=10, sample_steps=4, sample_per_class=2),
 }
 
-# torch.compile by default on CUDA, for every model of at least COMPILE_MIN_PARAMS parameters, whatever preset
-# named it. Eager under autocast runs LayerNorm, modulate, the gates and the residual adds in fp32, as ~1,500 small
-# kernels a step; compiled, they fuse, and the minute of compiling pays for itself within the first thousand steps
-# or so. Below that size (the test-sized tiny model, ~0.2M) runs are short checks, where the compile would be most
-# of the time. On a CPU or MPS the compile costs more than it saves, so those stay eager; so does a card or platform
-# inductor cannot build kernels for (cuda_can_compile: a GTX 10xx, Windows without Triton).
+# torch.compile by default on CUDA for models of at least this many parameters, whatever preset named them. Eager
+# under autocast runs LayerNorm, modulate, the gates and the residual adds as ~1,500 small fp32 kernels a step;
+# compiled, they fuse, and the minute of compiling pays for itself within about a thousand steps. The tiny model
+# (~0.2M) makes short checks, where the compile would be most of the time; a CPU or MPS gains less than it costs,
+# and some cards and platforms inductor cannot build for (cuda_can_compile: a GTX 10xx, Windows without Triton).
 COMPILE_MIN_PARAMS = 1_000_000
 
 

@@ -98,12 +98,6 @@ def check_optimizer_state(opt, params, path):
             raise _damaged(path, f"its optimizer state for tensor {idx!r} does not fit the model")
 
 
-def check_step(step, path, limit=None):
-    """A saved step: a whole number >= 0 (and <= limit, if given)."""
-    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0 and (limit is None or step <= limit)):
-        raise _damaged(path, f"its step {step!r} is not a whole number in [0, {limit if limit is not None else 'inf'}]")
-
-
 # --- loading a state back ----------------------------------------------------------------------
 
 def load_state(path, what, script, keys):
@@ -115,7 +109,9 @@ def load_state(path, what, script, keys):
     state = safe_load(path, what=what)
     if not isinstance(state, dict) or not set(keys) <= set(state):
         raise CheckpointError(f"{path} is not a {what} written by {script}; pass the --out folder of a {script} run")
-    check_step(state["step"], path)
+    step = state["step"]
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise _damaged(path, f"its step {step!r} is not a whole number >= 0")
     check_rng_state(state["rng"], path)
     return state
 

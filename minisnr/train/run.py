@@ -68,10 +68,9 @@ class Throughput:
 
 
 class InterruptFlag:
-    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a flag the loop checks, so it can save and exit cleanly.
-    SIGTERM is what `timeout`, `docker stop`, SLURM preemption and torchrun (passing on its own SIGTERM) send.
-    `signum` records which signal came. A second Ctrl-C interrupts at once (but never a save: signals_held);
-    a second SIGTERM changes nothing, since its sender (a job manager repeating itself) wants the save."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM (`timeout`, `docker stop`, SLURM, torchrun) into a flag the loop
+    checks, so it can save and exit cleanly. A second Ctrl-C interrupts at once (never a save: signals_held); a
+    second SIGTERM changes nothing, since its sender (a job manager repeating itself) wants the save."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
