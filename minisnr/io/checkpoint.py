@@ -1,8 +1,7 @@
 """Checkpoints and adapters: loaded safely, checked before use, matched to their base model.
 
-Reads use torch.load(weights_only=True), which only rebuilds tensors and plain
-containers (dict, list, str, int, float, bool, None). A checkpoint downloaded from a
-stranger cannot run code when minisnr opens it, unlike a plain pickle.
+Reads use torch.load(weights_only=True), which only rebuilds tensors and plain containers (dict, list, str, int,
+float, bool, None): a checkpoint downloaded from a stranger cannot run code when minisnr opens it.
 """
 import hashlib
 import json
@@ -118,26 +117,15 @@ def estimate_params(arch):
     return embed + arch["depth"] * block + final
 
 
-def memory_bytes():
-    """This machine's physical memory in bytes (None where the OS does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def trained_on(ckpt):
-    """[(what, folder)]: the data folder a train.py checkpoint records (its --data), which no output of a command
-    that reads the checkpoint may join; [] for a checkpoint that records none (the shipped base)."""
-    spec = ckpt.get("train_config", {}).get("data") if isinstance(ckpt.get("train_config"), dict) else None
-    return [("the --data of the checkpoint's run", data_folder(spec))] if isinstance(spec, str) and spec else []
-
-
 def model_memory_problem(arch, bytes_per_param, what):
     """Why a DiT of this shape would not fit in this machine's memory at `bytes_per_param` (the weights and what
     `what` keeps per weight), or None."""
-    need, have = estimate_params(arch) * bytes_per_param, memory_bytes()
-    if have is not None and need > have:
+    need = estimate_params(arch) * bytes_per_param
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # an OS that does not say
+        return None
+    if need > have:
         return (f"{estimate_params(arch) / 1e6:,.0f}M parameters need about {need / 2 ** 30:,.1f} GiB for {what}, "
                 f"more than this machine's {have / 2 ** 30:,.1f} GiB")
     return None
@@ -200,12 +188,16 @@ def path_for_record(path):
     return os.path.relpath(full, REPO_ROOT) if full.startswith(REPO_ROOT + os.sep) else path
 
 
-def load_pretrained(path, use_ema=True, device="cpu"):
-    """Load a train.py checkpoint as a DiT in eval mode. Returns (model, checkpoint dict).
+def trained_on(ckpt):
+    """[(what, folder)]: the data folder a train.py checkpoint records (its --data), which no output of a command
+    that reads the checkpoint may join; [] for a checkpoint that records none (the shipped base)."""
+    spec = ckpt.get("train_config", {}).get("data") if isinstance(ckpt.get("train_config"), dict) else None
+    return [("the --data of the checkpoint's run", data_folder(spec))] if isinstance(spec, str) and spec else []
 
-    use_ema picks the EMA weights (smoother samples); False picks the raw trained weights. The shipped base
-    (SHIPPED_BASE) holds only its EMA weights, in fp16, under "model"; they load into the fp32 model exactly.
-    """
+
+def load_pretrained(path, use_ema=True, device="cpu"):
+    """Load a train.py checkpoint as a DiT in eval mode: (model, checkpoint dict). use_ema picks the EMA weights
+    (smoother samples), else the raw ones; the shipped base holds only its EMA weights, in fp16, under "model"."""
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path!r} is not a minisnr checkpoint (made by train.py); missing model or model_config")
@@ -220,8 +212,6 @@ def load_pretrained(path, use_ema=True, device="cpu"):
         raise CheckpointError(f"{path!r} does not match minisnr's DiT: {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), ckpt
 
-
-# --- adapter files --------------------------------------------------------------------------
 
 # --- adapter files ------------------------------------------------------------------------------
 # An adapter file holds only the lora_ tensors (2.3 MB at rank 32 on the cpu preset, against the base's 17 MB)
@@ -245,9 +235,9 @@ def check_adapter(blob, path):
     targets, rank, alpha = meta.get("targets"), meta.get("rank"), meta.get("alpha")
     if not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
         raise CheckpointError(f"adapter {path!r}: meta targets must be a list of layer names, got {targets!r}")
-    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+    if not (_whole(rank) and rank >= 1):
         raise CheckpointError(f"adapter {path!r}: meta rank must be a whole number >= 1, got {rank!r}")
-    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
+    if not (_finite(alpha) and alpha > 0):
         raise CheckpointError(f"adapter {path!r}: meta alpha must be a finite number > 0, got {alpha!r}")
     tensors = blob.get("lora")
     check_tensors(tensors, path, "adapter tensors")
@@ -260,12 +250,8 @@ def check_adapter(blob, path):
 
 
 def apply_adapter(model, path):
-    """Inject LoRA into `model` as recorded in the adapter file at `path` and load its weights.
-
-    Refuses, with a one-line error, an adapter trained on a base model of another configuration, and
-    warns (one line on stderr) when the configuration matches but the weights are not the ones it was
-    fine-tuned from. Returns the adapter's metadata dict.
-    """
+    """Inject LoRA into `model` as recorded in the adapter file at `path` and load its weights; returns its meta.
+    An adapter of a base of another configuration is refused, one of other weights of this one warned about."""
     blob = safe_load(path, what="LoRA adapter")
     if not isinstance(blob, dict) or blob.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(f"{path!r} is not a minisnr LoRA adapter (made by finetune.py)")

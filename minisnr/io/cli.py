@@ -32,47 +32,31 @@ def run_main(main):
     try:
         return main()
     except UserError as e:
-        _close_progress_bars()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        message, code = f"error: {e}", 1
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):  # a bug or a system fault: the traceback helps
             raise
-        _close_progress_bars()  # a write outside atomic_write (the log, a PNG folder) found the disk full
-        print(f"error: no space left on the device ({e.filename or 'a write'}); free some space and run again",
-              file=sys.stderr)
-        sys.exit(1)
+        # a write outside atomic_write (the log, a PNG folder) found the disk full
+        message = f"error: no space left on the device ({e.filename or 'a write'}); free some space and run again"
+        code = 1
     except KeyboardInterrupt:
-        _close_progress_bars()
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        message, code = "interrupted", 130
     finally:
         warnings.formatwarning = format_warning
-
-
-def _close_progress_bars():
-    """End any open tqdm bar's line, so that a message printed next starts on a line of its own."""
-    try:
+    try:  # end any open tqdm bar's line, so that the message starts on a line of its own
         from tqdm import tqdm
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()
     except Exception:  # cosmetic only; never hide the real message
         pass
+    print(message, file=sys.stderr)
+    sys.exit(code)
 
 
 def knob(default, help, shown=None):
     """A dataclass field with a default and a one-line reason, shown by --help (with `shown` in place of the
     default's value, for a default that is a path of this machine)."""
     return dataclasses.field(default=default, metadata={"help": help, "shown": shown})
-
-
-def _flag_type(field_type, default):
-    kind = field_type if isinstance(field_type, type) else type(default)
-    if kind is bool:
-        return parse_bool
-    if kind is float:
-        return finite_float
-    return kind
 
 
 def finite_float(text):
@@ -110,7 +94,8 @@ def build_parser(config_cls, presets=None, description=None, extra=None, aliases
                             help="named group of defaults; other flags override single fields")
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
-        ftype = _flag_type(f.type, f.default)
+        kind = f.type if isinstance(f.type, type) else type(f.default)
+        ftype = {bool: parse_bool, float: finite_float}.get(kind, kind)
         by_preset = {name: p[f.name] for name, p in (presets or {}).items() if f.name in p}
         shown = f"default {f.metadata.get('shown') or f.default}"
         shown += "".join(f"; {name}: {v}" for name, v in by_preset.items())

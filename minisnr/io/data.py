@@ -3,13 +3,8 @@
 Small datasets (CIFAR-10 is 150 MB as uint8) fit in memory, or on a GPU, whole. Batches
 are then index lookups, so data loading never bounds a training step and there are no
 worker processes to debug. Pixels stay uint8 until the batch is on the device, where
-they become floats in [-1, 1] and get their random flips.
-
-Sources:
-  load_cifar10(root)       torchvision's CIFAR-10, downloaded into `root` on first use
-  load_image_folder(path)  any ImageFolder layout: path/<class name>/<image files>
-  load_images(paths)       a flat list of image files (a style set for finetune.py)
-  StyleViews(images)       crops and flips of those references, never upsampled: the fine-tuning batches (views.py)
+they become floats in [-1, 1] and get their random flips. Style references (load_images) stay PIL images, cut
+into views by views.py.
 """
 import os
 import warnings
@@ -77,12 +72,9 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def open_image(path, max_side=None):
-    """Open and fully decode an image as RGB, or return None (with a warning) if it is unreadable or too large.
-
-    Its header is read first: a JPEG above MAX_PIXELS is decoded reduced, any other image above MAX_PIXELS
-    is skipped, so no file costs more memory than that to load. With `max_side`, the image is downscaled
-    to at most that on its long side as soon as it is decoded.
-    """
+    """Open and fully decode an image as RGB, or return None (with a warning) if it is unreadable or too large: from
+    its header, a JPEG above MAX_PIXELS is decoded reduced and any other image above it skipped. With `max_side`, the
+    image is downscaled to at most that on its long side as soon as it is decoded."""
     try:
         with Image.open(path) as img:
             w, h = img.size
@@ -111,21 +103,13 @@ def list_images(folder):
                   if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
 
 
-def _check_folder(path, flag="--data"):
-    if not os.path.exists(path):
-        raise DataError(f"data folder {path!r} does not exist; pass an existing folder with {flag}")
-    if not os.path.isdir(path):
-        raise DataError(f"{path!r} is not a folder; pass a folder of images with {flag}")
-
-
-def _stack(arrays):
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()   # (N, H, W, 3) -> (N, 3, H, W)
-
-
 def load_image_folder(root, size=32, flag="--data") -> ImageSet:
     """Load an ImageFolder tree (root/<class>/<images>) into memory at size x size.
     `flag` is the command-line flag that named `root`, for the error messages."""
-    _check_folder(root, flag)
+    if not os.path.exists(root):
+        raise DataError(f"data folder {root!r} does not exist; pass an existing folder with {flag}")
+    if not os.path.isdir(root):
+        raise DataError(f"{root!r} is not a folder; pass a folder of images with {flag}")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise DataError(f"{root!r} has no class sub-folders; expected {root}/<class name>/<images>")
@@ -138,7 +122,8 @@ def load_image_folder(root, size=32, flag="--data") -> ImageSet:
                 labels.append(label)
     if not images:
         raise DataError(f"{root!r} has no readable images (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return ImageSet(_stack(images), torch.tensor(labels, dtype=torch.long), classes)
+    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()   # (N, H, W, 3) -> (N, 3, H, W)
+    return ImageSet(images, torch.tensor(labels, dtype=torch.long), classes)
 
 
 def _cifar10(root, train, download, flag):
@@ -169,11 +154,8 @@ def load_cifar10(root="data", train=True, size=32, flag="--data") -> ImageSet:
 
 
 def load_dataset(spec, size=32, train=True, flag="--data") -> ImageSet:
-    """'cifar10' (torchvision download into ./data) or 'cifar10:DIR', else an ImageFolder directory.
-
-    `train` picks CIFAR-10's train or test split; an ImageFolder path is its own split, so it is ignored there.
-    `flag` is the command-line flag that gave `spec`, named in the error messages.
-    """
+    """'cifar10' (downloaded into ./data) or 'cifar10:DIR', else an ImageFolder directory. `train` picks CIFAR-10's
+    split (an ImageFolder is its own); `flag` is the flag that gave `spec`, for the error messages."""
     if spec == "cifar10" or spec.startswith("cifar10:"):
         return load_cifar10(data_folder(spec), train=train, size=size, flag=flag)
     return load_image_folder(spec, size, flag)
@@ -187,11 +169,8 @@ def data_folder(spec):
 
 
 def load_images(paths, max_side=None):
-    """Load a style set: a folder of images or a list of image files, any size and mode, as RGB PIL images.
-
-    Images are kept near full resolution (downscaled to `max_side` on the long side if given),
-    since finetune.py cuts random crops from them before resizing to the model's size.
-    """
+    """Load a style set: a folder of images or a list of image files, any size and mode, as RGB PIL images, near
+    full resolution (downscaled to `max_side` on the long side if given): views.py cuts its crops from them."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files = []
@@ -224,13 +203,11 @@ def order_device(device):
 class InMemoryLoader:
     """Endless shuffled batches from an ImageSet, sharded across `world_size` processes.
 
-    Each epoch draws one global permutation from a seeded generator (identical on every
-    rank); rank r takes positions r, r + world, ... of each global batch. The state is
-    (generator state, epoch permutation, position), so a checkpoint can resume the exact
-    data order, even with a different number of processes.
-    On CUDA the order is drawn on the GPU (copying one from pageable host memory would
-    sync host and device every epoch); elsewhere by the CPU generator, as before. Only the
-    generator's device differs: a CPU runs every line a GPU runs, so the tests check them.
+    Each epoch draws one global permutation from a seeded generator (identical on every rank); rank r takes
+    positions r, r + world, ... of each global batch. The state is (generator state, epoch permutation, position),
+    so a checkpoint resumes the exact data order, even with a different number of processes. On CUDA the order is
+    drawn on the GPU (copying one from pageable host memory would sync host and device every epoch); only the
+    generator's device differs, so a CPU runs every line a GPU runs and the tests check them.
     """
 
     def __init__(self, data: ImageSet, batch_size, device, seed=0, rank=0, world_size=1, flip=True):
@@ -242,9 +219,8 @@ class InMemoryLoader:
         self.perm, self.pos = self._new_epoch(), 0
 
     def _new_epoch(self):
-        """The next epoch's order, drawn where the generator is and moved to the data (no move on the same device).
-        A CPU generator for data on a GPU (a state saved by an older version or on a CPU) costs one host-device sync
-        an epoch for that copy, which is not worth a code path of its own."""
+        """The next epoch's order, drawn where the generator is and moved to the data. A CPU generator for data on a
+        GPU (an older state) costs a host-device sync an epoch, not worth a code path of its own."""
         perm = torch.randperm(len(self.labels), generator=self.generator, device=self.generator.device)
         return perm.to(self.device, non_blocking=True)
 

@@ -14,7 +14,7 @@ def pick_device(name="auto"):
     if name == "auto":
         if torch.cuda.is_available():
             return enable_tf32(torch.device("cuda"))
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -27,18 +27,15 @@ def pick_device(name="auto"):
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps was asked for but this machine has no usable Apple GPU; use --device cpu")
     return enable_tf32(device) if device.type == "cuda" else device
 
 
 def enable_tf32(device):
-    """Let fp32 matmuls and convolutions use TF32 tensor cores (Ampere+; a free speed-up for any fp32 work
-    under autocast). Returns device.
-
-    Uses the legacy setters on purpose: on torch 2.9+ setting the new `fp32_precision` flags and then reading
-    torch.get_float32_matmul_precision() (inductor does, when it autotunes) raises "mix of the legacy and new
-    APIs". torch.set_float32_matmul_precision("high") leaves both APIs consistent on every supported torch."""
+    """Let fp32 matmuls and convolutions use TF32 tensor cores (Ampere+; free speed for fp32 work under autocast);
+    returns device. The legacy setters on purpose: on torch 2.9+ the new `fp32_precision` flags make inductor's
+    torch.get_float32_matmul_precision() raise "mix of the legacy and new APIs"; these keep both consistent."""
     torch.set_float32_matmul_precision("high")
     torch.backends.cudnn.allow_tf32 = True
     return device

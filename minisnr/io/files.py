@@ -1,8 +1,7 @@
 """Writing files safely: atomic writes, the run log, and the clean-up of what a crash left behind.
 
-Writes are atomic: the data goes to a temporary file in the same folder, is flushed to
-disk, and is then renamed over the target. A crash (even SIGKILL or a power cut) leaves
-either the old file or the new one, never half of one.
+Writes are atomic: the data goes to a temporary file in the same folder, is flushed to disk, and is then renamed
+over the target. A crash (even SIGKILL or a power cut) leaves either the old file or the new one, never half of one.
 """
 import errno
 import json
@@ -72,12 +71,8 @@ def disk_full(error, folder):
 
 
 def remove_stale_tmp(folder):
-    """Delete the temporary files that a killed atomic_write left in `folder` (NAME.<random>.minisnr.tmp).
-
-    Called when a run starts, by the process that owns the folder, so no half-written file
-    outlives the crash that made it. Only regular files whose whole name matches TMP_NAME go:
-    a user's thesis.draft.tmp, a folder or a link of that name stays. Returns the names removed.
-    """
+    """Delete the temporary files that a killed atomic_write left in `folder`, when a run starts there; returns
+    their names. Only regular files whose whole name matches TMP_NAME go: a user's thesis.draft.tmp stays."""
     if not os.path.isdir(folder):
         return []
     stale = [f for f in os.listdir(folder)
@@ -88,14 +83,9 @@ def remove_stale_tmp(folder):
 
 
 def open_log(path, resume_step=None):
-    """Open a JSON-lines log for appending; returns the file.
-
-    A new run (resume_step None) starts an empty log. A resumed run keeps only the records
-    up to the checkpoint's step: the steps after it are about to be trained again, and a
-    record cut off by a crash is not valid JSON. So the log never holds a step twice.
-    """
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path!r} is a folder where the run's log file goes; move it away or use another --out")
+    """Open a JSON-lines log for appending; returns the file. A new run (resume_step None) starts an empty log; a
+    resumed run keeps only the records up to its step (those after it are trained again, and a record cut off by a
+    crash is not JSON), so the log never holds a step twice."""
     kept = []
     if resume_step is not None and os.path.isfile(path):
         with open(path, encoding="utf-8", errors="replace") as f:  # a damaged line is dropped below, not a crash
@@ -140,14 +130,28 @@ def require_file(path, what, fix):
         raise CheckpointError(f"{what} {path!r} {problem}; {fix}")
 
 
-def check_writable(folder, flag="--out"):
-    """Make sure files can be written in `folder` (creating it if needed); one-line error otherwise.
-    Folders it had to create are removed again, so a command that fails later leaves nothing behind;
-    the writers create them when they first write."""
-    missing, p = [], os.path.abspath(folder)
-    while not os.path.exists(p):  # deepest first, for removal below
+def missing_folders(path):
+    """The folders of `path` (itself and those above it) that do not exist yet, deepest first."""
+    missing, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
         missing.append(p)
         p = os.path.dirname(p)
+    return missing
+
+
+def remove_empty(folders):
+    """Remove the folders a command created (deepest first) while they are empty: files written there stay."""
+    for d in folders:
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
+
+
+def check_writable(folder, flag="--out"):
+    """Make sure files can be written in `folder`; one-line error otherwise. Folders it had to create are removed
+    again, so a command that fails later leaves nothing behind; the writers create them when they first write."""
+    missing = missing_folders(folder)
     try:
         os.makedirs(folder, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_test.")
@@ -157,8 +161,4 @@ def check_writable(folder, flag="--out"):
         raise CheckpointError(f"cannot write to output folder {folder!r} ({e.strerror}); pass a writable folder "
                               f"with {flag}") from None
     finally:
-        for d in missing:
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
+        remove_empty(missing)

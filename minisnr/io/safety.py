@@ -1,20 +1,13 @@
-"""Guards that keep the user's files safe, checked before any work starts.
+"""Guards that keep the user's files safe, checked before any work starts (README, "Your runs are safe").
 
-    a run folder      --out holding a run is refused unless --resume true (continue it) or --overwrite true
-    ownership         a run lists the files it creates in OUT/.minisnr-run.json first; --overwrite deletes only those
-    one at a time     OUT/.minisnr.lock, created with O_EXCL, keeps a second run out while one runs
-    out of inputs     --out never is, contains or sits inside --data or --style, nor is the --base's folder
-    a resumed run     continues with the flags and the inputs it was started with (their real paths, and a
-                      fingerprint of the data folder and the style files recorded in the manifest)
-    every output      check_output, for every file any command writes (--out, --json, --probe, --judge, the
-                      files of --out and --png-dir): never one of the command's inputs, never inside its data
-                      folders, never in place of a file minisnr did not write (known by what minisnr writes into
-                      its own files), a name the file system takes, in a writable folder
-    a resumed state   its step, RNG, data order and optimizer are checked against what they must be
+    a run folder   refused unless --resume true or --overwrite true; OUT/.minisnr-run.json lists the files a run
+                   created, which is all --overwrite deletes; OUT/.minisnr.lock keeps a second run out
+    inputs         --out never is, contains or sits inside --data, --style or the --base's folder; a resumed run
+                   finds them unchanged (real paths and fingerprints in the manifest)
+    every output   check_output: never an input, never inside data, never in place of a file minisnr did not write
 
-Folders are compared by real path and by device and inode, so neither a link, '..' nor a bind mount (two paths to
-one folder) hides that two paths are one. The lock and the manifest are opened only if they are regular files.
-Each refusal is a one-line UserError (printed by cli.run_main), raised before anything is written.
+Folders are compared by real path and by device and inode, so neither a link, '..' nor a bind mount hides that two
+paths are one. Each refusal is a one-line UserError, raised before anything is written.
 """
 import contextlib
 import glob
@@ -31,21 +24,16 @@ import zipfile
 
 from .cli import UserError
 from .device import pick_device
-from .files import check_writable, NAME_MAX, write_json
+from .files import check_writable, missing_folders, NAME_MAX, remove_empty, write_json
 
 
 # --- run folders ------------------------------------------------------------------------------
 
 def run_files(out, patterns):
-    """The files of a run in `out`: paths matching `patterns` (globs relative to `out`), sorted. Links and other
-    non-folders of those names count too (a link is not followed), so check_layout can refuse them."""
-    return sorted(p for pattern in patterns for p in glob.glob(os.path.join(glob.escape(out), pattern))
-                  if os.path.islink(p) or not os.path.isdir(p))
-
-
-def check_layout(out, patterns):
-    """Refuse, in one line, an --out where a run's file is a link or a folder, or where a folder it writes into
-    (samples/) is a link or a file: a write through a link could land outside --out."""
+    """The files of a run in `out`, sorted: the paths matching `patterns` (globs relative to `out`). An --out where
+    one of them is a link or a folder, or where a folder the run writes into (samples/) is a link or a file, is
+    refused in one line: a write through a link could land outside --out."""
+    files = []
     for pattern in patterns:
         parts = pattern.split(os.sep)
         for i in range(1, len(parts)):
@@ -61,19 +49,18 @@ def check_layout(out, patterns):
                 what = "log file" if path.endswith("log.jsonl") else "file"
                 raise UserError(f"--out {out!r}: {os.path.relpath(path, out)} is {kind}, where the run's {what} "
                                 f"goes; move it away or pass another --out")
+            files.append(path)
+    return sorted(files)
 
 
 def guard_run_folder(out, script, patterns, resume, overwrite, inputs=()):
     """Refuse to start where a run already is (a forgotten --resume would destroy it), in one line; read-only.
-    A resumed run's `inputs` ((flag, path) pairs) must be those its manifest recorded (check_inputs).
-
-    With --overwrite true the run deletes the old run's files itself when training starts (RunManifest), so that
-    an interrupted new run never leaves the old run's results beside its own; only files a manifest of the same
-    script lists can go, so another script's run, a user's files and a folder from before manifests are refused.
-    """
+    A resumed run's `inputs` ((flag, path) pairs) must be those its manifest recorded (check_inputs). --overwrite
+    true deletes only files a manifest of the same script lists, when training starts (RunManifest), so another
+    script's run, a user's files and a folder from before manifests are refused."""
     if resume and overwrite:
         raise UserError("--resume true and --overwrite true contradict each other; pass one of them")
-    check_layout(out, patterns)
+    old = run_files(out, patterns)
     check_lock(out)
     manifest = read_manifest(out)
     if manifest == "damaged":
@@ -84,7 +71,6 @@ def guard_run_folder(out, script, patterns, resume, overwrite, inputs=()):
                         f"it: pass another --out")
     if manifest and resume:
         check_inputs(manifest.get("inputs"), list(inputs))
-    old = run_files(out, patterns)
     names = lambda paths: ", ".join(os.path.relpath(p, out) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
     if old and not resume and not overwrite:
         raise UserError(f"--out {out!r} already holds a run ({names(old)}); continue it with --resume true, replace it "
@@ -206,11 +192,9 @@ def read_manifest(out):
     if not os.path.lexists(path):
         return None
     manifest = read_small_json(path)  # a run lists a few thousand names at most
-    if not isinstance(manifest, dict):
-        return "damaged"
-    files = manifest.get("files")
-    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("script"), str) \
-            or not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not (isinstance(files, list) and all(isinstance(f, str) for f in files)) \
+            or manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("script"), str):
         return "damaged"
     return manifest
 
@@ -257,7 +241,7 @@ class RunManifest:
         """A resumed run from before manifests: its run files (checked as a run's when it was loaded) are its own."""
         for path in run_files(self.out, patterns):
             rel = os.path.relpath(path, self.out).replace(os.sep, "/")
-            if rel not in self.files and not os.path.islink(path):
+            if rel not in self.files:
                 self.files.append(rel)
 
     def claim(self, *names):
@@ -330,10 +314,7 @@ def hold_run_folder(out, script, enabled=True):
     if not enabled:
         yield
         return
-    missing, p = [], os.path.abspath(out)
-    while not os.path.exists(p):  # deepest first, for removal at exit
-        missing.append(p)
-        p = os.path.dirname(p)
+    missing = missing_folders(out)  # removed at exit while empty
     check_writable(out)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, LOCK)
@@ -349,7 +330,7 @@ def hold_run_folder(out, script, enabled=True):
             json.dump({"pid": os.getpid(), "host": socket.gethostname(), "script": script, "started": time.time()}, f)
     except OSError as e:  # a full disk: no half-written lock may stay to refuse the next run
         os.remove(path)
-        _remove_empty(missing)
+        remove_empty(missing)
         raise UserError(f"cannot write the lock {path!r} ({e.strerror}); free some space or pass another --out") \
             from None
     previous = signal.getsignal(signal.SIGTERM)
@@ -362,16 +343,7 @@ def hold_run_folder(out, script, enabled=True):
             signal.signal(signal.SIGTERM, previous)
         if _lock_holder(path)[0] == os.getpid():
             os.remove(path)
-        _remove_empty(missing)
-
-
-def _remove_empty(folders):
-    """Remove the folders a run created (deepest first) while they are empty."""
-    for d in folders:
-        try:
-            os.rmdir(d)
-        except OSError:  # the run wrote files there: they stay
-            break
+        remove_empty(missing)
 
 
 def _exit_143(signum, frame):
@@ -411,11 +383,9 @@ def _written_by_minisnr(path, kind):
 
 
 def check_output(path, flag, inputs=(), data=(), kind="png"):
-    """The rule for every file a command writes, checked before any work (a one-line UserError otherwise): `path`
-    names a file (not a folder, no trailing slash, a name the file system takes); it is none of the command's
-    `inputs` (paths) and lies in none of its `data` folders ((flag, folder) pairs: a training set it would
-    poison); an existing file there is one minisnr wrote (`kind`, see _written_by_minisnr); its folder is
-    writable."""
+    """The rule for every file a command writes, checked before any work: `path` names a file the file system takes,
+    none of the command's `inputs`, in none of its `data` folders ((flag, folder) pairs: a training set it would
+    poison), replacing only a file minisnr wrote (`kind`, see _written_by_minisnr), in a writable folder."""
     if not path:
         raise UserError(f"{flag} is empty; pass the file to write")
     name = os.path.basename(path)
@@ -446,6 +416,4 @@ def check_seed(seed, flag="--seed"):
         raise UserError(f"{flag} must be in [0, 2^63), got {seed}")
 
 
-def check_device(name):
-    """The device named by --device, refused in one line when it is not there (pick_device)."""
-    return pick_device(name)
+check_device = pick_device  # the device named by --device, refused in one line when it is not there

@@ -2,13 +2,10 @@
 
     python sample.py runs/pretrain/ckpt.pt --png-dir runs/fid/samples --n 5000   # 50,000 PNGs; rerun to resume
 
-The sample folder. File i is INDEX_CLASS.png (e.g. 000123_ship.png) and has class class_ids[i % K],
-so any prefix of the folder is class-balanced. Samples are drawn in batches of BATCH; batch k starts
-from the noise of seed `seed * SEED_STRIDE + k`, so a batch's images depend only on the settings and
-k, never on which batches ran before. That is what makes a run resumable: files that exist are
-skipped, and a missing one is drawn again, identical to what the first run would have written. The
-settings live in the folder's minisnr_samples.json; a rerun with other settings is refused, because
-one folder must hold samples of one model and one sampler.
+File i is INDEX_CLASS.png (e.g. 000123_ship.png) of class class_ids[i % K], so any prefix is class-balanced.
+Batch k of BATCH starts from the noise of seed `seed * SEED_STRIDE + k`, so its images depend only on the settings
+and k: a rerun skips the files that exist and draws a missing one exactly as the first run would have. The
+settings live in minisnr_samples.json; a rerun with others is refused: one folder, one model and one sampler.
 """
 import os
 
@@ -25,14 +22,6 @@ BATCH = 256                  # images per generate() call (a setting of the fold
 SEED_STRIDE = 1_000_000      # batch k of seed s uses seed s * SEED_STRIDE + k: distinct for up to 1e6 batches
 
 
-def sample_settings(model, classes, class_ids, per_class, *, steps, cfg, seed, ema, precision):
-    """Everything that decides a folder's pixels, as a JSON-able dict (compared on resume).
-    The weights are named by their hash, so a moved or renamed checkpoint still matches."""
-    return {"weights": weights_hash(model.state_dict()), "ema": ema, "classes": [classes[c] for c in class_ids],
-            "class_ids": list(class_ids), "per_class": per_class, "steps": steps, "cfg": cfg, "seed": seed,
-            "precision": precision, "batch": BATCH}
-
-
 def file_names(settings):
     """The folder's file names, in sample order: INDEX_CLASS.png, classes cycling so any prefix is balanced."""
     names, n = settings["classes"], settings["per_class"] * len(settings["classes"])
@@ -42,9 +31,8 @@ def file_names(settings):
 
 
 def claim_folder(folder, settings, source, data=()):
-    """Make `folder` ours for these settings: a new or empty folder gets the settings file; a folder with
-    the same settings is resumed; anything else (a folder of files minisnr did not write, one inside `data`,
-    the (what, folder) pairs of the data the model was trained on) is refused in one line (before any sampling)."""
+    """Make `folder` ours for these settings: a new or empty folder gets the settings file, one with the same
+    settings is resumed, anything else (files minisnr did not write, a folder inside `data`) is refused in one line."""
     check_out_not_input(folder, data, flag="--png-dir")
     path = os.path.join(folder, SETTINGS_FILE)
     if os.path.lexists(path):
@@ -68,11 +56,17 @@ def claim_folder(folder, settings, source, data=()):
                 "noise": f"batch k (files k*batch ...) starts from seed seed*{SEED_STRIDE}+k"}, path)
 
 
-def write_sample_folder(model, folder, settings, ctx, source="", data=()):
-    """Draw every sample of `settings` into `folder`, one PNG each, BATCH at a time with a progress bar.
-    Existing files are kept; returns (number of files, number written now)."""
+def sample_to_folder(model, folder, classes, class_ids, per_class, *, steps, cfg, seed, ema, device, precision,
+                     source="", data=()):
+    """sample.py --png-dir and `evaluate fid`: draw every sample into `folder`, one PNG each, BATCH at a time, keeping
+    the files already there. The folder may not lie in `data` ((what, folder) pairs: the data the model was trained
+    on). Returns the number of files."""
     from PIL import Image
     from tqdm import tqdm
+    # everything that decides the pixels, compared on resume; the weights by their hash, so a moved checkpoint matches
+    settings = {"weights": weights_hash(model.state_dict()), "ema": ema, "classes": [classes[c] for c in class_ids],
+                "class_ids": list(class_ids), "per_class": per_class, "steps": steps, "cfg": cfg, "seed": seed,
+                "precision": precision, "batch": BATCH}
     claim_folder(folder, settings, source, data)
     remove_stale_tmp(folder)  # a killed run's half-written NAME.<random>.tmp files
     names, have = file_names(settings), set(os.listdir(folder))
@@ -83,21 +77,11 @@ def write_sample_folder(model, folder, settings, ctx, source="", data=()):
         missing = [i for i in range(start, min(start + BATCH, len(names))) if names[i] not in have]
         if not missing:
             continue
-        images = generate(model, labels[start:start + BATCH], steps=settings["steps"], cfg=settings["cfg"],
-                          seed=settings["seed"] * SEED_STRIDE + k, ctx=ctx, batch_size=BATCH)
+        images = generate(model, labels[start:start + BATCH], steps=steps, cfg=cfg, seed=seed * SEED_STRIDE + k,
+                          ctx=autocast_context(device, precision), batch_size=BATCH)
         for i in missing:  # (3, H, W) uint8 -> PNG, each written atomically
             save_png(Image.fromarray(images[i - start].permute(1, 2, 0).numpy()), os.path.join(folder, names[i]))
         bar.update(len(missing))
     bar.close()
-    return len(names), todo
-
-
-def sample_to_folder(model, folder, classes, class_ids, per_class, *, steps, cfg, seed, ema, device, precision,
-                     source="", data=()):
-    """sample.py --png-dir and `evaluate fid` in one call: settings, then the (resumed) folder, which may not lie
-    in `data` ((what, folder) pairs: the data the model was trained on)."""
-    settings = sample_settings(model, classes, class_ids, per_class, steps=steps, cfg=cfg, seed=seed, ema=ema,
-                               precision=precision)
-    total, written = write_sample_folder(model, folder, settings, autocast_context(device, precision), source, data)
-    print(f"{folder}: {total} PNGs ({written} drawn now, {total - written} kept from before)")
-    return total
+    print(f"{folder}: {len(names)} PNGs ({todo} drawn now, {len(names) - todo} kept from before)")
+    return len(names)

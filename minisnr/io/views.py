@@ -1,10 +1,8 @@
 """The fine-tuning views: crops and flips of the style references that keep the style's own pixels.
 
-finetune.py trains on a handful of references (often one), so every batch is views of them. The views must
-carry the style as the reference does: the model is scored against the reference's exact pixels, and a view
-that was zoomed and resampled teaches it a blurred version (the old views kept 20-60% of a 32x32 reference's
-high-frequency energy, depending on the style). `tests/test_views.py` checks, for every ground-truth style,
-that the views' HF energy and mean colour stay within 10% of the reference's.
+finetune.py trains on a handful of references (often one), so every batch is views of them, and a view that was
+zoomed and resampled teaches a blurred style. `tests/test_views.py` checks, for every ground-truth style, that the
+views' high-frequency energy and mean colour stay within 10% of the reference's.
 """
 import torch
 import torch.nn.functional as F
@@ -18,16 +16,13 @@ class StyleViews:
     """The fine-tuning batches: views of the style references that keep their pixels, (B, 3, S, S) in [-1, 1].
 
     A style lives in fine detail (dots, lines, block edges) that any resampling blurs, so with crop_min = 1 (the
-    default) no view is resampled:
-      short side <= ref_size  used at its own pixels: size x size crops at random integer offsets and flips. One
-                              at the model's size is reflect-padded by SHIFT pixels first, so it moves by up to
-                              SHIFT pixels: a shift changes no pixel's texture or colour.
-      short side > ref_size   (a painting) downsampled once, antialiased, to short side ref_size, then cut into
-                              size x size crops at that fixed scale: one view pixel is always the same patch of it.
-      a side < size           tiled (repeated side by side) up to size, then as above: stretching it up would
-                              blur the very texture that is the style, and a repeat keeps every pixel as it is.
-    crop_min < 1 keeps the old views, for ablations: the short side resized to ref_size (up or down), then
-    RandomResizedCrop(scale=(crop_min, 1)); views of a 32x32 reference kept only 20-60% of its high-frequency energy.
+    default) no view is resampled: size x size crops at random integer offsets, flipped half the time, of
+      short side <= ref_size  the reference at its own pixels, reflect-padded by SHIFT pixels at the model's size
+                              so that it can move (a shift changes no pixel's texture or colour);
+      short side > ref_size   (a painting) the reference downsampled once to short side ref_size;
+      a side < size           the reference tiled up to size: a repeat keeps every pixel, stretching would blur.
+    crop_min < 1 keeps the old views, for the study's ablation: the short side resized to ref_size, then
+    RandomResizedCrop(scale=(crop_min, 1)), which kept only 20-60% of a 32x32 reference's high-frequency energy.
     The references live on the training device and are cropped there; offsets and flips come from the CPU RNG."""
     SHIFT = 1   # 2 px already moved a vignette's dark frame enough to add 10-18% HF energy; 1 px stays within 8%
 

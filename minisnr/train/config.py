@@ -1,10 +1,8 @@
 """Every flag of train.py and finetune.py: its default, its one-line reason, and the checks run before any work.
 
-Each field of a config dataclass becomes a flag (minisnr.io.cli.parse_config): `batch_size` is
---batch-size, and its reason is its --help line. validate() raises a one-line UserError naming
-the flag to fix, before anything is loaded or written.
+Each field of a config dataclass becomes a flag (minisnr.io.cli.parse_config): `batch_size` is --batch-size, and its
+reason is its --help line. validate() raises a one-line UserError naming the flag to fix, before any work.
 """
-import math
 import os
 from dataclasses import dataclass
 from typing import ClassVar
@@ -33,15 +31,12 @@ def check_noise_flags(config):
     if config.noise_sampler not in NOISE_SAMPLERS:
         raise UserError(f"--noise-sampler {config.noise_sampler!r} is unknown; choose one of "
                         f"{', '.join(NOISE_SAMPLERS)}")
-    for name in ("m", "s", "mu", "sigma", "shift"):
+    for name, bound in NOISE_BOUNDS.items():
         value = getattr(config, name)
-        if not math.isfinite(value):
-            raise UserError(f"--{name} must be a finite number, got {value}")
+        if not abs(value) <= bound:  # NaN fails it too
+            raise UserError(f"--{name} must be in [-{bound:g}, {bound:g}], got {value}")
         if name in ("s", "sigma") and value <= 0:
             raise UserError(f"--{name} must be > 0, got {value}")
-    for name, bound in NOISE_BOUNDS.items():
-        if abs(getattr(config, name)) > bound:
-            raise UserError(f"--{name} must be in [-{bound:g}, {bound:g}], got {getattr(config, name)}")
     if not SHIFT_BOUNDS[0] <= config.shift <= SHIFT_BOUNDS[1]:
         raise UserError(f"--shift must be in [{SHIFT_BOUNDS[0]:g}, {SHIFT_BOUNDS[1]:g}] (1 = none), got {config.shift}")
 
@@ -73,6 +68,22 @@ def check_at_most(config, maximum, names, why=""):
     for name in names:
         if getattr(config, name) > maximum:
             raise UserError(f"--{name.replace('_', '-')} must be <= {maximum:,}{why}, got {getattr(config, name):,}")
+
+
+def check_common(config):
+    """The checks of the flags train.py and finetune.py share: counts, the LR, the sample grid, p(t), the seed and
+    the device."""
+    check_at_least(config, 1, ("batch_size", "log_every", "ckpt_every", "sample_steps"))
+    check_at_least(config, 0, ("grad_clip", "sample_cfg"))
+    check_at_most(config, MAX_STEPS, ("log_every", "ckpt_every"))
+    check_at_most(config, MAX_SAMPLE_STEPS, ("sample_steps",))
+    check_at_most(config, MAX_SAMPLE_PER_CLASS, ("sample_per_class",))
+    check_at_most(config, MAX_CFG, ("sample_cfg",))
+    if not 0 < config.lr <= MAX_LR:
+        raise UserError(f"--lr must be in (0, {MAX_LR:g}], got {config.lr}")
+    check_noise_flags(config)
+    check_seed(config.seed)
+    check_device(config.device)
 
 
 # --- train.py ------------------------------------------------------------------------------------
@@ -153,14 +164,12 @@ class TrainConfig:
     def validate(self, guard_folder=True):
         """Check the flags before any work starts; raise UserError with a one-line fix for bad input. Under torchrun
         only rank 0 checks --out (guard_folder), the folder whose lock it takes (train.py main)."""
-        check_at_least(self, 1, ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "sample_steps",
-                                 "sample_per_class"))
+        check_common(self)
+        check_at_least(self, 1, ("grad_accum", "max_steps", "sample_per_class"))
         check_at_least(self, 0, ("sample_every", "stop_after"), " (0 = off)")
-        check_at_most(self, MAX_STEPS, ("max_steps", "stop_after", "warmup", "log_every", "sample_every",
-                                        "ckpt_every"))
+        check_at_least(self, 0, ("weight_decay", "warmup"))
+        check_at_most(self, MAX_STEPS, ("max_steps", "stop_after", "warmup", "sample_every"))
         check_at_most(self, MAX_BATCH["train.py"], ("batch_size",), " (images per step; see --grad-accum)")
-        check_at_most(self, MAX_SAMPLE_STEPS, ("sample_steps",))
-        check_at_most(self, MAX_SAMPLE_PER_CLASS, ("sample_per_class",))
         if self.batch_size % self.grad_accum:
             raise UserError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}, "
                             f"so every micro-batch has the same size")
@@ -178,17 +187,8 @@ class TrainConfig:
                             f"smaller --dim or --depth")
         if not 0 <= self.class_dropout < 1:
             raise UserError(f"--class-dropout must be in [0, 1), got {self.class_dropout}")
-        if not 0 < self.lr <= MAX_LR:
-            raise UserError(f"--lr must be in (0, {MAX_LR:g}], got {self.lr}")
-        check_at_most(self, MAX_CFG, ("sample_cfg",))
-        for name in ("weight_decay", "grad_clip", "warmup", "sample_cfg"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        check_noise_flags(self)
-        check_seed(self.seed)
-        check_device(self.device)
         check_out_not_input(self.out, self.inputs())
         if guard_folder:
             guard_run_folder(self.out, self.SCRIPT, self.RUN_FILES, self.resume, self.overwrite, self.inputs())
@@ -206,19 +206,16 @@ PRESETS = {
                  ckpt_every=10, sample_steps=4, sample_per_class=2),
 }
 
-# torch.compile by default on CUDA, for every model of at least COMPILE_MIN_PARAMS parameters, whatever preset
-# named it. Eager under autocast runs LayerNorm, modulate, the gates and the residual adds in fp32, as ~1,500 small
-# kernels a step; compiled, they fuse, and the minute of compiling pays for itself within the first thousand steps
-# or so. Below that size (the test-sized tiny model, ~0.2M) runs are short checks, where the compile would be most
-# of the time. On a CPU or MPS the compile costs more than it saves, so those stay eager; so does a card or platform
-# inductor cannot build kernels for (cuda_can_compile: a GTX 10xx, Windows without Triton).
+# torch.compile by default on CUDA for models of at least this many parameters, whatever preset named them. Eager
+# under autocast runs LayerNorm, modulate, the gates and the residual adds as ~1,500 small fp32 kernels a step;
+# compiled, they fuse, and the minute of compiling pays for itself within about a thousand steps. The tiny model
+# (~0.2M) makes short checks, where the compile would be most of the time; a CPU or MPS gains less than it costs,
+# and some cards and platforms inductor cannot build for (cuda_can_compile: a GTX 10xx, Windows without Triton).
 COMPILE_MIN_PARAMS = 1_000_000
 
 
 def use_compile(config: TrainConfig, device):
-    """--compile if given, else compile on CUDA cards inductor can build for (cuda_can_compile), for models of
-    COMPILE_MIN_PARAMS parameters or more (whatever --preset named the model: --model cifar without --preset cifar
-    compiles too)."""
+    """--compile if given, else true on CUDA cards inductor can build for, for models of COMPILE_MIN_PARAMS or more."""
     if config.compile is not None:
         return config.compile
     if device.type != "cuda" or not cuda_can_compile(device):
@@ -303,31 +300,19 @@ class FinetuneConfig:
             raise UserError("--style is required: an image, a folder of images, or a comma-separated list")
         require_file(self.base, "--base", "pass the ckpt.pt written by train.py (OUT/ckpt.pt)"
                      + ("; the shipped base is missing from this copy of minisnr" if self.base == SHIPPED_BASE else ""))
-        check_at_least(self, 1, ("steps", "batch_size", "rank", "log_every", "ckpt_every", "sample_steps",
-                                 "ref_size"))
+        check_common(self)
+        check_at_least(self, 1, ("steps", "rank", "ref_size"))
         check_at_least(self, 0, ("sample_per_class",), " (0 = no grid)")
-        check_at_most(self, MAX_STEPS, ("steps", "log_every", "ckpt_every"))
+        check_at_most(self, MAX_STEPS, ("steps",))
         check_at_most(self, MAX_BATCH["finetune.py"], ("batch_size",), " (views per step)")
         check_at_most(self, MAX_RANK, ("rank",))
         check_at_most(self, MAX_REF_SIZE, ("ref_size",), " pixels")
-        check_at_most(self, MAX_SAMPLE_STEPS, ("sample_steps",))
-        check_at_most(self, MAX_SAMPLE_PER_CLASS, ("sample_per_class",))
-        if not 0 < self.lr <= MAX_LR:
-            raise UserError(f"--lr must be in (0, {MAX_LR:g}], got {self.lr}")
-        check_at_most(self, MAX_CFG, ("sample_cfg",))
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 < self.crop_min <= 1:
             raise UserError(f"--crop-min must be in (0, 1], got {self.crop_min}")
-        if self.sample_cfg < 0:
-            raise UserError(f"--sample-config must be >= 0, got {self.sample_cfg}")
-        if self.grad_clip < 0:
-            raise UserError(f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.alpha is not None and not 0 < self.alpha <= MAX_ALPHA:
             raise UserError(f"--alpha must be in (0, {MAX_ALPHA:g}] (the LoRA update is scaled by alpha/rank), got "
                             f"{self.alpha}")
-        check_noise_flags(self)
-        check_seed(self.seed)
-        check_device(self.device)
         check_out_not_input(self.out, self.inputs(), base=self.base)
         guard_run_folder(self.out, self.SCRIPT, self.RUN_FILES, self.resume, self.overwrite, self.inputs())

@@ -45,22 +45,10 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank if `flag` is True on any rank: one tiny all-reduce (MAX) under DDP, `flag` itself
-    otherwise. Ranks must leave the loop at the same step, or the others wait in their next gradient
-    all-reduce for a rank that has gone."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    vote = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
-    return bool(vote.item())
-
-
-def any_rank_tensor(flag):
-    """`flag` (a bool tensor on the device) OR-ed over the ranks under DDP, still on the device, so it costs no
-    host sync of its own: one tiny MAX all-reduce. Without DDP, `flag` itself. Used for the non-finite check,
-    which must stop every rank at once: a rank that stopped alone would leave the others waiting in their next
-    gradient all-reduce forever."""
+def any_rank(flag):
+    """`flag` (a bool tensor on the device) OR-ed over the ranks under DDP, still on the device, so it costs no host
+    sync of its own: one tiny MAX all-reduce. Without DDP, `flag` itself. Ranks must leave the loop at the same step
+    (a NaN, a signal): a rank that stopped alone would leave the others waiting in their next gradient all-reduce."""
     if not (dist.is_available() and dist.is_initialized()):
         return flag
     vote = flag.reshape(1).float()       # gloo and NCCL both reduce float32

@@ -1,9 +1,8 @@
 """Resuming a run exactly: the RNG states, and the checks a saved state must pass before it is used.
 
-resume_pretrain and resume_finetune load OUT/ckpt.pt or OUT/state.pt back into a run that was just built
-with the same flags: weights, optimizer, grad scaler, RNG (and for train.py the EMA and the data order).
-Every part of the file is checked first, so a damaged or foreign file is one line naming it, never a
-traceback, and never a half-restored run.
+resume_pretrain and resume_finetune load OUT/ckpt.pt or OUT/state.pt back into a run just built with the same flags:
+weights, optimizer, grad scaler, RNG (and for train.py the EMA and the data order). Every part of the file is
+checked first, so a damaged or foreign file is one line naming it, never a traceback or a half-restored run.
 """
 import os
 from dataclasses import asdict
@@ -35,18 +34,16 @@ def set_rng_state(state, device):
 NOISE_FLAGS = {"uniform": set(), "logit-normal": {"m", "s"}, "style-friendly": {"mu", "sigma"}}
 
 
-def unused_noise_flags(flags):
-    """The noise-sampler flags that the run's --noise-sampler does not read (shift is read by every one)."""
-    used = NOISE_FLAGS.get(flags.get("noise_sampler"))
-    return set().union(*NOISE_FLAGS.values()) - used if used is not None else set()
-
-
 def refuse_changed_flags(saved, current, free, path):
     """Resuming under other flags would mix two runs and record the wrong one: name every flag that differs
-    from the run's own (`saved`), except the `free` ones, which do not change the result."""
+    from the run's own (`saved`), except the `free` ones, which do not change the result. Older files record
+    none (`saved` None)."""
+    if saved is None:
+        return
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path} does not record the flags of its run; the file is damaged or not minisnr's")
-    free = set(free) | unused_noise_flags(current)       # e.g. --mu under logit-normal changes nothing drawn
+    used = NOISE_FLAGS.get(current.get("noise_sampler"))   # e.g. --mu under logit-normal changes nothing drawn
+    free = set(free) | (set().union(*NOISE_FLAGS.values()) - used if used is not None else set())
     changed = [k for k in current if k not in free and k in saved and saved[k] != current[k]]
     if changed:
         diff = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {current[k]})" for k in changed)
@@ -101,12 +98,6 @@ def check_optimizer_state(opt, params, path):
             raise _damaged(path, f"its optimizer state for tensor {idx!r} does not fit the model")
 
 
-def check_step(step, path, limit=None):
-    """A saved step: a whole number >= 0 (and <= limit, if given)."""
-    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0 and (limit is None or step <= limit)):
-        raise _damaged(path, f"its step {step!r} is not a whole number in [0, {limit if limit is not None else 'inf'}]")
-
-
 # --- loading a state back ----------------------------------------------------------------------
 
 def load_state(path, what, script, keys):
@@ -118,26 +109,18 @@ def load_state(path, what, script, keys):
     state = safe_load(path, what=what)
     if not isinstance(state, dict) or not set(keys) <= set(state):
         raise CheckpointError(f"{path} is not a {what} written by {script}; pass the --out folder of a {script} run")
-    check_step(state["step"], path)
+    step = state["step"]
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise _damaged(path, f"its step {step!r} is not a whole number >= 0")
     check_rng_state(state["rng"], path)
     return state
 
 
-def check_flags(saved, config, path):
-    """The flags a state was run with must be today's, apart from config.RESUME_FREE (older files record none)."""
-    if saved is not None:
-        refuse_changed_flags(saved, asdict(config), config.RESUME_FREE, path)
-
-
 def restore(state, optimizer, scaler, device, master=True):
     """Load the optimizer, grad-scaler and RNG states (checked by then); returns the step to continue from.
-
-    A bf16 or fp32 run saves its disabled GradScaler as {}; resumed in fp16 (--precision auto on an older
-    GPU), the enabled scaler starts from its initial loss scale, which it adapts within a few steps.
-
+    A bf16 or fp32 run saves its disabled GradScaler as {}: resumed in fp16, the scaler starts afresh.
     The optimizer keeps the kernel this run built it with: load_state_dict copies the saved group's `fused` and
-    `foreach` over it, so a state saved on a CPU (foreach) would make a GPU's fused AdamW a foreach one, which an
-    fp16 GradScaler then hands found_inf (an AssertionError at the first step) and which bf16 runs slower."""
+    `foreach` over it, and a CPU's foreach AdamW on a GPU fails under an fp16 GradScaler (found_inf)."""
     kernels = [{k: group[k] for k in ("fused", "foreach")} for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
     for group, kernel in zip(optimizer.param_groups, kernels):
@@ -159,7 +142,7 @@ def resume_pretrain(path, config, model, ema, optimizer, scaler, loader, device,
     if not isinstance(have, dict):
         raise CheckpointError(f"{path} is not a checkpoint written by train.py; pass the --out folder of a "
                               f"train.py run")
-    check_flags(ckpt.get("train_config"), config, path)
+    refuse_changed_flags(ckpt.get("train_config"), asdict(config), config.RESUME_FREE, path)
     if have != want:
         diff = ", ".join(f"{k}={have.get(k)} (these flags give {v})" for k, v in want.items() if have.get(k) != v)
         raise CheckpointError(f"{path} was trained with {diff}; pass the same --preset/--model/--dim/--depth/"
@@ -177,23 +160,16 @@ def resume_pretrain(path, config, model, ema, optimizer, scaler, loader, device,
     ema.load_state_dict(ckpt["ema"])
     loader.load_state_dict(ckpt["loader"])
     step = restore(ckpt, optimizer, scaler, device, master=rank == 0)
-    say_world_change(ckpt["loader"], loader, path, step, rank)
+    world, batch = ckpt["loader"].get("world_size"), loader.batch_size   # older states do not record it
+    if rank == 0 and isinstance(world, int) and world != loader.world_size:  # allowed, but another global batch
+        print(f"note: {path} was trained on {world} process(es) x --batch-size {batch} = {world * batch} images a "
+              f"step; from step {step} this run takes {loader.world_size * batch}. Resume with {world} process(es) "
+              f"to keep the run's global batch")
     if rank > 0:  # other ranks' RNG streams were not saved; derive fresh ones from the step
         torch.manual_seed(config.seed + rank + 1_000_003 * step)
     else:
         print(f"resumed from {path} at step {step}")
     return step
-
-
-def say_world_change(saved, loader, path, step, rank):
-    """Say (on rank 0) that a run resumed on another number of processes trains on another global batch from
-    here on. The data order and the LR schedule go on exactly, so it is allowed, but it is no longer the run it
-    was. Older states do not record their number of processes, so nothing is said for them."""
-    world, batch = saved.get("world_size"), loader.batch_size
-    if rank == 0 and isinstance(world, int) and world != loader.world_size:
-        print(f"note: {path} was trained on {world} process(es) x --batch-size {batch} = {world * batch} images a "
-              f"step; from step {step} this run takes {loader.world_size * batch}. Resume with {world} process(es) "
-              f"to keep the run's global batch")
 
 
 def resume_finetune(path, config, model, optimizer, scaler, device, base):
@@ -205,7 +181,7 @@ def resume_finetune(path, config, model, optimizer, scaler, device, base):
     if state.get("base_weights_hash", base["base_weights_hash"]) != base["base_weights_hash"]:
         raise CheckpointError(f"{path} was started from other base weights (another checkpoint, or --use-ema "
                               f"changed); pass the --base and --use-ema it was started with")
-    check_flags(state.get("finetune_config"), config, path)
+    refuse_changed_flags(state.get("finetune_config"), asdict(config), config.RESUME_FREE, path)
     check_tensors(state["lora"], path, "adapter tensors")
     check_optimizer_state(state["optimizer"], lora_parameters(model), path)
     load_lora_state_dict(model, state["lora"])

@@ -30,24 +30,20 @@ from ..io.device import out_of_memory, sync
 from ..rf import bin_losses
 from ..io.files import disk_full, open_log, remove_stale_tmp
 from ..io.safety import MANIFEST, RunManifest
-from .ddp import any_rank, any_rank_tensor
+from .ddp import any_rank
 
-
-# --- pieces: img/s and the Ctrl-C flag --------------------------------------------------------------
 
 class Throughput:
-    """Images per second over each log window. The run's first step is left out of the first window: it
-    includes torch.compile's compilation (a minute or more on a GPU) and CUDA's warm-up, and would make the
-    first logged img/s meaningless. So is the time between pause() and resume() (a sample grid, a save): it is
-    not training, and a window holding it would report too few img/s. Costs one device sync after the first step
-    and one at each pause, where the run waits for the device anyway (it copies images or weights to the host)."""
+    """Images per second over each log window. Left out: the run's first step (torch.compile's compilation and
+    CUDA's warm-up) and the time between pause() and resume() (a sample grid, a save: not training). Costs one
+    device sync after the first step and one at each pause, where the run waits for the device anyway."""
 
     def __init__(self, device, images_per_step):
         self.device, self.images_per_step = device, images_per_step
         self.steps, self.start, self.first = 0, time.time(), True
 
     def step(self):
-        """Count one finished step (queued on the device; the first one is waited for and not counted)."""
+        """Count one finished step (the first one is waited for and not counted)."""
         if self.first:
             sync(self.device)
             self.start, self.first = time.time(), False
@@ -64,8 +60,7 @@ class Throughput:
         self.start += time.time() - self.paused_at
 
     def rate(self):
-        """img/s of the counted steps since the last call (None if there were none); starts a new window.
-        Call it after a device sync, so the steps have finished."""
+        """img/s of the counted steps since the last call (None if none; call it after a device sync)."""
         now = time.time()
         rate = self.steps * self.images_per_step / max(now - self.start, 1e-9) if self.steps else None
         self.steps, self.start = 0, now
@@ -73,10 +68,9 @@ class Throughput:
 
 
 class InterruptFlag:
-    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a flag the loop checks, so it can save and exit cleanly.
-    SIGTERM is what `timeout`, `docker stop`, SLURM preemption and torchrun (passing on its own SIGTERM) send.
-    `signum` records which signal came. A second Ctrl-C interrupts at once (but never a save: signals_held);
-    a second SIGTERM changes nothing, since its sender (a job manager repeating itself) wants the save."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM (`timeout`, `docker stop`, SLURM, torchrun) into a flag the loop
+    checks, so it can save and exit cleanly. A second Ctrl-C interrupts at once (never a save: signals_held); a
+    second SIGTERM changes nothing, since its sender (a job manager repeating itself) wants the save."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -123,8 +117,6 @@ def signals_held():
         for s in pending:                          # now the previous handler acts on it
             signal.raise_signal(s)
 
-
-# --- the harness -------------------------------------------------------------------------------
 
 def by_t_line(bin_sums, bin_counts, shown=5):
     """The mean loss in `shown` bins of t, clean (t near 0) to noise (t near 1), as one short string: '.03 .12 -'
@@ -267,7 +259,7 @@ class Run:
         """Stop with one line if a loss or a weight became NaN/inf: a step can leave NaN weights behind a
         finite loss (an overflowing gradient), so both are checked. Nothing is saved after that."""
         weights_ok = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
-        if any_rank_tensor(self.nonfinite | ~weights_ok).item():      # under DDP every rank stops, or none
+        if any_rank(self.nonfinite | ~weights_ok).item():      # under DDP every rank stops, or none
             kept = (f"so {self.state_path} keeps the last good state" if os.path.exists(self.state_path)
                     else "and no state was saved yet")
             raise UserError(f"loss or weights became non-finite by step {step}; stopping without saving, {kept}. "
@@ -276,10 +268,10 @@ class Run:
     def stop(self, step):
         """True once Ctrl-C or SIGTERM came. One process stops at once; under DDP a rank may see the signal a
         step before another, so the ranks vote at each log step (which syncs anyway) and stop together."""
-        if self.world == 1:
-            self.stopped = self.interrupt.set
-        else:
-            self.stopped = step % self.log_every == 0 and any_rank(self.interrupt.set, self.device)
+        self.stopped = self.interrupt.set
+        if self.world > 1:
+            vote = step % self.log_every == 0
+            self.stopped = vote and any_rank(torch.tensor(self.stopped, device=self.device)).item()
         return self.stopped
 
     @contextlib.contextmanager
