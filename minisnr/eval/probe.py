@@ -108,22 +108,6 @@ class Probe:
         return next(self.net.parameters()).device
 
     @torch.no_grad()
-    def logits(self, x, batch_size=500):
-        """Class logits (N, K) of images x (N, 3, 32, 32) in [-1, 1]."""
-        self.net.eval()
-        return torch.cat([self.net(x[i:i + batch_size].to(self.device)).float().cpu()
-                          for i in range(0, len(x), batch_size)])
-
-    @torch.no_grad()
-    def features(self, x):
-        """(pooled (N, w2), style maps {"rgb": (N, 3, 32, 32), "conv1": (N, w0, 16, 16), ...}) for x in [-1, 1].
-
-        One batch, kept whole: use run() for large sets, which reduces the maps to Gram vectors per batch."""
-        self.net.eval()
-        _, pooled, maps = self.net.forward_features(x.to(self.device))
-        return pooled.float().cpu(), {k: v.float().cpu() for k, v in maps.items()}
-
-    @torch.no_grad()
     def run(self, images, batch_size=250):
         """Everything the metrics need from uint8 images (N, 3, 32, 32), in batches:
         {"logits": (N, K), "pooled": (N, w2), "grams": [per STYLE_LAYERS (N, C(C+1)/2)]}. A judge also gives
