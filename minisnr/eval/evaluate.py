@@ -11,7 +11,6 @@ paired CIs and held-out styles. Images here are judged through a small CNN probe
 
     class acc     fraction of samples of class c that the probe calls c                   higher = better
     FD            Fréchet distance of probe features to the real test images              lower = closer
-    style sim     cosine of standardised Gram statistics (conv layers) to the adapter's style images
     HF energy     fraction of spectral energy above 0.25 cycles/pixel
 
 These numbers are comparable only with each other (same probe file, same sample counts);
