@@ -20,6 +20,5 @@ The study (python -m minisnr.eval.study) and compare (python -m minisnr.eval.com
 python -m minisnr.eval.evaluate probe|base|fid
     evaluate.py          the command line, and probe (train or load the probe) and base (class accuracy and FD
                          of the base model's samples)
-    evaluate_context.py  what probe and base share: their probe flags and set-up
     fid.py               fid: sample folders and the optional clean-fid FID
 """
