@@ -40,14 +40,6 @@ def gaussian_stats(features):
     return mu, fc.T @ fc / (f.shape[0] - 1)
 
 
-def sqrtm_psd(mat):
-    """Square root of a symmetric positive semi-definite matrix by eigh: V diag(sqrt(max(e, 0))) V^T.
-    Symmetrised first and negative eigenvalues (rounding noise) clamped to 0."""
-    mat = (mat + mat.T) / 2
-    evals, evecs = torch.linalg.eigh(mat)
-    return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
-
-
 def frechet_from_stats(mu1, cov1, mu2, cov2):
     """Fréchet (2-Wasserstein) distance between N(mu1, cov1) and N(mu2, cov2), float64 inside.
 
@@ -55,7 +47,8 @@ def frechet_from_stats(mu1, cov1, mu2, cov2):
     similar (same eigenvalues), and S cov2 S is symmetric PSD, so eigh applies and no complex
     numbers or ill-conditioned inverses appear. Tiny negative results from rounding become 0."""
     mu1, mu2, cov1, cov2 = (t.double() for t in (mu1, mu2, cov1, cov2))
-    s = sqrtm_psd(cov1)
+    evals, evecs = torch.linalg.eigh((cov1 + cov1.T) / 2)          # negative eigenvalues are rounding noise
+    s = (evecs * evals.clamp(min=0).sqrt()) @ evecs.T                # cov1^1/2
     middle = s @ cov2 @ s
     middle = (middle + middle.T) / 2
     tr_covmean = torch.linalg.eigvalsh(middle).clamp(min=0).sqrt().sum()

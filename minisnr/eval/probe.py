@@ -34,6 +34,7 @@ from ..io.checkpoint import safe_load
 from ..io.cli import CheckpointError, UserError
 from ..io.data import load_dataset, to_model_range
 from ..io.files import atomic_save
+from .metrics import class_accuracy
 from .styles import apply_style
 
 
@@ -96,11 +97,6 @@ class Probe:
     styles: list = field(default_factory=list)
     feature_scale: list = field(default_factory=list)
 
-    @property
-    def device(self):
-        """The device the probe's weights live on."""
-        return next(self.net.parameters()).device
-
     @torch.no_grad()
     def run(self, images, batch_size=250):
         """Everything the metrics need from uint8 images (N, 3, 32, 32), in batches:
@@ -109,9 +105,10 @@ class Probe:
         block divided by its feature_scale: the two trunks then have RMS 1 on the reference set and weigh equally
         in KID and FD (raw, their scales, and so their shares of the distance, were whatever training left)."""
         self.net.eval()
+        device = next(self.net.parameters()).device
         logits, pooled, styles = [], [], []
         for i in range(0, len(images), batch_size):
-            x = to_model_range(images[i:i + batch_size].to(self.device))
+            x = to_model_range(images[i:i + batch_size].to(device))
             lg, pl = self.net.forward_features(x)
             if self.net.style_net is not None:   # a judge: its features see class and style
                 st, st_pooled = self.net.style_net.forward_features(x)
@@ -216,18 +213,6 @@ def augment(x, generator, pad=4):
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
-@torch.no_grad()
-def accuracy(net, images, labels, batch_size=500):
-    """Top-1 accuracy of `net` on uint8 images (N, 3, H, W) with labels (N,)."""
-    net.eval()
-    device = next(net.parameters()).device
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        x = to_model_range(images[i:i + batch_size].to(device))
-        correct += (net(x).argmax(1).cpu() == labels[i:i + batch_size]).sum().item()
-    return correct / max(1, len(images))
-
-
 def _sgd(net, lr):
     """SGD with Nesterov momentum and weight decay 5e-4, but none on BatchNorm weights and biases."""
     decay = [p for p in net.parameters() if p.ndim > 1]
@@ -294,11 +279,12 @@ def train_probe(train_set, test_set, epochs=3, batch_size=128, lr=0.1, widths=DE
     _fit(net, train_set, epochs, batch_size, lr, gen, device, styles, log)
     seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
     net.eval()
-    probe = Probe(net, list(train_set.classes), accuracy(net, test_set.images, test_set.labels),
+    probe = Probe(net, list(train_set.classes), 0.0,
                   {"epochs": epochs, "batch_size": batch_size, "lr": lr, "widths": list(widths), "seed": seed,
                    "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1),
                    "threads": torch.get_num_threads(), "n_train": len(train_set), "n_test": len(test_set)},
                   style_names)
+    probe.test_accuracy = class_accuracy(probe.run(test_set.images)["logits"], test_set.labels)
     if styles:   # each trunk's RMS on a fixed reference set, so that its two feature blocks weigh equally
         probe.feature_scale = trunk_scales(probe, train_set.images, seed, stats_images)
         probe.info["judge_version"] = JUDGE_VERSION

@@ -375,8 +375,9 @@ class Study:
         base, _ = load_pretrained(a.ckpt, use_ema=True, device=self.device)
         dirs = {self.run_dir(*r[:6], 0 if r[6] == self.default_steps else r[6]): r[6] for r in plan}   # each once
         todo = [steps for d, steps in dirs.items() if not os.path.exists(os.path.join(d, "adapter.pt"))]
-        step_s, pass_s = time_finetune_step(base, self.ctx, FinetuneConfig()), \
-            time_sampling_pass(base, self.ctx, a.samples_per_class * base.config.num_classes, a.sample_steps)
+        step_s = time_finetune_step(base, self.ctx, FinetuneConfig())
+        n = a.samples_per_class * base.config.num_classes
+        pass_s = _timed(lambda: generate(base, [0] * n, steps=2, ctx=self.ctx), 1) * a.sample_steps / 2  # at 2 steps
         ft_s = sum((steps or self.default_steps) * step_s + FINETUNE_START_S for steps in todo)
         passes = sum(len(r[7]) for r in plan) * len(self.sample_seeds)
         fixed = len(self.sample_seeds) * (sum(len(protocol.styles_of(a, s)) for s in protocol.splits(a)) > 0)
@@ -467,11 +468,6 @@ def time_finetune_step(base, ctx, config):
         opt.zero_grad(set_to_none=True)
         sync(device)
     return _timed(step, 5)
-
-
-def time_sampling_pass(base, ctx, n, steps):
-    """Seconds of one sampling pass: n images, `steps` Euler steps with CFG (timed at 2 steps, scaled)."""
-    return _timed(lambda: generate(base, [0] * n, steps=2, ctx=ctx), 1) * steps / 2
 
 
 def time_judge_training(train_data, epochs, device, batch_size=128, steps=6):
