@@ -3,7 +3,8 @@
 A style metric is only useful if real images in the style score better than sets that game it:
 copies of the reference, the reference's pixels shuffled into noise, and natural images recoloured
 to the reference's colours. The per-class KID of the judge's features must rank the real styled
-images first for every style. Everything is tiny and synthetic: shapes on smooth backgrounds, a judge trained in seconds.
+images first for every style. Everything is tiny and synthetic: shapes on smooth backgrounds, a judge
+trained in seconds.
 """
 import math
 
