@@ -3,22 +3,19 @@
 Everything is tiny and offline: fake images made here or by conftest.py, a probe trained
 for one epoch on them, and a tiny DiT trained for 20 steps by train.py in a subprocess.
 """
-import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from minisnr.eval import evaluate, metrics
 from minisnr.io.data import ImageSet
-from minisnr.eval.probe import get_probe, load_probe
+from minisnr.eval.probe import get_probe, load_probe, save_probe
 from minisnr.eval.probe import train_probe
-from minisnr.io.cli import UserError
-from minisnr.eval.styles import apply_style, DEV_STYLES, style_pil, STYLES, TEST_STYLES
+from minisnr.io.cli import CheckpointError, UserError
+from minisnr.eval.styles import apply_style, DEV_STYLES, STYLES, TEST_STYLES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,13 +100,6 @@ def test_test_split_has_seven_styles_of_every_kind():
     assert {"palette", "colour + layout", "edges", "texture"} <= kinds, f"the test split only has {kinds}"
 
 
-def test_style_pil_matches_tensor_version():
-    x = natural_like(1, seed=2)[0]
-    img = Image.fromarray(x.permute(1, 2, 0).numpy())
-    out = torch.from_numpy(np.asarray(style_pil("cartoon", img)).copy()).permute(2, 0, 1)
-    assert torch.equal(out, apply_style("cartoon", x)), "style_pil should give the same pixels as apply_style"
-
-
 def test_unknown_style_is_a_one_line_error():
     with pytest.raises(UserError, match="unknown style"):
         apply_style("watercolour", natural_like(1))
@@ -136,31 +126,14 @@ def test_frechet_distance_self_zero_and_known_values():
 
 
 def test_metrics_rank_styled_set_above_unstyled(tiny_probe):
-    reference = apply_style("tritone", natural_like(1, seed=10))          # one styled image: the style set
     content = natural_like(30, seed=11)
     styled, unstyled = apply_style("tritone", content), content
     target = apply_style("tritone", natural_like(30, seed=12))            # other images in the style
-    ref, s, u, t = (metrics.measure(tiny_probe, x) for x in (reference, styled, unstyled, target))
-    sim_styled = metrics.style_similarity(s["style"], ref["style"]).mean().item()
-    sim_plain = metrics.style_similarity(u["style"], ref["style"]).mean().item()
-    assert sim_styled > sim_plain + 0.1, (
-        f"styled images should be more similar to a styled reference than unstyled ones: "
-        f"{sim_styled:.3f} vs {sim_plain:.3f}")
+    s, u, t = (metrics.measure(tiny_probe, x) for x in (styled, unstyled, target))
     fd_styled = metrics.frechet_distance(s["pooled"], t["pooled"])
     fd_plain = metrics.frechet_distance(u["pooled"], t["pooled"])
     assert fd_styled < fd_plain, (
         f"styled FD to the styled targets should be lower for styled images: {fd_styled:.3f} vs {fd_plain:.3f}")
-
-
-def test_self_similarity_is_maximal(tiny_probe):
-    images = natural_like(6, seed=3)
-    got = metrics.measure(tiny_probe, images)
-    one = [d[:1] for d in got["style"]]
-    sims = metrics.style_similarity(got["style"], one)
-    assert abs(sims[0].item() - 1) < 1e-5, (
-        f"an image compared with itself should have style similarity 1, got {sims[0]:.6f}")
-    assert (sims <= sims[0] + 1e-6).all(), "no image should be more similar to the reference than the reference itself"
-    assert metrics.frechet_distance(got["pooled"], got["pooled"]) < 1e-6, "a set against itself should have FD ~0"
 
 
 def test_high_frequency_energy():
@@ -183,12 +156,10 @@ def test_probe_round_trip_through_cache(tmp_path, image_folder):
     probe = get_probe(path, image_folder, image_folder, epochs=1, widths=(8, 8, 16), batch_size=8, log=lambda *_: None)
     assert os.path.isfile(path), "get_probe should cache a newly trained probe at the given path"
     loaded = load_probe(path)
-    x = torch.rand(5, 3, 32, 32) * 2 - 1
-    assert torch.allclose(probe.logits(x), loaded.logits(x), atol=1e-6), "the cached probe should give the same logits"
-    p1, maps1 = probe.features(x)
-    p2, maps2 = loaded.features(x)
-    assert torch.allclose(p1, p2, atol=1e-6) and all(torch.allclose(maps1[k], maps2[k], atol=1e-6) for k in maps1), \
-        "the cached probe should give the same pooled features and feature maps"
+    x = natural_like(5, seed=5)
+    want, got = probe.run(x), loaded.run(x)
+    assert all(torch.allclose(want[k], got[k], atol=1e-6) for k in ("logits", "pooled")), \
+        "the cached probe should give the same logits and pooled features"
     assert loaded.classes == sorted(os.listdir(image_folder)) and 0 <= loaded.test_accuracy <= 1, \
         "the cache should record the class names and the probe's test accuracy"
     mtime = os.path.getmtime(path)
@@ -244,6 +215,31 @@ def test_stale_judge_is_retrained_and_a_current_one_reused(tmp_path, image_folde
     again = get_probe(path, image_folder, image_folder, **kw)
     assert any("older recipe" in line for line in said), f"a stale judge should be retrained: {said}"
     assert again.info["judge_version"] == JUDGE_VERSION and load_probe(path).info["judge_version"] == JUDGE_VERSION
+
+
+def test_probe_file_with_the_old_gram_statistics_loads(tmp_path, tiny_probe):
+    """Probe files from before the Gram statistics were dropped also carry style_layers, style_mean and style_std:
+    they still load, and give the same numbers."""
+    path = str(tmp_path / "probe.pt")
+    save_probe(tiny_probe, path)
+    old = {"style_layers": ["rgb", "conv1", "conv2", "conv3"], "style_mean": [torch.zeros(3)] * 4,
+           "style_std": [torch.ones(3)] * 4}
+    torch.save(dict(torch.load(path, weights_only=True), **old), path)
+    x = natural_like(4, seed=6)
+    assert torch.equal(load_probe(path).run(x)["pooled"], tiny_probe.run(x)["pooled"])
+
+
+@pytest.mark.parametrize("field, value, hint", [
+    ("info", None, "info"), ("info", {"widths": [8, 8]}, "widths"), ("num_classes", 0, "num_classes"),
+    ("classes", ["red"], "classes"), ("test_accuracy", 1.5, "test_accuracy"), ("state", {"w": 1}, "state"),
+    ("feature_scale", [1.0, -1.0], "feature_scale")])
+def test_each_damaged_probe_field_is_named_in_one_line(tmp_path, tiny_probe, field, value, hint):
+    """check_probe refuses each damaged field before a network is built from it, naming the field."""
+    path = str(tmp_path / "probe.pt")
+    save_probe(tiny_probe, path)
+    torch.save(dict(torch.load(path, weights_only=True), **{field: value}), path)
+    with pytest.raises(CheckpointError, match=f"damaged: .*{hint}"):
+        load_probe(path)
 
 
 def test_probe_refuses_other_files(tmp_path):

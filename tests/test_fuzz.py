@@ -274,7 +274,7 @@ def test_random_bad_values_of_the_tools_are_one_line_and_write_nothing(world, tm
     def reached(*args, **kwargs):
         raise ReachedTraining()
     for module, name in [(bench, "run"), (bench, "print_memory_estimate"), (evaluate, "get_probe"),
-                         (evaluate, "Context"), (fid, "import_cleanfid"), (compare, "get_probe"),
+                         (fid, "import_cleanfid"), (compare, "get_probe"),
                          (gpucheck, "run_checks")]:
         monkeypatch.setattr(module, name, reached)
     rng, scratch = random.Random(SEED + 30), tmp_path / "scratch"

@@ -6,7 +6,7 @@ The yardstick
     probe.py             the probe and the judge: a small CIFAR classifier (the judge adds a trunk that names the
                          style), its training (the judge's on styled images, decoys and generator flaws), and its
                          cache file (get_probe loads one, or trains and keeps it)
-    metrics.py           per-class KID and FD, style and content accuracy, Gram similarity
+    metrics.py           per-class KID and FD, style and content accuracy, palette FD
 
 The study (python -m minisnr.eval.study) and compare (python -m minisnr.eval.compare)
     study.py             the study's command line
@@ -20,6 +20,5 @@ The study (python -m minisnr.eval.study) and compare (python -m minisnr.eval.com
 python -m minisnr.eval.evaluate probe|base|fid
     evaluate.py          the command line, and probe (train or load the probe) and base (class accuracy and FD
                          of the base model's samples)
-    evaluate_context.py  what probe and base share: their probe flags and set-up
     fid.py               fid: sample folders and the optional clean-fid FID
 """

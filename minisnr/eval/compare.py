@@ -6,9 +6,9 @@ Both fine-tunes use finetune.py's defaults except the noise sampler, the same se
 both sample from the same starting noise. OUT/compare.png has one row per class: --n samples with the style off,
 then SD3, then the default sampler. It prints two hints per sampler:
 
-    style    Gram similarity to random crops of the painting (colour and texture statistics of the judge's
-             style trunk, without the raw-pixel layer). A painting has no ground truth, and a copy of it would
-             score highest, so read it beside content.
+    style    KID of the judge's style-trunk features against random crops of the painting (lower = closer: colour
+             and texture as the judge sees them). A painting has no ground truth, and a copy of it would score
+             best, so read it beside content.
     content  the judge's class accuracy: does the requested class survive the style?
 
 Both fine-tunes are finetune.py itself, run as a user runs it (finetune_run.py); a finished one is reused and an
@@ -23,11 +23,12 @@ import torch
 
 from ..io.checkpoint import apply_adapter, load_pretrained
 from ..io.cli import finite_float, OneLineErrorParser, run_main, UserError
-from ..io.data import data_folder, StyleViews, load_images
+from ..io.data import data_folder, load_images
 from ..io.device import autocast_context, pick_device, resolve_precision
 from ..io.files import require_file
 from ..io.images import save_image_grid
 from ..io.safety import check_out_not_input, check_output, check_seed
+from ..io.views import StyleViews
 from ..lora import merge_lora, set_style_scale
 from ..rf import generate, NoiseSampler, to_uint8
 from . import metrics
@@ -152,14 +153,16 @@ def main(argv=None):
 
 
 def score_blocks(judge, blocks, labels, crops):
-    """Print and return {column: {"style": Gram sim to the painting's crops, "content": class accuracy}}."""
-    painting = metrics.measure(judge, crops)["style"]                                # the painting's statistics
+    """Print and return {column: {"style": KID of the judge's style trunk to the painting's crops, "content": class
+    accuracy}}. A judge's features are its class trunk's and its style trunk's side by side: the style hint reads
+    the second block."""
+    painting = metrics.measure(judge, crops)["pooled"].chunk(2, dim=1)[1]
     scores = {}
     for name, images in blocks.items():
         got = metrics.measure(judge, images)
-        scores[name] = {"style": metrics.style_similarity(got["style"], painting, skip_rgb=True).mean().item(),
+        scores[name] = {"style": metrics.kid(got["pooled"].chunk(2, dim=1)[1], painting),
                         "content": metrics.class_accuracy(got["logits"], labels)}
-        print(f"{name:>40}: style (Gram sim to the painting) {scores[name]['style']:.3f}   "
+        print(f"{name:>40}: style (KID×1000 to the painting, lower = closer) {1000 * scores[name]['style']:.1f}   "
               f"content (judge class accuracy) {scores[name]['content']:.3f}")
     return scores
 

@@ -11,7 +11,6 @@ paired CIs and held-out styles. Images here are judged through a small CNN probe
 
     class acc     fraction of samples of class c that the probe calls c                   higher = better
     FD            Fréchet distance of probe features to the real test images              lower = closer
-    style sim     cosine of standardised Gram statistics (conv layers) to the adapter's style images
     HF energy     fraction of spectral energy above 0.25 cycles/pixel
 
 These numbers are comparable only with each other (same probe file, same sample counts);
@@ -22,14 +21,45 @@ import os
 import sys
 import time
 
-from ..io.cli import OneLineErrorParser, run_main, UserError
-from ..io.device import pick_device
-from ..io.data import data_folder
+import torch
+
+from ..io.checkpoint import load_pretrained
+from ..io.cli import finite_float, OneLineErrorParser, run_main, UserError
+from ..io.data import data_folder, load_dataset
+from ..io.device import autocast_context, pick_device, resolve_precision
 from ..io.safety import check_output, check_seed, write_result
+from ..rf import generate
 from ..train.config import MAX_CFG, MAX_SAMPLE_STEPS
 from . import fid, metrics
-from .evaluate_context import add_common_flags, Context
-from .probe import describe, get_probe, PROBE_FORMAT
+from .probe import check_classes, describe, get_probe, PROBE_FORMAT
+
+
+# --- what probe and base share: the probe's flags and loading it ------------------------------------------
+
+def add_common_flags(q, sampling=True):
+    """The probe's flags on subparser q, and with `sampling` those of the samples it scores."""
+    q.add_argument("--probe", default="runs/probe.pt", help="probe cache file; trained there if missing")
+    q.add_argument("--train-data", default="cifar10",
+                   help="probe training images: cifar10 / cifar10:DIR (torchvision, downloads to ./data), "
+                        "or an ImageFolder")
+    q.add_argument("--test-data", default="cifar10",
+                   help="test split: the probe's accuracy, FD references, style sources and targets")
+    q.add_argument("--probe-epochs", type=int, default=3, help="epochs when the probe has to be trained")
+    q.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
+    if sampling:
+        q.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32 for the DiT")
+        q.add_argument("--sample-steps", type=int, default=20,
+                       help="Euler steps per sample (fewer = faster scoring)")
+        q.add_argument("--cfg", type=finite_float, default=3.0, help="classifier-free guidance scale of the samples")
+        q.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+
+
+def load_probe_for(args, device):
+    """The probe of --probe (trained and cached there first if missing), described in one line."""
+    probe = get_probe(args.probe, args.train_data, args.test_data, epochs=args.probe_epochs, device=device,
+                      retrain=getattr(args, "retrain", False))
+    print(describe(probe))
+    return probe
 
 
 # --- probe: train or load the cached probe ------------------------------------------------------------------
@@ -45,10 +75,7 @@ def add_probe_parser(sub, formatter_class):
 
 def cmd_probe(args):
     """Train or load the cached probe and print its test accuracy."""
-    device = pick_device(args.device)
-    probe = get_probe(args.probe, args.train_data, args.test_data, epochs=args.probe_epochs, device=device,
-                      retrain=args.retrain)
-    print(describe(probe))
+    probe = load_probe_for(args, pick_device(args.device))
     print(f"test accuracy: {probe.test_accuracy:.4f}")
     return probe
 
@@ -68,24 +95,33 @@ def add_base_parser(sub, formatter_class):
 
 def cmd_base(args):
     """Class accuracy and FD (probe features) of the base model's class-conditional samples."""
-    c = Context(args)
-    test = c.test_set
+    device = pick_device(args.device)
+    probe = load_probe_for(args, device)
+    model, ckpt = load_pretrained(args.ckpt, use_ema=True, device=device)
+    classes = ckpt.get("classes") or [str(i) for i in range(model.config.num_classes)]
+    check_classes(probe, classes)
     t0 = time.time()
-    images, labels = c.sample(c.model, args.samples_per_class)
+    test = load_dataset(args.test_data, size=model.config.img_size, train=False, flag="--test-data")
+    check_classes(probe, test.classes)
+    print(f"loaded {len(test)} test images from {args.test_data} in {time.time() - t0:.0f}s")
+    t0 = time.time()
+    labels = torch.arange(len(classes)).repeat_interleave(args.samples_per_class)     # 0, 0, ..., 1, 1, ...
+    images = generate(model, labels, steps=args.sample_steps, cfg=args.cfg, seed=args.seed,
+                      ctx=autocast_context(device, resolve_precision(args.precision, device)))
     gen_s = time.time() - t0
-    got, real = metrics.measure(c.probe, images), metrics.measure(c.probe, test.images)
+    got, real = metrics.measure(probe, images), metrics.measure(probe, test.images)
     result = {
         "ckpt": args.ckpt, "n_samples": len(images), "samples_per_class": args.samples_per_class,
         "sample_steps": args.sample_steps, "cfg": args.cfg, "seed": args.seed,
         "class_accuracy": metrics.class_accuracy(got["logits"], labels),
         "fd": metrics.frechet_distance(got["pooled"], real["pooled"]), "n_test": len(test),
         "hf_samples": got["hf"].mean().item(), "hf_real": real["hf"].mean().item(),
-        "probe": args.probe, "probe_test_accuracy": c.probe.test_accuracy, "generate_seconds": round(gen_s, 1),
+        "probe": args.probe, "probe_test_accuracy": probe.test_accuracy, "generate_seconds": round(gen_s, 1),
     }
     print(f"base model {args.ckpt}: {len(images)} samples ({args.samples_per_class}/class), {args.sample_steps} "
           f"Euler steps, CFG {args.cfg:g}, seed {args.seed} ({gen_s:.0f}s)")
     print(f"  class accuracy {result['class_accuracy']:.4f}  (the probe's own accuracy on real test images: "
-          f"{c.probe.test_accuracy:.4f})")
+          f"{probe.test_accuracy:.4f})")
     print(f"  FD {result['fd']:.2f} vs {len(test)} real test images (probe features; biased upwards at small N)")
     print(f"  HF energy {result['hf_samples']:.4f} (real test images {result['hf_real']:.4f})")
     if args.json:

@@ -8,17 +8,9 @@ All images are uint8 (N, 3, 32, 32); measure() runs the probe once over a set an
     KID                        unbiased squared MMD of the same features (lower = closer); per_class averages it
                                (or FD) over classes: samples of class c against targets of c
     style accuracy             fraction of images the judge's style trunk assigns to the target style
-    style similarity           cosine of standardised Gram vectors to the references' mean (higher = more similar)
     high-frequency energy      fraction of the luma's spectral energy above a cutoff frequency
     nearest distance           RMS pixel distance in [0, 1] from a sample to the nearest reference: 0 = a copy
     palette FD                 FD between the two sets' per-pixel RGB colours: the colour scheme alone
-
-Why standardise the Gram vectors: after ReLU every feature is >= 0, so raw Gram vectors
-of any two images point into the same orthant and their cosine is ~0.9 whatever the
-style. Subtracting the natural-image mean and dividing by its spread measures how the
-image deviates from typical statistics, and whether it deviates the same way as the
-reference. Gram matrices sum over positions, so they ignore where things are: a
-content-invariant (mostly) summary of colour and texture, as in Gatys et al. (2016).
 
 These numbers depend on the probe file and the sample count; compare them only with
 each other, at equal N. FD in particular is biased upwards at small N.
@@ -26,20 +18,8 @@ each other, at equal N. FD in particular is biased upwards at small N.
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .styles import luminance
-
-
-def gram_vector(fmap):
-    """Upper triangle (with the diagonal) of each image's Gram matrix: (N, C, H, W) -> (N, C(C+1)/2).
-
-    G = F F^T / (H W) with F the (C, H*W) feature map: channel co-activations averaged over positions."""
-    n, c, h, w = fmap.shape
-    f = fmap.reshape(n, c, h * w)
-    g = f @ f.transpose(1, 2) / (h * w)                      # (N, C, C)
-    iu = torch.triu_indices(c, c, device=fmap.device)
-    return g[:, iu[0], iu[1]]
 
 
 def class_accuracy(logits, labels):
@@ -60,14 +40,6 @@ def gaussian_stats(features):
     return mu, fc.T @ fc / (f.shape[0] - 1)
 
 
-def sqrtm_psd(mat):
-    """Square root of a symmetric positive semi-definite matrix by eigh: V diag(sqrt(max(e, 0))) V^T.
-    Symmetrised first and negative eigenvalues (rounding noise) clamped to 0."""
-    mat = (mat + mat.T) / 2
-    evals, evecs = torch.linalg.eigh(mat)
-    return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
-
-
 def frechet_from_stats(mu1, cov1, mu2, cov2):
     """Fréchet (2-Wasserstein) distance between N(mu1, cov1) and N(mu2, cov2), float64 inside.
 
@@ -75,7 +47,8 @@ def frechet_from_stats(mu1, cov1, mu2, cov2):
     similar (same eigenvalues), and S cov2 S is symmetric PSD, so eigh applies and no complex
     numbers or ill-conditioned inverses appear. Tiny negative results from rounding become 0."""
     mu1, mu2, cov1, cov2 = (t.double() for t in (mu1, mu2, cov1, cov2))
-    s = sqrtm_psd(cov1)
+    evals, evecs = torch.linalg.eigh((cov1 + cov1.T) / 2)          # negative eigenvalues are rounding noise
+    s = (evecs * evals.clamp(min=0).sqrt()) @ evecs.T                # cov1^1/2
     middle = s @ cov2 @ s
     middle = (middle + middle.T) / 2
     tr_covmean = torch.linalg.eigvalsh(middle).clamp(min=0).sqrt().sum()
@@ -119,20 +92,6 @@ def per_class(distance, features, labels, target_features, target_labels):
 def style_accuracy(style_logits, style_index):
     """Fraction of images the judge's style head assigns to style number `style_index`. style_logits (N, S)."""
     return (style_logits.argmax(dim=1) == style_index).float().mean().item()
-
-
-# --- style similarity ----------------------------------------------------------------------------
-
-def style_similarity(desc, ref_desc, skip_rgb=False):
-    """Per-sample style similarity (N,) in [-1, 1]: per style layer l (rgb, conv1, conv2, conv3), the cosine
-    between each sample's standardised Gram vector z_l = (g_l - mean_l) / std_l (measure's "style") and the mean of
-    the references', averaged over layers. 1 = the reference's statistics exactly, about 0 = as (un)alike as two
-    random natural images. desc, ref_desc: [(N, K_l)], [(R, K_l)]. skip_rgb leaves out the first layer, the raw
-    pixels, whose Gram matrix is mostly the mean colour."""
-    first = 1 if skip_rgb else 0
-    per_layer = [F.cosine_similarity(d, r.mean(dim=0, keepdim=True), dim=1, eps=1e-8)
-                 for d, r in zip(desc[first:], ref_desc[first:])]
-    return torch.stack(per_layer).mean(dim=0)
 
 
 # --- pixels -------------------------------------------------------------------------------------
@@ -179,12 +138,5 @@ def nearest_distance(images, refs):
 
 def measure(probe, images):
     """Run the probe once over uint8 images (N, 3, H, W) and keep what the metrics need: {"logits": (N, K),
-    "pooled": (N, D), "style": the Gram vectors standardised by natural-image statistics [(N, K_l)], "hf": (N,)},
-    and a judge's "style_logits" (N, S)."""
-    out = probe.run(images)
-    got = {"logits": out["logits"], "pooled": out["pooled"],
-           "style": [(g - m) / s for g, m, s in zip(out["grams"], probe.style_mean, probe.style_std)],
-           "hf": high_frequency_energy(images)}
-    if "style_logits" in out:
-        got["style_logits"] = out["style_logits"]
-    return got
+    "pooled": (N, D), "hf": (N,)}, and a judge's "style_logits" (N, S)."""
+    return dict(probe.run(images), hf=high_frequency_energy(images))

@@ -8,16 +8,16 @@ for 32x32 CIFAR-10 offline, so minisnr trains its own probe, a 4-layer conv net 
 minutes), and caches it to a file:
 
     x (N, 3, 32, 32) in [-1, 1]
-    conv1  4x4 stride 2, BN, ReLU     (N, w0, 16, 16)      style layer
-    conv2  3x3, BN, ReLU              (N, w1, 16, 16)      style layer, then 2x2 max-pool
-    conv3  3x3, BN, ReLU              (N, w2,  8,  8)      style layer, then 2x2 max-pool
+    conv1  4x4 stride 2, BN, ReLU     (N, w0, 16, 16)
+    conv2  3x3, BN, ReLU              (N, w1, 16, 16)      then 2x2 max-pool
+    conv3  3x3, BN, ReLU              (N, w2,  8,  8)      then 2x2 max-pool
     conv4  3x3, BN, ReLU              (N, w2,  4,  4)
     pool   global average             (N, w2)              "pooled": the feature for Fréchet distance
     head   linear                     (N, classes)         logits
 
-The metrics (metrics.py) read its logits, its pooled features and the Gram vectors of its style layers, all
-through Probe.run. A judge (the study's) is the same network with a second trunk of the same shape that learns
-which ground-truth style a view is in, trained on views through random styles, decoys and generator flaws.
+The metrics (metrics.py) read its logits and its pooled features through Probe.run. A judge (the study's) is
+the same network with a second trunk of the same shape that learns which ground-truth style a view is in, trained
+on views through random styles, decoys and generator flaws.
 
 Every number computed with a probe is comparable only with other numbers from the same probe file inside minisnr:
 it is NOT FID (no Inception network), NOT DINO or CLIP similarity, and must never be put next to published values.
@@ -34,11 +34,10 @@ from ..io.checkpoint import safe_load
 from ..io.cli import CheckpointError, UserError
 from ..io.data import load_dataset, to_model_range
 from ..io.files import atomic_save
-from .metrics import gram_vector
+from .metrics import class_accuracy
 from .styles import apply_style
 
 
-STYLE_LAYERS = ("rgb", "conv1", "conv2", "conv3")   # where style (Gram) statistics are read; "rgb" is the input
 DEFAULT_WIDTHS = (24, 48, 96)
 
 # --- the network ---------------------------------------------------------------------------------
@@ -65,13 +64,12 @@ class ProbeNet(nn.Module):
         self.style_net = ProbeNet(num_styles, widths) if num_styles else None   # "none" + one logit per style
 
     def forward_features(self, x):
-        """x (N, 3, H, W) in [-1, 1] -> (logits (N, K), pooled (N, w2), style maps {name: (N, C, h, w)})."""
-        h1 = self.conv1(x)                          # (N, w0, 16, 16)
-        h2 = self.conv2(h1)                         # (N, w1, 16, 16)
-        h3 = self.conv3(F.max_pool2d(h2, 2))        # (N, w2, 8, 8)
-        h4 = self.conv4(F.max_pool2d(h3, 2))        # (N, w2, 4, 4)
-        pooled = h4.mean(dim=(2, 3))                # (N, w2)
-        return self.head(pooled), pooled, {"rgb": x, "conv1": h1, "conv2": h2, "conv3": h3}
+        """x (N, 3, H, W) in [-1, 1] -> (logits (N, K), pooled (N, w2))."""
+        h = self.conv2(self.conv1(x))               # (N, w1, 16, 16)
+        h = self.conv3(F.max_pool2d(h, 2))          # (N, w2, 8, 8)
+        h = self.conv4(F.max_pool2d(h, 2))          # (N, w2, 4, 4)
+        pooled = h.mean(dim=(2, 3))                 # (N, w2)
+        return self.head(pooled), pooled
 
     def forward(self, x):
         """Logits (N, K) of x (N, 3, H, W) in [-1, 1]."""
@@ -87,7 +85,6 @@ class Probe:
     net:           the ProbeNet
     classes:       class names, in label order (must match the DiT checkpoint's)
     test_accuracy: top-1 accuracy on the test split it was trained against
-    style_mean, style_std: per style layer, the mean and floored std of natural images' Gram vectors
     info:          everything else in the cache (epochs, seconds, data specs, ...)
     styles:        the judge's style names, style head index order ("none" first); [] for a plain probe
     feature_scale: a judge's [class trunk, style trunk] RMS of the pooled features over its reference set
@@ -96,47 +93,25 @@ class Probe:
     net: ProbeNet
     classes: list
     test_accuracy: float
-    style_mean: list
-    style_std: list
     info: dict = field(default_factory=dict)
     styles: list = field(default_factory=list)
     feature_scale: list = field(default_factory=list)
 
-    @property
-    def device(self):
-        """The device the probe's weights live on."""
-        return next(self.net.parameters()).device
-
-    @torch.no_grad()
-    def logits(self, x, batch_size=500):
-        """Class logits (N, K) of images x (N, 3, 32, 32) in [-1, 1]."""
-        self.net.eval()
-        return torch.cat([self.net(x[i:i + batch_size].to(self.device)).float().cpu()
-                          for i in range(0, len(x), batch_size)])
-
-    @torch.no_grad()
-    def features(self, x):
-        """(pooled (N, w2), style maps {"rgb": (N, 3, 32, 32), "conv1": (N, w0, 16, 16), ...}) for x in [-1, 1].
-
-        One batch, kept whole: use run() for large sets, which reduces the maps to Gram vectors per batch."""
-        self.net.eval()
-        _, pooled, maps = self.net.forward_features(x.to(self.device))
-        return pooled.float().cpu(), {k: v.float().cpu() for k, v in maps.items()}
-
     @torch.no_grad()
     def run(self, images, batch_size=250):
         """Everything the metrics need from uint8 images (N, 3, 32, 32), in batches:
-        {"logits": (N, K), "pooled": (N, w2), "grams": [per STYLE_LAYERS (N, C(C+1)/2)]}. A judge also gives
+        {"logits": (N, K), "pooled": (N, w2)}. A judge also gives
         "style_logits" (N, len(styles)), and its "pooled" is both trunks' features side by side, (N, 2 w2), each
         block divided by its feature_scale: the two trunks then have RMS 1 on the reference set and weigh equally
         in KID and FD (raw, their scales, and so their shares of the distance, were whatever training left)."""
         self.net.eval()
-        logits, pooled, styles, grams = [], [], [], [[] for _ in STYLE_LAYERS]
+        device = next(self.net.parameters()).device
+        logits, pooled, styles = [], [], []
         for i in range(0, len(images), batch_size):
-            x = to_model_range(images[i:i + batch_size].to(self.device))
-            lg, pl, maps = self.net.forward_features(x)
-            if self.net.style_net is not None:   # a judge: features see class and style; Gram maps are the style's
-                st, st_pooled, maps = self.net.style_net.forward_features(x)
+            x = to_model_range(images[i:i + batch_size].to(device))
+            lg, pl = self.net.forward_features(x)
+            if self.net.style_net is not None:   # a judge: its features see class and style
+                st, st_pooled = self.net.style_net.forward_features(x)
                 styles.append(st.float().cpu())
                 blocks = [pl, st_pooled]
                 if self.feature_scale:                                                    # equal weights
@@ -144,9 +119,7 @@ class Probe:
                 pl = torch.cat(blocks, dim=1)                                             # (B, 2 w2)
             logits.append(lg.float().cpu())
             pooled.append(pl.float().cpu())
-            for store, name in zip(grams, STYLE_LAYERS):
-                store.append(gram_vector(maps[name].float()).cpu())
-        out = {"logits": torch.cat(logits), "pooled": torch.cat(pooled), "grams": [torch.cat(g) for g in grams]}
+        out = {"logits": torch.cat(logits), "pooled": torch.cat(pooled)}
         if styles:
             out["style_logits"] = torch.cat(styles)
         return out
@@ -240,18 +213,6 @@ def augment(x, generator, pad=4):
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
-@torch.no_grad()
-def accuracy(net, images, labels, batch_size=500):
-    """Top-1 accuracy of `net` on uint8 images (N, 3, H, W) with labels (N,)."""
-    net.eval()
-    device = next(net.parameters()).device
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        x = to_model_range(images[i:i + batch_size].to(device))
-        correct += (net(x).argmax(1).cpu() == labels[i:i + batch_size]).sum().item()
-    return correct / max(1, len(images))
-
-
 def _sgd(net, lr):
     """SGD with Nesterov momentum and weight decay 5e-4, but none on BatchNorm weights and biases."""
     decay = [p for p in net.parameters() if p.ndim > 1]
@@ -303,13 +264,11 @@ def _fit(net, train_set, epochs, batch_size, lr, generator, device, styles, log)
 
 def train_probe(train_set, test_set, epochs=3, batch_size=128, lr=0.1, widths=DEFAULT_WIDTHS, seed=0,
                 device="cpu", stats_images=5000, log=print, styles=()):
-    """Train a ProbeNet on `train_set` (an ImageSet), measure it on `test_set`, and return a Probe. It also records
-    natural-image Gram statistics on up to `stats_images` training images, which style similarity uses to
-    standardise its descriptors.
+    """Train a ProbeNet on `train_set` (an ImageSet), measure it on `test_set`, and return a Probe.
 
     With `styles` (names from styles.py) it trains the judge instead: every view goes through styled_batch, the class
     head learns the class whatever the style, and the style trunk learns which style ("none" or one of `styles`)
-    the view is in."""
+    the view is in; each trunk's feature RMS is measured on up to `stats_images` training images (trunk_scales)."""
     batch_size = min(batch_size, len(train_set))
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -320,12 +279,12 @@ def train_probe(train_set, test_set, epochs=3, batch_size=128, lr=0.1, widths=DE
     _fit(net, train_set, epochs, batch_size, lr, gen, device, styles, log)
     seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
     net.eval()
-    probe = Probe(net, list(train_set.classes), accuracy(net, test_set.images, test_set.labels), [], [],
+    probe = Probe(net, list(train_set.classes), 0.0,
                   {"epochs": epochs, "batch_size": batch_size, "lr": lr, "widths": list(widths), "seed": seed,
                    "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1),
                    "threads": torch.get_num_threads(), "n_train": len(train_set), "n_test": len(test_set)},
                   style_names)
-    probe.style_mean, probe.style_std = _style_stats(probe, train_set.images, seed, stats_images)
+    probe.test_accuracy = class_accuracy(probe.run(test_set.images)["logits"], test_set.labels)
     if styles:   # each trunk's RMS on a fixed reference set, so that its two feature blocks weigh equally
         probe.feature_scale = trunk_scales(probe, train_set.images, seed, stats_images)
         probe.info["judge_version"] = JUDGE_VERSION
@@ -333,14 +292,6 @@ def train_probe(train_set, test_set, epochs=3, batch_size=128, lr=0.1, widths=DE
     log(f"probe test accuracy {probe.test_accuracy:.4f} on {len(test_set)} test images; trained in {seconds:.0f}s "
         f"({cpu_seconds:.0f} CPU-s on {torch.get_num_threads()} thread(s))")
     return probe
-
-
-def _style_stats(probe, images, seed, n):
-    """Natural-image Gram statistics ([mean], [floored std] per style layer), from a fixed random subset of up
-    to n `images`."""
-    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 1))[:n]
-    grams = probe.run(images[pick])["grams"]
-    return [g.mean(0) for g in grams], [_floored_std(g) for g in grams]
 
 
 @torch.no_grad()
@@ -377,12 +328,6 @@ def judge_accuracy(probe, test_set):
     return {"styled_content_accuracy": sum(content) / len(content), "style_accuracy": per_style}
 
 
-def _floored_std(g):
-    """Per-entry std over images (K,), floored at 10% of its mean so near-constant entries cannot blow up."""
-    std = g.std(0)
-    return std.clamp(min=max(1e-6, 0.1 * std.mean().item()))
-
-
 # === the cache file ==================================================================================
 
 PROBE_FORMAT = "minisnr-probe-v1"
@@ -392,9 +337,7 @@ def save_probe(probe, path):
     """Write the probe and its metadata to `path` atomically (tensors and plain data only)."""
     atomic_save({"format": PROBE_FORMAT, "state": {k: v.detach().cpu() for k, v in probe.net.state_dict().items()},
                  "num_classes": len(probe.classes), "classes": list(probe.classes),
-                 "test_accuracy": float(probe.test_accuracy), "style_layers": list(STYLE_LAYERS),
-                 "style_mean": [t.cpu() for t in probe.style_mean], "style_std": [t.cpu() for t in probe.style_std],
-                 "info": dict(probe.info), "styles": list(probe.styles),
+                 "test_accuracy": float(probe.test_accuracy), "info": dict(probe.info), "styles": list(probe.styles),
                  "feature_scale": [float(v) for v in probe.feature_scale]}, path)
 
 
@@ -402,10 +345,6 @@ def check_probe(blob, path):
     """The probe file's fields, checked before a network is built from them; one line naming what is wrong."""
     def whole(v, hi):
         return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi
-
-    def stats_ok(v):  # one finite float tensor per style layer
-        return isinstance(v, list) and len(v) == len(STYLE_LAYERS) and all(
-            isinstance(t, torch.Tensor) and t.is_floating_point() and torch.isfinite(t).all() for t in v)
 
     n, classes, acc = blob.get("num_classes"), blob.get("classes"), blob.get("test_accuracy")
     checks = [  # (test, what is wrong otherwise); each test runs only if the ones before it passed
@@ -422,8 +361,6 @@ def check_probe(blob, path):
         (lambda: isinstance(blob.get("state"), dict)
          and all(isinstance(t, torch.Tensor) for t in blob["state"].values()),
          "its weights (state) are not a dict of tensors"),
-        (lambda: stats_ok(blob.get("style_mean")) and stats_ok(blob.get("style_std")),
-         "its style statistics are not finite tensors, one per style layer"),
         (lambda: blob.get("feature_scale", []) == [] or (
             isinstance(blob["feature_scale"], list) and len(blob["feature_scale"]) == 2
             and all(isinstance(v, float) and 0 < v < float("inf") for v in blob["feature_scale"])),
@@ -439,8 +376,6 @@ def load_probe(path, device="cpu"):
     blob = safe_load(path, what="probe")
     if not isinstance(blob, dict) or blob.get("format") != PROBE_FORMAT:
         raise CheckpointError(f"{path!r} is not a minisnr probe (made by `python -m minisnr.eval.evaluate probe`)")
-    if tuple(blob.get("style_layers", ())) != STYLE_LAYERS:
-        raise CheckpointError(f"probe {path!r} was made by another minisnr version; delete it to retrain")
     check_probe(blob, path)
     widths = tuple(blob["info"].get("widths", DEFAULT_WIDTHS))
     styles = list(blob.get("styles", []))          # [] in a plain probe and in files from before the judge
@@ -450,8 +385,7 @@ def load_probe(path, device="cpu"):
     except (RuntimeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"probe {path!r} does not match its recorded widths: {str(e).splitlines()[0]}") from None
     return Probe(net.to(device).eval(), list(blob["classes"]), float(blob["test_accuracy"]),
-                 list(blob["style_mean"]), list(blob["style_std"]), dict(blob["info"], path=path), styles,
-                 list(blob.get("feature_scale", [])))
+                 dict(blob["info"], path=path), styles, list(blob.get("feature_scale", [])))
 
 
 def get_probe(path, train_data, test_data, epochs=3, device="cpu", retrain=False, log=print, styles=(),
@@ -502,4 +436,4 @@ def describe(probe):
             f"({info.get('n_test', '?')} images), {info.get('epochs', '?')} epochs in "
             f"{info.get('train_seconds', '?')}s "
             f"({info.get('train_cpu_seconds', '?')} CPU-s); "
-            f"its FD / similarity numbers compare only within minisnr (not FID, DINO or CLIP)")
+            f"its FD / KID numbers compare only within minisnr (not FID, DINO or CLIP)")

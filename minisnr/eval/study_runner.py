@@ -17,7 +17,7 @@ import torch
 
 from ..io.checkpoint import apply_adapter, load_pretrained
 from ..io.cli import UserError
-from ..io.data import load_dataset, load_images
+from ..io.data import ImageSet, load_dataset, load_images
 from ..io.views import StyleViews
 from ..io.device import autocast_context, pick_device, resolve_precision, sync
 from ..io.files import atomic_save, check_writable, write_json
@@ -27,7 +27,7 @@ from ..rf import add_noise, euler_sample, generate, lam_of_t, rf_loss, to_uint8
 from ..train.config import FinetuneConfig
 from . import metrics, study_protocol as protocol
 from .finetune_run import finetune
-from .probe import _sgd, _train_step, DEFAULT_WIDTHS, get_probe, ProbeNet, shuffle_pixels
+from .probe import get_probe, shuffle_pixels, train_probe
 from .study_report import write_report
 from .styles import apply_style, match_colours, STYLES
 
@@ -375,14 +375,15 @@ class Study:
         base, _ = load_pretrained(a.ckpt, use_ema=True, device=self.device)
         dirs = {self.run_dir(*r[:6], 0 if r[6] == self.default_steps else r[6]): r[6] for r in plan}   # each once
         todo = [steps for d, steps in dirs.items() if not os.path.exists(os.path.join(d, "adapter.pt"))]
-        step_s, pass_s = time_finetune_step(base, self.ctx, FinetuneConfig()), \
-            time_sampling_pass(base, self.ctx, a.samples_per_class * base.config.num_classes, a.sample_steps)
+        step_s = time_finetune_step(base, self.ctx, FinetuneConfig())
+        n = a.samples_per_class * base.config.num_classes
+        pass_s = _timed(lambda: generate(base, [0] * n, steps=2, ctx=self.ctx), 1) * a.sample_steps / 2  # at 2 steps
         ft_s = sum((steps or self.default_steps) * step_s + FINETUNE_START_S for steps in todo)
         passes = sum(len(r[7]) for r in plan) * len(self.sample_seeds)
         fixed = len(self.sample_seeds) * (sum(len(protocol.styles_of(a, s)) for s in protocol.splits(a)) > 0)
         calibration = len(protocol.CALIBRATION_T) * len(protocol.CALIBRATION_CFG) * ("calibration" in parts)
         sample_s = (passes + fixed + calibration * len(protocol.styles_of(a, "test")) / 2) * pass_s
-        judge_s = 0.0 if os.path.exists(a.judge) else time_judge_training(a.train_data, a.judge_epochs)
+        judge_s = 0.0 if os.path.exists(a.judge) else time_judge_training(a.train_data, a.judge_epochs, self.device)
         total = ft_s + sample_s + judge_s
         print(f"plan: {len(plan)} runs in parts {', '.join(p for p in protocol.PARTS if p in parts)}; "
               f"label {'chosen on the dev styles' if 'dev' in protocol.splits(a) and 'labels' in parts else a.label}")
@@ -469,19 +470,14 @@ def time_finetune_step(base, ctx, config):
     return _timed(step, 5)
 
 
-def time_sampling_pass(base, ctx, n, steps):
-    """Seconds of one sampling pass: n images, `steps` Euler steps with CFG (timed at 2 steps, scaled)."""
-    return _timed(lambda: generate(base, [0] * n, steps=2, ctx=ctx), 1) * steps / 2
-
-
-def time_judge_training(train_data, epochs, batch_size=128):
-    """Seconds to train the judge: a few of its SGD steps on random images, times its steps (a folder's images are
-    counted, CIFAR-10 has 50,000), plus loading the images."""
+def time_judge_training(train_data, epochs, device, batch_size=128, steps=6):
+    """Seconds to train the judge: train_probe's own training time on `steps` batches of random images, scaled to
+    the judge's steps (a folder's images are counted, CIFAR-10 has 50,000), plus loading the images."""
     n = 50_000 if train_data.startswith("cifar10") else \
         sum(len(files) for _, _, files in os.walk(train_data))
-    net = ProbeNet(10, DEFAULT_WIDTHS, num_styles=len(STYLES) + 1)
-    opt, gen = _sgd(net, 0.05), torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8)
-    labels = torch.randint(0, 10, (batch_size,))
-    step_s = _timed(lambda: _train_step(net, opt, images, labels, tuple(STYLES), gen, "cpu"), 3)
-    return step_s * epochs * (n // batch_size) + n / 1500       # loading: ~1500 JPEGs a second
+    images = torch.randint(0, 256, (steps * batch_size, 3, 32, 32), dtype=torch.uint8)
+    fake = ImageSet(images, torch.arange(len(images)) % 10, [str(c) for c in range(10)])
+    few = ImageSet(images[:24], fake.labels[:24], fake.classes)            # what it checks after training: a few
+    judge = train_probe(fake, few, epochs=1, batch_size=batch_size, lr=protocol.JUDGE_LR, device=device,
+                        stats_images=len(few), styles=tuple(STYLES), log=lambda *_: None)
+    return judge.info["train_seconds"] / steps * epochs * (n // batch_size) + n / 1500   # loading: ~1500 JPEGs/s

@@ -13,7 +13,6 @@ output for the same input. They are written for 32x32 images but work at any siz
 
     STYLES["tritone"](images)        # (N, 3, H, W) uint8 -> (N, 3, H, W) uint8
     apply_style("halftone", images)  # the same, with a one-line error for unknown names
-    style_pil("cartoon", pil_image)  # PIL RGB -> PIL RGB
 
 Each transform is deliberately strong and easy to recognise at 32x32. Together they span what the
 paper says different noise levels decide, from the colour scheme (high noise) to fine texture (low noise):
@@ -322,11 +321,3 @@ def apply_style(name, images):
         raise UserError(f"unknown style {name!r}; choose from {', '.join(STYLES)}")
     return STYLES[name](images)
 
-
-def style_pil(name, img):
-    """Apply the named style to one PIL image (any mode; converted to RGB). Returns a PIL RGB image."""
-    import numpy as np
-    from PIL import Image
-    arr = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)   # (3, H, W) uint8
-    out = apply_style(name, arr)
-    return Image.fromarray(out.permute(1, 2, 0).numpy())
