@@ -209,10 +209,15 @@ def bench_mode(mode, cfg: BenchConfig, device):
         res.update(bench_sampler(torch.compile(model, dynamic=False) if compiled else model, c, cfg, device,
                                  autocast_context(device, precision)))
     del model, step
+    free_cuda_memory(device)
+    return res
+
+
+def free_cuda_memory(device):
+    """Give back what earlier runs left in torch's cache, so a peak measured next is the next run's own."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return res
 
 
 @torch.no_grad()
