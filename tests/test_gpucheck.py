@@ -92,10 +92,10 @@ def test_a_loop_mode_out_of_memory_is_skipped_not_failed(monkeypatch, image_fold
     the loop part stays ok, says so, and the memory part compares only the rows that ran."""
     real = gpucheck.loop_row
 
-    def loop_row(cfg, device, out, mode):
+    def loop_row(cfg, device, mode):
         if mode == "compiled-fp32":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(cfg, device, out, mode)
+        return real(cfg, device, mode)
     monkeypatch.setattr(gpucheck, "loop_row", loop_row)
     results = gpucheck.main(DRY_RUN + ["--data", image_folder, "--out", str(tmp_path / "c"), "--loop-modes",
                                        "eager-fp32,compiled-fp32", "--skip", "tests,train,finetune,sample"])

@@ -7,4 +7,5 @@
                     MFU, memory, syncs per step), the CUDA context, the attention kernel, and the scripts end to end
     viz.py          python -m minisnr.tools.viz: the sampler densities and a noise strip
     plot.py         line plots drawn with PIL (no matplotlib)
+    ship_base.py    python -m minisnr.tools.ship_base: a checkpoint's EMA weights in fp16, the base that ships
 """

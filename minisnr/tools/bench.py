@@ -1,10 +1,7 @@
 """Benchmark the real minisnr training step: ms/step, img/s, model FLOPs, TFLOP/s (and MFU on CUDA).
 
     python -m minisnr.tools.bench                          # anchor shape, batch 64, this device's default modes
-    python -m minisnr.tools.bench --preset cpu --modes eager-fp32,compiled-fp32 --steps 5
     python -m minisnr.tools.bench --dim 384 --depth 12 --heads 6 --patch-size 2 --batch-size 128 --json bench.json
-    python -m minisnr.tools.bench --preset cifar --batch-size 128 --estimate-memory true  # no timing, the estimate
-    python -m minisnr.tools.bench --modes eager-fp32 --roofline true  # also the matmul rate: the most img/s here
 
 In the spirit of nanoGPT's bench.py: no data files, no logging, no checkpoints; only the step that train.py
 runs (train_step), timed on random uint8 images already on the device, so every step includes the on-device
@@ -14,9 +11,8 @@ and --precision do; on CUDA fp32 means TF32 matmuls, as for train.py. The --warm
 compiled mode they include the compilation, "compile s" = warm-up time minus warm-up steps at the steady speed.
 On the CPU the table also shows the process CPU time per step: on a machine shared with other jobs, wall time
 depends on what else runs, while CPU time at --threads 1 hardly does, so it is the steadier number there.
-
-The FLOP count, MFU, the roofline and --traffic are explained in minisnr.tools.flops; the memory estimate
-(--estimate-memory true) in minisnr.tools.memory.
+The FLOP count, MFU, --roofline and --traffic are explained in minisnr.tools.flops; --estimate-memory in
+minisnr.tools.memory.
 """
 import gc
 import os
@@ -209,10 +205,15 @@ def bench_mode(mode, cfg: BenchConfig, device):
         res.update(bench_sampler(torch.compile(model, dynamic=False) if compiled else model, c, cfg, device,
                                  autocast_context(device, precision)))
     del model, step
+    free_cuda_memory(device)
+    return res
+
+
+def free_cuda_memory(device):
+    """Give back what earlier runs left in torch's cache, so a peak measured next is the next run's own."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return res
 
 
 @torch.no_grad()

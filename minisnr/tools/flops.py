@@ -22,16 +22,9 @@ whose input needs no gradient (patch embed and the first timestep-embedder linea
 6, FLOPs per weight): by 0.01% for anchor and cifar, 0.1% for cpu, 0.9% for tiny.
 Achieved TFLOP/s = FLOPs/image * img/s; on CUDA MFU divides it by the card's dense bf16
 tensor-core peak (PEAK_BF16_TFLOPS or --peak-tflops), whatever the mode's precision, so modes
-compare on one scale.
-
-The roofline (bench --roofline true; see matmul_tflops) times one large square matmul per
-precision: img/s cannot exceed that rate divided by the FLOPs per image.
-
-The bytes the rest moves (bench --traffic true; see elementwise_bytes): under autocast the residual stream
-stays fp32 (the fp32 positional embedding is added to the tokens), so every LayerNorm, modulate, gate and
-residual add reads and writes fp32. Those ops are bound by memory bandwidth, not FLOPs, so their bytes per
-image, by dtype, say how much a bf16 stream could save; whether it is faster at equal loss needs a GPU run.
-The model's numerics are not changed by measuring it.
+compare on one scale. The roofline (matmul_tflops) and the bytes the rest moves (elementwise_bytes) are
+the tools README's "How fast could it be?" and "The fp32 residual stream": the non-matmul ops are bound by
+memory bandwidth, not FLOPs, so their bytes per image, by dtype, say how much a bf16 stream could save.
 """
 import re
 import time

@@ -3,15 +3,8 @@
     python -m minisnr.tools.gpucheck --data ../shared/data/cifar10/train --out runs/gpucheck     # one GPU, no internet
     python -m minisnr.tools.gpucheck --preset tiny --device cpu --data DIR --out DIR            # CPU dry run (CI)
 
-Each part reports ok, FAILED (why) or skipped (why); the command exits 1 if any part failed. The parts, in order:
-
-    tests     pytest tests/test_cuda.py tests/test_compile.py tests/test_ddp.py (a subprocess)
-    loop      train.py's own loop in each --loop-modes mode: img/s, MFU, peak memory, syncs per step
-    flash     the attention kernel the card trains with, alone, at the model's attention shapes
-    memory    the memory estimate next to each loop row's measured peak; the CUDA context, measured
-    train     train.py for --train-steps steps, stopped, then --resume true to twice as many
-    finetune  finetune.py on the first image of --data
-    sample    sample.py without and with --lora and --style-steps; merged-LoRA sampling against unmerged
+The parts run in the order of PARTS (the tools README says what each measures); each reports ok, FAILED (why)
+or skipped (why), and the command exits 1 if any part failed.
 
 The loop is train.py's main itself, not a copy of its step: the lr set each step, the grad-accum chunks, the
 NaN guard, the logging, and torch.compile as training runs it by default. The scripts run in this process (their
@@ -21,7 +14,6 @@ earlier part compiled.
 """
 import contextlib
 import functools
-import gc
 import importlib
 import json
 import os
@@ -35,14 +27,14 @@ import torch
 
 from ..io.checkpoint import apply_adapter, load_pretrained
 from ..io.cli import knob, parse_config, run_main, UserError
-from ..io.data import IMAGE_EXTENSIONS, InMemoryLoader
+from ..io.data import InMemoryLoader, list_images
 from ..io.device import autocast_context, cuda_can_compile, out_of_memory, pick_device, resolve_precision
 from ..io.safety import check_out_not_input, check_output, write_result
 from ..lora import merge_lora, set_style_scale
 from ..model import build_config
 from ..rf import generate
 from ..train.config import MAX_SAMPLE_PER_CLASS, MAX_SAMPLE_STEPS, PRESETS as TRAIN_PRESETS
-from .bench import describe_device, parse_modes, random_images
+from .bench import describe_device, free_cuda_memory, parse_modes, random_images
 from .flops import peak_tflops, train_flops_per_image
 from .memory import CUDA_CONTEXT_BYTES, estimate_memory, gib
 
@@ -85,7 +77,7 @@ REMOVED = {"--bench-batches": f"{BENCH_GONE}; time other batch sizes with python
            "--bench-steps": f"{BENCH_GONE}; use --loop-steps"}
 
 
-def check_tests(cfg, device):
+def check_tests(cfg, device, results):
     """Run the GPU-relevant test files with pytest in a subprocess; ok if they pass."""
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", *TEST_FILES], cwd=REPO_ROOT,
                           capture_output=True, text=True)
@@ -139,19 +131,13 @@ def loop_modes(cfg, device):
     return modes
 
 
-def free_cuda_memory(device):
-    """Give back what earlier runs left in torch's cache, so a peak measured next is the next run's own."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 @contextlib.contextmanager
 def sync_warnings(device):
-    """Record warnings inside; on CUDA every host-device sync is one of them (torch.cuda.set_sync_debug_mode
-    'warn'). Yields the list of warnings, which count_syncs counts."""
+    """Yields the list of host-device syncs inside, as warnings: on CUDA torch.cuda.set_sync_debug_mode('warn')
+    makes each one a warning ("called a synchronizing CUDA operation"); other warnings are left out."""
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("always", message=".*synchroniz")
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -159,11 +145,6 @@ def sync_warnings(device):
         finally:
             if device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
-
-
-def count_syncs(caught):
-    """How many of the recorded warnings are host-device syncs ("called a synchronizing CUDA operation")."""
-    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 @contextlib.contextmanager
@@ -185,7 +166,7 @@ def step_marks(train, counter):
         train.Run = real
 
 
-def loop_row(cfg, device, out, mode):
+def loop_row(cfg, device, mode):
     """Run train.py's main as `python train.py --preset P --precision P --compile C` does, for cfg.loop_steps steps
     with a log line halfway: the img/s of the last log window, MFU, the peak memory above what was allocated
     before (CUDA), dynamo's counts (compiled), and the syncs of each steady-state step: from one run.step() call to
@@ -194,7 +175,7 @@ def loop_row(cfg, device, out, mode):
     from torch._dynamo.utils import counters
     train = script("train")
     compiled, precision = mode.split("-")[0] == "compiled", mode.split("-")[1]
-    steps, run_dir = cfg.loop_steps, os.path.join(out, "loop")
+    steps, run_dir = cfg.loop_steps, os.path.join(cfg.out, "loop")
     argv = ["--preset", cfg.model, "--data", cfg.data, "--out", run_dir, "--device", cfg.device, "--precision",
             precision, "--compile", str(compiled).lower(), "--max-steps", str(steps), "--log-every", str(steps // 2),
             "--ckpt-every", str(steps), "--sample-every", "0", "--sample-per-class", "1", "--sample-steps", "2",
@@ -205,7 +186,7 @@ def loop_row(cfg, device, out, mode):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    with sync_warnings(device) as caught, step_marks(train, lambda: count_syncs(caught)) as marks:
+    with sync_warnings(device) as caught, step_marks(train, lambda: len(caught)) as marks:
         train.main(argv)
     ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
     config = ckpt["train_config"]
@@ -234,10 +215,10 @@ def new_epoch_syncs(cfg, device):
     torch.cuda.synchronize(device)
     with sync_warnings(device) as caught:
         loader._new_epoch()
-    return count_syncs(caught)
+    return len(caught)
 
 
-def check_loop(cfg, device, out):
+def check_loop(cfg, device, results):
     """train.py's own loop in each --loop-modes mode, and the syncs of a new epoch's data order; ok if no
     steady-state step and no new epoch syncs, and every compiled run is one graph that never recompiles. A mode
     that runs out of memory is skipped, not failed: a card too small for the preset's batch is a fact about the
@@ -245,7 +226,7 @@ def check_loop(cfg, device, out):
     rows = []
     for mode in loop_modes(cfg, device):
         try:
-            rows.append(loop_row(cfg, device, out, mode))
+            rows.append(loop_row(cfg, device, mode))
         except RuntimeError as e:
             if not out_of_memory(e):
                 raise
@@ -282,7 +263,7 @@ def attention_kernel(capability):
     return SDPBackend.EFFICIENT_ATTENTION, "memory-efficient"
 
 
-def check_flash(cfg, device):
+def check_flash(cfg, device, results):
     """Run the card's attention kernel (attention_kernel) alone at the model's attention shapes, in the precision
     --precision auto picks; ok if it accepts them. The result names the kernel."""
     if device.type != "cuda":
@@ -330,10 +311,10 @@ def check_memory(cfg, device, results):
 
 # --- train, fine-tune and sample, end to end ---------------------------------------------------
 
-def check_train(cfg, device, out):
+def check_train(cfg, device, results):
     """train.py --preset P: --train-steps steps, stop, then --resume true to twice as many."""
     train = script("train")
-    run = os.path.join(out, "train")
+    run = os.path.join(cfg.out, "train")
     common = ["--preset", cfg.model, "--data", cfg.data, "--out", run, "--device", cfg.device,
               "--max-steps", str(2 * cfg.train_steps)]                   # the LR schedule spans both halves
     train.main(common + ["--stop-after", str(cfg.train_steps), "--overwrite", "true"])   # a re-run starts afresh
@@ -346,29 +327,27 @@ def check_train(cfg, device, out):
 
 
 def first_image(folder):
-    """The first image file under an ImageFolder, in sorted order: the style reference for the check."""
-    for root, dirs, files in sorted(os.walk(folder)):
-        dirs.sort()
-        for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                return os.path.join(root, name)
+    """The first image of the first class folder that has one, in sorted order: the style reference for the check."""
+    for name in sorted(os.listdir(folder)):
+        if os.path.isdir(os.path.join(folder, name)) and list_images(os.path.join(folder, name)):
+            return list_images(os.path.join(folder, name))[0]
     raise UserError(f"no image found under --data {folder!r}; pass an ImageFolder with class subfolders of images")
 
 
-def check_finetune(cfg, device, out):
+def check_finetune(cfg, device, results):
     """finetune.py on the trained checkpoint with the first image of --data as the style."""
-    style = first_image(cfg.data)
-    script("finetune").main(["--base", os.path.join(out, "train", "ckpt.pt"), "--style", style, "--out",
-                             os.path.join(out, "finetune"), "--steps", str(cfg.finetune_steps), "--device", cfg.device,
-                             "--sample-per-class", "1", "--sample-steps", str(cfg.sample_steps), "--overwrite", "true"])
-    log = last_log(os.path.join(out, "finetune", "log.jsonl"))
+    style, run = first_image(cfg.data), os.path.join(cfg.out, "finetune")
+    script("finetune").main(["--base", os.path.join(cfg.out, "train", "ckpt.pt"), "--style", style, "--out", run,
+                             "--steps", str(cfg.finetune_steps), "--device", cfg.device, "--sample-per-class", "1",
+                             "--sample-steps", str(cfg.sample_steps), "--overwrite", "true"])
+    log = last_log(os.path.join(run, "log.jsonl"))
     return dict(status="ok", style=style, last_log={k: log.get(k) for k in ("step", "loss")})
 
 
-def merged_gap(cfg, device, out):
+def merged_gap(cfg, device, ckpt, adapter):
     """max and mean |merged - unmerged| LoRA sampling in uint8 levels, in the precision auto picks."""
-    model, _ = load_pretrained(os.path.join(out, "train", "ckpt.pt"), device=device)
-    apply_adapter(model, os.path.join(out, "finetune", "adapter.pt"))
+    model, _ = load_pretrained(ckpt, device=device)
+    apply_adapter(model, adapter)
     model.to(device)
     set_style_scale(model, 1.0)
     precision = resolve_precision("auto", device)
@@ -380,60 +359,50 @@ def merged_gap(cfg, device, out):
     return dict(precision=precision, max_levels=gap.max().item(), mean_levels=round(gap.mean().item(), 3))
 
 
-def check_sample(cfg, device, out):
+def check_sample(cfg, device, results):
     """sample.py plain, with --lora, and with --lora --style-steps 0:0.5; then the merged-vs-unmerged gap."""
     sample = script("sample")
-    ckpt, adapter = os.path.join(out, "train", "ckpt.pt"), os.path.join(out, "finetune", "adapter.pt")
+    ckpt, adapter = os.path.join(cfg.out, "train", "ckpt.pt"), os.path.join(cfg.out, "finetune", "adapter.pt")
     common = ["--n", str(cfg.sample_n), "--steps", str(cfg.sample_steps), "--device", cfg.device]
     runs = {"plain": [], "lora": ["--lora", adapter], "style_steps": ["--lora", adapter, "--style-steps", "0:0.5"]}
     written = {}
     for name, extra in runs.items():
-        path = os.path.join(out, "samples", f"{name}.png")
+        path = os.path.join(cfg.out, "samples", f"{name}.png")
         sample.main([ckpt, *common, *extra, "--out", path])
         written[name] = os.path.isfile(path)
     ok = all(written.values())
     return dict(status="ok" if ok else "FAILED (a grid is missing)", written=written,
-                merged_vs_unmerged=merged_gap(cfg, device, out))
+                merged_vs_unmerged=merged_gap(cfg, device, ckpt, adapter))
 
 
 # --- driver ------------------------------------------------------------------------------------
 
-def run_part(name, fn, results):
-    """Run one part; an exception becomes a FAILED status with its first line, and the next part still runs."""
+def run_part(check, cfg, device, results, needs=()):
+    """Run one part: skipped if a part in `needs` did not succeed; an exception becomes a FAILED status with its
+    first line, and the next part still runs."""
     t0 = time.perf_counter()
     torch._dynamo.reset()   # a part compiles from scratch: no recompile of an earlier part's graph for other shapes
+    bad = [p for p in needs if not results[p]["status"].startswith("ok")]
     try:
-        res = fn()
+        res = dict(status=f"skipped ({', '.join(bad)} did not succeed)") if bad else check(cfg, device, results)
     except (Exception, SystemExit) as e:
         res = dict(status=f"FAILED ({e.__class__.__name__}: {(str(e).splitlines() or [''])[0]})")
     res["seconds"] = round(time.perf_counter() - t0, 1)
-    results[name] = res
-    print(f"gpucheck: {name}: {res['status']} ({res['seconds']} s)", flush=True)
-
-
-def needs(results, *parts):
-    """A skip status if a part this one builds on did not succeed, else None."""
-    bad = [p for p in parts if not results.get(p, {}).get("status", "").startswith("ok")]
-    return dict(status=f"skipped ({', '.join(bad)} did not succeed)") if bad else None
+    return res
 
 
 def run_checks(cfg, device, skip):
-    """Run every part not in `skip`, in order; returns {part: result dict}."""
-    out, results = cfg.out, {}
-    parts = {
-        "tests": lambda: check_tests(cfg, device),
-        "loop": lambda: check_loop(cfg, device, out),
-        "flash": lambda: check_flash(cfg, device),
-        "memory": lambda: check_memory(cfg, device, results),
-        "train": lambda: check_train(cfg, device, out),
-        "finetune": lambda: needs(results, "train") or check_finetune(cfg, device, out),
-        "sample": lambda: needs(results, "train", "finetune") or check_sample(cfg, device, out),
-    }
+    """Run every part not in `skip`, in order, each given the results of those before it; returns {part: result}."""
+    checks = dict(tests=check_tests, loop=check_loop, flash=check_flash, memory=check_memory, train=check_train,
+                  finetune=check_finetune, sample=check_sample)
+    needs = dict(finetune=["train"], sample=["train", "finetune"])
+    results = {}
     for name in PARTS:
         if name in skip:
             results[name] = dict(status="skipped (--skip)")
-        else:
-            run_part(name, parts[name], results)
+            continue
+        results[name] = run_part(checks[name], cfg, device, results, needs.get(name, ()))
+        print(f"gpucheck: {name}: {results[name]['status']} ({results[name]['seconds']} s)", flush=True)
     return results
 
 
@@ -445,13 +414,13 @@ def validate(cfg):
         raise UserError(f"--data {cfg.data!r} is not a folder; pass an ImageFolder, e.g. ../shared/data/cifar10/train")
     if cfg.model not in TRAIN_PRESETS:
         raise UserError(f"unknown --model {cfg.model!r}; choose a train.py preset: {', '.join(TRAIN_PRESETS)}")
-    bounds = {"loop_steps": MAX_CHECK_STEPS, "train_steps": MAX_CHECK_STEPS, "finetune_steps": MAX_CHECK_STEPS,
-              "sample_n": MAX_SAMPLE_PER_CLASS, "sample_steps": MAX_SAMPLE_STEPS}
-    for name, high in bounds.items():
-        if not 1 <= getattr(cfg, name) <= high:
-            raise UserError(f"--{name.replace('_', '-')} must be in [1, {high:,}], got {getattr(cfg, name):,}")
-    if cfg.loop_steps < 4:       # a steady-state step needs one before it (the first) and none of the log steps
-        raise UserError(f"--loop-steps must be >= 4, got {cfg.loop_steps}")
+    # a steady-state step (loop_row) needs one before it (the first) and none of the log steps: 4 loop steps at least
+    bounds = {"loop_steps": (4, MAX_CHECK_STEPS), "train_steps": (1, MAX_CHECK_STEPS),
+              "finetune_steps": (1, MAX_CHECK_STEPS), "sample_n": (1, MAX_SAMPLE_PER_CLASS),
+              "sample_steps": (1, MAX_SAMPLE_STEPS)}
+    for name, (low, high) in bounds.items():
+        if not low <= getattr(cfg, name) <= high:
+            raise UserError(f"--{name.replace('_', '-')} must be in [{low}, {high:,}], got {getattr(cfg, name):,}")
     if cfg.loop_modes != "auto":
         parse_modes(cfg.loop_modes, pick_device(cfg.device))
     skip = {p for p in cfg.skip.split(",") if p}

@@ -1,7 +1,5 @@
-"""Training memory: an estimate derived from the model itself, and the largest micro-batch that fits a card.
-
-    python -m minisnr.tools.bench --preset cifar --batch-size 128 --estimate-memory true
-    python -m minisnr.tools.bench --preset cifar --estimate-memory true --fit-gib 8,12,24
+"""Training memory: an estimate derived from the model itself, and the largest micro-batch that fits a card
+(python -m minisnr.tools.bench --estimate-memory true, with --fit-gib 8,12,24 for the card sizes).
 
 A training step keeps the weights, their gradients, AdamW's two moments and the EMA copy, all fp32 since
 autocast keeps fp32 master weights (20 bytes a parameter), and the activations autograd saves for the backward.
@@ -14,9 +12,9 @@ batch 2 saves beyond batch 1 is one image's worth; what batch 1 saves beyond tha
 
 Why the CPU: any machine can run it, in about a second for the cifar preset, with no GPU memory; and CPU
 attention saves what CUDA's flash and memory-efficient kernels save (q, k, v, the output and a logsumexp,
-never the T x T weights). The GPU check compares the total with CUDA's measured peak. The estimate leaves out
-the allocator's slack, temporaries freed during the forward and the backward's transient buffers;
-torch.compile's partitioner usually saves less than eager (it recomputes cheap elementwise ops in the backward).
+never the T x T weights). The estimate leaves out the allocator's slack, temporaries freed during the forward
+and the backward's transient buffers; torch.compile's partitioner usually saves less than eager (it recomputes
+cheap elementwise ops in the backward).
 
 A card must hold besides (largest_batch, --fit-gib) the data set, which train.py keeps on the GPU as uint8
 images and int64 labels (CIFAR-10: 147 MiB), and the CUDA context, which max_memory_allocated does not see,
@@ -106,13 +104,11 @@ def estimate_memory(config, batch_size, precision="bf16", data_images=0, ddp=Fal
     """Estimated training memory in bytes (what torch's allocator holds, so not the CUDA context), as a dict:
     n_params, params, grads, adamw, ema, activations, data, ddp_buckets, total.
 
-    config: a DiTConfig, a preset name or a config dict. Gradients and the EMA copy take what the weights
-    take and AdamW twice that (exp_avg and exp_avg_sq), all in the weights' fp32. `data_images` images are
-    kept on the device (train.py: the whole data set); `ddp` adds DDP's gradient buckets. The total is the sum:
-    an upper-bound-like steady state that ignores the allocator's slack and the backward's transient buffers,
-    and counts the gradients as if they coexisted with all the activations (in reality activations are freed
-    as the gradients appear). DDP's gradient buckets add nothing when the gradients are views into them
-    (gradient_as_bucket_view=True, as minisnr.train.ddp builds it), a copy of them otherwise.
+    config: a DiTConfig, a preset name or a config dict. `data_images` images are kept on the device (train.py:
+    the whole data set); `ddp` adds DDP's gradient buckets: nothing when the gradients are views into them
+    (gradient_as_bucket_view=True, as minisnr.train.ddp builds it), a copy of them otherwise. The total counts
+    the gradients as if they coexisted with all the activations (in reality activations are freed as the
+    gradients appear).
     """
     from ..train.ddp import DDP_OPTIONS
     config = build_config(config)
@@ -167,9 +163,9 @@ def print_memory_estimate(cfg, c, device):
         torch.manual_seed(cfg.seed)
         model = build_model(c).to(device)
         measured = measure_activation_bytes(model, cfg.batch_size, cfg.precision, device)
-        est_act = est["activations"]
         print(f"activations measured with saved_tensors_hooks on {device}: {measured / 2 ** 20:.2f} MiB "
-              f"(estimate {est_act / 2 ** 20:.2f} MiB, estimate/measured = {est_act / max(measured, 1):.4f})")
+              f"(estimate {est['activations'] / 2 ** 20:.2f} MiB, "
+              f"estimate/measured = {est['activations'] / max(measured, 1):.4f})")
         est["measured_activations"] = measured
     sizes = parse_gib_list(cfg.fit_gib)
     # what a card holds besides, at --fit-gib: the data kept on it and the CUDA context (DDP's buckets add nothing)

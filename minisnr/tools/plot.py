@@ -26,9 +26,7 @@ def _font(size=12):
 
 
 def nice_ticks(lo, hi, target=8):
-    """About `target` round tick values covering [lo, hi] (steps of 1, 2 or 5 times a power of ten)."""
-    if hi <= lo:
-        hi = lo + 1.0
+    """About `target` round tick values covering [lo, hi], lo < hi (steps of 1, 2 or 5 times a power of ten)."""
     raw = (hi - lo) / max(1, target - 1)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
