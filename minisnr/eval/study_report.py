@@ -69,17 +69,6 @@ def paired(a, b, higher_is_better=True):
     return {"n": n, "mean": mean, "sd": sd, "ci": ci, "wins": wins}
 
 
-def comparison(study, a, b, styles, k, metric, window_a="0:1", window_b="0:1", side_a=None, side_b=None):
-    """paired() over styles of sampler a (in window_a) minus sampler b (in window_b), or None if runs are missing.
-    side_a/side_b: {"label": ..., "reps": [(ref, seed), ...], "steps": N} narrowing each side's runs."""
-    va = study.style_values(a, styles, k, window_a, metric, **(side_a or {}))
-    vb = study.style_values(b, styles, k, window_b, metric, **(side_b or {}))
-    if va is None or vb is None:
-        return None
-    higher = dict((m, h) for m, _, h, _ in METRICS)[metric]
-    return paired(va, vb, higher_is_better=higher)
-
-
 def _cells(d, scale):
     """Markdown cells: Δ ± CI (values times `scale`), share of styles where the first is better, d_z."""
     digits = 3 if scale == 1 else 1
@@ -90,22 +79,27 @@ def _cells(d, scale):
 
 def _table(head, rows):
     """A markdown table: the header's cells, then each row's."""
-    return [_row(head), "|" + "---|" * len(head)] + [_row(r) for r in rows]
-
-
-def _row(cells):
-    return "| " + " | ".join(str(c) for c in cells) + " |"
+    lines = ["| " + " | ".join(str(c) for c in cells) + " |" for cells in [head] + rows]
+    return lines[:1] + ["|" + "---|" * len(head)] + lines[1:]
 
 
 def comparison_table(study, rows, styles):
-    """One row per (label, a, b, k, window_a, window_b[, side_a, side_b]) whose runs are there: Δ of every metric
-    with its CI over styles. Every metric comes from the same runs, so a row has all of them or none."""
+    """One row per (label, a, b, k, window_a, window_b[, side_a, side_b]) whose runs are all there: paired() over
+    styles of every metric, sampler a (in window_a) minus sampler b (in window_b). side_a/side_b: {"label": ...,
+    "reps": [(ref, seed), ...], "steps": N} narrowing each side's runs."""
     head = ["comparison", "k"] + [x for _, label, _, _ in METRICS for x in (f"Δ {label}", "better on", "d_z")]
     table = []
     for label, a, b, k, wa, wb, *sides in rows:
-        cells = [comparison(study, a, b, styles, k, m, wa, wb, *sides) for m, _, _, _ in METRICS]
-        if cells[0] is not None:
-            table.append([label, k] + [x for c, (_, _, _, s) in zip(cells, METRICS) for x in _cells(c, s)])
+        side_a, side_b = sides or ({}, {})
+        cells = [label, k]
+        for m, _, higher, scale in METRICS:
+            va = study.style_values(a, styles, k, wa, m, **side_a)
+            vb = study.style_values(b, styles, k, wb, m, **side_b)
+            if va is None or vb is None:
+                break                   # a run is missing: every metric comes from the same runs, so skip the row
+            cells += _cells(paired(va, vb, higher), scale)
+        else:
+            table.append(cells)
     return _table(head, table)
 
 
@@ -153,10 +147,9 @@ def write_report(study):
 def _by_role(path):
     """A path as a committed file may carry it: the shipped base by its role, CIFAR-10 by its name, anything else by
     its last folder name (never the absolute path of the machine that ran the study)."""
-    if path == "cifar10" or os.path.abspath(path) == os.path.abspath(SHIPPED_BASE):
-        return "cifar10" if path == "cifar10" else "the shipped base (minisnr/assets/base.pt)"
-    parts = os.path.normpath(path).split(os.sep)
-    return "/".join(parts[-2:]) if len(parts) > 1 else parts[-1]
+    if os.path.abspath(path) == os.path.abspath(SHIPPED_BASE):
+        return "the shipped base (minisnr/assets/base.pt)"
+    return "/".join(os.path.normpath(path).split(os.sep)[-2:])
 
 
 def _intro(study):
@@ -325,20 +318,17 @@ def _plot_per_style(study, rows, path):
     """Δ class KID of every comparison, one series per style; returns the comparisons' labels (None: no data).
     Plot text is ASCII: the PIL font has no Δ or ×."""
     styles = protocol.styles_of(study.args, "test")
-    series, labels = [], []
+    deltas, labels = [], []
     for label, a, b, k, wa, wb in rows:
         va = study.style_values(a, styles, k, wa)
         vb = study.style_values(b, styles, k, wb)
-        if va is None or vb is None:
-            continue
-        labels.append(f"{a}-{b} k{k}")
-        for j, style in enumerate(styles):
-            if len(series) <= j:
-                series.append({"label": style, "x": [], "y": [], "color": COLOURS[j % len(COLOURS)]})
-            series[j]["x"].append(len(labels))
-            series[j]["y"].append(1000 * (va[j] - vb[j]))
+        if va is not None and vb is not None:
+            labels.append(f"{a}-{b} k{k}")
+            deltas.append([1000 * (x - y) for x, y in zip(va, vb)])
     if not labels:
         return None
+    series = [{"label": style, "x": list(range(1, len(labels) + 1)), "y": [d[j] for d in deltas],
+               "color": COLOURS[j % len(COLOURS)]} for j, style in enumerate(styles)]
     line_plot(path, series, hlines=[{"label": "no difference", "y": 0.0, "color": (0, 0, 0)}],
               title="difference in class KID x1000 per test style (below 0: the first sampler is closer)",
               xlabel="comparison: " + ", ".join(f"{i + 1} = {x}" for i, x in enumerate(labels[:2])) + ", ... (report)",
