@@ -138,7 +138,7 @@ def test_fid_samples_a_balanced_folder_and_calls_clean_fid(cifar_ckpt, tmp_path,
     assert result["fid"] == pytest.approx(score, rel=1e-6)
     assert f"FID {score:.2f}" in capsys.readouterr().out
     assert json.loads(out_json.read_text())["fid"] == pytest.approx(score, rel=1e-6)
-    settings = json.loads((folder / fid.SETTINGS_FILE).read_text())["settings"]
+    settings = json.loads((folder / sample_folder.SETTINGS_FILE).read_text())["settings"]
     assert (settings["per_class"], settings["steps"], settings["cfg"], settings["precision"], settings["batch"]) == \
         (2, 2, 3.0, "fp32", 8)
 

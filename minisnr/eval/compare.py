@@ -100,41 +100,46 @@ def finetune_both(args):
     return adapters
 
 
-def run_name(folder, meta):
-    """A column's name: SD3's, or the default's with the sampler its adapter records."""
-    noise = meta.get("noise_sampler")
-    if folder == "sd3":
-        return "SD3 (logit-normal 0, 1)"
-    return f"default ({NoiseSampler(**noise).describe()})" if isinstance(noise, dict) else "default"
-
-
 def sample_blocks(base, adapters, draw, device):
-    """{column name: uint8 samples}: the base model (style off), then each adapter with its style merged in."""
+    """{column name: uint8 samples}: the base model (style off), then each adapter with its style merged in; the
+    default's column names the sampler its adapter records."""
     blocks = {"style off": draw(base)}
     for folder, path in adapters.items():
         model = copy.deepcopy(base)
-        meta = apply_adapter(model, path)
+        noise = apply_adapter(model, path).get("noise_sampler")
         set_style_scale(model.to(device), 1.0)
         merge_lora(model)
-        blocks[run_name(folder, meta)] = draw(model)
+        name = f"default ({NoiseSampler(**noise).describe()})" if isinstance(noise, dict) else "default"
+        blocks["SD3 (logit-normal 0, 1)" if folder == "sd3" else name] = draw(model)
     return blocks
 
 
-def painting_crops(style, size, n=64, seed=0):
-    """n random crops (and flips) of the painting(s), uint8 (n, 3, size, size): the views a fine-tune learns from
-    (finetune.py's StyleViews with finetune.py's defaults), to measure the painting's statistics.
-    Seeded, and the global RNG is left as it was."""
+def score_blocks(judge, blocks, labels, style, size, seed):
+    """Print and return {column: {"style": KID of the judge's style trunk to the painting's crops, "content": class
+    accuracy}}. The crops are 64 views of the painting as finetune.py's defaults cut them (seeded, the global RNG
+    left as it was). A judge's features are its class trunk's and its style trunk's side by side: the style hint
+    reads the second block."""
     d = FinetuneConfig()
     views = StyleViews(load_images(style.split(","), max_side=4 * d.ref_size), size, d.ref_size, d.crop_min, "cpu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return to_uint8(views.next(n))
+        crops = to_uint8(views.next(64))
+    painting = metrics.measure(judge, crops)["pooled"].chunk(2, dim=1)[1]
+    scores = {}
+    for name, images in blocks.items():
+        got = metrics.measure(judge, images)
+        scores[name] = {"style": metrics.kid(got["pooled"].chunk(2, dim=1)[1], painting),
+                        "content": metrics.class_accuracy(got["logits"], labels)}
+        print(f"{name:>40}: style (KID×1000 to the painting, lower = closer) {1000 * scores[name]['style']:.1f}   "
+              f"content (judge class accuracy) {scores[name]['content']:.3f}")
+    return scores
 
 
 # --- the command ---------------------------------------------------------------------------------
 
 def main(argv=None):
-    """Parse argv, fine-tune twice, sample, write the picture and print the scores; returns the scores."""
+    """Parse argv, fine-tune twice, sample, print the scores and write OUT/compare.png (one row per class, the
+    blocks side by side); returns the scores."""
     args = build_parser().parse_args(argv)
     check_args(args)
     device = pick_device(args.device)
@@ -147,34 +152,14 @@ def main(argv=None):
     labels = torch.tensor([c for c in range(len(classes)) for _ in range(args.n)])
     draw = lambda m: generate(m, labels, steps=args.steps, cfg=args.cfg, seed=args.seed, ctx=ctx)  # noqa
     blocks = sample_blocks(base, adapters, draw, device)
-    scores = score_blocks(judge, blocks, labels, painting_crops(args.style, base.config.img_size, seed=args.seed))
-    write_grid(args, blocks, classes)
-    return scores
-
-
-def score_blocks(judge, blocks, labels, crops):
-    """Print and return {column: {"style": KID of the judge's style trunk to the painting's crops, "content": class
-    accuracy}}. A judge's features are its class trunk's and its style trunk's side by side: the style hint reads
-    the second block."""
-    painting = metrics.measure(judge, crops)["pooled"].chunk(2, dim=1)[1]
-    scores = {}
-    for name, images in blocks.items():
-        got = metrics.measure(judge, images)
-        scores[name] = {"style": metrics.kid(got["pooled"].chunk(2, dim=1)[1], painting),
-                        "content": metrics.class_accuracy(got["logits"], labels)}
-        print(f"{name:>40}: style (KID×1000 to the painting, lower = closer) {1000 * scores[name]['style']:.1f}   "
-              f"content (judge class accuracy) {scores[name]['content']:.3f}")
-    return scores
-
-
-def write_grid(args, blocks, classes):
-    """OUT/compare.png: one row per class, the blocks side by side."""
+    scores = score_blocks(judge, blocks, labels, args.style, base.config.img_size, args.seed)
     grid = torch.cat([b.view(len(classes), args.n, *b.shape[1:]) for b in blocks.values()], dim=1).flatten(0, 1)
     path = os.path.join(args.out, "compare.png")
     save_image_grid(grid, path, nrow=len(blocks) * args.n,
                     meta={"columns": list(blocks), "rows": classes, "seed": args.seed, "steps": args.steps,
                           "cfg": args.cfg, "style": args.style})
     print(f"wrote {path}: rows are classes; columns: {', '.join(f'{args.n} {b}' for b in blocks)}")
+    return scores
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from ..io.checkpoint import load_pretrained, trained_on
 from ..io.cli import finite_float, UserError
 from ..io.device import pick_device, resolve_precision
 from ..io.safety import check_output, check_seed, write_result
-from ..io.sample_folder import SETTINGS_FILE, sample_to_folder  # noqa: F401 (fid.SETTINGS_FILE, as before)
+from ..io.sample_folder import sample_to_folder
 from ..train.config import MAX_CFG, MAX_SAMPLE_STEPS
 
 MODE = "legacy_tensorflow"   # clean-fid's mode that reproduces the TensorFlow Inception FID of the papers
@@ -49,40 +49,30 @@ def import_cleanfid():
     return cleanfid
 
 
-def inception(cleanfid, device):
-    """clean-fid's TF Inception on `device`. It downloads its weights on first use; without a network
-    (or with a broken download) one line names the file to fetch and where it goes."""
+def downloads(cleanfid, device):
+    """clean-fid's TF Inception on `device`, once its CIFAR-10 train statistics are there too. Both download on
+    first use; without a network (or with a broken download) one line names the file to fetch and where it goes."""
     folder = "." if platform.system() == "Windows" else "/tmp"  # where clean-fid looks for the weights
     try:
-        return cleanfid.build_feature_extractor(MODE, device, use_dataparallel=False)
+        features = cleanfid.build_feature_extractor(MODE, device, use_dataparallel=False)
     except (OSError, RuntimeError) as e:  # URLError / socket errors are OSErrors; torch.jit.load raises RuntimeError
         target = os.path.join(folder, "inception-2015-12-05.pt")
         raise UserError(f"FID needs clean-fid's Inception weights, which could not be downloaded or loaded "
                         f"({_reason(e)}): download {INCEPTION_URL} to {target} (replacing any broken copy), "
                         "then rerun") from None
-
-
-def reference_stats(cleanfid):
-    """Make sure clean-fid has the CIFAR-10 train statistics (downloaded on first use); one line if it cannot."""
-    folder = os.path.join(os.path.dirname(os.path.abspath(cleanfid.__file__)), "stats")
     try:
         cleanfid.get_reference_statistics("cifar10", 32, mode=MODE, split="train")
     except (OSError, ValueError) as e:  # no network, or a truncated .npz
+        stats = os.path.join(os.path.dirname(os.path.abspath(cleanfid.__file__)), "stats")
         raise UserError(f"FID needs clean-fid's CIFAR-10 train statistics, which could not be downloaded or read "
-                        f"({_reason(e)}): download {STATS_URL} into {folder}, then rerun") from None
+                        f"({_reason(e)}): download {STATS_URL} into {stats}, then rerun") from None
+    return features
 
 
 def _reason(e):
     """'URLError: no network' from an exception, on one line."""
     text = str(e).strip().splitlines()
     return f"{e.__class__.__name__}: {text[0]}" if text else e.__class__.__name__
-
-
-def folder_fid(cleanfid, folder, feature_extractor, device):
-    """FID of every image in `folder` against CIFAR-10 train, as published CIFAR-10 FIDs are computed."""
-    return float(cleanfid.compute_fid(folder, dataset_name="cifar10", dataset_res=32, dataset_split="train",
-                                      mode=MODE, custom_feat_extractor=feature_extractor, device=device,
-                                      num_workers=0))
 
 
 # --- python -m minisnr.eval.evaluate fid ------------------------------------------------------------
@@ -124,33 +114,27 @@ def check_args(args, num_classes=len(CIFAR10_CLASSES)):
         check_output(args.json, "--json", inputs=[args.ckpt], kind="json")
 
 
-def load_cifar_model(args, device):
-    """The checkpoint's DiT and the data it records (trained_on), refused in one line unless it was trained on
-    CIFAR-10's ten classes."""
-    model, ckpt = load_pretrained(args.ckpt, use_ema=not args.raw, device=device)
-    classes = ckpt.get("classes") or CIFAR10_CLASSES[:model.config.num_classes]
-    if list(classes) != CIFAR10_CLASSES:
-        raise UserError(f"FID against CIFAR-10 needs a model trained on its 10 classes; {args.ckpt!r} has "
-                        f"{len(classes)} ({', '.join(list(classes)[:4])}...)")
-    return model, trained_on(ckpt)
-
-
 def cmd_fid(args):
     """Check the library and its downloads, sample (or resume) the folder, then compute FID with clean-fid."""
     check_args(args)
     cleanfid = import_cleanfid()
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
-    features = inception(cleanfid, device)  # both downloads first: fail in seconds, not after hours of sampling
-    reference_stats(cleanfid)
-    model, data = load_cifar_model(args, device)
+    features = downloads(cleanfid, device)  # both downloads first: fail in seconds, not after hours of sampling
+    model, ckpt = load_pretrained(args.ckpt, use_ema=not args.raw, device=device)
+    classes = ckpt.get("classes") or CIFAR10_CLASSES[:model.config.num_classes]
+    if list(classes) != CIFAR10_CLASSES:
+        raise UserError(f"FID against CIFAR-10 needs a model trained on its 10 classes; {args.ckpt!r} has "
+                        f"{len(classes)} ({', '.join(list(classes)[:4])}...)")
     folder = args.png_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "fid_samples")
     per_class = args.samples // len(CIFAR10_CLASSES)
     sample_to_folder(model, folder, CIFAR10_CLASSES, range(len(CIFAR10_CLASSES)), per_class,
                      steps=args.sample_steps, cfg=args.cfg, seed=args.seed, ema=not args.raw, device=device,
-                     precision=precision, source=args.ckpt, data=data)
+                     precision=precision, source=args.ckpt, data=trained_on(ckpt))
     del model
-    score = folder_fid(cleanfid, folder, features, device)
+    # every image in the folder against CIFAR-10 train, as published CIFAR-10 FIDs are computed
+    score = float(cleanfid.compute_fid(folder, dataset_name="cifar10", dataset_res=32, dataset_split="train",
+                                       mode=MODE, custom_feat_extractor=features, device=device, num_workers=0))
     result = {"fid": score, "samples": args.samples, "png_dir": folder, "ckpt": args.ckpt, "library": "clean-fid",
               "mode": MODE, "reference": "CIFAR-10 train (50,000 images, clean-fid statistics)",
               "sample_steps": args.sample_steps, "cfg": args.cfg, "seed": args.seed, "ema": not args.raw,

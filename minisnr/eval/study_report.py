@@ -69,38 +69,38 @@ def paired(a, b, higher_is_better=True):
     return {"n": n, "mean": mean, "sd": sd, "ci": ci, "wins": wins}
 
 
-def comparison(study, a, b, styles, k, metric, window_a="0:1", window_b="0:1", side_a=None, side_b=None):
-    """paired() over styles of sampler a (in window_a) minus sampler b (in window_b), or None if runs are missing.
-    side_a/side_b: {"label": ..., "reps": [(ref, seed), ...], "steps": N} narrowing each side's runs."""
-    va = study.style_values(a, styles, k, window_a, metric, **(side_a or {}))
-    vb = study.style_values(b, styles, k, window_b, metric, **(side_b or {}))
-    if va is None or vb is None:
-        return None
-    higher = dict((m, h) for m, _, h, _ in METRICS)[metric]
-    return paired(va, vb, higher_is_better=higher)
-
-
 def _cells(d, scale):
     """Markdown cells: Δ ± CI (values times `scale`), share of styles where the first is better, d_z."""
-    if d is None:
-        return "| | | "
     digits = 3 if scale == 1 else 1
     ci = "?" if math.isnan(d["ci"]) else f"{d['ci'] * scale:.{digits}f}"
     dz = "-" if math.isnan(d["sd"]) or d["sd"] == 0 else f"{d['mean'] / d['sd']:+.2f}"
-    return f"| {d['mean'] * scale:+.{digits}f} ± {ci} | {d['wins']:.0%} | {dz} "
+    return [f"{d['mean'] * scale:+.{digits}f} ± {ci}", f"{d['wins']:.0%}", dz]
+
+
+def _table(head, rows):
+    """A markdown table: the header's cells, then each row's."""
+    lines = ["| " + " | ".join(str(c) for c in cells) + " |" for cells in [head] + rows]
+    return lines[:1] + ["|" + "---|" * len(head)] + lines[1:]
 
 
 def comparison_table(study, rows, styles):
-    """One row per (label, a, b, k, window_a, window_b[, side_a, side_b]): Δ of every metric with its CI over
-    styles."""
-    head = "| comparison | k |" + "".join(f" Δ {label} | better on | d_z |" for _, label, _, _ in METRICS)
-    lines = [head, "|---|---|" + "---|---|---|" * len(METRICS)]
+    """One row per (label, a, b, k, window_a, window_b[, side_a, side_b]) whose runs are all there: paired() over
+    styles of every metric, sampler a (in window_a) minus sampler b (in window_b). side_a/side_b: {"label": ...,
+    "reps": [(ref, seed), ...], "steps": N} narrowing each side's runs."""
+    head = ["comparison", "k"] + [x for _, label, _, _ in METRICS for x in (f"Δ {label}", "better on", "d_z")]
+    table = []
     for label, a, b, k, wa, wb, *sides in rows:
-        cells = [comparison(study, a, b, styles, k, m, wa, wb, *sides) for m, _, _, _ in METRICS]
-        if all(c is None for c in cells):
-            continue
-        lines.append(f"| {label} | {k} " + "".join(_cells(c, s) for c, (_, _, _, s) in zip(cells, METRICS)) + "|")
-    return lines
+        side_a, side_b = sides or ({}, {})
+        cells = [label, k]
+        for m, _, higher, scale in METRICS:
+            va = study.style_values(a, styles, k, wa, m, **side_a)
+            vb = study.style_values(b, styles, k, wb, m, **side_b)
+            if va is None or vb is None:
+                break                   # a run is missing: every metric comes from the same runs, so skip the row
+            cells += _cells(paired(va, vb, higher), scale)
+        else:
+            table.append(cells)
+    return _table(head, table)
 
 
 def sampler_table(study, styles, k, samplers):
@@ -108,22 +108,21 @@ def sampler_table(study, styles, k, samplers):
     differences of, beside the base, the ceiling and the decoys."""
     cols = [m for m, *_ in METRICS] + ["hf"] + [m for m, _ in COPYING]
     scale = dict((m, s) for m, _, _, s in METRICS)
-    lines = ["| sampler | lam ~ | " + " | ".join(label for _, label, _, _ in METRICS) + " | HF | "
-             + " | ".join(label for _, label in COPYING) + " |", "|---|---|" + "---|" * len(cols)]
+    head = ["sampler", "lam ~"] + [label for _, label, _, _ in METRICS] + ["HF"] + [label for _, label in COPYING]
+    rows = []
     for name in samplers:
         v = {m: study.style_values(name, styles, k, "0:1", m) for m in cols}
         if v["kid"] is None:
             continue
         label = f"**{name}** (default)" if name == protocol.DEFAULT else name
-        lines.append(f"| {label}: {SAMPLERS[name][0]} | {SAMPLERS[name][1]} | "
-                     + " | ".join(f"{scale.get(m, 1) * _mean(v[m]):.3f}" for m in cols) + " |")
+        rows.append([f"{label}: {SAMPLERS[name][0]}", SAMPLERS[name][1]]
+                    + [f"{scale.get(m, 1) * _mean(v[m]):.3f}" for m in cols])
     for key, label in FIXED_LABELS.items():
-        rows = [study.results["fixed"][f"{st}/{r}"][key] for st in styles for r in range(study.args.refs)
-                if f"{st}/{r}" in study.results["fixed"]]
-        if rows:
-            lines.append(f"| *{label}* | - | " + " | ".join(f"{scale.get(m, 1) * _mean([r[m] for r in rows]):.3f}"
-                                                           for m in cols) + " |")
-    return lines
+        fixed = [study.results["fixed"][f"{st}/{r}"][key] for st in styles for r in range(study.args.refs)
+                 if f"{st}/{r}" in study.results["fixed"]]
+        if fixed:
+            rows.append([f"*{label}*", "-"] + [f"{scale.get(m, 1) * _mean([r[m] for r in fixed]):.3f}" for m in cols])
+    return _table(head, rows)
 
 
 def write_report(study):
@@ -148,10 +147,9 @@ def write_report(study):
 def _by_role(path):
     """A path as a committed file may carry it: the shipped base by its role, CIFAR-10 by its name, anything else by
     its last folder name (never the absolute path of the machine that ran the study)."""
-    if path == "cifar10" or os.path.abspath(path) == os.path.abspath(SHIPPED_BASE):
-        return "cifar10" if path == "cifar10" else "the shipped base (minisnr/assets/base.pt)"
-    parts = os.path.normpath(path).split(os.sep)
-    return "/".join(parts[-2:]) if len(parts) > 1 else parts[-1]
+    if os.path.abspath(path) == os.path.abspath(SHIPPED_BASE):
+        return "the shipped base (minisnr/assets/base.pt)"
+    return "/".join(os.path.normpath(path).split(os.sep)[-2:])
 
 
 def _intro(study):
@@ -229,8 +227,7 @@ def _samples_section(study):
             lines.append(f"python sample.py {base}--lora {run}/adapter.pt --classes {SAMPLE_CLASSES} --n 4 "
                          f"--steps {study.args.sample_steps} --out OUT/{png}")
             cells.append(f"![{style} {name}]({png[:-4]}_compare.png)")
-    lines += ["```", "", "| " + " | ".join(protocol.HEADLINE) + " |", "|---|---|---|"]
-    lines += ["| " + " | ".join(cells[i:i + 3]) + " |" for i in range(0, len(cells), 3)]
+    lines += ["```", ""] + _table(protocol.HEADLINE, [cells[i:i + 3] for i in range(0, len(cells), 3)])
     return lines + ["", f"Rows: {SAMPLE_CLASSES}; first row of the table {styles[0]}, second {styles[-1]}.", ""]
 
 
@@ -283,7 +280,7 @@ def _label_section(study):
 def _convergence_section(study):
     """Class KID after 300 and 1000 fine-tuning steps, and the native and translated Δ at each."""
     styles = protocol.styles_of(study.args, "test")[:protocol.CONVERGENCE_STYLES]
-    k, lines = protocol.ks(study.args)[0], []
+    k, rows = protocol.ks(study.args)[0], []
     steps_list = protocol.convergence_steps(study.args, study.default_steps)
     first = [(0, 0)]
     for name in protocol.CONVERGENCE_SAMPLERS:
@@ -292,12 +289,11 @@ def _convergence_section(study):
             v = study.style_values(name, styles, k, reps=first, steps=0 if steps == study.default_steps else steps)
             cells.append(" / ".join(f"{1000 * x:.1f}" for x in v) if v else "")
         if any(cells):
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if not lines:
+            rows.append([name] + cells)
+    if not rows:
         return []
     return [f"## Convergence: class KID×1000 after N fine-tuning steps ({' / '.join(styles)}; reference set 0, "
-            "seed 0)", "", "| sampler | " + " | ".join(f"{s} steps" for s in steps_list) + " |",
-            "|---|" + "---|" * len(steps_list)] + lines + [""]
+            "seed 0)", ""] + _table(["sampler"] + [f"{s} steps" for s in steps_list], rows) + [""]
 
 
 def _views_section(study):
@@ -309,34 +305,30 @@ def _views_section(study):
              "finetune.py's views of each style's reference (the default, at the reference's own pixels) and the "
              "old views (a 2x upsample cut into random resized crops of 35-100%): their high-frequency energy over "
              "the reference's and over the scored targets' (S(real test images)), and how far their mean colour is "
-             "from the reference's. 1.00, 1.00 and 0.00 would be views that look exactly like what is scored.", "",
-             "| style | HF views / reference | HF views / targets | colour error | old views: HF / reference | "
-             "old views: HF / targets |", "|---|---|---|---|---|---|"]
-    for style, v in views.items():
-        new, old = v["views"], v["old_views"]
-        lines.append(f"| {style} | {new['hf_over_reference']:.2f} | {new['hf_over_targets']:.2f} | "
-                     f"{new['colour_error']:.3f} | {old['hf_over_reference']:.2f} | {old['hf_over_targets']:.2f} |")
-    return lines + [""]
+             "from the reference's. 1.00, 1.00 and 0.00 would be views that look exactly like what is scored.", ""]
+    head = ["style", "HF views / reference", "HF views / targets", "colour error", "old views: HF / reference",
+            "old views: HF / targets"]
+    rows = [[style, f"{v['views']['hf_over_reference']:.2f}", f"{v['views']['hf_over_targets']:.2f}",
+             f"{v['views']['colour_error']:.3f}", f"{v['old_views']['hf_over_reference']:.2f}",
+             f"{v['old_views']['hf_over_targets']:.2f}"] for style, v in views.items()]
+    return lines + _table(head, rows) + [""]
 
 
 def _plot_per_style(study, rows, path):
     """Δ class KID of every comparison, one series per style; returns the comparisons' labels (None: no data).
     Plot text is ASCII: the PIL font has no Δ or ×."""
     styles = protocol.styles_of(study.args, "test")
-    series, labels = [], []
-    for i, (label, a, b, k, wa, wb) in enumerate(rows):
+    deltas, labels = [], []
+    for label, a, b, k, wa, wb in rows:
         va = study.style_values(a, styles, k, wa)
         vb = study.style_values(b, styles, k, wb)
-        if va is None or vb is None:
-            continue
-        labels.append(f"{a}-{b} k{k}")
-        for j, style in enumerate(styles):
-            if len(series) <= j:
-                series.append({"label": style, "x": [], "y": [], "color": COLOURS[j % len(COLOURS)], "marker": "o"})
-            series[j]["x"].append(len(labels))
-            series[j]["y"].append(1000 * (va[j] - vb[j]))
+        if va is not None and vb is not None:
+            labels.append(f"{a}-{b} k{k}")
+            deltas.append([1000 * (x - y) for x, y in zip(va, vb)])
     if not labels:
         return None
+    series = [{"label": style, "x": list(range(1, len(labels) + 1)), "y": [d[j] for d in deltas],
+               "color": COLOURS[j % len(COLOURS)]} for j, style in enumerate(styles)]
     line_plot(path, series, hlines=[{"label": "no difference", "y": 0.0, "color": (0, 0, 0)}],
               title="difference in class KID x1000 per test style (below 0: the first sampler is closer)",
               xlabel="comparison: " + ", ".join(f"{i + 1} = {x}" for i, x in enumerate(labels[:2])) + ", ... (report)",
@@ -362,7 +354,7 @@ def _lam_section(study, plot_path):
     for i, name in enumerate(protocol.window_samplers(study.args)):
         ys = [study.style_values(name, styles, k, w, metric="palette", **first) for w in order]
         series.append({"label": name, "x": list(range(1, len(order) + 1)), "color": COLOURS[i % len(COLOURS)],
-                       "y": [_mean(v) if v else float("nan") for v in ys], "marker": "o"})
+                       "y": [_mean(v) if v else float("nan") for v in ys]})
     line_plot(plot_path, series, title="palette FD with the style on throughout or in part of log-SNR (test styles)",
               xlabel=", ".join(f"{j + 1} = {'on throughout' if w == '0:1' else 'only ' + w}"
                                for j, w in enumerate(order)),
@@ -382,11 +374,8 @@ def _calibration_section(study):
     lines = ["## Calibration: the base alone, from real styled images noised to t (test styles)", "",
              "No adapter. If the base keeps most of a style from t = 0.75, the style is fixed early by what the image "
              "already is; if it erases the style even from t = 0.25, a style switched off late is lost for that "
-             "reason, not because the style is decided late.", "",
-             "| start | " + " | ".join(label for _, label, _, _ in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    for key in keys:
-        lines.append(f"| {key} | " + " | ".join(f"{s * _mean([cal[st][key][m] for st in cal]):.3f}"
-                                                for m, _, _, s in METRICS) + " |")
-    return lines + [""]
+             "reason, not because the style is decided late.", ""]
+    rows = [[key] + [f"{s * _mean([cal[st][key][m] for st in cal]):.3f}" for m, _, _, s in METRICS] for key in keys]
+    return lines + _table(["start"] + [label for _, label, _, _ in METRICS], rows) + [""]
 
 

@@ -19,11 +19,12 @@ from ..io.checkpoint import apply_adapter, load_pretrained
 from ..io.cli import UserError
 from ..io.data import ImageSet, load_dataset, load_images
 from ..io.views import StyleViews
-from ..io.device import autocast_context, pick_device, resolve_precision, sync
+from ..io.device import autocast_context, pick_device, resolve_precision
 from ..io.files import atomic_save, check_writable, write_json
 from ..io.images import save_png
 from ..lora import inject_lora, lora_parameters, merge_lora, set_style_scale, unmerge_lora
-from ..rf import add_noise, euler_sample, generate, lam_of_t, rf_loss, to_uint8
+from ..rf import add_noise, euler_sample, generate, lam_of_t, to_uint8
+from ..tools.bench import time_steps, train_step
 from ..train.config import FinetuneConfig
 from . import metrics, study_protocol as protocol
 from .finetune_run import finetune
@@ -43,23 +44,6 @@ def samples_path(run_dir, window):
     """RUN_DIR/samples/WINDOW.pt, with the window spelled for a file name: 'lam<=-2@1' -> 'lam_le_-2_seed1'."""
     name = window.replace(":", "_").replace("<=", "_le_").replace(">", "_gt_").replace("@", "_seed")
     return os.path.join(run_dir, "samples", name + ".pt")
-
-
-def cached_samples(run_dir, window, key):
-    """(images, labels) saved for this window under the same sample key, or None."""
-    path = samples_path(run_dir, window)
-    if not os.path.exists(path):
-        return None
-    blob = torch.load(path, weights_only=True)    # tensors and plain data only
-    return (blob["images"], blob["labels"]) if blob.get("key") == key else None
-
-
-def save_samples(run_dir, window, images_labels, key):
-    """Keep (images, labels) of one window beside the run, under its sample key; returns them."""
-    path = samples_path(run_dir, window)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_save({"key": key, "images": images_labels[0], "labels": images_labels[1]}, path)
-    return images_labels
 
 
 def read_cached_scores(path, key):
@@ -212,11 +196,6 @@ class Study:
             s=noise.s, mu=noise.mu, sigma=noise.sigma, shift=noise.shift, steps=steps or self.default_steps,
             sample_per_class=0, device=self.args.device, precision=self.args.precision)
 
-    def adapter(self, *run):
-        """(path of the run's adapter.pt, seconds fine-tuning): finetune.py runs unless the adapter exists."""
-        flags = vars(self.finetune_config(*run))
-        return finetune(flags, log_path=os.path.join(flags["out"], "finetune.log"))
-
     # scoring ----------------------------------------------------------------------------------
     def sample(self, model, hook=None, seed=0, cfg=None):
         """samples_per_class images of every class from sampling seed `seed`: uint8 (N, 3, H, W), labels (N,)."""
@@ -244,7 +223,8 @@ class Study:
     def scores(self, k, style, ref, seed, label, sampler, steps, windows):
         """{window: scores averaged over the sampling seeds} of one run; fine-tunes, samples and scores only what
         is not kept yet. Window 'cfgC' is the style on throughout, sampled at CFG C."""
-        adapter, ft_s = self.adapter(k, style, ref, seed, label, sampler, steps)
+        flags = vars(self.finetune_config(k, style, ref, seed, label, sampler, steps))
+        adapter, ft_s = finetune(flags, log_path=os.path.join(flags["out"], "finetune.log"))   # reused when there
         _, ref_class, refs = self.references(style, ref, k)
         run_dir, model = os.path.dirname(adapter), None
         path = os.path.join(run_dir, "scores.json")
@@ -255,17 +235,20 @@ class Study:
         t0 = time.time()
         for name in todo:
             window, sample_seed = name.split("@")
-            images = cached_samples(run_dir, name, sample_key(self.args))
-            if images is None:
+            kept = samples_path(run_dir, name)
+            blob = torch.load(kept, weights_only=True) if os.path.exists(kept) else {}   # tensors and plain data only
+            if blob.get("key") != sample_key(self.args):
                 if model is None:
                     model = copy.deepcopy(self.base)
                     apply_adapter(model, adapter)
                     model.to(self.device)
                 cfg = float(window[3:]) if window.startswith("cfg") else None
                 sample = lambda m, hook=None: self.sample(m, hook, seed=int(sample_seed), cfg=cfg)    # noqa: E731
-                images = save_samples(run_dir, name, sample_window(model, "0:1" if cfg else window, sample),
-                                      sample_key(self.args))
-            cached[name] = self.score(*images, style, refs, ref_class)
+                images, labels = sample_window(model, "0:1" if cfg else window, sample)
+                blob = {"key": sample_key(self.args), "images": images, "labels": labels}
+                os.makedirs(os.path.dirname(kept), exist_ok=True)
+                atomic_save(blob, kept)
+            cached[name] = self.score(blob["images"], blob["labels"], style, refs, ref_class)
         if todo:
             write_json({"key": key, "scores": cached}, path)
         self.done += 1
@@ -377,7 +360,8 @@ class Study:
         todo = [steps for d, steps in dirs.items() if not os.path.exists(os.path.join(d, "adapter.pt"))]
         step_s = time_finetune_step(base, self.ctx, FinetuneConfig())
         n = a.samples_per_class * base.config.num_classes
-        pass_s = _timed(lambda: generate(base, [0] * n, steps=2, ctx=self.ctx), 1) * a.sample_steps / 2  # at 2 steps
+        pass_s = time_steps(lambda: generate(base, [0] * n, steps=2, ctx=self.ctx), 1, 1, self.device)[1] \
+            * a.sample_steps / 2                                                                      # at 2 steps
         ft_s = sum((steps or self.default_steps) * step_s + FINETUNE_START_S for steps in todo)
         passes = sum(len(r[7]) for r in plan) * len(self.sample_seeds)
         fixed = len(self.sample_seeds) * (sum(len(protocol.styles_of(a, s)) for s in protocol.splits(a)) > 0)
@@ -439,35 +423,20 @@ class Study:
 FINETUNE_START_S = 6.0    # one finetune.py process: Python, torch's imports, the base and the references, the save
 
 
-def _timed(fn, repeats):
-    """Seconds per call of fn(), after one warm-up call."""
-    fn()
-    start = time.time()
-    for _ in range(repeats):
-        fn()
-    return (time.time() - start) / repeats
-
-
 def time_finetune_step(base, ctx, config):
-    """Seconds of one finetune.py step (forward and backward of a rank-`config.rank` LoRA model, Adam)."""
+    """Seconds of one finetune.py step: bench's train step on a rank-`config.rank` LoRA model, Adam on the LoRA."""
     model = copy.deepcopy(base)
     targets, rank, alpha = config.lora()
     inject_lora(model, targets=targets, rank=rank, alpha=alpha)
     params = list(lora_parameters(model))
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    device = params[0].device
-    c, size = model.config, model.config.img_size
-    x0 = torch.randn(config.batch_size, c.in_channels, size, size, device=device)
-    y = torch.zeros(config.batch_size, dtype=torch.long, device=device)
-
-    def step():
-        with ctx:
-            loss = rf_loss(model, x0, y, torch.rand(config.batch_size, device=device)).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-    return _timed(step, 5)
+    device, c, n = params[0].device, model.config, config.batch_size
+    x0 = torch.randn(n, c.in_channels, c.img_size, c.img_size, device=device)
+    y, t = torch.zeros(n, dtype=torch.long, device=device), torch.rand(n, device=device)
+    no_scaler = torch.amp.GradScaler(device.type, enabled=False)
+    ema = [p.detach().clone() for p in params]      # bench's step keeps an EMA, finetune.py not: LoRA-sized, cheap
+    step = lambda: train_step(model, opt, no_scaler, ctx, x0, y, t, config.grad_clip, params, ema)    # noqa: E731
+    return time_steps(step, 1, 5, device)[1]
 
 
 def time_judge_training(train_data, epochs, device, batch_size=128, steps=6):

@@ -43,12 +43,8 @@ LUMA = (0.299, 0.587, 0.114)
 
 def _as_batch(images):
     """(3, H, W) or (N, 3, H, W) uint8 -> ((N, 3, H, W) float in [0, 1], was_single)."""
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
-        raise UserError("style transforms take uint8 image tensors (N, 3, H, W) or (3, H, W)")
     single = images.ndim == 3
     x = images.unsqueeze(0) if single else images
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise UserError(f"style transforms need RGB images shaped (N, 3, H, W); got {tuple(images.shape)}")
     return x.float() / 255.0, single
 
 
