@@ -767,16 +767,20 @@ def shlex_quote(text):
 
 def foreign_files(root):
     """A user's files next to minisnr's: notes, a package.json (a JSON object), a photo named compare.png in a
-    compare --out, a gpu_check.json of their own in a gpucheck --out, a folder of JPEGs; {name: path}."""
+    compare --out, a gpu_check.json of their own in a gpucheck --out, a report.md of their own in a study --out,
+    a folder of JPEGs; {name: path}."""
     os.makedirs(root / "compare_out")
     os.makedirs(root / "gpu_out")
     os.makedirs(root / "jpgs")
+    os.makedirs(root / "study_out")
+    (root / "study_out" / "report.md").write_text("# My report\n")
     (root / "gpu_out" / "gpu_check.json").write_text('{"my": "own results"}')
     (root / "notes.txt").write_text("my notes")
     (root / "package.json").write_text('{"name": "my-package"}')
     Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "compare_out" / "compare.png")
     Image.new("RGB", (8, 8), (4, 5, 6)).save(root / "jpgs" / "holiday.jpg")
-    return {name: str(root / name) for name in ("notes.txt", "package.json", "compare_out", "gpu_out", "jpgs")}
+    return {name: str(root / name) for name in ("notes.txt", "package.json", "compare_out", "gpu_out", "study_out",
+                                                "jpgs")}
 
 
 @pytest.fixture(scope="module")
@@ -798,6 +802,7 @@ def tool_cases(runs, probe, root):
     retrain = ["probe", "--retrain", "--train-data", data, "--test-data", data, "--probe-epochs", 1, "--device", "cpu"]
     tiny = ["--preset", "tiny", "--device", "cpu", "--modes", "eager-fp32", "--warmup", 0, "--steps", 1]
     memory = ["--preset", "tiny", "--estimate-memory", "true"]
+    st = [ckpt, "--train-data", data, "--test-data", data, "--device", "cpu"]
     cmp = [ckpt, "--style", runs["style"], "--judge", root / "judge.pt", "--train-data", data, "--test-data", data,
            "--device", "cpu", "--n", 1, "--steps", 1, "--finetune-steps", 1]
     return [
@@ -818,6 +823,10 @@ def tool_cases(runs, probe, root):
          ["fid", ckpt, "--samples", 10, "--device", "cpu", "--json", f["package.json"]], "not written by minisnr"),
         ("every-output-gpucheck-over-a-users-gpu-check-json", gpucheck,
          ["--preset", "tiny", "--device", "cpu", "--data", data, "--out", f["gpu_out"]], "not written by minisnr"),
+        ("every-output-study-over-a-users-report", study, st + ["--out", f["study_out"]], "not written by minisnr"),
+        ("every-output-study-judge-over-a-users-file", study, st + ["--out", root / "st", "--judge", f["notes.txt"]],
+         "not written by minisnr"),
+        ("every-output-study-out-inside-data", study, st + ["--out", os.path.join(data, "zebra")], "--train-data"),
         ("every-output-gpucheck-out-inside-data", gpucheck,
          ["--preset", "tiny", "--device", "cpu", "--data", data, "--out", os.path.join(data, "zebra")], "--data"),
         ("11-bench-batch-size-10^8", bench, tiny + ["--batch-size", 10 ** 8], "--batch-size must be in"),
@@ -838,9 +847,10 @@ def tool_cases(runs, probe, root):
 
 
 def test_every_tool_output_follows_the_rule_and_every_bad_value_is_one_line(runs, probe, tmp_path, capsys):
-    """Issue #30 items 1, 3, 4, 11, 12 and 14 in evaluate, bench, compare, gpucheck and ship_base: --probe over a
-    user's file or inside --train-data, --json over a user's JSON object or a run's manifest, compare over a user's
-    compare.png, gpucheck over a user's gpu_check.json or inside --data, ship_base over a user's file, counts
+    """Issue #30 items 1, 3, 4, 11, 12 and 14 in evaluate, bench, compare, study, gpucheck and ship_base: --probe over
+    a user's file or inside --train-data, --json over a user's JSON object or a run's manifest, compare over a user's
+    compare.png, the study over a user's report.md or judge file or inside its data, gpucheck over a user's
+    gpu_check.json or inside --data, ship_base over a user's file, counts
     without a bound, a seed above 2^63, --device meta, a --json that ends with a slash, --cfg 1e30. Each is refused
     in one line before any work, and no byte changes in the data, the base run or the users' files."""
     root = tmp_path / "rows"

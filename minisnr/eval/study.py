@@ -16,10 +16,15 @@ the runner study_runner.py, the report study_report.py.
 import argparse
 import math
 
+import os
+
 from ..io.checkpoint import SHIPPED_BASE
 from ..io.cli import run_main, UserError
+from ..io.data import data_folder
 from ..io.files import require_file
+from ..io.safety import check_out_not_input, check_output
 from ..train.config import FinetuneConfig
+from .probe import PROBE_FORMAT
 from .study_protocol import JUDGE_EPOCHS, LABELS, LAM_THRESHOLDS, PARTS, SAMPLERS, WINDOW_SAMPLERS
 from .study_runner import read_cached_scores, Study  # noqa: F401 (the scores cache: study.read_cached_scores)
 
@@ -99,6 +104,13 @@ def check_args(args):
     ks = args.ks.split(",")
     if not all(k.isascii() and k.isdigit() and 1 <= int(k) <= 64 for k in ks):
         raise UserError(f"--ks must be comma-separated style-set sizes from 1 to 64, got {args.ks!r}")
+    # the rule of every output: --out and the judge stay out of the data and the base, and the report's files
+    # replace only what a study wrote (its runs/ and references/ are checked by finetune.py and by name)
+    data = [("--train-data", data_folder(args.train_data)), ("--test-data", data_folder(args.test_data))]
+    check_out_not_input(args.out, data, base=args.ckpt)
+    check_output(args.judge, "--judge", inputs=[args.ckpt], data=data, kind=PROBE_FORMAT)
+    for name, kind in (("results.json", "json"), ("report.md", "md"), ("per_style.png", "png"), ("lam.png", "png")):
+        check_output(os.path.join(args.out, name), "--out", inputs=[args.ckpt], kind=kind)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ import os
 from statistics import NormalDist
 
 from ..io.checkpoint import SHIPPED_BASE
-from ..io.files import write_json, write_text
+from ..io.files import write_text
+from ..io.safety import write_result
 from ..tools.plot import line_plot
 from . import study_protocol as protocol
 from .study_protocol import SAMPLERS
@@ -133,9 +134,9 @@ def write_report(study):
     info = study.judge.info
     settings = dict(vars(a), ckpt=_by_role(a.ckpt), out=os.path.basename(os.path.normpath(a.out)),
                     judge=os.path.basename(a.judge), train_data=_by_role(a.train_data), test_data=_by_role(a.test_data))
-    write_json({"settings": settings, "label": study.label, "label_rule": study.label_rule,
+    write_result({"settings": settings, "label": study.label, "label_rule": study.label_rule,
                 "judge": {"clean_accuracy": study.judge.test_accuracy, **{k: info.get(k) for k in
-                          ("styled_content_accuracy", "style_accuracy")}}, **study.results}, paths["json"])
+                            ("styled_content_accuracy", "style_accuracy")}}, **study.results}, paths["json"])
     lines = (_intro(study) + _headline_section(study, paths["per_style"]) + _samples_section(study)
              + _control_section(study) + _label_section(study) + _convergence_section(study)
              + _lam_section(study, paths["lam"]) + _calibration_section(study) + _views_section(study))

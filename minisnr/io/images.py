@@ -10,7 +10,11 @@ from .files import atomic_write
 
 
 def save_png(img, path, pnginfo=None):
-    """Write a PIL image as a PNG, atomically, so a crash never leaves half a picture."""
+    """Write a PIL image as a PNG, atomically, so a crash never leaves half a picture. Without `pnginfo` it still
+    carries a 'minisnr' text chunk: the mark by which a later run knows it may replace the file (check_output)."""
+    if pnginfo is None:
+        pnginfo = PngImagePlugin.PngInfo()
+        pnginfo.add_text("minisnr", "plot")
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=pnginfo))
 
 

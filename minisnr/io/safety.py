@@ -364,7 +364,8 @@ def write_result(obj, path):
 
 def _written_by_minisnr(path, kind):
     """True if `path` is a regular file holding what minisnr writes as `kind`: 'png' (a 'minisnr' text chunk),
-    'json' (a result of write_result), or the format string of a torch file, e.g. 'minisnr-probe-v1'."""
+    'json' (a result of write_result), 'md' (a report whose title starts '# minisnr'), or the format string of a
+    torch file, e.g. 'minisnr-probe-v1'."""
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return False
@@ -375,6 +376,9 @@ def _written_by_minisnr(path, kind):
         if kind == "json":
             result = read_small_json(path)
             return isinstance(result, dict) and result.get("format") == RESULT_FORMAT
+        if kind == "md":
+            with open(path, "rb") as f:
+                return f.read(10) == b"# minisnr "
         with zipfile.ZipFile(path) as z:  # torch.save's zip: NAME/data.pkl holds the pickled dict, not the tensors
             [pkl] = [i for i in z.infolist() if i.filename.endswith("/data.pkl")]
             return pkl.file_size < 10_000_000 and kind.encode() in z.read(pkl)
