@@ -86,34 +86,25 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser(config_cls, presets=None, description=None, extra=None, aliases=None):
-    """An argparse parser with one --flag per dataclass field, help text = the knob's reason and default."""
+def parse_config(config_cls, presets=None, argv=None, description=None, aliases=None, removed=None):
+    """Parse argv into (config, namespace): one --flag per dataclass field, whose --help is the knob's reason and
+    default. Precedence: flag > preset > dataclass default. aliases maps a field name to extra flags, e.g.
+    {"style_class": ["--class"]}; removed maps a flag that no longer exists to the one line that says what
+    replaces it."""
     parser = OneLineErrorParser(description=description)
     if presets:
         parser.add_argument("--preset", default=next(iter(presets)), choices=list(presets),
                             help="named group of defaults; other flags override single fields")
     for f in dataclasses.fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, type) else type(f.default)
         ftype = {bool: parse_bool, float: finite_float}.get(kind, kind)
-        by_preset = {name: p[f.name] for name, p in (presets or {}).items() if f.name in p}
         shown = f"default {f.metadata.get('shown') or f.default}"
-        shown += "".join(f"; {name}: {v}" for name, v in by_preset.items())
+        shown += "".join(f"; {name}: {p[f.name]}" for name, p in (presets or {}).items() if f.name in p)
         reason = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
-        flags = [flag] + list((aliases or {}).get(f.name, []))
+        flags = ["--" + f.name.replace("_", "-")] + list((aliases or {}).get(f.name, []))
         metavar = {int: "INT", finite_float: "FLOAT", str: "STR"}.get(ftype, "BOOL")
         parser.add_argument(*flags, dest=f.name, default=None, type=ftype, metavar=metavar,
                             help=f"{reason} [{shown}]")
-    if extra:
-        extra(parser)
-    return parser
-
-
-def parse_config(config_cls, presets=None, argv=None, description=None, extra=None, aliases=None, removed=None):
-    """Parse argv into (config, namespace). Precedence: flag > preset > dataclass default.
-    aliases maps a field name to extra flags, e.g. {"style_class": ["--class"]}; removed maps a flag that no
-    longer exists to the one line that says what replaces it."""
-    parser = build_parser(config_cls, presets, description, extra, aliases)
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     for arg in argv:
         if arg.split("=")[0] in (removed or {}):
@@ -133,14 +124,14 @@ def parse_config(config_cls, presets=None, argv=None, description=None, extra=No
 
 # --- values given on the command line -----------------------------------------------------------
 
-def parse_style_window(text, flag="--style-steps"):
-    """'a:b' -> (a, b): fractions of the sampling trajectory, counted from pure noise (t = 1)."""
+def parse_style_window(text):
+    """--style-steps 'a:b' -> (a, b): fractions of the sampling trajectory, counted from pure noise (t = 1)."""
     try:
         a, b = (float(v) for v in text.split(":"))
     except ValueError:
-        raise UserError(f"{flag} must look like a:b with fractions, e.g. 0:0.3; got {text!r}") from None
+        raise UserError(f"--style-steps must look like a:b with fractions, e.g. 0:0.3; got {text!r}") from None
     if not 0 <= a <= b <= 1:
-        raise UserError(f"{flag} a:b needs 0 <= a <= b <= 1; got {text!r}")
+        raise UserError(f"--style-steps a:b needs 0 <= a <= b <= 1; got {text!r}")
     return a, b
 
 

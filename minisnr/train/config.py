@@ -26,28 +26,6 @@ NOISE_BOUNDS = {"m": 10.0, "s": 10.0, "mu": 20.0, "sigma": 20.0}
 SHIFT_BOUNDS = (1e-3, 1e3)
 
 
-def check_noise_flags(config):
-    """One-line UserError, naming the flag, unless the p(t) flags describe a distribution the arithmetic can draw."""
-    if config.noise_sampler not in NOISE_SAMPLERS:
-        raise UserError(f"--noise-sampler {config.noise_sampler!r} is unknown; choose one of "
-                        f"{', '.join(NOISE_SAMPLERS)}")
-    for name, bound in NOISE_BOUNDS.items():
-        value = getattr(config, name)
-        if not abs(value) <= bound:  # NaN fails it too
-            raise UserError(f"--{name} must be in [-{bound:g}, {bound:g}], got {value}")
-        if name in ("s", "sigma") and value <= 0:
-            raise UserError(f"--{name} must be > 0, got {value}")
-    if not SHIFT_BOUNDS[0] <= config.shift <= SHIFT_BOUNDS[1]:
-        raise UserError(f"--shift must be in [{SHIFT_BOUNDS[0]:g}, {SHIFT_BOUNDS[1]:g}] (1 = none), got {config.shift}")
-
-
-def check_at_least(config, minimum, names, note=""):
-    """One-line UserError unless every named int flag is >= minimum."""
-    for name in names:
-        if getattr(config, name) < minimum:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {minimum}{note}, got {getattr(config, name)}")
-
-
 # Upper bounds, checked before anything is allocated: far above what any run here needs, low enough that a typo
 # (an extra 0, 99999999999) is one line instead of an allocation that grows until the machine stalls.
 MAX_STEPS = 10 ** 9          # steps and step intervals: nothing is allocated per step, but 10^9 is ~30 years
@@ -63,25 +41,38 @@ MAX_ALPHA = 10_000.0         # LoRA alpha: the update is scaled by alpha / rank;
 TRAIN_BYTES_PER_PARAM = 20   # fp32 weights, gradients, AdamW's two moments and the EMA copy
 
 
-def check_at_most(config, maximum, names, why=""):
-    """One-line UserError, naming the bound, unless every named flag is <= maximum."""
+def check_bounds(config, names, low=None, high=None, note=""):
+    """One-line UserError, naming the flag and the bound, unless every named flag is in [low, high]."""
     for name in names:
-        if getattr(config, name) > maximum:
-            raise UserError(f"--{name.replace('_', '-')} must be <= {maximum:,}{why}, got {getattr(config, name):,}")
+        value, flag = getattr(config, name), "--" + name.replace("_", "-")
+        if low is not None and value < low:
+            raise UserError(f"{flag} must be >= {low}{note}, got {value}")
+        if high is not None and value > high:
+            raise UserError(f"{flag} must be <= {high:,}{note}, got {value:,}")
 
 
 def check_common(config):
     """The checks of the flags train.py and finetune.py share: counts, the LR, the sample grid, p(t), the seed and
     the device."""
-    check_at_least(config, 1, ("batch_size", "log_every", "ckpt_every", "sample_steps"))
-    check_at_least(config, 0, ("grad_clip", "sample_cfg"))
-    check_at_most(config, MAX_STEPS, ("log_every", "ckpt_every"))
-    check_at_most(config, MAX_SAMPLE_STEPS, ("sample_steps",))
-    check_at_most(config, MAX_SAMPLE_PER_CLASS, ("sample_per_class",))
-    check_at_most(config, MAX_CFG, ("sample_cfg",))
+    check_bounds(config, ("batch_size", "log_every", "ckpt_every", "sample_steps"), low=1)
+    check_bounds(config, ("grad_clip", "sample_cfg"), low=0)
+    check_bounds(config, ("log_every", "ckpt_every"), high=MAX_STEPS)
+    check_bounds(config, ("sample_steps",), high=MAX_SAMPLE_STEPS)
+    check_bounds(config, ("sample_per_class",), high=MAX_SAMPLE_PER_CLASS)
+    check_bounds(config, ("sample_cfg",), high=MAX_CFG)
     if not 0 < config.lr <= MAX_LR:
         raise UserError(f"--lr must be in (0, {MAX_LR:g}], got {config.lr}")
-    check_noise_flags(config)
+    if config.noise_sampler not in NOISE_SAMPLERS:
+        raise UserError(f"--noise-sampler {config.noise_sampler!r} is unknown; choose one of "
+                        f"{', '.join(NOISE_SAMPLERS)}")
+    for name, bound in NOISE_BOUNDS.items():   # p(t) must be a distribution the arithmetic can draw
+        value = getattr(config, name)
+        if not abs(value) <= bound:  # NaN fails it too
+            raise UserError(f"--{name} must be in [-{bound:g}, {bound:g}], got {value}")
+        if name in ("s", "sigma") and value <= 0:
+            raise UserError(f"--{name} must be > 0, got {value}")
+    if not SHIFT_BOUNDS[0] <= config.shift <= SHIFT_BOUNDS[1]:
+        raise UserError(f"--shift must be in [{SHIFT_BOUNDS[0]:g}, {SHIFT_BOUNDS[1]:g}] (1 = none), got {config.shift}")
     check_seed(config.seed)
     check_device(config.device)
 
@@ -138,9 +129,8 @@ class TrainConfig:
     precision: str = knob("auto", "auto | bf16 | fp16 | fp32; auto = bf16 where fast, fp16+GradScaler on older "
                                   "GPUs, else fp32")
     compile: bool = knob(None, "torch.compile the model: faster on GPU after a one-off compile of a minute or two "
-                               "(default: true on CUDA for models of 1M+ parameters, every size but tiny; false "
-                               "on CPU/MPS and on cards inductor cannot compile for: compute capability below 7.0, "
-                               "no Triton; false for debugging)")
+                               "(default: true on CUDA for models of 1M+ parameters, every size but tiny; false on "
+                               "CPU/MPS and on cards inductor cannot build for: below sm 7.0, no Triton)")
 
     # the script, recorded in the run's manifest: another script's run is not this one's to replace
     SCRIPT: ClassVar = "train.py"
@@ -153,9 +143,8 @@ class TrainConfig:
 
     def model_overrides(self):
         """The DiT fields these flags set explicitly; they override the preset's model size."""
-        fields = dict(dim=self.dim, depth=self.depth, heads=self.heads, patch_size=self.patch_size)
-        out = {k: v for k, v in fields.items() if v is not None}
-        return dict(out, img_size=self.img_size, class_dropout=self.class_dropout)
+        given = {k: getattr(self, k) for k in ("dim", "depth", "heads", "patch_size") if getattr(self, k) is not None}
+        return dict(given, img_size=self.img_size, class_dropout=self.class_dropout)
 
     def inputs(self):
         """(flag, path) of what the run reads: --out stays out of it, and a resume must find it unchanged."""
@@ -165,11 +154,11 @@ class TrainConfig:
         """Check the flags before any work starts; raise UserError with a one-line fix for bad input. Under torchrun
         only rank 0 checks --out (guard_folder), the folder whose lock it takes (train.py main)."""
         check_common(self)
-        check_at_least(self, 1, ("grad_accum", "max_steps", "sample_per_class"))
-        check_at_least(self, 0, ("sample_every", "stop_after"), " (0 = off)")
-        check_at_least(self, 0, ("weight_decay", "warmup"))
-        check_at_most(self, MAX_STEPS, ("max_steps", "stop_after", "warmup", "sample_every"))
-        check_at_most(self, MAX_BATCH["train.py"], ("batch_size",), " (images per step; see --grad-accum)")
+        check_bounds(self, ("grad_accum", "max_steps", "sample_per_class"), low=1)
+        check_bounds(self, ("sample_every", "stop_after"), low=0, note=" (0 = off)")
+        check_bounds(self, ("weight_decay", "warmup"), low=0)
+        check_bounds(self, ("max_steps", "stop_after", "warmup", "sample_every"), high=MAX_STEPS)
+        check_bounds(self, ("batch_size",), high=MAX_BATCH["train.py"], note=" (images per step; see --grad-accum)")
         if self.batch_size % self.grad_accum:
             raise UserError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}, "
                             f"so every micro-batch has the same size")
@@ -235,18 +224,15 @@ class FinetuneConfig:
     style: str = knob(None, "style reference: an image file, a folder of images, or a comma-separated list")
     out: str = knob("runs/style", "folder for adapter.pt, log.jsonl, samples and the resumable state.pt")
     resume: bool = knob(False, "continue from OUT/state.pt with the exact same data order and noise")
-    overwrite: bool = knob(False, "start a new fine-tune in an --out that holds one (deletes its adapter, state, "
-                                  "log)")
+    overwrite: bool = knob(False, "start a new fine-tune in an --out that holds one (deletes adapter, state, log)")
     style_class: str = knob("every", "the label the style is trained on (also --class): 'every' (each view a random "
-                                     "class; the study's dev rule picked it: class KID x1000 2689 against 2768 for "
-                                     "'null'; minisnr/eval/README.md), 'null' (the unconditional branch, which "
-                                     "guidance subtracts), or the class name or id of what the references show")
+                                     "class; the study's dev rule picked it over 'null', minisnr/eval/README.md), "
+                                     "'null' (the unconditional branch guidance subtracts), or a class name or id")
     # which noise levels to train on: the method of the paper
     noise_sampler: str = knob("style-friendly", "uniform | logit-normal (SD3: logit t ~ N(m,s)) | style-friendly "
                                                 "(lam ~ N(mu,sigma))")
     mu: float = knob(STYLE_FRIENDLY_MU, "style-friendly: mean log-SNR, lower = noisier; -1.55 is the paper's -6 "
-                                        "moved to 32x32, kept by the study's dev-style rule (no sampler beat it on "
-                                        "class KID; minisnr/eval/README.md)")
+                                        "moved to 32x32, kept by the study's dev-style rule (minisnr/eval/README.md)")
     sigma: float = knob(2.0, "style-friendly: std of the log-SNR, as in the paper (FLUX: 3)")
     m: float = knob(0.0, "logit-normal: mean of logit(t) (SD3 default 0)")
     s: float = knob(1.0, "logit-normal: std of logit(t) (SD3 default 1)")
@@ -301,12 +287,12 @@ class FinetuneConfig:
         require_file(self.base, "--base", "pass the ckpt.pt written by train.py (OUT/ckpt.pt)"
                      + ("; the shipped base is missing from this copy of minisnr" if self.base == SHIPPED_BASE else ""))
         check_common(self)
-        check_at_least(self, 1, ("steps", "rank", "ref_size"))
-        check_at_least(self, 0, ("sample_per_class",), " (0 = no grid)")
-        check_at_most(self, MAX_STEPS, ("steps",))
-        check_at_most(self, MAX_BATCH["finetune.py"], ("batch_size",), " (views per step)")
-        check_at_most(self, MAX_RANK, ("rank",))
-        check_at_most(self, MAX_REF_SIZE, ("ref_size",), " pixels")
+        check_bounds(self, ("steps", "rank", "ref_size"), low=1)
+        check_bounds(self, ("sample_per_class",), low=0, note=" (0 = no grid)")
+        check_bounds(self, ("steps",), high=MAX_STEPS)
+        check_bounds(self, ("batch_size",), high=MAX_BATCH["finetune.py"], note=" (views per step)")
+        check_bounds(self, ("rank",), high=MAX_RANK)
+        check_bounds(self, ("ref_size",), high=MAX_REF_SIZE, note=" pixels")
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 < self.crop_min <= 1:

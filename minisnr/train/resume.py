@@ -22,13 +22,6 @@ def rng_state(device):
     return state
 
 
-def set_rng_state(state, device):
-    """Restore the CPU (and CUDA) RNG states saved by rng_state()."""
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 # The flags each noise sampler reads; the others change nothing that is drawn, so a resume may differ in them
 # (a default that moved between versions, like mu, must not stop an old run from resuming).
 NOISE_FLAGS = {"uniform": set(), "logit-normal": {"m", "s"}, "style-friendly": {"mu", "sigma"}}
@@ -55,14 +48,6 @@ def refuse_changed_flags(saved, current, free, path):
 
 def _damaged(path, what):
     return CheckpointError(f"{path} is damaged: {what}; resume from an undamaged copy, or start a new run")
-
-
-def check_rng_state(rng, path):
-    """rng_state()'s dict: a CPU RNG state of the size this torch uses (and optionally a CUDA one)."""
-    size = torch.get_rng_state().numel()
-    if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor) or rng["cpu"].dtype != torch.uint8 \
-            or rng["cpu"].numel() != size or not all(isinstance(v, torch.Tensor) for v in rng.values()):
-        raise _damaged(path, f"its RNG state is not a {size}-byte torch RNG state")
 
 
 def check_loader_state(loader, path, n_images):
@@ -101,7 +86,8 @@ def check_optimizer_state(opt, params, path):
 # --- loading a state back ----------------------------------------------------------------------
 
 def load_state(path, what, script, keys):
-    """The saved state at `path`, a dict holding `keys` with a valid step and RNG state; one-line
+    """The saved state at `path`, a dict holding `keys` with a valid step, grad-scaler state and RNG state
+    (rng_state()'s dict: a CPU RNG state of the size this torch uses, optionally a CUDA one); one-line
     CheckpointError otherwise."""
     if not os.path.isfile(path):
         raise CheckpointError(f"--resume true, but there is no {path}; pass the --out folder of the run to "
@@ -112,7 +98,12 @@ def load_state(path, what, script, keys):
     step = state["step"]
     if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
         raise _damaged(path, f"its step {step!r} is not a whole number >= 0")
-    check_rng_state(state["rng"], path)
+    if not isinstance(state["scaler"], dict):
+        raise _damaged(path, "its grad-scaler state is not a dict")
+    rng, size = state["rng"], torch.get_rng_state().numel()
+    if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor) or rng["cpu"].dtype != torch.uint8 \
+            or rng["cpu"].numel() != size or not all(isinstance(v, torch.Tensor) for v in rng.values()):
+        raise _damaged(path, f"its RNG state is not a {size}-byte torch RNG state")
     return state
 
 
@@ -130,7 +121,9 @@ def restore(state, optimizer, scaler, device, master=True):
     elif master:
         print("note: the run was saved without fp16 loss scaling (bf16 or fp32); it goes on in fp16 with a "
               "fresh GradScaler")
-    set_rng_state(state["rng"], device)
+    torch.set_rng_state(state["rng"]["cpu"])
+    if device.type == "cuda" and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
     return state["step"]
 
 
@@ -151,8 +144,6 @@ def resume_pretrain(path, config, model, ema, optimizer, scaler, loader, device,
         check_tensors(ckpt[key], path, f"{key} weights")
     check_loader_state(ckpt["loader"], path, len(loader.labels))
     check_optimizer_state(ckpt["optimizer"], list(model.parameters()), path)
-    if not isinstance(ckpt["scaler"], dict):
-        raise CheckpointError(f"{path} is damaged: its grad-scaler state is not a dict; start a new run")
     if len(ckpt["loader"]["perm"]) != len(loader.labels):  # its saved data order indexes the old image set
         raise CheckpointError(f"{path} was trained on {len(ckpt['loader']['perm'])} images, but --data has "
                               f"{len(loader.labels)}; pass the same --data as the original run")

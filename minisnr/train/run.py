@@ -75,8 +75,7 @@ class InterruptFlag:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.set = False
-        self.signum = None
+        self.set, self.signum = False, None
 
     def __enter__(self):
         self._previous = {s: signal.getsignal(s) for s in self.SIGNALS}
@@ -121,7 +120,6 @@ def signals_held():
 def by_t_line(bin_sums, bin_counts, shown=5):
     """The mean loss in `shown` bins of t, clean (t near 0) to noise (t near 1), as one short string: '.03 .12 -'
     ('-' for a bin no image fell in). The 10 logged bins are summed in groups, so the line stays compact."""
-    shown = shown if len(bin_sums) % shown == 0 else len(bin_sums)
     sums = bin_sums.reshape(shown, -1).sum(1).tolist()
     counts = bin_counts.reshape(shown, -1).sum(1).tolist()
     return " ".join(f"{s / c:.3f}" if c > 0 else "-" for s, c in zip(sums, counts))
@@ -132,7 +130,7 @@ class Run:
     progress bar and the Ctrl-C flag. Only the master process (rank 0) writes; every rank keeps the sums."""
 
     def __init__(self, config, state_name, params, device, *, start, end, total=None, master=True, world=1,
-                 images_per_step=None, nbins=10):
+                 images_per_step=None):
         self.state_path = os.path.join(config.out, state_name)
         self.params, self.device, self.log_every = list(params), device, config.log_every
         self.master, self.world, self.end, self.stopped = master, world, end, False
@@ -141,7 +139,7 @@ class Run:
         self.manifest, self.fresh = None, not config.resume
         self.log_file = self._open(config, state_name, start if config.resume else None) if master else None
         self.loss_sum, self.n = torch.zeros((), device=device), 0    # summed on the device, read at log steps
-        self.bin_sums, self.bin_counts = torch.zeros(nbins, device=device), torch.zeros(nbins, device=device)
+        self.bin_sums, self.bin_counts = torch.zeros(10, device=device), torch.zeros(10, device=device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.speed = Throughput(device, images_per_step) if images_per_step else None
         self.bar = tqdm(total=total or end, initial=start, disable=not master, dynamic_ncols=True)
@@ -230,14 +228,15 @@ class Run:
     def log(self, step, **extra):
         """Write the mean loss since the last line, overall and per bin of t (None for an empty bin)."""
         self.check_finite(step)      # the only device sync in the loop, once per log interval
-        img_s = self.speed.rate() if self.speed else None   # None in a first window of one step (the compile)
         mean_loss = self.loss_sum.item() / max(self.n, 1)
         per_bin = (self.bin_sums / self.bin_counts.clamp(min=1)).tolist()
+        speed = ""
         if self.speed:
+            img_s = self.speed.rate()      # None in a first window of one step (the compile)
             extra["img_per_s"] = round(img_s, 1) if img_s else None
+            speed = f" | {img_s:.0f} img/s" if img_s else " | - img/s"
         if self.master:
             # the loss per noise level is what p(t) changes: where the model is still bad, and where it trains
-            speed = (f" | {img_s:.0f} img/s" if img_s else " | - img/s") if self.speed else ""
             self.bar.write(f"step {step} | loss {mean_loss:.4f} | by t, clean to noise: "
                            f"{by_t_line(self.bin_sums, self.bin_counts)}{speed}")
             bins = [round(v, 5) if c > 0 else None for v, c in zip(per_bin, self.bin_counts.tolist())]
