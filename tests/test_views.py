@@ -1,4 +1,4 @@
-"""Tests for minisnr/io/views.py: the fine-tuning views keep the style of the reference they are cut from.
+"""Tests for StyleViews in minisnr/io/data.py: the fine-tuning views keep the style of the reference they are cut from.
 
 The model is scored against a style's exact pixels, so the views it is fine-tuned on must carry them: for every
 ground-truth style, the views' high-frequency energy (metrics.py's own measure) and mean colour must stay within

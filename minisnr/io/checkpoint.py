@@ -33,21 +33,18 @@ def safe_load(path, what="checkpoint"):
         lines = [l.strip() for l in str(e).splitlines() if l.strip()]
         detail = next((l for l in lines if "GLOBAL" in l or l.startswith("Unsupported")), "unsupported content")
         if "GLOBAL" not in detail and "global" not in detail:  # e.g. "Unsupported operand 80": a PNG, JSON, text
-            raise CheckpointError(f"cannot read {what} {path!r}: it is not a PyTorch file ({_looks_like(path)}); "
+            with open(path, "rb") as f:
+                head = f.read(8)
+            kinds = {b"\x89PNG": "a PNG image", b"\xff\xd8": "a JPEG image", b"{": "JSON text", b"[": "JSON text"}
+            looks = next((f"it looks like {k}" for magic, k in kinds.items() if head.startswith(magic)),
+                         "unknown content")
+            raise CheckpointError(f"cannot read {what} {path!r}: it is not a PyTorch file ({looks}); "
                                   f"use a file written by minisnr") from None
         raise CheckpointError(f"refusing to load {what} {path!r}: it contains objects other than tensors and "
                               f"plain data, which could run code ({detail}); use a file written by minisnr") from None
     except Exception as e:  # truncated, not a torch file, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"cannot read {what} {path!r}: {e.__class__.__name__}: {first}") from None
-
-
-def _looks_like(path):
-    """A few words on what a file that is not a torch file seems to be, from its first bytes."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    kinds = {b"\x89PNG": "a PNG image", b"\xff\xd8": "a JPEG image", b"{": "JSON text", b"[": "JSON text"}
-    return next((f"it looks like {k}" for magic, k in kinds.items() if head.startswith(magic)), "unknown content")
 
 
 def config_hash(config: dict) -> str:
@@ -120,13 +117,14 @@ def estimate_params(arch):
 def model_memory_problem(arch, bytes_per_param, what):
     """Why a DiT of this shape would not fit in this machine's memory at `bytes_per_param` (the weights and what
     `what` keeps per weight), or None."""
-    need = estimate_params(arch) * bytes_per_param
+    params = estimate_params(arch)
+    need = params * bytes_per_param
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # an OS that does not say
         return None
     if need > have:
-        return (f"{estimate_params(arch) / 1e6:,.0f}M parameters need about {need / 2 ** 30:,.1f} GiB for {what}, "
+        return (f"{params / 1e6:,.0f}M parameters need about {need / 2 ** 30:,.1f} GiB for {what}, "
                 f"more than this machine's {have / 2 ** 30:,.1f} GiB")
     return None
 

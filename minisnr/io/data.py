@@ -4,7 +4,9 @@ Small datasets (CIFAR-10 is 150 MB as uint8) fit in memory, or on a GPU, whole. 
 are then index lookups, so data loading never bounds a training step and there are no
 worker processes to debug. Pixels stay uint8 until the batch is on the device, where
 they become floats in [-1, 1] and get their random flips. Style references (load_images) stay PIL images, cut
-into views by views.py.
+into fine-tuning views by StyleViews: finetune.py trains on a handful of references (often one), and a view that
+was zoomed and resampled teaches a blurred style, so tests/test_views.py checks that the views' high-frequency
+energy and mean colour stay within 10% of the reference's for every ground-truth style.
 """
 import os
 import warnings
@@ -14,9 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 
 from .cli import UserError
-from .views import StyleViews  # noqa: F401 (it lives in views.py; finetune.py and compare.py import it here)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 # The largest image decoded at full size: 64 megapixels (e.g. 9000 x 7000) take 256 MB as RGBA. A larger
@@ -135,11 +138,15 @@ def _cifar10(root, train, download, flag):
                         f"or point {flag} at an ImageFolder copy") from None
 
 
-def load_cifar10(root="data", train=True, size=32, flag="--data") -> ImageSet:
-    """CIFAR-10 through torchvision, downloaded into `root` on first use (about 170 MB). Under DDP rank 0 downloads
-    while the others wait at a barrier, which it reaches even if it fails: ranks would write over each other."""
+def load_dataset(spec, size=32, train=True, flag="--data") -> ImageSet:
+    """'cifar10' (downloaded into ./data on first use, about 170 MB) or 'cifar10:DIR', else an ImageFolder directory.
+    `train` picks CIFAR-10's split (an ImageFolder is its own); `flag` is the flag that gave `spec`, for the error
+    messages. Under DDP rank 0 downloads while the others wait at a barrier, which it reaches even if it fails: ranks
+    would write over each other."""
+    if not (spec == "cifar10" or spec.startswith("cifar10:")):
+        return load_image_folder(spec, size, flag)
     import torch.distributed as dist
-    ddp = dist.is_available() and dist.is_initialized()
+    root, ddp = data_folder(spec), dist.is_available() and dist.is_initialized()
     try:
         ds = _cifar10(root, train, True, flag) if not ddp or dist.get_rank() == 0 else None
     finally:
@@ -153,14 +160,6 @@ def load_cifar10(root="data", train=True, size=32, flag="--data") -> ImageSet:
     return ImageSet(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes))
 
 
-def load_dataset(spec, size=32, train=True, flag="--data") -> ImageSet:
-    """'cifar10' (downloaded into ./data) or 'cifar10:DIR', else an ImageFolder directory. `train` picks CIFAR-10's
-    split (an ImageFolder is its own); `flag` is the flag that gave `spec`, for the error messages."""
-    if spec == "cifar10" or spec.startswith("cifar10:"):
-        return load_cifar10(data_folder(spec), train=train, size=size, flag=flag)
-    return load_image_folder(spec, size, flag)
-
-
 def data_folder(spec):
     """The folder that a --data spec reads: 'cifar10' downloads into ./data, 'cifar10:DIR' into DIR."""
     if spec == "cifar10" or spec.startswith("cifar10:"):
@@ -169,10 +168,8 @@ def data_folder(spec):
 
 
 def load_images(paths, max_side=None):
-    """Load a style set: a folder of images or a list of image files, any size and mode, as RGB PIL images, near
-    full resolution (downscaled to `max_side` on the long side if given): views.py cuts its crops from them."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
+    """Load a style set: a list of image files and folders of images, any size and mode, as RGB PIL images, near
+    full resolution (downscaled to `max_side` on the long side if given): StyleViews cuts its crops from them."""
     files = []
     for p in paths:
         if os.path.isdir(p):
@@ -258,3 +255,55 @@ class InMemoryLoader:
             seed = int.from_bytes(bytes(state["generator"].tolist()), "little") % 2 ** 63
             self.generator = torch.Generator().manual_seed(seed)        # no CUDA here: the CPU draws
         self.perm, self.pos = state["perm"].to(self.device), int(state["pos"])
+
+
+class StyleViews:
+    """The fine-tuning batches: views of the style references that keep their pixels, (B, 3, S, S) in [-1, 1].
+
+    A style lives in fine detail (dots, lines, block edges) that any resampling blurs, so with crop_min = 1 (the
+    default) no view is resampled: size x size crops at random integer offsets, flipped half the time, of
+      short side <= ref_size  the reference at its own pixels, reflect-padded by SHIFT pixels at the model's size
+                              so that it can move (a shift changes no pixel's texture or colour);
+      short side > ref_size   (a painting) the reference downsampled once to short side ref_size;
+      a side < size           the reference tiled up to size: a repeat keeps every pixel, stretching would blur.
+    crop_min < 1 keeps the old views, for the study's ablation: the short side resized to ref_size, then
+    RandomResizedCrop(scale=(crop_min, 1)), which kept only 20-60% of a 32x32 reference's high-frequency energy.
+    The references live on the training device and are cropped there; offsets and flips come from the CPU RNG."""
+    SHIFT = 1   # 2 px already moved a vignette's dark frame enough to add 10-18% HF energy; 1 px stays within 8%
+
+    def __init__(self, images, size, ref_size, crop_min, device):
+        self.size, self.device = size, device
+        self.crop = None if crop_min >= 1 else T.RandomResizedCrop(size, scale=(crop_min, 1.0), ratio=(3 / 4, 4 / 3),
+                                                                    antialias=True)
+        self.refs = [self._prepare(TF.pil_to_tensor(img), ref_size).to(device) for img in images]  # (3, H, W) uint8
+
+    def _prepare(self, ref, ref_size):
+        """One reference (3, H, W) uint8 as the crops are cut from it (see the class docstring)."""
+        if self.crop is not None:
+            return TF.resize(ref, ref_size, antialias=True)
+        h, w = ref.shape[-2:]
+        if min(h, w) > ref_size:
+            if ref_size < self.size:
+                raise UserError(f"--ref-size {ref_size} is below the model's size {self.size}; pass --ref-size >= "
+                                f"{self.size}")
+            ref = TF.resize(ref, ref_size, antialias=True)
+            h, w = ref.shape[-2:]
+        if min(h, w) < self.size:   # tiled: a view of a tiny reference repeats it, at its own pixels
+            ref = ref.repeat(1, -(-self.size // h), -(-self.size // w))
+            h, w = ref.shape[-2:]
+        room = self.size + 2 * self.SHIFT   # pad a side shorter than this, so every reference can move
+        ph, pw = (max(0, -(-(room - side) // 2)) for side in (h, w))
+        return F.pad(ref, (pw, pw, ph, ph), mode="reflect") if ph or pw else ref
+
+    def next(self, batch_size):
+        """Random views of the references, flipped half the time: x0 of shape (B, 3, size, size) in [-1, 1]."""
+        views, s = [], self.size
+        for i in torch.randint(len(self.refs), (batch_size,)).tolist():
+            ref = self.refs[i]
+            if self.crop is not None:
+                v = self.crop(ref)                                              # resampled: the old views
+            else:                                                               # a crop at the reference's pixels
+                oy, ox = (torch.randint(n - s + 1, ()).item() for n in ref.shape[-2:])
+                v = ref[:, oy:oy + s, ox:ox + s]
+            views.append(v.flip(-1) if torch.rand(()) < 0.5 else v)
+        return to_model_range(torch.stack(views))   # (B, 3, size, size) on the device

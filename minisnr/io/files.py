@@ -96,11 +96,7 @@ def open_log(path, resume_step=None):
                     continue
                 if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resume_step:
                     kept.append(line if line.endswith("\n") else line + "\n")
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-    atomic_write(path, write)
+    write_text("".join(kept), path)
     return open(path, "a")
 
 

@@ -1,10 +1,5 @@
-"""Guards that keep the user's files safe, checked before any work starts (README, "Your runs are safe").
-
-    a run folder   refused unless --resume true or --overwrite true; OUT/.minisnr-run.json lists the files a run
-                   created, which is all --overwrite deletes; OUT/.minisnr.lock keeps a second run out
-    inputs         --out never is, contains or sits inside --data, --style or the --base's folder; a resumed run
-                   finds them unchanged (real paths and fingerprints in the manifest)
-    every output   check_output: never an input, never inside data, never in place of a file minisnr did not write
+"""Guards that keep the user's files safe (README, "Your runs are safe"), checked before any work starts: run
+folders (their manifest and lock), the inputs an output may not join, and the rule for every output file.
 
 Folders are compared by real path and by device and inode, so neither a link, '..' nor a bind mount hides that two
 paths are one. Each refusal is a one-line UserError, raised before anything is written.
