@@ -28,7 +28,7 @@ from ..io.device import autocast_context, pick_device, resolve_precision
 from ..io.files import require_file
 from ..io.images import save_image_grid
 from ..io.safety import check_out_not_input, check_output, check_seed
-from ..io.views import StyleViews
+from ..io.data import StyleViews
 from ..lora import merge_lora, set_style_scale
 from ..rf import generate, NoiseSampler, to_uint8
 from . import metrics
