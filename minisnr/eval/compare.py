@@ -23,12 +23,11 @@ import torch
 
 from ..io.checkpoint import apply_adapter, load_pretrained
 from ..io.cli import finite_float, OneLineErrorParser, run_main, UserError
-from ..io.data import data_folder, load_images
+from ..io.data import data_folder, load_images, StyleViews
 from ..io.device import autocast_context, pick_device, resolve_precision
 from ..io.files import require_file
 from ..io.images import save_image_grid
 from ..io.safety import check_out_not_input, check_output, check_seed
-from ..io.data import StyleViews
 from ..lora import merge_lora, set_style_scale
 from ..rf import generate, NoiseSampler, to_uint8
 from . import metrics

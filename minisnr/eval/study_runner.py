@@ -17,8 +17,7 @@ import torch
 
 from ..io.checkpoint import apply_adapter, load_pretrained
 from ..io.cli import UserError
-from ..io.data import ImageSet, load_dataset, load_images
-from ..io.data import StyleViews
+from ..io.data import ImageSet, load_dataset, load_images, StyleViews
 from ..io.device import autocast_context, pick_device, resolve_precision
 from ..io.files import atomic_save, check_writable, write_json
 from ..io.images import save_png
