@@ -150,15 +150,12 @@ def check_outputs(args):
         check_output(args.json, "--json", inputs=inputs + [args.probe], data=data, kind="json")
 
 
-# Upper bounds of the counts, checked before anything is allocated (sample.py's and train.py's where they match)
-MAX_PER_CLASS = 10_000       # --samples-per-class: 100,000 images over CIFAR-10's classes, all kept in memory
-MAX_PROBE_EPOCHS = 1_000     # a probe converges in a few
-
-
 def check_flags(args):
-    """One-line errors for the probe and sampling flags that no run could use."""
-    bounds = {"sample_steps": (1, MAX_SAMPLE_STEPS), "cfg": (0, MAX_CFG), "probe_epochs": (1, MAX_PROBE_EPOCHS),
-              "samples_per_class": (1, MAX_PER_CLASS)}
+    """One-line errors for the probe and sampling flags that no run could use. The upper bounds are checked before
+    anything is allocated (sample.py's and train.py's where they match)."""
+    bounds = {"sample_steps": (1, MAX_SAMPLE_STEPS), "cfg": (0, MAX_CFG),
+              "probe_epochs": (1, 1_000),               # a probe converges in a few
+              "samples_per_class": (1, 10_000)}         # 100,000 images over CIFAR-10's classes, all kept in memory
     for name, (low, high) in bounds.items():
         value = getattr(args, name, None)
         if value is not None and not low <= value <= high:
