@@ -64,15 +64,6 @@ def load_probe_for(args, device):
 
 # --- probe: train or load the cached probe ------------------------------------------------------------------
 
-def add_probe_parser(sub, formatter_class):
-    """The `probe` subcommand's flags."""
-    q = sub.add_parser("probe", formatter_class=formatter_class,
-                       help="train or load the cached probe and print its test accuracy")
-    add_common_flags(q, sampling=False)
-    q.add_argument("--retrain", action="store_true", help="train a new probe even if the cache exists")
-    return q
-
-
 def cmd_probe(args):
     """Train or load the cached probe and print its test accuracy."""
     probe = load_probe_for(args, pick_device(args.device))
@@ -81,17 +72,6 @@ def cmd_probe(args):
 
 
 # --- base: how good the pretrained model's samples are -------------------------------------------------------
-
-def add_base_parser(sub, formatter_class):
-    """The `base` subcommand's flags."""
-    q = sub.add_parser("base", formatter_class=formatter_class,
-                       help="class accuracy and FD of the base model's samples")
-    q.add_argument("ckpt", help="checkpoint written by train.py")
-    add_common_flags(q)
-    q.add_argument("--samples-per-class", type=int, default=100, help="samples per class (N = this x classes)")
-    q.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    return q
-
 
 def cmd_base(args):
     """Class accuracy and FD (probe features) of the base model's class-conditional samples."""
@@ -133,19 +113,26 @@ def cmd_base(args):
 # --- the command line ---------------------------------------------------------------------------------------
 
 COMMANDS = {"probe": cmd_probe, "base": cmd_base, "fid": fid.cmd_fid}
-PARSERS = (add_probe_parser, add_base_parser, fid.add_parser)
 # a command that was removed: its one-line pointer to what replaces it
 REMOVED = {"fig4": "`evaluate fig4` was removed; where the style is decided is the study's lam part: "
                    "python -m minisnr.eval.study --parts windows"}
 
 
 def build_parser():
-    """The argparse parser with the probe, base and fid subcommands."""
+    """The argparse parser with the probe, base and fid subcommands (fid's flags are fid.py's)."""
     p = OneLineErrorParser(prog="python -m minisnr.eval.evaluate", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", metavar="{probe,base,fid}")
     sub.required = True
-    for add_parser in PARSERS:
-        add_parser(sub, argparse.ArgumentDefaultsHelpFormatter)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    q = sub.add_parser("probe", formatter_class=fmt, help="train or load the cached probe and print its test accuracy")
+    add_common_flags(q, sampling=False)
+    q.add_argument("--retrain", action="store_true", help="train a new probe even if the cache exists")
+    q = sub.add_parser("base", formatter_class=fmt, help="class accuracy and FD of the base model's samples")
+    q.add_argument("ckpt", help="checkpoint written by train.py")
+    add_common_flags(q)
+    q.add_argument("--samples-per-class", type=int, default=100, help="samples per class (N = this x classes)")
+    q.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    fid.add_parser(sub, fmt)
     return p
 
 
@@ -163,15 +150,12 @@ def check_outputs(args):
         check_output(args.json, "--json", inputs=inputs + [args.probe], data=data, kind="json")
 
 
-# Upper bounds of the counts, checked before anything is allocated (sample.py's and train.py's where they match)
-MAX_PER_CLASS = 10_000       # --samples-per-class: 100,000 images over CIFAR-10's classes, all kept in memory
-MAX_PROBE_EPOCHS = 1_000     # a probe converges in a few
-
-
 def check_flags(args):
-    """One-line errors for the probe and sampling flags that no run could use."""
-    bounds = {"sample_steps": (1, MAX_SAMPLE_STEPS), "cfg": (0, MAX_CFG), "probe_epochs": (1, MAX_PROBE_EPOCHS),
-              "samples_per_class": (1, MAX_PER_CLASS)}
+    """One-line errors for the probe and sampling flags that no run could use. The upper bounds are checked before
+    anything is allocated (sample.py's and train.py's where they match)."""
+    bounds = {"sample_steps": (1, MAX_SAMPLE_STEPS), "cfg": (0, MAX_CFG),
+              "probe_epochs": (1, 1_000),               # a probe converges in a few
+              "samples_per_class": (1, 10_000)}         # 100,000 images over CIFAR-10's classes, all kept in memory
     for name, (low, high) in bounds.items():
         value = getattr(args, name, None)
         if value is not None and not low <= value <= high:

@@ -63,17 +63,13 @@ class ProbeNet(nn.Module):
         self.head = nn.Linear(w2, num_classes)
         self.style_net = ProbeNet(num_styles, widths) if num_styles else None   # "none" + one logit per style
 
-    def forward_features(self, x):
+    def forward(self, x):
         """x (N, 3, H, W) in [-1, 1] -> (logits (N, K), pooled (N, w2))."""
         h = self.conv2(self.conv1(x))               # (N, w1, 16, 16)
         h = self.conv3(F.max_pool2d(h, 2))          # (N, w2, 8, 8)
         h = self.conv4(F.max_pool2d(h, 2))          # (N, w2, 4, 4)
         pooled = h.mean(dim=(2, 3))                 # (N, w2)
         return self.head(pooled), pooled
-
-    def forward(self, x):
-        """Logits (N, K) of x (N, 3, H, W) in [-1, 1]."""
-        return self.forward_features(x)[0]
 
 
 # --- a trained probe ------------------------------------------------------------------------------
@@ -109,9 +105,9 @@ class Probe:
         logits, pooled, styles = [], [], []
         for i in range(0, len(images), batch_size):
             x = to_model_range(images[i:i + batch_size].to(device))
-            lg, pl = self.net.forward_features(x)
+            lg, pl = self.net(x)
             if self.net.style_net is not None:   # a judge: its features see class and style
-                st, st_pooled = self.net.style_net.forward_features(x)
+                st, st_pooled = self.net.style_net(x)
                 styles.append(st.float().cpu())
                 blocks = [pl, st_pooled]
                 if self.feature_scale:                                                    # equal weights
@@ -196,7 +192,7 @@ def shuffle_pixels(images, generator):
     return flat.gather(2, perm[:, None, :].expand(n, c, h * w)).view(n, c, h, w)
 
 
-# --- pieces of a training step ---------------------------------------------------------------------
+# --- augmentation and the training loop --------------------------------------------------------------
 
 def augment(x, generator, pad=4):
     """Random crop after `pad` pixels of reflection padding, and random horizontal flip, per image.
@@ -213,49 +209,40 @@ def augment(x, generator, pad=4):
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
-def _sgd(net, lr):
-    """SGD with Nesterov momentum and weight decay 5e-4, but none on BatchNorm weights and biases."""
+def _fit(net, train_set, epochs, batch_size, lr, generator, device, styles, log):
+    """`epochs` passes over train_set in shuffled batches (views through styled_batch for a judge, then augment),
+    with the one-cycle LR; one log line per epoch. SGD with Nesterov momentum and weight decay 5e-4, but none on
+    BatchNorm weights and biases."""
     decay = [p for p in net.parameters() if p.ndim > 1]
     no_decay = [p for p in net.parameters() if p.ndim == 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
-                           lr=lr, momentum=0.9, nesterov=True)
-
-
-def _train_step(net, opt, images, labels, styles, generator, device):
-    """One SGD step on uint8 images (B, 3, H, W); returns (loss, correct class predictions)."""
-    raw, sid = styled_batch(images, styles, generator) if styles else (images, None)
-    x = augment(to_model_range(raw), generator).to(device)
-    y = labels.to(device)
-    logits = net(x)
-    loss = F.cross_entropy(logits, y, label_smoothing=0.1)
-    if styles:   # the style trunk has its own weights, so the two losses do not compete
-        loss = loss + F.cross_entropy(net.style_net(x), sid.to(device), label_smoothing=0.1)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.item(), (logits.argmax(1) == y).sum().item()
-
-
-def _fit(net, train_set, epochs, batch_size, lr, generator, device, styles, log):
-    """`epochs` passes over train_set in shuffled batches, with the one-cycle LR; one log line per epoch."""
-    opt = _sgd(net, lr)
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=lr, momentum=0.9, nesterov=True)
     steps_per_epoch = len(train_set) // batch_size
     total = epochs * steps_per_epoch
     warm = max(1, int(0.15 * total))
-    start, step = time.time(), 0
+    start = time.time()
     for epoch in range(epochs):
         net.train()
         perm = torch.randperm(len(train_set.labels), generator=generator)
         loss_sum, correct = 0.0, 0
         for i in range(steps_per_epoch):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
+            step = epoch * steps_per_epoch + i
             for g in opt.param_groups:
                 g["lr"] = lr * ((step + 1) / warm if step < warm else max(0.0, (total - step) / (total - warm)))
-            loss, hits = _train_step(net, opt, train_set.images[idx], train_set.labels[idx], styles, generator,
-                                     device)
-            step += 1
-            loss_sum += loss
-            correct += hits
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            images = train_set.images[idx]
+            raw, sid = styled_batch(images, styles, generator) if styles else (images, None)
+            x = augment(to_model_range(raw), generator).to(device)
+            y = train_set.labels[idx].to(device)
+            logits = net(x)[0]
+            loss = F.cross_entropy(logits, y, label_smoothing=0.1)
+            if styles:   # the style trunk has its own weights, so the two losses do not compete
+                loss = loss + F.cross_entropy(net.style_net(x)[0], sid.to(device), label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item()
+            correct += (logits.argmax(1) == y).sum().item()
         log(f"probe epoch {epoch + 1}/{epochs}: loss {loss_sum / max(1, steps_per_epoch):.3f}, "
             f"train acc {correct / max(1, steps_per_epoch * batch_size):.3f} ({time.time() - start:.0f}s)")
 
@@ -298,17 +285,14 @@ def train_probe(train_set, test_set, epochs=3, batch_size=128, lr=0.1, widths=DE
 def trunk_scales(probe, images, seed, n):
     """A judge's [class trunk, style trunk] RMS of the pooled features, over a fixed reference set: up to n of the
     training `images` (a seeded subset), image i put through style i mod (1 + styles) in the judge's order
-    ("none" first), so that every style the judge scores is in it. Probe.run divides each block by its RMS."""
+    ("none" first), so that every style the judge scores is in it. Probe.run divides each block by its RMS, so
+    it is measured while probe.feature_scale is still [] (raw features)."""
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 2))[:n]
     ref = images[pick].clone()
     for k, name in enumerate(probe.styles[1:], start=1):
         every = torch.arange(k, len(ref), len(probe.styles))
         ref[every] = apply_style(name, ref[every])
-    kept, probe.feature_scale = probe.feature_scale, []          # measure the raw features
-    try:
-        pooled = probe.run(ref)["pooled"]
-    finally:
-        probe.feature_scale = kept
+    pooled = probe.run(ref)["pooled"]
     return [block.pow(2).mean().sqrt().clamp(min=1e-6).item() for block in pooled.chunk(2, dim=1)]
 
 
@@ -347,11 +331,11 @@ def check_probe(blob, path):
         return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi
 
     n, classes, acc = blob.get("num_classes"), blob.get("classes"), blob.get("test_accuracy")
+    info = blob.get("info")
+    widths = info.get("widths", DEFAULT_WIDTHS) if isinstance(info, dict) else None
     checks = [  # (test, what is wrong otherwise); each test runs only if the ones before it passed
-        (lambda: isinstance(blob.get("info"), dict), "its info is not a dict"),
-        (lambda: isinstance(blob["info"].get("widths", DEFAULT_WIDTHS), (list, tuple))
-         and len(blob["info"].get("widths", DEFAULT_WIDTHS)) == 3
-         and all(whole(w, 4096) for w in blob["info"].get("widths", DEFAULT_WIDTHS)),
+        (lambda: isinstance(info, dict), "its info is not a dict"),
+        (lambda: isinstance(widths, (list, tuple)) and len(widths) == 3 and all(whole(w, 4096) for w in widths),
          "its info widths are not 3 whole numbers in 1..4096"),
         (lambda: whole(n, 100_000), "its num_classes is not a whole number >= 1"),
         (lambda: isinstance(classes, list) and len(classes) == n and all(isinstance(c, str) for c in classes),
@@ -393,12 +377,11 @@ def get_probe(path, train_data, test_data, epochs=3, device="cpu", retrain=False
     """Load the cached probe at `path`, or (if it is missing or `retrain`) train one and cache it there.
     With `styles`, the probe is a judge of those styles (train_probe), and a cached file must judge the same ones.
     A cached judge made by an older recipe (its judge_version is not JUDGE_VERSION) is retrained, not reused."""
-    if os.path.exists(path) and not retrain:
-        probe = load_probe(path, device)
-        made = probe.info.get("judge_version", 1)
-        if styles and probe.styles and made != JUDGE_VERSION:
-            log(f"{path} is a judge of an older recipe (v{made}, now v{JUDGE_VERSION}); retraining it")
-            return get_probe(path, train_data, test_data, epochs, device, True, log, styles, **train_kwargs)
+    probe = load_probe(path, device) if os.path.exists(path) and not retrain else None
+    made = probe.info.get("judge_version", 1) if probe else None
+    if probe and styles and probe.styles and made != JUDGE_VERSION:
+        log(f"{path} is a judge of an older recipe (v{made}, now v{JUDGE_VERSION}); retraining it")
+    elif probe:
         want = ["none", *styles] if styles else []
         if probe.styles != want:
             raise UserError(f"{path} judges styles {probe.styles or 'none'}, but {want or 'a plain probe'} is needed "

@@ -1,11 +1,10 @@
 """The study's protocol: which samplers it compares, in which frame, on which styles, and the rules that pick
 finetune.py's defaults. Everything here is fixed before any run, so nothing is chosen after seeing the test styles.
 
-Two frames, because the paper ran at 1 megapixel and minisnr runs at 32x32 pixels (minisnr/eval/README.md gives
-the argument). The native frame, the headline: SD3's own logit-normal (0, 1), the law train.py pretrained the base
-with, against the style-friendly sampler, so a difference is the fine-tuning sampler's alone. Beside it, the
-paper's pair translated to 32x32 by one log-SNR offset for both arms (below), and the translation that counts
-positions only.
+Two frames, because the paper ran at 1 megapixel and minisnr at 32x32 pixels (minisnr/eval/README.md argues it):
+the headline is the native one, SD3's own logit-normal (0, 1), the base's pretraining law, against the
+style-friendly sampler, so a difference is the fine-tuning sampler's alone; beside it, the paper's pair translated
+to 32x32 by one log-SNR offset for both arms (below), and the translation that counts positions only.
 
 The unit of every statistic is the style: a style's score is the mean over its runs (reference sets x training
 seeds) and sampling-noise seeds; CIs are over styles (study_report.py).
