@@ -261,7 +261,7 @@ def test_study_rejects_bad_flags(tiny, tmp_path):
     for flags, match in ((("--parts", "main,everything"), "--parts"), (("--refs", "0"), "--refs"),
                          (("--cfg", "nan"), "--cfg"), (("--samplers", "sd3,sf-9"), "--samplers"),
                          (("--ks", "1,0"), "--ks"), (("--ks", "²"), "--ks"),
-                         (("--sample-seeds", "0"), "--sample-seeds")):
+                         (("--sample-seeds", "0"), "--sample-seeds"), (("--styles", "tritone,tritonne"), "--styles")):
         with pytest.raises(UserError, match=match):
             study.main(argv(tiny, str(tmp_path / "x"), *flags))
 

@@ -25,6 +25,7 @@ from ..io.files import require_file
 from ..io.safety import check_out_not_input, check_output
 from ..train.config import FinetuneConfig
 from .probe import PROBE_FORMAT
+from .styles import STYLES
 from .study_protocol import JUDGE_EPOCHS, LABELS, LAM_THRESHOLDS, PARTS, SAMPLERS, WINDOW_SAMPLERS
 from .study_runner import read_cached_scores, Study  # noqa: F401 (the scores cache: study.read_cached_scores)
 
@@ -90,6 +91,9 @@ def check_args(args):
     for part in args.parts.split(","):
         if part not in PARTS:
             raise UserError(f"unknown --parts entry {part!r}; use {', '.join(PARTS)}")
+    for name in filter(None, args.styles.split(",")):
+        if name not in STYLES:
+            raise UserError(f"unknown --styles entry {name!r}; use {', '.join(STYLES)}")
     for flag, value in (("--samplers", args.samplers), ("--window-samplers", args.window_samplers)):
         for name in filter(None, value.split(",")):
             if name not in SAMPLERS:
