@@ -744,9 +744,8 @@ def test_a_full_disk_is_one_line_naming_the_last_good_checkpoint(runs, tmp_path)
                                                                     "--ckpt-every", "1", "--max-steps", "4"]
     script = (f"mount -t tmpfs -o size=5m tmpfs {mnt} && "
               f"{' '.join(map(shlex_quote, train))} 2>{tmp_path}/e1.txt; echo $? > {tmp_path}/rc1; "
-              f"{shlex_quote(sys.executable)} -c 'import torch; print(torch.load(\"{out}/ckpt.pt\", "
-              f"weights_only=True)[\"step\"])' "
-              f"> {tmp_path}/step.txt; "
+              f"{shlex_quote(sys.executable)} -c 'import torch; "
+              f"print(torch.load(\"{out}/ckpt.pt\", weights_only=True)[\"step\"])' > {tmp_path}/step.txt; "
               f"{' '.join(map(shlex_quote, train + ['--resume', 'true']))} 2>{tmp_path}/e2.txt; "
               f"echo $? > {tmp_path}/rc2")
     subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=REPO_ROOT, env=ENV,
