@@ -15,7 +15,6 @@ the runner study_runner.py, the report study_report.py.
 """
 import argparse
 import math
-
 import os
 
 from ..io.checkpoint import SHIPPED_BASE
@@ -109,7 +108,7 @@ def check_args(args):
     if not all(k.isascii() and k.isdigit() and 1 <= int(k) <= 64 for k in ks):
         raise UserError(f"--ks must be comma-separated style-set sizes from 1 to 64, got {args.ks!r}")
     # the rule of every output: --out and the judge stay out of the data and the base, and the report's files
-    # replace only what a study wrote (its runs/ and references/ are checked by finetune.py and by name)
+    # replace only what a study wrote (each fine-tune in OUT/runs/ is guarded by finetune.py itself)
     data = [("--train-data", data_folder(args.train_data)), ("--test-data", data_folder(args.test_data))]
     check_out_not_input(args.out, data, base=args.ckpt)
     check_output(args.judge, "--judge", inputs=[args.ckpt], data=data, kind=PROBE_FORMAT)

@@ -139,6 +139,7 @@ class Run:
         self.manifest, self.fresh = None, not config.resume
         self.log_file = self._open(config, state_name, start if config.resume else None) if master else None
         self.loss_sum, self.n = torch.zeros((), device=device), 0    # summed on the device, read at log steps
+        # the loss in 10 equal bins of t, as log.jsonl records it (the console line sums them in pairs)
         self.bin_sums, self.bin_counts = torch.zeros(10, device=device), torch.zeros(10, device=device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.speed = Throughput(device, images_per_step) if images_per_step else None
